@@ -1,0 +1,52 @@
+"""One JSON error shape for every failure: ``{"error": {"code", "message", "request_id"[, "details"]}}``.
+
+Never an HTML page, a stack trace or an exception's own text (which may carry SQL or paths).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+from ..errors import CampusSearchError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, code: str, message: str, *, details: Any = None,
+                   headers: dict[str, str] | None = None) -> Any:
+    body: dict[str, Any] = {"code": code, "message": message, "request_id": g.get("request_id")}
+    if details is not None:
+        body["details"] = details
+    response = jsonify({"error": body})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(CampusSearchError)
+    def _domain(exc: CampusSearchError) -> Any:
+        if exc.status >= 500:
+            log.warning("%s: %s", exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Any:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        headers = {}
+        if exc.code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        messages = {400: "malformed request", 404: "no such endpoint", 405: "method not allowed",
+                    413: "request body too large", 415: "unsupported media type"}
+        return error_response(exc.code or 500, code, messages.get(exc.code or 0, exc.name or "error"),
+                              headers=headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error; the request id identifies it in the logs")

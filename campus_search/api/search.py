@@ -1,0 +1,95 @@
+"""``POST /api/search`` — the main endpoint (SPEC §1)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from ..errors import BadRequest, Forbidden, PayloadTooLarge
+from ..search import SearchParams, validate_filters
+from ..security.auth import authenticate
+from ..security.roles import Principal
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("search", __name__)
+
+TOP_LEVEL = {"query", "filters", "config", "user"}
+CONFIG_KEYS = {"max_results", "similarity_threshold"}
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413 that says what is wrong."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    data = request.get_json(force=True, silent=True, cache=True)
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def parse_search_request(data: dict[str, Any], user: Principal) -> SearchParams:
+    settings = current_app.extensions["campus_search"].settings
+    unknown = sorted(set(data) - TOP_LEVEL)
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(unknown)}", details={"allowed": sorted(TOP_LEVEL)})
+    query = data.get("query")
+    if not isinstance(query, str):
+        raise BadRequest("query must be a string")
+    query = query.strip()
+    if not query:
+        raise BadRequest("query must not be empty")
+    if len(query) > settings.max_query_chars:
+        raise BadRequest(f"query is longer than {settings.max_query_chars} characters")
+    if "\x00" in query:
+        raise BadRequest("query contains a NUL character")
+    body_user = data.get("user")
+    if body_user is not None:
+        # Identity comes from the token only. An old client's matching user object is tolerated;
+        # one that claims to be somebody else is an escalation attempt and is refused.
+        claimed = body_user.get("user_id") if isinstance(body_user, dict) else None
+        if claimed is not None and str(claimed) != user.user_id:
+            log.warning("body user %r does not match token subject", "(redacted)")
+            raise Forbidden("the user in the request body does not match the bearer token")
+    config = data.get("config") or {}
+    if not isinstance(config, dict):
+        raise BadRequest("config must be an object")
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown config fields: {', '.join(unknown)}", details={"allowed": sorted(CONFIG_KEYS)})
+    max_results = config.get("max_results", settings.default_max_results)
+    if isinstance(max_results, bool) or not isinstance(max_results, int) or max_results < 1:
+        raise BadRequest("config.max_results must be a positive integer")
+    max_results = min(max_results, user.role.max_results, settings.max_results_per_query)
+    threshold = config.get("similarity_threshold", settings.similarity_threshold)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold) \
+            or not -1.0 <= threshold <= 1.0:
+        raise BadRequest("config.similarity_threshold must be a number between -1 and 1")
+    filters = validate_filters(data.get("filters"), user)
+    return SearchParams(query=query, filters=filters, max_results=max_results,
+                        similarity_threshold=float(threshold))
+
+
+@bp.post("/api/search")
+def search_documents() -> Any:
+    started = time.perf_counter()
+    services = current_app.extensions["campus_search"]
+    user = authenticate(services.settings)
+    params = parse_search_request(json_body(), user)
+    outcome = services.run_search(user, params)
+    body = {
+        "results": [h.as_json() for h in outcome.hits],
+        "count": len(outcome.hits),
+        "query": params.query,
+        "response_time": round(time.perf_counter() - started, 4),
+        "from_cache": outcome.from_cache,
+        "request_id": g.request_id,
+        "user_id": user.user_id,
+        "timestamp": round(time.time(), 3),
+    }
+    return jsonify(body)

@@ -1,0 +1,46 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+from flask import Flask, g
+
+from .api import search as search_api
+from .api.errors import register_error_handlers
+from .config import Settings, load_settings
+from .security.auth import init_auth
+from .services import Services
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, services: Services | None = None) -> Flask:
+    """Build the Flask app. Resolves the database and applies migrations now; pools and the model
+    open lazily in each serving process (safe under gunicorn --preload)."""
+    settings = settings or load_settings()
+    services = services or Services(settings)
+    app = Flask("campus_search")
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_request_bytes, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["campus_search"] = services
+    init_auth(app, settings)
+    register_error_handlers(app)
+
+    @app.before_request
+    def _start() -> None:
+        g.start_time = time.perf_counter()
+        g.request_id = "req_" + secrets.token_hex(8)
+
+    @app.after_request
+    def _finish(response: Any) -> Any:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    app.register_blueprint(search_api.bp)
+    return app

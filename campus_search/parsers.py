@@ -1,0 +1,229 @@
+"""Turn files into :class:`ParsedDocument` (title, blocks with section titles and pages, metadata).
+
+Markdown and plain text here; each format is one function registered in :data:`PARSERS` by suffix.
+Metadata comes, most specific last (later wins): CLI defaults, ``.campus-search.yaml`` in the folder
+and its parents (nearest wins), a sidecar ``<file>.meta.yaml``, YAML front matter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .chunking import Block
+from .errors import IngestError
+
+FOLDER_DEFAULTS = ".campus-search.yaml"
+SIDECAR_SUFFIX = ".meta.yaml"
+SKIP_NAMES = {"README.md", FOLDER_DEFAULTS}
+
+
+@dataclass
+class ParsedDocument:
+    external_id: str
+    title: str
+    blocks: list[Block]
+    metadata: dict[str, Any] = field(default_factory=dict)  # raw; validated by metadata.validate
+    source: str | None = None
+
+
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
+_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+_EMPHASIS = re.compile(r"(\*\*|__|\*|_|`)(?=\S)(.+?)(?<=\S)\1")
+
+
+def _load_yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise IngestError(f"{where}: invalid YAML ({exc.__class__.__name__})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise IngestError(f"{where}: metadata must be a mapping")
+    return data
+
+
+def split_front_matter(text: str, where: str = "front matter") -> tuple[dict[str, Any], str]:
+    m = _FRONT_MATTER.match(text)
+    if not m:
+        return {}, text
+    return _load_yaml_mapping(m.group(1), where), text[m.end():]
+
+
+def _plain(line: str) -> str:
+    line = _LINK.sub(r"\1", line)
+    return _EMPHASIS.sub(r"\2", line)
+
+
+def parse_markdown(text: str, *, fallback_title: str) -> tuple[str, list[Block], dict[str, Any]]:
+    meta, body = split_front_matter(text)
+    title = meta.pop("title", None)
+    blocks: list[Block] = []
+    section: str | None = None
+    para: list[str] = []
+    in_fence = False
+
+    def flush() -> None:
+        if para:
+            joined = " ".join(s.strip() for s in para if s.strip())
+            if joined:
+                blocks.append(Block(joined, section))
+            para.clear()
+
+    for raw in body.splitlines():
+        line = raw.rstrip()
+        if line.lstrip().startswith(("```", "~~~")):
+            in_fence = not in_fence
+            flush()
+            continue
+        heading = None if in_fence else _HEADING.match(line)
+        if heading:
+            flush()
+            level, heading_text = len(heading.group(1)), _plain(heading.group(2))
+            if level == 1 and title is None:
+                title = heading_text
+            else:
+                section = heading_text
+            continue
+        if not line.strip():
+            flush()
+            continue
+        stripped = line.strip()
+        # list items and table rows are paragraphs of their own
+        if re.match(r"^([-*+]|\d+[.)])\s+", stripped) or stripped.startswith("|"):
+            flush()
+            if set(stripped) <= set("|-: "):
+                continue  # table rule
+            stripped = re.sub(r"^([-*+])\s+", "", stripped).strip("|").replace("|", " · ")
+            para.append(_plain(stripped))
+            if not stripped.endswith((".", ":", ";", "!", "?")):
+                para[-1] += "."
+            flush()
+            continue
+        para.append(_plain(stripped))
+    flush()
+    return str(title or fallback_title).strip(), blocks, meta
+
+
+def parse_text(text: str, *, fallback_title: str) -> tuple[str, list[Block], dict[str, Any]]:
+    meta, body = split_front_matter(text)
+    title = meta.pop("title", None) or fallback_title
+    blocks = [Block(" ".join(p.split())) for p in re.split(r"\n\s*\n", body) if p.strip()]
+    return str(title), blocks, meta
+
+
+FileParser = Callable[..., tuple[str, list[Block], dict[str, Any]]]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise IngestError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def _markdown_file(path: Path) -> tuple[str, list[Block], dict[str, Any]]:
+    return parse_markdown(_read_text(path), fallback_title=_title_from_name(path))
+
+
+def _text_file(path: Path) -> tuple[str, list[Block], dict[str, Any]]:
+    return parse_text(_read_text(path), fallback_title=_title_from_name(path))
+
+
+PARSERS: dict[str, Callable[[Path], tuple[str, list[Block], dict[str, Any]]]] = {
+    ".md": _markdown_file,
+    ".markdown": _markdown_file,
+    ".txt": _text_file,
+    ".text": _text_file,
+}
+
+
+def _title_from_name(path: Path) -> str:
+    return re.sub(r"[-_]+", " ", path.stem).strip().capitalize() or path.name
+
+
+def folder_defaults(path: Path, root: Path) -> dict[str, Any]:
+    """Merged ``.campus-search.yaml`` from ``root`` down to the file's folder (nearest wins)."""
+    merged: dict[str, Any] = {}
+    folders = [path.parent]
+    while folders[-1] != root and root in folders[-1].parents:
+        folders.append(folders[-1].parent)
+    for folder in reversed(folders):
+        candidate = folder / FOLDER_DEFAULTS
+        if candidate.is_file():
+            merged.update(_load_yaml_mapping(_read_text(candidate), str(candidate)))
+    return merged
+
+
+def parse_file(path: Path, root: Path) -> ParsedDocument:
+    parser = PARSERS.get(path.suffix.lower())
+    if parser is None:
+        raise IngestError(f"{path}: unsupported file type {path.suffix or '(none)'}")
+    title, blocks, meta = parser(path)
+    merged = folder_defaults(path, root)
+    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    if sidecar.is_file():
+        merged.update(_load_yaml_mapping(_read_text(sidecar), str(sidecar)))
+    merged.update(meta)
+    title = str(merged.pop("title", None) or title)
+    rel = path.relative_to(root) if root != path else Path(path.name)
+    external_id = str(merged.pop("id", None) or rel.as_posix())
+    return ParsedDocument(external_id=external_id, title=title, blocks=blocks, metadata=merged,
+                          source=str(path))
+
+
+def discover(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
+    """(file, root) pairs for every supported file under ``paths``, sorted, hidden files skipped."""
+    for given in paths:
+        if given.is_file():
+            yield given, given.parent
+            continue
+        if not given.is_dir():
+            raise IngestError(f"{given}: no such file or directory")
+        for path in sorted(given.rglob("*")):
+            rel_parts = path.relative_to(given).parts
+            if any(p.startswith(".") for p in rel_parts) or not path.is_file():
+                continue
+            if path.name in SKIP_NAMES or path.name.endswith(SIDECAR_SUFFIX):
+                continue
+            if path.suffix.lower() in PARSERS:
+                yield path, given
+
+
+def read_jsonl(path: Path) -> Iterator[ParsedDocument | IngestError]:
+    """BEIR corpus lines: {"_id", "title", "text"} plus optional access metadata fields.
+
+    A bad line is yielded as an :class:`IngestError` (reported and skipped by the caller)."""
+    try:
+        fh = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield IngestError(f"{path}:{lineno}: invalid JSON ({exc.msg})")
+                continue
+            if not isinstance(record, Mapping) or "_id" not in record:
+                yield IngestError(f"{path}:{lineno}: each line needs an \"_id\"")
+                continue
+            text = str(record.get("text") or "")
+            title = str(record.get("title") or "").strip()
+            blocks = [Block(" ".join(p.split())) for p in re.split(r"\n\s*\n", text) if p.strip()]
+            meta = {k: record[k] for k in ("department", "visibility", "clearance_level", "campus",
+                                            "priority", "last_reviewed") if k in record}
+            yield ParsedDocument(external_id=str(record["_id"]), title=title or str(record["_id"]),
+                                 blocks=blocks, metadata=meta, source=f"{path}:{lineno}")

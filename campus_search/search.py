@@ -1,0 +1,225 @@
+"""Retrieval and ranking. The API, the health check and ``campus-search eval`` all call :class:`Searcher`.
+
+Candidates come from PostgreSQL with the visibility rule (``security.roles.visible_sql``) and the
+client's filters inside the same ``WHERE`` as the vector search, using pgvector 0.8's iterative HNSW
+scan so a restrictive rule still fills the page (or an exact scan, when the planner prefers it).
+
+Ranking (docs/ranking.md)::
+
+    combined_score = relevance
+                     + 0.03 * (priority - 3)                         # priority 1..5 -> -0.06..+0.06
+                     + campus_bonus  (user campus == document campus: Central Campus / King's
+                                      Buildings +0.10, Easter Bush / Western General +0.05)
+                     + 0.02 * max(0, 1 - age_days / 730)              # reviewed recently -> up to +0.02
+
+``relevance`` is the cosine similarity for dense retrieval; ``similarity`` in the response is always
+the raw cosine similarity and ``similarity_threshold`` applies to it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .db import Database
+from .embedding import Embedder
+from .errors import BadRequest, Forbidden
+from .metadata import parse_datetime
+from .security.roles import CAMPUS_BONUS, Principal, visible_sql
+
+FILTERS = ("department", "campus", "min_priority", "clearance_level", "visibility", "last_reviewed_after")
+PRIORITY_WEIGHT = 0.03
+FRESHNESS_WEIGHT = 0.02
+FRESHNESS_DAYS = 730
+CANDIDATE_FLOOR = 40  # candidates fetched beyond max_results so business terms can re-order them
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    query: str
+    filters: Mapping[str, Any] = field(default_factory=dict)
+    max_results: int = 10
+    similarity_threshold: float = 0.2
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    document_id: str
+    document_title: str
+    section_title: str | None
+    text: str
+    page_number: int | None
+    metadata: dict[str, Any]
+    similarity: float
+    relevance: float
+    combined_score: float = 0.0
+    #: metadata with native types (last_reviewed as datetime) for ranking
+    raw_meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "document_id": self.document_id,
+            "document_title": self.document_title,
+            "section_title": self.section_title,
+            "text": self.text,
+            "page_number": self.page_number,
+            "metadata": self.metadata,
+            "similarity": round(self.similarity, 4),
+            "combined_score": round(self.combined_score, 4),
+            "scores": {"relevance": round(self.relevance, 4)},
+        }
+
+
+def validate_filters(raw: Any, user: Principal) -> dict[str, Any]:
+    """Check types and names of client filters; they only ever narrow what the user may see."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise BadRequest("filters must be an object")
+    unknown = sorted(set(raw) - set(FILTERS))
+    if unknown:
+        raise BadRequest(f"unknown filters: {', '.join(unknown)}", details={"allowed": list(FILTERS)})
+    out: dict[str, Any] = {}
+    for name in ("department", "campus"):
+        value = raw.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value) > 200:
+            raise BadRequest(f"filters.{name} must be a non-empty string")
+        out[name] = value.strip()
+    if raw.get("visibility") is not None:
+        if raw["visibility"] not in ("public", "department"):
+            raise BadRequest("filters.visibility must be 'public' or 'department'")
+        out["visibility"] = raw["visibility"]
+    for name in ("min_priority", "clearance_level"):
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+            raise BadRequest(f"filters.{name} must be an integer from 1 to 5")
+        out[name] = value
+    if out.get("clearance_level", 0) > user.clearance:
+        raise Forbidden(f"clearance level {out['clearance_level']} is above your clearance ({user.clearance})")
+    if raw.get("last_reviewed_after") is not None:
+        out["last_reviewed_after"] = parse_datetime(raw["last_reviewed_after"], "filters.last_reviewed_after",
+                                                    "request")
+    return out
+
+
+def filter_sql(filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[str, Any]]:
+    clauses, params = [], {}
+    ops = {"department": "=", "campus": "=", "visibility": "=", "min_priority": ">=",
+           "clearance_level": "<=", "last_reviewed_after": ">="}
+    columns = {"min_priority": "priority", "last_reviewed_after": "last_reviewed"}
+    for name, value in filters.items():
+        clauses.append(f"{alias}.{columns.get(name, name)} {ops[name]} %(f_{name})s")
+        params[f"f_{name}"] = value
+    return " AND ".join(clauses), params
+
+
+def business_score(relevance: float, meta: Mapping[str, Any], user: Principal,
+                   now: dt.datetime | None = None) -> float:
+    score = relevance + PRIORITY_WEIGHT * (int(meta.get("priority") or 3) - 3)
+    campus = meta.get("campus")
+    if campus and user.campus and campus == user.campus:
+        score += CAMPUS_BONUS.get(campus, 0.0)
+    reviewed = meta.get("last_reviewed")
+    if isinstance(reviewed, dt.datetime):
+        now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        age = max(0.0, (now - reviewed).total_seconds() / 86400)
+        score += FRESHNESS_WEIGHT * max(0.0, 1.0 - age / FRESHNESS_DAYS)
+    return score
+
+
+class QueryEmbeddingCache:
+    """Small in-process LRU of query vectors (the model is deterministic)."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        value.setflags(write=False)
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+_COLUMNS = ("c.id, d.external_id, d.title, c.section_title, c.text, c.page_number, c.department, c.priority, "
+            "c.campus, c.clearance_level, c.visibility, c.last_reviewed")
+
+
+class Searcher:
+    def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100) -> None:
+        self.db = db
+        self.embedder = embedder
+        self.ef_search = int(ef_search)
+        self.query_vectors = QueryEmbeddingCache()
+
+    def describe(self) -> dict[str, Any]:
+        """The retrieval configuration, reported next to evaluation metrics."""
+        return {"retrieval": "dense", "model": self.embedder.model_name, "ef_search": self.ef_search,
+                "iterative_scan": "relaxed_order", "priority_weight": PRIORITY_WEIGHT,
+                "freshness_weight": FRESHNESS_WEIGHT}
+
+    def embed_query(self, query: str) -> np.ndarray:
+        key = " ".join(query.split())
+        vector = self.query_vectors.get(key)
+        if vector is None:
+            vector = self.embedder.embed([key])[0]
+            self.query_vectors.put(key, vector)
+        return vector
+
+    def search(self, user: Principal, params: SearchParams) -> list[Hit]:
+        vector = self.embed_query(params.query)
+        k = max(params.max_results, CANDIDATE_FLOOR)
+        hits = self.dense_candidates(user, vector, params.filters, k)
+        hits = [h for h in hits if h.similarity >= params.similarity_threshold]
+        for h in hits:
+            h.combined_score = business_score(h.relevance, h.raw_meta, user)
+        hits.sort(key=lambda h: (-h.combined_score, -h.similarity, h.chunk_id))
+        return hits[:params.max_results]
+
+    def dense_candidates(self, user: Principal, vector: np.ndarray, filters: Mapping[str, Any],
+                         k: int) -> list[Hit]:
+        vis, vis_params = visible_sql(user)
+        flt, flt_params = filter_sql(filters)
+        where = vis + (f" AND {flt}" if flt else "")
+        sql = (f"WITH candidates AS MATERIALIZED ("
+               f"  SELECT c.id, c.embedding <=> %(q)s AS distance FROM chunks c WHERE {where}"
+               f"  ORDER BY c.embedding <=> %(q)s LIMIT %(k)s) "
+               f"SELECT {_COLUMNS}, 1 - cand.distance AS similarity FROM candidates cand "
+               f"JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
+               f"ORDER BY cand.distance, c.id")
+        with self.db.connection(read=True) as conn:
+            conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
+                         "SET LOCAL hnsw.iterative_scan = relaxed_order")
+            rows = conn.execute(sql, {"q": vector, "k": k, **vis_params, **flt_params}).fetchall()
+        return [_hit(row, float(row[-1])) for row in rows]
+
+
+def _hit(row: tuple[Any, ...], similarity: float) -> Hit:
+    (chunk_id, ext_id, title, section, text, page, dept, priority, campus, clearance, visibility,
+     reviewed) = row[:12]
+    meta = {"department": dept, "priority": priority, "campus": campus, "clearance_level": clearance,
+            "visibility": visibility, "last_reviewed": reviewed}
+    return Hit(chunk_id=chunk_id, document_id=ext_id, document_title=title, section_title=section, text=text,
+               page_number=page, metadata={**meta, "last_reviewed": reviewed.isoformat() if reviewed else None},
+               similarity=similarity, relevance=similarity, raw_meta=meta)

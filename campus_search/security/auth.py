@@ -1,0 +1,123 @@
+"""Authentication: bearer JWT -> :class:`Principal`.
+
+Verification is flask-jwt-extended's (PyJWT underneath): algorithms pinned from configuration,
+``exp`` required, ``iss``/``aud`` checked when configured, a small leeway for clock skew. HS* tokens
+are checked with ``JWT_SECRET_KEY``; RS*/ES* tokens with the SSO provider's JWKS (see ``jwks.py``).
+Identity never comes from the request body.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jwt
+from flask import Flask, g
+from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
+from flask_jwt_extended.exceptions import JWTExtendedException
+
+from ..config import Settings
+from ..errors import Unauthorized
+from .roles import ANONYMOUS_ROLE, DEFAULT_ROLES, Principal, map_role
+
+log = logging.getLogger(__name__)
+
+
+def init_auth(app: Flask, settings: Settings) -> JWTManager:
+    app.config.update(
+        JWT_SECRET_KEY=settings.jwt_secret_key,
+        JWT_ALGORITHM=settings.jwt_algorithms[0],
+        JWT_DECODE_ALGORITHMS=list(settings.jwt_algorithms),
+        JWT_TOKEN_LOCATION=["headers"],
+        JWT_IDENTITY_CLAIM="sub",
+        JWT_DECODE_LEEWAY=settings.jwt_leeway,
+        JWT_DECODE_AUDIENCE=settings.jwt_audience,
+        JWT_DECODE_ISSUER=settings.jwt_issuer,
+        JWT_ERROR_MESSAGE_KEY="message",
+    )
+    manager = JWTManager(app)
+    jwks = None
+    if settings.oidc_jwks_url:
+        from .jwks import JwksCache
+
+        jwks = JwksCache(settings.oidc_jwks_url, timeout=min(settings.embedding_timeout, 5.0))
+    app.extensions["campus_search.jwks"] = jwks
+
+    @manager.decode_key_loader
+    def _key(header: Mapping[str, Any], _claims: Mapping[str, Any]) -> Any:
+        alg = header.get("alg")
+        if alg not in settings.jwt_algorithms:
+            raise jwt.InvalidAlgorithmError("algorithm not allowed")
+        if str(alg).startswith("HS"):
+            return settings.jwt_secret_key
+        if jwks is None:
+            raise jwt.InvalidKeyError("no JWKS configured")
+        return jwks.key_for(header.get("kid"), alg)
+
+    @manager.token_verification_loader
+    def _require_exp(_header: Mapping[str, Any], claims: Mapping[str, Any]) -> bool:
+        return isinstance(claims.get("exp"), int | float)
+
+    return manager
+
+
+def principal_from_claims(claims: Mapping[str, Any], settings: Settings) -> Principal:
+    role = map_role(claims.get(settings.claim_role), settings.role_mapping, DEFAULT_ROLES)
+    raw_depts = claims.get(settings.claim_departments)
+    if raw_depts is None and settings.claim_departments == "departments":
+        raw_depts = claims.get("department")  # common singular spelling
+    if isinstance(raw_depts, str):
+        departments: tuple[str, ...] = (raw_depts,)
+    elif isinstance(raw_depts, list):
+        departments = tuple(str(d) for d in raw_depts if isinstance(d, str) and d)
+    else:
+        departments = ()
+    campus = claims.get(settings.claim_campus)
+    return Principal(user_id=str(claims["sub"]), role=role, departments=departments[:50],
+                     campus=campus if isinstance(campus, str) else None, claims=dict(claims))
+
+
+def authenticate(settings: Settings) -> Principal:
+    """The caller of the current request. Raises Unauthorized (401) on a missing or bad token,
+    unless anonymous access is allowed and no token was sent at all."""
+    if "principal" in g:
+        return g.principal
+    try:
+        found = verify_jwt_in_request(optional=settings.allow_anonymous)
+    except (JWTExtendedException, jwt.PyJWTError) as exc:
+        log.info("rejected token: %s", exc.__class__.__name__)
+        raise Unauthorized("missing, invalid or expired bearer token",
+                           headers={"WWW-Authenticate": 'Bearer realm="campus-search"'}) from None
+    if found is None:
+        principal = Principal(user_id="anonymous", role=ANONYMOUS_ROLE)
+    else:
+        principal = principal_from_claims(get_jwt(), settings)
+    g.principal = principal
+    return principal
+
+
+def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable[str] = (),
+               campus: str | None = None, ttl: int | None = None, extra: Mapping[str, Any] | None = None) -> str:
+    """An HS256 token for local use (``campus-search token``, tests)."""
+    if not settings.jwt_secret_key:
+        raise Unauthorized("no JWT_SECRET_KEY configured")
+    alg = next((a for a in settings.jwt_algorithms if a.startswith("HS")), None)
+    if alg is None:
+        raise Unauthorized("JWT_ALGORITHMS accepts no HS* algorithm; tokens come from the SSO provider")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "nbf": now, "exp": now + int(ttl or settings.jwt_token_ttl),
+                              "jti": uuid.uuid4().hex, "type": "access", settings.claim_role: role}
+    depts = list(departments)
+    if depts:
+        claims[settings.claim_departments] = depts
+    if campus:
+        claims[settings.claim_campus] = campus
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    claims.update(extra or {})
+    return jwt.encode(claims, settings.jwt_secret_key, algorithm=alg)

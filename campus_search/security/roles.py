@@ -1,0 +1,149 @@
+"""Roles, principals and the visibility rule (SPEC §2).
+
+The rule, in one place, in two forms that must agree (tests check them against each other):
+``visible_sql`` is compiled into every retrieval query; ``is_visible`` is the plain-Python reference.
+
+    visible(chunk, user) = chunk.clearance_level <= user.clearance
+                           AND (chunk.visibility = 'public'
+                                OR user.role.department_scope = 'all'
+                                OR (user.role.department_scope = 'own'
+                                    AND chunk.department IN user.departments))
+
+Students (scope ``none``) see public content only, whatever department their token names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    clearance: int
+    per_minute: int
+    per_hour: int
+    max_results: int
+    #: department-restricted content this role sees: "none" (public only), "own" or "all"
+    department_scope: str
+
+    @property
+    def cross_departmental(self) -> bool:
+        return self.department_scope == "all"
+
+
+#: SPEC §2 defaults (University of Edinburgh).
+DEFAULT_ROLES: dict[str, Role] = {
+    "student": Role("student", 2, 30, 500, 20, "none"),
+    "staff": Role("staff", 3, 60, 1000, 50, "own"),
+    "academic": Role("academic", 4, 100, 2000, 100, "all"),
+    "admin": Role("admin", 5, 200, 5000, 200, "all"),
+}
+ROLE_NAMES = tuple(DEFAULT_ROLES)
+ANONYMOUS_ROLE = Role("anonymous", 1, 30, 500, 20, "none")
+
+#: Campus bonus added to combined_score when the user's campus matches the document's.
+CAMPUS_BONUS: dict[str, float] = {
+    "Central Campus": 0.1,
+    "King's Buildings": 0.1,
+    "Easter Bush": 0.05,
+    "Western General": 0.05,
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: always derived from a verified token (or anonymous), never from the request body."""
+
+    user_id: str
+    role: Role
+    departments: tuple[str, ...] = ()
+    campus: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def clearance(self) -> int:
+        return self.role.clearance
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role.name == "admin"
+
+    @property
+    def anonymous(self) -> bool:
+        return self.role.name == "anonymous"
+
+    @property
+    def primary_department(self) -> str | None:
+        return self.departments[0] if self.departments else None
+
+    def scope_key(self) -> str:
+        """What determines visibility: two principals with equal keys see exactly the same chunks."""
+        scope = self.role.department_scope
+        depts = {"all": "*", "none": "-"}.get(scope) or ",".join(sorted(self.departments))
+        return f"c{self.clearance}|d:{depts}"
+
+
+def superuser(user_id: str = "system") -> Principal:
+    """A principal that may see everything (evaluation, health checks)."""
+    return Principal(user_id=user_id, role=DEFAULT_ROLES["admin"])
+
+
+def map_role(sso_role: Any, mapping: Mapping[str, str], roles: Mapping[str, Role] = DEFAULT_ROLES) -> Role:
+    """SSO role claim -> Role. Unknown or malformed values get the least-privileged role (student)."""
+    if isinstance(sso_role, list | tuple):
+        # Several roles: the most privileged one that is known wins.
+        candidates = [map_role(r, mapping, roles) for r in sso_role]
+        return max(candidates, key=lambda r: r.clearance, default=roles["student"])
+    if not isinstance(sso_role, str):
+        return roles["student"]
+    name = mapping.get(sso_role, "student")
+    return roles.get(name, roles["student"])
+
+
+def is_visible(chunk: Mapping[str, Any], user: Principal) -> bool:
+    """Reference implementation of the visibility rule (used by tests and the admin explain endpoint)."""
+    if int(chunk["clearance_level"]) > user.clearance:
+        return False
+    if chunk["visibility"] == "public" or user.role.department_scope == "all":
+        return True
+    return user.role.department_scope == "own" and chunk.get("department") in user.departments
+
+
+def explain_visibility(chunk: Mapping[str, Any], user: Principal) -> list[str]:
+    """Human-readable reasons for the decision of :func:`is_visible`."""
+    reasons = []
+    level = int(chunk["clearance_level"])
+    if level > user.clearance:
+        reasons.append(f"document clearance {level} is above the user's clearance {user.clearance}")
+    else:
+        reasons.append(f"document clearance {level} is within the user's clearance {user.clearance}")
+    if chunk["visibility"] == "public":
+        reasons.append("document is public")
+    elif user.role.cross_departmental:
+        reasons.append(f"role {user.role.name} may see every department")
+    elif user.role.department_scope == "none":
+        reasons.append(f"document is restricted to department {chunk.get('department')!r} and role "
+                       f"{user.role.name} sees public content only")
+    elif chunk.get("department") in user.departments:
+        reasons.append(f"document belongs to the user's department {chunk.get('department')!r}")
+    else:
+        reasons.append(
+            f"document is restricted to department {chunk.get('department')!r}, "
+            f"user's departments are {list(user.departments)}")
+    return reasons
+
+
+def visible_sql(user: Principal, alias: str = "c") -> tuple[str, dict[str, Any]]:
+    """The visibility rule as a SQL predicate over the chunk table (denormalised access columns)."""
+    params: dict[str, Any] = {"vis_clearance": user.clearance}
+    clause = f"{alias}.clearance_level <= %(vis_clearance)s"
+    scope = user.role.department_scope
+    if scope == "none" or (scope == "own" and not user.departments):
+        clause += f" AND {alias}.visibility = 'public'"
+    elif scope == "own":
+        params["vis_departments"] = list(user.departments)
+        clause += f" AND ({alias}.visibility = 'public' OR {alias}.department = ANY(%(vis_departments)s))"
+    return clause, params

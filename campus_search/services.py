@@ -1,0 +1,92 @@
+"""The components one process needs, wired from settings, opened after fork.
+
+gunicorn ``--preload`` imports and builds the app in the master process; sockets (pools, Redis
+clients) and the ONNX session must not be shared across fork. So :class:`Services` resolves the
+database (starting the embedded cluster if needed) and runs migrations at build time, but opens pools
+and loads the model lazily in each process (:meth:`ensure_open`, keyed on the pid).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Settings
+from .db import Database, migrate, resolve_dsns
+from .embedding import Embedder, get_embedder
+from .ingest import Ingester
+from .search import Hit, Searcher, SearchParams
+from .security.roles import Principal
+
+log = logging.getLogger(__name__)
+
+MODEL_DIMENSIONS = {"all-MiniLM-L6-v2": 384}
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Hit]
+    from_cache: bool = False
+
+
+class Services:
+    def __init__(self, settings: Settings, *, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.dsn, self.read_dsn = resolve_dsns(settings)
+        self._embedder = embedder
+        dimension = embedder.dimension if embedder else self._expected_dimension()
+        model = embedder.model_name if embedder else settings.embedding_model
+        self.schema_version = migrate(self.dsn, model=model, dimension=dimension)
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self.db: Database
+        self.searcher: Searcher
+        self.ingester: Ingester
+
+    def _expected_dimension(self) -> int:
+        if self.settings.embedding_provider == "local":
+            return MODEL_DIMENSIONS["all-MiniLM-L6-v2"]
+        return self.embedder.dimension  # remote: ask the server once
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = get_embedder(self.settings)
+        return self._embedder
+
+    def ensure_open(self) -> Services:
+        """Open pools and load the model in this process (idempotent, fork-aware)."""
+        if self._pid == os.getpid():
+            return self
+        with self._lock:
+            if self._pid == os.getpid():
+                return self
+            if self._pid is not None:
+                # inherited from a parent process: forget its objects without closing its sockets
+                self._embedder = None if self.settings.embedding_provider == "local" else self._embedder
+            self.db = Database(self.settings, self.dsn, self.read_dsn)
+            self.db.open()
+            embedder = self.embedder
+            self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search)
+            self.ingester = Ingester(self.db, embedder)
+            self._pid = os.getpid()
+            log.info("services open in pid %s", self._pid)
+        return self
+
+    def run_search(self, user: Principal, params: SearchParams) -> SearchOutcome:
+        """One search as the API runs it."""
+        self.ensure_open()
+        return SearchOutcome(self.searcher.search(user, params))
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            self.db.close()
+            self._pid = None
+
+    def info(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "embedded_database": self.settings.embedded_database}

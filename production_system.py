@@ -1,0 +1,44 @@
+"""Campus Search — production entry point.
+
+    python production_system.py            # runs the API (embedded PostgreSQL when none is configured)
+    gunicorn --bind 0.0.0.0:5100 --workers 4 --worker-class gthread --threads 2 --timeout 60 \\
+        --keepalive 10 --preload production_system:create_production_app
+
+gunicorn is given ``create_production_app`` itself (no parentheses), so it calls it as a WSGI
+application; with no arguments it is the application factory. Either way one app is built per
+process tree (in the master under --preload) and shared by the workers.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+from campus_search.app import create_app
+
+_app: Any = None
+_lock = threading.Lock()
+
+
+def default_app() -> Any:
+    """The process's app, built once from the environment's settings."""
+    global _app
+    if _app is None:
+        with _lock:
+            if _app is None:
+                _app = create_app()
+    return _app
+
+
+def create_production_app(environ: dict[str, Any] | None = None, start_response: Any = None) -> Any:
+    """Factory when called without arguments; the WSGI entry when gunicorn calls it."""
+    if environ is None:
+        return default_app()
+    return default_app()(environ, start_response)
+
+
+if __name__ == "__main__":
+    from campus_search.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
