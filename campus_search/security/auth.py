@@ -121,3 +121,13 @@ def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable
         claims["aud"] = settings.jwt_audience
     claims.update(extra or {})
     return jwt.encode(claims, settings.jwt_secret_key, algorithm=alg)
+
+
+def require_admin(settings: Settings) -> Principal:
+    """The caller, who must be an admin: 401 without a valid token, 403 for any other role."""
+    from ..errors import Forbidden
+
+    principal = authenticate(settings)
+    if not principal.is_admin:
+        raise Forbidden("this endpoint requires the admin role")
+    return principal
