@@ -140,7 +140,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, load_qrels, load_queries
     from .metadata import AccessMetadata
 
-    settings = _settings()
+    overrides = {name: value for name, value in (("search_fusion", args.fusion), ("fusion_alpha", args.alpha),
+                                                  ("bm25_k1", args.k1), ("bm25_b", args.b)) if value is not None}
+    settings = load_settings(**overrides)
     services = _services(settings, ingest=True)
     report = ingest_paths(services, [Path(args.corpus)], AccessMetadata(), quiet=args.quiet)
     print(f"corpus: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
@@ -210,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", required=True, help="queries.jsonl")
     p.add_argument("--qrels", required=True, help="qrels .tsv (query-id, corpus-id, score)")
     p.add_argument("--k", type=int, default=10, help="cut-off for nDCG (default 10; ndcg@10 is always shown)")
+    p.add_argument("--fusion", choices=("convex", "rrf", "dense", "lexical"),
+                   help="override SEARCH_FUSION (dense-only, BM25-only or fused ranking)")
+    p.add_argument("--alpha", type=float, help="override FUSION_ALPHA")
+    p.add_argument("--k1", type=float, help="override BM25_K1")
+    p.add_argument("--b", type=float, help="override BM25_B")
     p.add_argument("--quiet", action="store_true", help="no ingest progress output")
     p.set_defaults(func=cmd_eval)
 

@@ -99,6 +99,11 @@ FIELDS: tuple[Field, ...] = (
       "Seconds a request waits for a pooled connection before answering 503.", float),
     F("db_statement_timeout_ms", ("DB_STATEMENT_TIMEOUT_MS",), 10000,
       "Server-side statement timeout for every query, in milliseconds.", int),
+    F("db_prepare_threshold", ("DB_PREPARE_THRESHOLD",), "auto",
+      "psycopg server-side prepared statements: a number of executions before a query is prepared, `none` "
+      "to never prepare (pgbouncer transaction pooling without max_prepared_statements), or `auto`: none "
+      "when a database URL points at pgbouncer (host name containing `pgbouncer` or port 6432), else 5.",
+      str.lower),
     F("hnsw_ef_search", ("HNSW_EF_SEARCH",), 100, "pgvector `hnsw.ef_search` for dense candidate search.", int),
     # --- cache / redis
     F("redis_url", ("REDIS_URL",), None,
@@ -143,6 +148,13 @@ FIELDS: tuple[Field, ...] = (
       "Default minimum cosine similarity when a request gives none (MiniLM scores clearly relevant "
       "passages at 0.4-0.6).", float),
     F("default_max_results", ("DEFAULT_MAX_RESULTS",), 10, "Results returned when a request gives no max.", int),
+    F("search_fusion", ("SEARCH_FUSION",), "convex",
+      "How dense and BM25 candidates combine: `convex` (min-max normalised, weighted), `rrf`, `dense` or "
+      "`lexical` (docs/ranking.md)."),
+    F("fusion_alpha", ("FUSION_ALPHA",), 0.5, "Weight of the dense score in `convex` fusion (0-1).", float),
+    F("rrf_k", ("RRF_K",), 60, "Rank constant of reciprocal rank fusion.", int),
+    F("bm25_k1", ("BM25_K1",), 0.9, "BM25 term-frequency saturation k1.", float),
+    F("bm25_b", ("BM25_B",), 0.4, "BM25 length normalisation b (0-1).", float),
     # --- embeddings
     F("embedding_provider", ("EMBEDDING_PROVIDER",), "local",
       "`local` (in-process all-MiniLM-L6-v2, ONNX int8), `ollama` or `openai` (any /v1/embeddings server)."),
@@ -180,6 +192,7 @@ class Settings:
     db_pool_max_size: int = 10
     db_pool_timeout: float = 5.0
     db_statement_timeout_ms: int = 10000
+    db_prepare_threshold: str = "auto"
     hnsw_ef_search: int = 100
     redis_url: str | None = None
     redis_host: str | None = None
@@ -204,6 +217,11 @@ class Settings:
     rate_limits_enabled: bool = True
     similarity_threshold: float = 0.2
     default_max_results: int = 10
+    search_fusion: str = "convex"
+    fusion_alpha: float = 0.5
+    rrf_k: int = 60
+    bm25_k1: float = 0.9
+    bm25_b: float = 0.4
     embedding_provider: str = "local"
     embedding_url: str | None = None
     embedding_model: str = "all-MiniLM-L6-v2"
@@ -322,6 +340,14 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"PORT must be 1-65535 (got {s.port})")
     if s.db_pool_min_size < 0 or s.db_pool_min_size > s.db_pool_max_size:
         problems.append("DB_POOL_MIN_SIZE must be between 0 and DB_POOL_MAX_SIZE")
+    if s.db_prepare_threshold not in ("auto", "none") and not s.db_prepare_threshold.isdigit():
+        problems.append("DB_PREPARE_THRESHOLD must be auto, none or a non-negative integer")
+    if s.search_fusion not in ("convex", "rrf", "dense", "lexical"):
+        problems.append("SEARCH_FUSION must be convex, rrf, dense or lexical")
+    if not 0.0 <= s.fusion_alpha <= 1.0 or not 0.0 <= s.bm25_b <= 1.0:
+        problems.append("FUSION_ALPHA and BM25_B must be between 0 and 1")
+    if s.bm25_k1 < 0 or s.rrf_k < 1:
+        problems.append("BM25_K1 must not be negative and RRF_K must be at least 1")
     if not -1.0 <= s.similarity_threshold <= 1.0:
         problems.append("SIMILARITY_THRESHOLD must be between -1 and 1")
     if s.rate_limit_per_minute is not None and s.rate_limit_per_minute <= 0:

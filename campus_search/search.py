@@ -30,6 +30,8 @@ import numpy as np
 from .db import Database
 from .embedding import Embedder
 from .errors import BadRequest, Forbidden
+from .fusion import FusionConfig, fuse
+from .lexical import BM25
 from .metadata import parse_datetime
 from .security.roles import CAMPUS_BONUS, Principal, visible_sql
 
@@ -60,6 +62,9 @@ class Hit:
     similarity: float
     relevance: float
     combined_score: float = 0.0
+    bm25: float | None = None
+    in_dense: bool = True  # among the dense top-k
+    in_lexical: bool = False  # among the BM25 top-k
     #: metadata with native types (last_reviewed as datetime) for ranking
     raw_meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -73,7 +78,8 @@ class Hit:
             "metadata": self.metadata,
             "similarity": round(self.similarity, 4),
             "combined_score": round(self.combined_score, 4),
-            "scores": {"relevance": round(self.relevance, 4)},
+            "scores": {"relevance": round(self.relevance, 4),
+                       **({"bm25": round(self.bm25, 4)} if self.bm25 is not None else {})},
         }
 
 
@@ -167,17 +173,24 @@ _COLUMNS = ("c.id, d.external_id, d.title, c.section_title, c.text, c.page_numbe
 
 
 class Searcher:
-    def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100) -> None:
+    def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100,
+                 fusion: FusionConfig | None = None, bm25: BM25 | None = None) -> None:
         self.db = db
         self.embedder = embedder
         self.ef_search = int(ef_search)
+        self.fusion = fusion or FusionConfig()
+        self.bm25 = bm25 or BM25()
         self.query_vectors = QueryEmbeddingCache()
 
     def describe(self) -> dict[str, Any]:
         """The retrieval configuration, reported next to evaluation metrics."""
-        return {"retrieval": "dense", "model": self.embedder.model_name, "ef_search": self.ef_search,
-                "iterative_scan": "relaxed_order", "priority_weight": PRIORITY_WEIGHT,
-                "freshness_weight": FRESHNESS_WEIGHT}
+        out: dict[str, Any] = {"retrieval": "dense" if self.fusion.method == "dense" else "hybrid",
+                               "model": self.embedder.model_name, **self.fusion.describe()}
+        if self.fusion.method != "dense":
+            out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b})
+        out.update({"ef_search": self.ef_search, "iterative_scan": "relaxed_order",
+                    "priority_weight": PRIORITY_WEIGHT, "freshness_weight": FRESHNESS_WEIGHT})
+        return out
 
     def embed_query(self, query: str) -> np.ndarray:
         key = " ".join(query.split())
@@ -190,18 +203,51 @@ class Searcher:
     def search(self, user: Principal, params: SearchParams) -> list[Hit]:
         vector = self.embed_query(params.query)
         k = max(params.max_results, CANDIDATE_FLOOR)
-        hits = self.dense_candidates(user, vector, params.filters, k)
+        if self.fusion.method == "dense":
+            hits = self.dense_candidates(user, vector, params.filters, k)
+        else:
+            hits = self.hybrid_candidates(user, vector, params.query, params.filters, k)
         hits = [h for h in hits if h.similarity >= params.similarity_threshold]
         for h in hits:
             h.combined_score = business_score(h.relevance, h.raw_meta, user)
         hits.sort(key=lambda h: (-h.combined_score, -h.similarity, h.chunk_id))
         return hits[:params.max_results]
 
+    def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
+                          k: int) -> list[Hit]:
+        """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
+        exact cosine and BM25 score, fused into ``relevance`` (fusion.py). One statement, one round trip."""
+        where, params = _where(user, filters)
+        sql = (f"WITH dense AS MATERIALIZED ("
+               f"  SELECT c.id FROM chunks c WHERE {where} ORDER BY c.embedding <=> %(q)s LIMIT %(k)s), "
+               f"{self.bm25.scored_cte()}, "
+               f"lex_top AS MATERIALIZED ("
+               f"  SELECT s.chunk_id AS id FROM lex_scores s JOIN chunks c ON c.id = s.chunk_id WHERE {where}"
+               f"  ORDER BY s.score DESC, s.chunk_id LIMIT %(k)s), "
+               f"cand AS (SELECT id FROM dense UNION SELECT id FROM lex_top) "
+               f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, coalesce(ls.score, 0) AS bm25, "
+               f"  c.id IN (SELECT id FROM dense) AS in_dense, c.id IN (SELECT id FROM lex_top) AS in_lex "
+               f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
+               f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id")
+        with self.db.connection(read=True) as conn:
+            conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
+                         "SET LOCAL hnsw.iterative_scan = relaxed_order")
+            rows = conn.execute(sql, {"q": vector, "k": k, "qtext": query, **params}).fetchall()
+        cos = [float(r[12]) for r in rows]
+        bm25 = [float(r[13]) for r in rows]
+        relevance = fuse(cos, bm25, [bool(r[14]) for r in rows], [bool(r[15]) for r in rows], self.fusion)
+        hits = []
+        for row, rel, lex in zip(rows, relevance, bm25, strict=True):
+            hit = _hit(row, float(row[12]))
+            hit.relevance = rel
+            hit.bm25 = lex
+            hit.in_dense, hit.in_lexical = bool(row[14]), bool(row[15])
+            hits.append(hit)
+        return hits
+
     def dense_candidates(self, user: Principal, vector: np.ndarray, filters: Mapping[str, Any],
                          k: int) -> list[Hit]:
-        vis, vis_params = visible_sql(user)
-        flt, flt_params = filter_sql(filters)
-        where = vis + (f" AND {flt}" if flt else "")
+        where, params = _where(user, filters)
         sql = (f"WITH candidates AS MATERIALIZED ("
                f"  SELECT c.id, c.embedding <=> %(q)s AS distance FROM chunks c WHERE {where}"
                f"  ORDER BY c.embedding <=> %(q)s LIMIT %(k)s) "
@@ -211,8 +257,15 @@ class Searcher:
         with self.db.connection(read=True) as conn:
             conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
                          "SET LOCAL hnsw.iterative_scan = relaxed_order")
-            rows = conn.execute(sql, {"q": vector, "k": k, **vis_params, **flt_params}).fetchall()
+            rows = conn.execute(sql, {"q": vector, "k": k, **params}).fetchall()
         return [_hit(row, float(row[-1])) for row in rows]
+
+
+def _where(user: Principal, filters: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The visibility rule AND the client's filters, over chunk alias ``c``."""
+    vis, vis_params = visible_sql(user)
+    flt, flt_params = filter_sql(filters)
+    return vis + (f" AND {flt}" if flt else ""), {**vis_params, **flt_params}
 
 
 def _hit(row: tuple[Any, ...], similarity: float) -> Hit:

@@ -18,13 +18,19 @@ from typing import Any
 from .config import Settings
 from .db import Database, migrate, resolve_dsns
 from .embedding import Embedder, get_embedder
+from .fusion import FusionConfig
 from .ingest import Ingester
+from .lexical import BM25
 from .search import Hit, Searcher, SearchParams
 from .security.roles import Principal
 
 log = logging.getLogger(__name__)
 
 MODEL_DIMENSIONS = {"all-MiniLM-L6-v2": 384}
+
+
+def fusion_config(settings: Settings) -> FusionConfig:
+    return FusionConfig(settings.search_fusion, alpha=settings.fusion_alpha, rrf_k=settings.rrf_k)
 
 
 @dataclass
@@ -72,7 +78,9 @@ class Services:
             self.db = Database(self.settings, self.dsn, self.read_dsn)
             self.db.open()
             embedder = self.embedder
-            self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search)
+            self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
+                                     fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
+                                                                                   self.settings.bm25_b))
             self.ingester = Ingester(self.db, embedder)
             self._pid = os.getpid()
             log.info("services open in pid %s", self._pid)

@@ -1,0 +1,72 @@
+"""Fusion of the dense and lexical candidate lists into one relevance score in [0, 1].
+
+``convex`` (default; tuned on SciFact train, see bench/README.md)::
+
+    relevance = alpha * norm(cosine) + (1 - alpha) * norm(bm25)
+
+where ``norm`` is min-max normalisation over the union of both candidate lists of this query (a
+candidate missing from a list still has an exact score: cosine and BM25 are computed for every
+candidate). ``rrf`` (reciprocal rank fusion) is also available::
+
+    relevance = (1/(k + rank_dense) + 1/(k + rank_lexical)) * (k + 1) / 2
+
+scaled so a candidate ranked first in both lists scores 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+METHODS = ("convex", "rrf", "dense", "lexical")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    method: str = "convex"
+    alpha: float = 0.5  # weight of the dense score (convex)
+    rrf_k: int = 60
+
+    def describe(self) -> dict[str, object]:
+        if self.method == "convex":
+            return {"fusion": "convex", "alpha": self.alpha}
+        if self.method == "rrf":
+            return {"fusion": "rrf", "rrf_k": self.rrf_k}
+        return {"fusion": self.method}
+
+
+def _minmax(values: Sequence[float]) -> list[float]:
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        return [1.0 if hi > 0 else 0.0 for _ in values]
+    return [(v - lo) / (hi - lo) for v in values]
+
+
+def _ranks(values: Sequence[float], members: Sequence[bool]) -> list[float | None]:
+    order = sorted((i for i, m in enumerate(members) if m), key=lambda i: -values[i])
+    ranks: list[float | None] = [None] * len(values)
+    for r, i in enumerate(order, 1):
+        ranks[i] = r
+    return ranks
+
+
+def fuse(cosines: Sequence[float], bm25: Sequence[float], in_dense: Sequence[bool], in_lexical: Sequence[bool],
+         config: FusionConfig) -> list[float]:
+    """Relevance per candidate (same order as the inputs)."""
+    n = len(cosines)
+    if n == 0:
+        return []
+    if config.method == "dense":
+        return list(cosines)
+    if config.method == "lexical":
+        return _minmax(bm25)
+    if config.method == "rrf":
+        k = config.rrf_k
+        rd, rl = _ranks(cosines, in_dense), _ranks(bm25, in_lexical)
+        return [((1 / (k + rd[i]) if rd[i] else 0.0) + (1 / (k + rl[i]) if rl[i] else 0.0)) * (k + 1) / 2
+                for i in range(n)]
+    nd, nl = _minmax(cosines), _minmax(bm25)
+    a = config.alpha
+    return [a * nd[i] + (1 - a) * nl[i] for i in range(n)]

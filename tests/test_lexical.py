@@ -1,0 +1,148 @@
+"""BM25 inside PostgreSQL: scores match a plain-Python BM25, statistics stay exact under change,
+exact-term queries find what dense search misses, and the visibility rule holds on the lexical path."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from campus_search.chunking import Block
+from campus_search.fusion import FusionConfig
+from campus_search.lexical import BM25
+from campus_search.metadata import AccessMetadata
+from campus_search.parsers import ParsedDocument
+from campus_search.search import SearchParams
+from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
+
+DOCS = [
+    ("ease", "EASE account activation", "Activate your EASE account before your first login. EASE is the "
+     "University's single sign-on. Form XQ-7731 requests a replacement EASE token."),
+    ("wifi", "Wireless network", "Connect laptops and phones to eduroam with your University login. The "
+     "wireless network covers every campus building."),
+    ("library", "Library loans", "Borrow up to forty books. Renew loans online before the due date to avoid "
+     "fines. Inter-library loans take a week."),
+    ("ethics", "Ethics review", "Research involving human participants needs ethics approval before data "
+     "collection starts. Submit the ethics form with your protocol."),
+    ("secret", "Confidential incident playbook", "Playbook ZR-9042 covers the response to a confirmed data "
+     "breach. Restricted to IT Services staff."),
+]
+
+
+def _doc(ext_id: str, title: str, text: str, **meta: Any) -> ParsedDocument:
+    return ParsedDocument(external_id=ext_id, title=title, blocks=[Block(text)], metadata=meta, source=ext_id)
+
+
+@pytest.fixture
+def small(settings_factory: Any, services_factory: Any) -> Any:
+    services = services_factory(settings_factory())
+    docs = [_doc(*d) for d in DOCS[:4]]
+    docs.append(_doc(*DOCS[4], department="IT Services", visibility="department", clearance_level=3))
+    report = services.ingester.ingest(docs, AccessMetadata())
+    assert report.added == 5
+    return services
+
+
+def _stats_consistent(services: Any) -> None:
+    with services.db.connection() as conn:
+        expected_df = dict(conn.execute(
+            "SELECT u.lexeme, count(*) FROM chunks c, unnest(c.lexical) u GROUP BY u.lexeme").fetchall())
+        stored_df = dict(conn.execute("SELECT term, df FROM lexical_terms").fetchall())
+        n, total = conn.execute("SELECT count(*), coalesce(sum(lexical_length), 0) FROM chunks").fetchone()
+        stats = conn.execute("SELECT chunks, total_length FROM lexical_stats").fetchone()
+        postings = conn.execute("SELECT count(*) FROM lexical_postings").fetchone()[0]
+        expected_postings = conn.execute("SELECT count(*) FROM chunks c, unnest(c.lexical) u").fetchone()[0]
+    assert stored_df == expected_df
+    assert stats == (n, total)
+    assert postings == expected_postings
+
+
+def _python_bm25(services: Any, query: str, k1: float, b: float) -> dict[int, float]:
+    """Reference BM25 from the raw lexemes, independent of the postings tables and triggers."""
+    with services.db.connection() as conn:
+        q_terms = Counter(dict(conn.execute(
+            "SELECT lexeme, coalesce(array_length(positions, 1), 1) FROM unnest(to_tsvector('english', %s))",
+            (query,)).fetchall()))
+        docs = {}
+        for chunk_id, lexemes in conn.execute(
+                "SELECT c.id, array_agg(ARRAY[u.lexeme, coalesce(array_length(u.positions, 1), 1)::text]) "
+                "FROM chunks c, unnest(c.lexical) u GROUP BY c.id").fetchall():
+            docs[chunk_id] = {t: int(f) for t, f in lexemes}
+    n = len(docs)
+    avgdl = sum(sum(d.values()) for d in docs.values()) / n
+    df = Counter(t for d in docs.values() for t in d)
+    scores = {}
+    for cid, tf in docs.items():
+        dl = sum(tf.values())
+        s = 0.0
+        for t, qtf in q_terms.items():
+            if t in tf:
+                idf = math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))
+                s += qtf * idf * tf[t] * (k1 + 1) / (tf[t] + k1 * (1 - b + b * dl / avgdl))
+        if s > 0:
+            scores[cid] = s
+    return scores
+
+
+@pytest.mark.parametrize("k1,b", [(0.9, 0.4), (1.2, 0.75)])
+def test_sql_bm25_equals_reference(small: Any, k1: float, b: float) -> None:
+    query = "renew library loans before the due date to avoid fines"
+    expected = _python_bm25(small, query, k1, b)
+    searcher = small.searcher
+    searcher.bm25 = BM25(k1, b)
+    hits = searcher.hybrid_candidates(superuser(), searcher.embed_query(query), query, {}, 10)
+    got = {h.chunk_id: h.bm25 for h in hits if h.bm25}
+    assert got.keys() == expected.keys()
+    for cid, score in expected.items():
+        assert got[cid] == pytest.approx(score, rel=1e-9)
+
+
+def test_exact_term_found_by_lexical_when_dense_misses(small: Any) -> None:
+    searcher = small.searcher
+    query = "XQ-7731"
+    vector = searcher.embed_query(query)
+    dense = searcher.dense_candidates(superuser(), vector, {}, 5)
+    hybrid = searcher.hybrid_candidates(superuser(), vector, query, {}, 5)
+    lexical_top = max(hybrid, key=lambda h: h.bm25 or 0)
+    assert lexical_top.document_id == "ease"
+    searcher.fusion = FusionConfig("convex", alpha=0.5)
+    top = searcher.search(superuser(), SearchParams(query=query, max_results=1, similarity_threshold=-1))
+    assert top[0].document_id == "ease"
+    # the point of the lexical path: on a bare code, dense similarity is weak evidence
+    assert dense[0].similarity < 0.5
+
+
+def test_lexical_path_obeys_visibility(small: Any) -> None:
+    query = "ZR-9042 data breach playbook"
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    staff_other = Principal("t1", DEFAULT_ROLES["staff"], departments=("Library",))
+    staff_it = Principal("t2", DEFAULT_ROLES["staff"], departments=("IT Services",))
+    params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
+    for user in (student, staff_other):
+        assert all(h.document_id != "secret" for h in small.searcher.search(user, params))
+    assert small.searcher.search(staff_it, params)[0].document_id == "secret"
+
+
+def test_statistics_exact_after_add_change_delete(small: Any) -> None:
+    _stats_consistent(small)
+    ingester = small.ingester
+    ingester.ingest([_doc("new", "Printing", "Print from any University printer with your card. Printing "
+                          "credit tops up online.")], AccessMetadata())
+    _stats_consistent(small)
+    ingester.ingest([_doc("library", "Library loans", "Borrow up to sixty books now. Renewals are automatic.")],
+                    AccessMetadata())
+    _stats_consistent(small)
+    # metadata-only change leaves the lexical index as it was
+    ingester.ingest([_doc("wifi", DOCS[1][1], DOCS[1][2], priority=5)], AccessMetadata())
+    _stats_consistent(small)
+    assert ingester.delete(["ease", "new"]) == 2
+    _stats_consistent(small)
+    with small.db.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM lexical_terms WHERE term = 'xq-7731'").fetchone()[0] == 0
+    # an in-place text edit by any writer keeps postings right too
+    with small.db.connection() as conn:
+        conn.execute("UPDATE chunks SET text = text || ' Quantum cryptography seminar.' "
+                     "WHERE document_id = (SELECT id FROM documents WHERE external_id = 'ethics')")
+    _stats_consistent(small)
