@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .config import Settings
@@ -35,34 +36,33 @@ def migrate(dsn: str, *, model: str, dimension: int) -> int:
 
     Returns the schema version. Raises ConfigError if the stored vectors come from another model.
     """
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
-        try:
-            conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
-                                version integer PRIMARY KEY, name text NOT NULL,
-                                applied_at timestamptz NOT NULL DEFAULT now())""")
-            applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-            version = max(applied, default=0)
-            for number, name, sql in _migrations():
-                if number in applied:
-                    continue
-                log.info("applying migration %03d_%s", number, name)
-                with conn.transaction():
-                    conn.execute(sql.replace("{dim}", str(int(dimension))).encode())
-                    conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                                 (number, name))
-                version = number
-            row = conn.execute("SELECT model, dimension FROM index_state").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO index_state (model, dimension) VALUES (%s, %s)", (model, dimension))
-            elif row[1] != dimension:
-                raise ConfigError(
-                    f"the index holds {row[1]}-dimensional vectors from model {row[0]!r}, but the configured "
-                    f"model {model!r} makes {dimension}-dimensional ones; re-create the index "
-                    "(campus-search reindex) or configure the original model")
-            return version
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    # One transaction holding a transaction-scoped lock: a session lock would be taken and released on
+    # different server connections behind pgbouncer in transaction pooling mode.
+    with psycopg.connect(dsn, prepare_threshold=None) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                            version integer PRIMARY KEY, name text NOT NULL,
+                            applied_at timestamptz NOT NULL DEFAULT now())""")
+        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        version = max(applied, default=0)
+        for number, name, sql in _migrations():
+            if number in applied:
+                continue
+            log.info("applying migration %03d_%s", number, name)
+            with conn.transaction():
+                conn.execute(sql.replace("{dim}", str(int(dimension))).encode())
+                conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                             (number, name))
+            version = number
+        row = conn.execute("SELECT model, dimension FROM index_state").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO index_state (model, dimension) VALUES (%s, %s)", (model, dimension))
+        elif row[1] != dimension:
+            raise ConfigError(
+                f"the index holds {row[1]}-dimensional vectors from model {row[0]!r}, but the configured "
+                f"model {model!r} makes {dimension}-dimensional ones; re-create the index "
+                "(campus-search reindex) or configure the original model")
+        return version
 
 
 class Database:
@@ -84,8 +84,11 @@ class Database:
             max_waiting=settings.db_pool_max_size * 20,
             open=False,
         )
-        self.write_pool = ConnectionPool(dsn, name="write", **kwargs)
-        self.read_pool = (ConnectionPool(self.read_dsn, name="read", **kwargs)
+        self.write_pool = ConnectionPool(
+            dsn, name="write", kwargs={"prepare_threshold": prepare_threshold(settings, dsn)}, **kwargs)
+        self.read_pool = (ConnectionPool(self.read_dsn, name="read",
+                                         kwargs={"prepare_threshold": prepare_threshold(settings, self.read_dsn)},
+                                         **kwargs)
                           if self.read_dsn != dsn else self.write_pool)
 
     def _configure(self, conn: psycopg.Connection) -> None:
@@ -127,6 +130,26 @@ class Database:
         with self.connection(read=True) as conn:
             row = conn.execute("SELECT generation FROM index_state").fetchone()
         return int(row[0]) if row else 0
+
+
+def prepare_threshold(settings: Settings, dsn: str) -> int | None:
+    """psycopg's ``prepare_threshold`` for connections to ``dsn`` (DB_PREPARE_THRESHOLD).
+
+    pgbouncer in transaction pooling mode hands each transaction to any server connection, where a
+    statement prepared on another one does not exist; ``None`` turns preparation off.
+    """
+    value = settings.db_prepare_threshold
+    if value == "none":
+        return None
+    if value != "auto":
+        return int(value)
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return 5
+    if "pgbouncer" in str(info.get("host", "")).lower() or str(info.get("port", "")) == "6432":
+        return None
+    return 5  # psycopg's default
 
 
 def resolve_dsns(settings: Settings) -> tuple[str, str | None]:
