@@ -1,8 +1,10 @@
 """Turn files into :class:`ParsedDocument` (title, blocks with section titles and pages, metadata).
 
-Markdown and plain text here; each format is one function registered in :data:`PARSERS` by suffix.
+Markdown and plain text here; PDF, DOCX and HTML in :mod:`.formats`. Each format is one function
+registered by suffix (:data:`PARSERS` for paths, :data:`BYTE_PARSERS` for uploaded bytes).
 Metadata comes, most specific last (later wins): CLI defaults, ``.campus-search.yaml`` in the folder
-and its parents (nearest wins), a sidecar ``<file>.meta.yaml``, YAML front matter.
+and its parents (nearest wins), a sidecar ``<file>.meta.yaml``, YAML front matter (Markdown, text).
+A document's ``source`` is the file's absolute path, which is what ``--prune`` compares against.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 
 from .chunking import Block
 from .errors import IngestError
+from .formats import BYTE_PARSERS as _RICH
 
 FOLDER_DEFAULTS = ".campus-search.yaml"
 SIDECAR_SUFFIX = ".meta.yaml"
@@ -120,32 +123,70 @@ def parse_text(text: str, *, fallback_title: str) -> tuple[str, list[Block], dic
     return str(title), blocks, meta
 
 
-FileParser = Callable[..., tuple[str, list[Block], dict[str, Any]]]
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise IngestError(f"{where}: not UTF-8 text") from None
 
 
 def _read_text(path: Path) -> str:
+    return _decode(_read_bytes(path), str(path))
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise IngestError(f"{path}: not UTF-8 text") from None
+        return path.read_bytes()
     except OSError as exc:
         raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
-def _markdown_file(path: Path) -> tuple[str, list[Block], dict[str, Any]]:
-    return parse_markdown(_read_text(path), fallback_title=_title_from_name(path))
+Parsed = tuple[str, list[Block], dict[str, Any]]
+BytesParser = Callable[[bytes, str, str], Parsed]
 
 
-def _text_file(path: Path) -> tuple[str, list[Block], dict[str, Any]]:
-    return parse_text(_read_text(path), fallback_title=_title_from_name(path))
+def _markdown_bytes(data: bytes, where: str, fallback_title: str) -> Parsed:
+    return parse_markdown(_decode(data, where), fallback_title=fallback_title)
 
 
-PARSERS: dict[str, Callable[[Path], tuple[str, list[Block], dict[str, Any]]]] = {
-    ".md": _markdown_file,
-    ".markdown": _markdown_file,
-    ".txt": _text_file,
-    ".text": _text_file,
+def _text_bytes(data: bytes, where: str, fallback_title: str) -> Parsed:
+    return parse_text(_decode(data, where), fallback_title=fallback_title)
+
+
+def _rich(parser: Callable[..., Parsed]) -> BytesParser:
+    return lambda data, where, fallback_title: parser(data, where=where, fallback_title=fallback_title)
+
+
+BYTE_PARSERS: dict[str, BytesParser] = {
+    ".md": _markdown_bytes,
+    ".markdown": _markdown_bytes,
+    ".txt": _text_bytes,
+    ".text": _text_bytes,
+    **{suffix: _rich(parser) for suffix, parser in _RICH.items()},
 }
+
+
+def _path_parser(parser: BytesParser) -> Callable[[Path], Parsed]:
+    return lambda path: parser(_read_bytes(path), str(path), _title_from_name(path))
+
+
+PARSERS: dict[str, Callable[[Path], Parsed]] = {suffix: _path_parser(p) for suffix, p in BYTE_PARSERS.items()}
+
+
+def parse_bytes(data: bytes, filename: str, *, external_id: str, metadata: Mapping[str, Any] | None = None,
+                source: str | None = None) -> ParsedDocument:
+    """Parse an uploaded file (format from ``filename``'s suffix). ``metadata`` wins over front matter."""
+    name = Path(filename)
+    parser = BYTE_PARSERS.get(name.suffix.lower())
+    if parser is None:
+        raise IngestError(f"{filename}: unsupported file type {name.suffix or '(none)'}; supported: "
+                          f"{', '.join(sorted(BYTE_PARSERS))}")
+    title, blocks, meta = parser(data, filename, _title_from_name(name))
+    meta.update(metadata or {})
+    title = str(meta.pop("title", None) or title)
+    meta.pop("id", None)
+    return ParsedDocument(external_id=external_id, title=title, blocks=blocks, metadata=meta,
+                          source=source or filename)
 
 
 def _title_from_name(path: Path) -> str:
@@ -179,7 +220,7 @@ def parse_file(path: Path, root: Path) -> ParsedDocument:
     rel = path.relative_to(root) if root != path else Path(path.name)
     external_id = str(merged.pop("id", None) or rel.as_posix())
     return ParsedDocument(external_id=external_id, title=title, blocks=blocks, metadata=merged,
-                          source=str(path))
+                          source=str(path.resolve()))
 
 
 def discover(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
@@ -192,7 +233,8 @@ def discover(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
             raise IngestError(f"{given}: no such file or directory")
         for path in sorted(given.rglob("*")):
             rel_parts = path.relative_to(given).parts
-            if any(p.startswith(".") for p in rel_parts) or not path.is_file():
+            # hidden files and folders, and Office lock files (~$name.docx) are never documents
+            if any(p.startswith((".", "~$")) for p in rel_parts) or not path.is_file():
                 continue
             if path.name in SKIP_NAMES or path.name.endswith(SIDECAR_SUFFIX):
                 continue
@@ -208,6 +250,7 @@ def read_jsonl(path: Path) -> Iterator[ParsedDocument | IngestError]:
         fh = path.open(encoding="utf-8")
     except OSError as exc:
         raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
+    where = path.resolve()  # sources are absolute, so ``--prune`` scopes match however the path was given
     with fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -226,4 +269,4 @@ def read_jsonl(path: Path) -> Iterator[ParsedDocument | IngestError]:
             meta = {k: record[k] for k in ("department", "visibility", "clearance_level", "campus",
                                             "priority", "last_reviewed") if k in record}
             yield ParsedDocument(external_id=str(record["_id"]), title=title or str(record["_id"]),
-                                 blocks=blocks, metadata=meta, source=f"{path}:{lineno}")
+                                 blocks=blocks, metadata=meta, source=f"{where}:{lineno}")
