@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the effective configuration (secrets hidden)")
     p.add_argument("--markdown", action="store_true", help="print the configuration reference table")
     p.set_defaults(func=cmd_config)
+
+    from .cli_ops import add_ops_commands  # backup, restore, loadtest
+
+    add_ops_commands(sub)
     return parser
 
 

@@ -104,6 +104,9 @@ FIELDS: tuple[Field, ...] = (
       "to never prepare (pgbouncer transaction pooling without max_prepared_statements), or `auto`: none "
       "when a database URL points at pgbouncer (host name containing `pgbouncer` or port 6432), else 5.",
       str.lower),
+    F("pg_bin_dir", ("PG_BIN_DIR",), None,
+      "Folder with pg_dump/pg_restore/psql for `campus-search backup`/`restore`. Default: the embedded "
+      "PostgreSQL's in embedded mode, else PATH when new enough for the server, else those bundled."),
     F("hnsw_ef_search", ("HNSW_EF_SEARCH",), 100, "pgvector `hnsw.ef_search` for dense candidate search.", int),
     # --- cache / redis
     F("redis_url", ("REDIS_URL",), None,
@@ -193,6 +196,7 @@ class Settings:
     db_pool_timeout: float = 5.0
     db_statement_timeout_ms: int = 10000
     db_prepare_threshold: str = "auto"
+    pg_bin_dir: str | None = None
     hnsw_ef_search: int = 100
     redis_url: str | None = None
     redis_host: str | None = None

@@ -1,0 +1,188 @@
+"""campus-search backup / restore against the real PostgreSQL + pgvector: a backup of the demo corpus,
+restored into a fresh database, answers searches exactly like the original; a restore under a
+running server is atomic and keeps its pooled connections working."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import TEST_SECRET, make_settings
+
+from campus_search.backup import NAME_RE, backup_name, pg_bin_dir, prune_backups, server_major
+from campus_search.cli import main
+from campus_search.search import SearchParams
+from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
+
+QUERIES = ("password reset instructions for staff", "research ethics approval", "fire evacuation procedure")
+USERS = (superuser("admin1"), Principal("s1", DEFAULT_ROLES["student"]),
+         Principal("st1", DEFAULT_ROLES["staff"], departments=("IT Services",), campus="King's Buildings"))
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> Path:
+    for name in ("DATABASE_URL", "DB_HOST", "DATABASE_READ_URL", "PG_BIN_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    monkeypatch.setenv("JWT_SECRET_KEY", TEST_SECRET)
+    return data_dir
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if code == 0 else {}), err
+
+
+CASES = [(user, query) for user in USERS for query in QUERIES]
+
+
+def answer(services: Any, case: int) -> list[tuple[str, str | None, float]]:
+    user, query = CASES[case]
+    # the searcher itself, not the result cache in front of it: this compares what the database answers
+    hits = services.ensure_open().searcher.search(user, SearchParams(query=query, max_results=8))
+    return [(h.document_id, h.section_title, round(h.similarity, 4)) for h in hits]
+
+
+def answers(services: Any) -> list[list[tuple[str, str | None, float]]]:
+    return [answer(services, i) for i in range(len(CASES))]
+
+
+def counts(dsn: str) -> tuple[int, int, int]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks), "
+                           "(SELECT generation FROM index_state)").fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+@pytest.fixture(scope="module")
+def demo_backup(demo_services: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One backup of the demo database, made through the CLI, shared by the tests below."""
+    folder = tmp_path_factory.mktemp("backups")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DATA_DIR", str(folder))
+        mp.setenv("JWT_SECRET_KEY", TEST_SECRET)
+        code = main(["backup", "--database-url", demo_services.dsn, "--output", str(folder)])
+    assert code == 0
+    (dump,) = folder.glob("*.dump")
+    return dump
+
+
+def test_backup_file_is_named_with_a_timestamp_and_private(demo_backup: Path, demo_services: Any) -> None:
+    assert NAME_RE.match(demo_backup.name), demo_backup.name
+    assert demo_backup.read_bytes()[:5] == b"PGDMP"
+    assert demo_backup.stat().st_mode & 0o077 == 0  # holds restricted documents: owner only
+    assert not list(demo_backup.parent.glob(".partial-*"))
+
+
+def test_restore_into_fresh_database_gives_the_same_search_results(
+        demo_backup: Path, demo_services: Any, make_database: Callable[[], str], services_factory: Any,
+        cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fresh = make_database()
+    code, result, err = run_cli(capsys, "restore", str(demo_backup), "--database-url", fresh)
+    assert code == 0, err
+    docs, chunks, _ = counts(demo_services.dsn)
+    assert (result["documents"], result["chunks"]) == (docs, chunks) and docs >= 30
+    assert result["replaced_documents"] == 0
+    restored = services_factory(make_settings(fresh, cli_env))
+    assert answers(restored) == answers(demo_services)
+    assert any(answers(restored)), "the comparison must not be between empty answers"
+
+
+def test_restore_refuses_to_overwrite_without_yes(
+        demo_backup: Path, make_database: Callable[[], str], cli_env: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    target = make_database()
+    assert run_cli(capsys, "restore", str(demo_backup), "--database-url", target)[0] == 0
+    before = counts(target)
+    code, _, err = run_cli(capsys, "restore", str(demo_backup), "--database-url", target)
+    assert code == 2
+    assert "pass --yes" in err
+    assert counts(target) == before
+
+
+def test_restore_rejects_a_file_that_is_not_a_backup(
+        tmp_path: Path, make_database: Callable[[], str], cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bogus = tmp_path / "notes.dump"
+    bogus.write_text("DROP TABLE documents;")
+    code, _, err = run_cli(capsys, "restore", str(bogus), "--database-url", make_database(), "--yes")
+    assert code == 2
+    assert "not a pg_dump custom-format archive" in err
+    assert "Traceback" not in err
+
+
+def test_restore_under_a_running_server_is_atomic_and_invalidates_the_cache(
+        demo_backup: Path, demo_services: Any, make_database: Callable[[], str], services_factory: Any,
+        cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = make_database()
+    assert run_cli(capsys, "restore", str(demo_backup), "--database-url", target)[0] == 0
+    server = services_factory(make_settings(target, cli_env))  # pools open, vector type registered
+    expected = answers(demo_services)
+    assert answers(server) == expected
+    # Change the live index so that "old" and "restored" differ: drop the ethics documents.
+    with psycopg.connect(target) as conn:
+        conn.execute("DELETE FROM documents WHERE title ILIKE '%ethics%'")
+        conn.execute("UPDATE index_state SET generation = generation + 1")
+    changed = answers(server)
+    assert changed != expected
+    generation_before = counts(target)[2]
+
+    seen: list[tuple[int, Any]] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def search_meanwhile() -> None:
+        n = 0
+        while not stop.is_set():
+            case = n % len(CASES)
+            n += 1
+            try:
+                seen.append((case, answer(server, case)))
+            except BaseException as exc:  # any failure is the finding
+                failures.append(exc)
+                return
+
+    worker = threading.Thread(target=search_meanwhile)
+    worker.start()
+    try:
+        code, result, err = run_cli(capsys, "restore", str(demo_backup), "--database-url", target, "--yes")
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    assert code == 0, err
+    assert not failures, failures
+    # every answer during the restore comes wholly from the old index or wholly from the restored one
+    assert seen and all(a in (changed[case], expected[case]) for case, a in seen)
+    # the same pooled connections work after the restore (the vector type kept its OID)
+    assert answers(server) == expected
+    assert result["generation"] > generation_before
+    assert result["replaced_documents"] > 0
+
+
+def test_backup_keep_prunes_older_backups(tmp_path: Path) -> None:
+    import datetime as dt
+
+    dsn = "postgresql://u@h/campus_search"
+    names = [backup_name(dsn, dt.datetime(2025, 1, d, 3, 0, tzinfo=dt.UTC)) for d in (3, 1, 2)]
+    for n in names:
+        (tmp_path / n).write_bytes(b"PGDMP")
+    (tmp_path / "unrelated.dump").write_bytes(b"x")
+    removed = prune_backups(tmp_path, keep=1)
+    assert sorted(p.name for p in removed) == sorted(names[1:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[0], "unrelated.dump"])
+
+
+def test_client_programs_match_the_server(pg_cluster: str, cli_env: Path) -> None:
+    from campus_search.backup import tool_major
+    from campus_search.config import load_settings
+
+    major = server_major(pg_cluster)
+    bindir = pg_bin_dir(load_settings(), major)
+    assert tool_major(bindir / "pg_dump") >= major
