@@ -1,0 +1,114 @@
+"""campus-search loadtest against the real server (gunicorn on loopback, demo corpus in PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, TEST_SECRET
+from redis_server import free_port
+
+from campus_search.cli import main
+from campus_search.loadtest import percentile
+
+PER_MINUTE = 3
+
+
+@pytest.fixture(scope="module")
+def server(demo_services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One gunicorn worker (so in-process rate limits are exact) serving the demo database."""
+    tmp = tmp_path_factory.mktemp("loadtest-server")
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": demo_services.dsn, "JWT_SECRET_KEY": TEST_SECRET,
+           "AUDIT_HMAC_KEY": "audit-" + "k" * 40, "DATA_DIR": str(tmp / "data"), "HOST": "127.0.0.1",
+           "PORT": str(port), "RATE_LIMIT_PER_MINUTE": str(PER_MINUTE), "RATE_LIMITS_ENABLED": "true",
+           "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "4", "EMBEDDING_THREADS": "1"}
+    for name in ("REDIS_URL", "REDIS_HOST", "DATABASE_READ_URL"):
+        env.pop(name, None)
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "campus_search.cli", "serve", "--workers", "1", "--threads", "4"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(base + "/no-such-page", timeout=2)
+            except urllib.error.HTTPError:
+                break  # answering (404): up
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp / "server.log").read_text()[-3000:]) from None
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    monkeypatch.setenv("JWT_SECRET_KEY", TEST_SECRET)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, dict[str, Any]]:
+    code = main(["loadtest", *argv])
+    out = capsys.readouterr().out
+    *report, last = out.strip().splitlines()
+    return code, "\n".join(report), json.loads(last)
+
+
+def test_loadtest_reports_the_brief_figures_and_rate_limiting(
+        server: str, cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    # 5 users x 4 searches, each user with their own token; the server allows 3 a minute per user.
+    code, report, r = run(capsys, "--url", server, "--users", "5", "--requests", "4", "--role", "staff",
+                          "--department", "IT Services", "--duration", "120", "--fail-under", "90")
+    assert r["requests"] == r["planned_requests"] == 20
+    assert r["successful"] == 5 * PER_MINUTE
+    assert r["rate_limited"] == 5 * (4 - PER_MINUTE)
+    assert r["statuses"] == {"200": 15, "429": 5}
+    assert r["success_rate"] == 75.0
+    assert code == 1  # below --fail-under 90
+    assert 0 < r["p50_s"] <= r["p95_s"] <= r["max_s"]
+    assert 0 < r["avg_s"] <= r["max_s"]
+    assert r["requests_per_second"] > 0 and not r["stopped_at_deadline"]
+    for line in ("Success rate:       75.0%", "Rate limited (429): 5", "Requests/second:", "p50 / p95 / max:"):
+        assert line in report
+
+
+def test_loadtest_against_nothing_fails_cleanly(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens here
+    code, report, r = run(capsys, "--url", url, "--users", "2", "--requests", "2", "--timeout", "5")
+    assert code == 1
+    assert r["requests"] == 4 and r["successful"] == 0 and r["success_rate"] == 0.0
+    assert r["statuses"] == {"error:ConnectionError": 4}
+    assert "Success rate:       0.0%" in report
+
+
+def test_loadtest_bounds_are_enforced(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["loadtest", "--users", "100000"]) == 2
+    assert "--users must be" in capsys.readouterr().err
+    assert main(["loadtest", "--url", "ftp://127.0.0.1/"]) == 2
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 21)]  # 1..20
+    assert percentile(values, 95) == 19.0
+    assert percentile(values, 50) == 10.0
+    assert percentile([0.5], 95) == 0.5
+    assert percentile([], 95) == 0.0
