@@ -9,7 +9,9 @@ from typing import Any
 
 from flask import Flask, g
 
+from .api import openapi as openapi_api
 from .api import search as search_api
+from .api.cors import init_cors
 from .api.errors import register_error_handlers
 from .config import Settings, load_settings
 from .security.auth import init_auth
@@ -42,5 +44,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    init_cors(app, settings)  # browser portals: CORS_ORIGINS only, none by default
+    app.register_blueprint(openapi_api.bp)
     app.register_blueprint(search_api.bp)
     return app
