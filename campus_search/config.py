@@ -168,6 +168,11 @@ FIELDS: tuple[Field, ...] = (
     F("embedding_threads", ("EMBEDDING_THREADS",), 1,
       "onnxruntime intra-op threads per process (1 suits several gunicorn workers; ingestion uses all cores).",
       int),
+    F("embedding_retries", ("EMBEDDING_RETRIES",), 3,
+      "Retries of a failed remote embedding call (connection error, timeout, 429, 5xx), with exponential "
+      "backoff; Retry-After is honoured.", int),
+    F("embedding_api_key", ("EMBEDDING_API_KEY", "OPENAI_API_KEY"), None,
+      "Bearer token sent to a remote embedding server that needs one (OpenAI-compatible servers).", str, True),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -232,6 +237,8 @@ class Settings:
     embedding_timeout: float = 30.0
     embedding_batch_size: int = 32
     embedding_threads: int = 1
+    embedding_retries: int = 3
+    embedding_api_key: str | None = None
 
     @property
     def production(self) -> bool:
@@ -372,6 +379,8 @@ def _validate(s: Settings) -> list[str]:
     bad_roles = sorted({r for r in s.role_mapping.values() if r not in ROLE_NAMES})
     if bad_roles:
         problems.append(f"ROLE_MAPPING maps to unknown roles {bad_roles}; roles are {list(ROLE_NAMES)}")
+    if s.embedding_retries < 0:
+        problems.append("EMBEDDING_RETRIES must not be negative")
     if s.embedding_provider not in ("local", "ollama", "openai"):
         problems.append("EMBEDDING_PROVIDER must be local, ollama or openai")
     if s.embedding_provider != "local" and not s.embedding_url:
