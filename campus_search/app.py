@@ -9,6 +9,7 @@ from typing import Any
 
 from flask import Flask, g
 
+from .api import cache_admin
 from .api import openapi as openapi_api
 from .api import search as search_api
 from .api.cors import init_cors
@@ -47,4 +48,5 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     init_cors(app, settings)  # browser portals: CORS_ORIGINS only, none by default
     app.register_blueprint(openapi_api.bp)
     app.register_blueprint(search_api.bp)
+    app.register_blueprint(cache_admin.bp)
     return app

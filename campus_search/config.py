@@ -115,6 +115,19 @@ FIELDS: tuple[Field, ...] = (
     F("redis_host", ("REDIS_HOST",), None, "Seed-compatible: Redis host (used when REDIS_URL is unset)."),
     F("redis_port", ("REDIS_PORT",), 6379, "Seed-compatible: Redis port.", int),
     F("cache_ttl_search", ("CACHE_TTL_SEARCH",), 900, "Seconds a search result stays cached.", int),
+    F("cache_enabled", ("CACHE_ENABLED",), True, "Cache search results (docs/caching-and-rate-limits.md).", _bool),
+    F("cache_ttl_embedding", ("CACHE_TTL_EMBEDDING",), 86400, "Seconds a query embedding stays in Redis.", int),
+    F("cache_generation_check", ("CACHE_GENERATION_CHECK",), 1.0,
+      "Seconds a process reuses the index generation it last read before reading it again: the longest a "
+      "committed document change can go unseen by cached searches (0 = read it on every search).", float),
+    F("cache_local_max_mb", ("CACHE_LOCAL_MAX_MB",), 64,
+      "Size bound of each process's in-process result cache (used when Redis is not configured).", int),
+    F("redis_key_prefix", ("REDIS_KEY_PREFIX",), "campus-search:v1:",
+      "Namespace of this service's Redis keys; cache clear deletes only keys under it.", str),
+    F("redis_timeout", ("REDIS_TIMEOUT",), 0.25, "Seconds a Redis connect or command may take before it "
+      "counts as a failure.", float),
+    F("redis_retry_after", ("REDIS_RETRY_AFTER",), 5.0,
+      "Circuit breaker: seconds Redis is skipped after a failure before one request tries it again.", float),
     # --- security
     F("jwt_secret_key", ("JWT_SECRET_KEY",), None,
       "HS256 secret for bearer tokens. In development a random one is generated once and kept under "
@@ -146,6 +159,11 @@ FIELDS: tuple[Field, ...] = (
     F("rate_limit_per_minute", ("RATE_LIMIT_PER_MINUTE",), None,
       "Seed-compatible: overrides every role's per-minute limit when set.", int),
     F("rate_limits_enabled", ("RATE_LIMITS_ENABLED",), True, "Turn per-role rate limiting on or off.", _bool),
+    F("rate_limit_fail_open", ("RATE_LIMIT_FAIL_OPEN",), True,
+      "When Redis is unreachable: true = keep serving, counting limits per process in memory until Redis "
+      "returns; false = refuse rate-limited endpoints with 503.", _bool),
+    F("rate_limit_strategy", ("RATE_LIMIT_STRATEGY",), "fixed-window",
+      "flask-limiter strategy: `fixed-window`, `moving-window` or `sliding-window-counter`."),
     # --- ranking
     F("similarity_threshold", ("SIMILARITY_THRESHOLD",), 0.2,
       "Default minimum cosine similarity when a request gives none (MiniLM scores clearly relevant "
@@ -207,6 +225,13 @@ class Settings:
     redis_host: str | None = None
     redis_port: int = 6379
     cache_ttl_search: int = 900
+    cache_enabled: bool = True
+    cache_ttl_embedding: int = 86400
+    cache_generation_check: float = 1.0
+    cache_local_max_mb: int = 64
+    redis_key_prefix: str = "campus-search:v1:"
+    redis_timeout: float = 0.25
+    redis_retry_after: float = 5.0
     jwt_secret_key: str | None = None
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_issuer: str | None = None
@@ -224,6 +249,8 @@ class Settings:
     audit_raw_queries: bool = False
     rate_limit_per_minute: int | None = None
     rate_limits_enabled: bool = True
+    rate_limit_fail_open: bool = True
+    rate_limit_strategy: str = "fixed-window"
     similarity_threshold: float = 0.2
     default_max_results: int = 10
     search_fusion: str = "convex"
@@ -361,6 +388,14 @@ def _validate(s: Settings) -> list[str]:
         problems.append("BM25_K1 must not be negative and RRF_K must be at least 1")
     if not -1.0 <= s.similarity_threshold <= 1.0:
         problems.append("SIMILARITY_THRESHOLD must be between -1 and 1")
+    for name in ("cache_ttl_embedding", "cache_local_max_mb", "redis_timeout", "redis_retry_after"):
+        positive(name)
+    if not 0 <= s.cache_generation_check <= 60:
+        problems.append("CACHE_GENERATION_CHECK must be between 0 and 60 seconds")
+    if not s.redis_key_prefix or any(c in s.redis_key_prefix for c in "*?[]\\ "):
+        problems.append("REDIS_KEY_PREFIX must be non-empty, without spaces or glob characters (*?[]\\)")
+    if s.rate_limit_strategy not in ("fixed-window", "moving-window", "sliding-window-counter"):
+        problems.append("RATE_LIMIT_STRATEGY must be fixed-window, moving-window or sliding-window-counter")
     if s.rate_limit_per_minute is not None and s.rate_limit_per_minute <= 0:
         problems.append("RATE_LIMIT_PER_MINUTE must be positive")
     if s.jwt_leeway < 0:

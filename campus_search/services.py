@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .cache import ResultCache, build_cache
 from .config import Settings
 from .db import Database, migrate, resolve_dsns
 from .embedding import Embedder, get_embedder
@@ -53,6 +54,7 @@ class Services:
         self.db: Database
         self.searcher: Searcher
         self.ingester: Ingester
+        self.cache: ResultCache
 
     def _expected_dimension(self) -> int:
         if self.settings.embedding_provider == "local":
@@ -82,17 +84,20 @@ class Services:
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
                                                                                    self.settings.bm25_b))
             self.ingester = Ingester(self.db, embedder)
+            self.cache = build_cache(self.settings, self.db, self.searcher)
             self._pid = os.getpid()
             log.info("services open in pid %s", self._pid)
         return self
 
     def run_search(self, user: Principal, params: SearchParams) -> SearchOutcome:
-        """One search as the API runs it."""
+        """One search as the API runs it: cache-aside (cache.py), scoped to the caller's permissions."""
         self.ensure_open()
-        return SearchOutcome(self.searcher.search(user, params))
+        hits, from_cache = self.cache.fetch(user, params, lambda: self.searcher.search(user, params))
+        return SearchOutcome(hits, from_cache=from_cache)
 
     def close(self) -> None:
         if self._pid == os.getpid():
+            self.cache.close()
             self.db.close()
             self._pid = None
 

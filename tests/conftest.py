@@ -28,6 +28,8 @@ DEMO = ROOT / "campus_search" / "demo_corpus"
 
 _db_counter = itertools.count()
 
+pytest_plugins = ["redis_server"]  # a real redis-server on a free port (tests/redis_server.py)
+
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[str]:
@@ -81,7 +83,9 @@ def data_dir(tmp_path: Path) -> Path:
 
 def make_settings(dsn: str, data_dir: Path | str, **overrides: Any) -> Settings:
     env = {"DATABASE_URL": dsn, "DATA_DIR": str(data_dir), "JWT_SECRET_KEY": TEST_SECRET,
-           "AUDIT_HMAC_KEY": "audit-" + "k" * 40, "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "4"}
+           "AUDIT_HMAC_KEY": "audit-" + "k" * 40, "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "4",
+           # Shared apps serve the whole suite from one address; rate-limit tests turn limits on.
+           "RATE_LIMITS_ENABLED": "false"}
     return load_settings(env, **overrides)
 
 

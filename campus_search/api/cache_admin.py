@@ -1,0 +1,32 @@
+"""``POST /api/admin/cache/clear`` (SPEC §1): drop this service's cached results. Admin only.
+
+Deletes the keys under ``REDIS_KEY_PREFIX`` in the result and query-embedding namespaces, by SCAN and
+UNLINK (never FLUSHDB/FLUSHALL: the Redis may be shared). Rate-limit counters stay. Without Redis the
+cache lives in each process, so the clear reaches only the worker that handled the request; index
+changes need no clear in either case (the index generation is part of every key).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, g, jsonify
+
+from ..security.auth import require_admin
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("cache_admin", __name__)
+
+
+@bp.post("/api/admin/cache/clear")
+def clear_cache() -> Any:
+    services = current_app.extensions["campus_search"]
+    admin = require_admin(services.settings)
+    cache = services.ensure_open().cache
+    removed = cache.clear()
+    log.info("cache cleared by admin %s: %d keys", admin.user_id, removed)
+    return jsonify({"cleared": True, "keys_removed": removed, "backend": cache.backend.kind,
+                    "scope": "process" if cache.backend.kind == "memory" else "service",
+                    "request_id": g.request_id})

@@ -1,0 +1,212 @@
+"""The search-result cache against a real redis-server and the real PostgreSQL + pgvector index:
+repeats are served from cache, permission scopes never share entries, index changes invalidate, and
+cache clear touches only this service's keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from campus_search.app import create_app
+from campus_search.cache import TieredEmbeddingCache
+from campus_search.metadata import AccessMetadata
+from campus_search.parsers import Block, ParsedDocument
+from campus_search.search import QueryEmbeddingCache
+from campus_search.security.roles import DEFAULT_ROLES, Principal, is_visible
+
+QUERY = {"query": "eduroam wifi connection", "config": {"max_results": 10, "similarity_threshold": -1.0}}
+
+DOCS = {
+    "wifi-public": ("Eduroam wifi setup", "Connect your laptop or phone to the eduroam wifi network with your "
+                    "university username and password.", {}),
+    "wifi-it": ("Eduroam wifi administration", "IT Services staff manage the eduroam wifi RADIUS servers and "
+                "certificates.", {"department": "IT Services", "visibility": "department", "clearance_level": 3}),
+    "wifi-finance": ("Eduroam wifi for finance kiosks", "Finance staff register payment kiosks on the eduroam "
+                     "wifi network.", {"department": "Finance", "visibility": "department", "clearance_level": 3}),
+    "wifi-secret": ("Eduroam wifi root credentials", "Restricted: the eduroam wifi controller root credentials "
+                    "and recovery keys.", {"department": "IT Services", "clearance_level": 5}),
+    "exams": ("Exam timetable", "The exam timetable is published six weeks before the exam diet.", {}),
+}
+
+
+def doc(ext_id: str, title: str, text: str, meta: dict[str, Any]) -> ParsedDocument:
+    return ParsedDocument(external_id=ext_id, title=title, blocks=[Block(text)], metadata=dict(meta), source=ext_id)
+
+
+def ingest(services: Any, docs: dict[str, tuple[str, str, dict[str, Any]]]) -> None:
+    report = services.ingester.ingest([doc(k, *v) for k, v in docs.items()], AccessMetadata())
+    assert report.failed == 0
+
+
+@pytest.fixture
+def cached_app(settings_factory: Callable[..., Any], services_factory: Callable[..., Any], redis_server: Any,
+               redis_prefix: str) -> Callable[..., tuple[Any, Any]]:
+    """factory(**settings) -> (services, test client) on a fresh database holding DOCS, caching in Redis."""
+
+    def make(**overrides: Any) -> tuple[Any, Any]:
+        settings = settings_factory(redis_url=redis_server.url, redis_key_prefix=redis_prefix, **overrides)
+        services = services_factory(settings)
+        ingest(services, DOCS)
+        app = create_app(settings, services=services)
+        app.config["TESTING"] = True
+        return services, app.test_client()
+
+    return make
+
+
+def search(client: Any, auth: str, body: dict[str, Any] = QUERY) -> dict[str, Any]:
+    r = client.post("/api/search", json=body, headers={"Authorization": auth})
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()
+
+
+def ids(body: dict[str, Any]) -> set[str]:
+    return {h["document_id"] for h in body["results"]}
+
+
+def results(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return body["results"]
+
+
+def test_repeated_query_is_served_from_redis(cached_app: Any, token: Any, redis_server: Any,
+                                             redis_prefix: str) -> None:
+    _, client = cached_app()
+    auth = token("student", sub="s1")
+    first = search(client, auth)
+    assert first["from_cache"] is False and first["count"] > 0
+    r = redis_server.client()
+    assert len(r.keys(redis_prefix + "search:*")) == 1
+    second = search(client, auth)
+    assert second["from_cache"] is True
+    assert results(second) == results(first)  # the same answer, field for field
+    # Same query with extra whitespace: the same entry. Another page size: another entry.
+    spaced = search(client, auth, {**QUERY, "query": "  eduroam   wifi connection "})
+    assert spaced["from_cache"] is True
+    other = search(client, auth, {**QUERY, "config": {"max_results": 2, "similarity_threshold": -1.0}})
+    assert other["from_cache"] is False and other["count"] == 2
+    filtered = search(client, auth, {**QUERY, "filters": {"min_priority": 3}})
+    assert filtered["from_cache"] is False
+    assert len(r.keys(redis_prefix + "search:*")) == 3
+
+
+def test_less_access_never_gets_a_result_cached_for_more(cached_app: Any, token: Any) -> None:
+    _, client = cached_app()
+    callers = [  # most access first, so every later caller could only be wrongly served from cache
+        ("admin", token("admin", sub="a1"), DEFAULT_ROLES["admin"], ()),
+        ("academic", token("academic", sub="ac1"), DEFAULT_ROLES["academic"], ()),
+        ("staff-it", token("staff", sub="st1", departments=["IT Services"]), DEFAULT_ROLES["staff"],
+         ("IT Services",)),
+        ("staff-finance", token("staff", sub="st2", departments=["Finance"]), DEFAULT_ROLES["staff"], ("Finance",)),
+        ("student", token("student", sub="s1", departments=["IT Services"]), DEFAULT_ROLES["student"],
+         ("IT Services",)),
+    ]
+    seen: dict[str, set[str]] = {}
+    for name, auth, role, depts in callers:
+        body = search(client, auth)
+        assert body["from_cache"] is False, f"{name} was served an entry computed for someone else"
+        user = Principal(user_id=name, role=role, departments=depts)
+        for hit in results(body):
+            assert is_visible(hit["metadata"], user), (name, hit["document_id"])
+        seen[name] = ids(body)
+        again = search(client, auth)
+        assert again["from_cache"] is True and ids(again) == seen[name]
+    assert "wifi-secret" in seen["admin"] and "wifi-secret" not in seen["academic"]
+    assert seen["staff-it"] >= {"wifi-public", "wifi-it"} and "wifi-finance" not in seen["staff-it"]
+    assert seen["staff-finance"] >= {"wifi-public", "wifi-finance"} and "wifi-it" not in seen["staff-finance"]
+    assert seen["student"] == {"wifi-public", "exams"}
+
+    # Equal scope shares entries: another IT staff member, and a student whatever department they name.
+    same_scope = search(client, token("staff", sub="st9", departments=["IT Services"]))
+    assert same_scope["from_cache"] is True and ids(same_scope) == seen["staff-it"]
+    assert search(client, token("student", sub="s2"))["from_cache"] is True
+    # The campus changes combined_score, so it is part of the key.
+    kb = search(client, token("staff", sub="st1", departments=["IT Services"], campus="King's Buildings"))
+    assert kb["from_cache"] is False
+
+
+def test_ingest_metadata_change_and_delete_invalidate(cached_app: Any, services_factory: Any, token: Any) -> None:
+    services, client = cached_app(cache_generation_check=0.0)
+    # Changes come from another process's view of the same database, as `campus-search ingest` would.
+    writer = services_factory(services.settings)
+    student = token("student", sub="s1")
+    search(client, student)
+    assert search(client, student)["from_cache"] is True
+
+    ingest(writer, {"wifi-new": ("Eduroam wifi on the new campus", "The new campus has eduroam wifi in every "
+                                 "building.", {})})
+    after_add = search(client, student)
+    assert after_add["from_cache"] is False and "wifi-new" in ids(after_add)
+    assert search(client, student)["from_cache"] is True
+
+    # Metadata only (no re-embedding): the public guide becomes clearance 3; students must lose it now.
+    title, text, _ = DOCS["wifi-public"]
+    ingest(writer, {"wifi-public": (title, text, {"clearance_level": 3, "visibility": "public"})})
+    after_meta = search(client, student)
+    assert after_meta["from_cache"] is False and "wifi-public" not in ids(after_meta)
+
+    assert writer.ingester.delete(["wifi-new"]) == 1
+    after_delete = search(client, student)
+    assert after_delete["from_cache"] is False and "wifi-new" not in ids(after_delete)
+
+
+def test_cache_clear_removes_only_this_services_keys(cached_app: Any, token: Any, redis_server: Any,
+                                                     redis_prefix: str) -> None:
+    _, client = cached_app()
+    r = redis_server.client()
+    foreign = {"other-app:search:1": b"x", "campus-search:v2:search:1": b"x",
+               redis_prefix.rstrip(":") + "-staging:search:1": b"x", redis_prefix + "rl:LIMITER/user:1": b"7"}
+    r.mset(foreign)
+    auth = token("student", sub="s1")
+    search(client, auth)
+    assert r.keys(redis_prefix + "search:*") and r.keys(redis_prefix + "emb:*")
+
+    assert client.post("/api/admin/cache/clear").status_code == 401
+    denied = client.post("/api/admin/cache/clear", headers={"Authorization": token("staff")})
+    assert denied.status_code == 403 and denied.get_json()["error"]["code"] == "forbidden"
+    assert r.keys(redis_prefix + "search:*"), "a refused clear changes nothing"
+
+    ok = client.post("/api/admin/cache/clear", headers={"Authorization": token("admin", sub="root")})
+    assert ok.status_code == 200, ok.get_json()
+    body = ok.get_json()
+    assert body["cleared"] is True and body["keys_removed"] == 2 and body["backend"] == "redis"
+    assert not r.keys(redis_prefix + "search:*") and not r.keys(redis_prefix + "emb:*")
+    assert {k: r.get(k) for k in foreign} == foreign  # other services, other versions, rate-limit counters
+    assert search(client, auth)["from_cache"] is False
+
+
+def test_query_embeddings_are_shared_through_redis(cached_app: Any, redis_server: Any, redis_prefix: str,
+                                                   embedder: Any, token: Any) -> None:
+    services, client = cached_app()
+    search(client, token("student"))
+    r = redis_server.client()
+    keys = r.keys(redis_prefix + "emb:*")
+    assert len(keys) == 1 and len(r.get(keys[0])) == embedder.dimension * 4
+    # A process with an empty local LRU (another worker) finds the vector in Redis.
+    fresh = TieredEmbeddingCache(QueryEmbeddingCache(), services.cache.backend, model=embedder.model_name,
+                                 dimension=embedder.dimension, ttl=60)
+    vector = fresh.get(QUERY["query"])
+    assert vector is not None
+    np.testing.assert_allclose(vector, embedder.embed([QUERY["query"]])[0], rtol=0, atol=1e-6)
+    assert fresh.get("a query nobody asked") is None
+
+
+def test_without_redis_the_in_process_cache_serves_repeats(client: Any, token: Any, demo_services: Any) -> None:
+    assert demo_services.cache.backend.kind == "memory"
+    body = {"query": "renewing library books online (in-process cache test)"}
+    auth = token("academic", sub="cache-local")
+    first = search(client, auth, body)
+    second = search(client, auth, body)
+    assert (first["from_cache"], second["from_cache"]) == (False, True)
+    assert results(second) == results(first)
+    assert search(client, token("student", sub="cache-local-2"), body)["from_cache"] is False
+
+
+def test_cache_disabled_never_claims_a_hit(cached_app: Any, token: Any, redis_server: Any,
+                                           redis_prefix: str) -> None:
+    _, client = cached_app(cache_enabled=False)
+    auth = token("student")
+    assert [search(client, auth)["from_cache"] for _ in range(3)] == [False, False, False]
+    assert not redis_server.client().keys(redis_prefix + "*")
