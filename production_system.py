@@ -6,7 +6,8 @@
 
 gunicorn is given ``create_production_app`` itself (no parentheses), so it calls it as a WSGI
 application; with no arguments it is the application factory. Either way one app is built per
-process tree (in the master under --preload) and shared by the workers.
+process tree (in the master under --preload: gunicorn.conf.py's ``when_ready`` hook builds it there)
+and shared by the workers, which open their own pools and model after the fork.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import sys
 import threading
 from typing import Any
-
-from campus_search.app import create_app
 
 _app: Any = None
 _lock = threading.Lock()
@@ -27,7 +26,15 @@ def default_app() -> Any:
     if _app is None:
         with _lock:
             if _app is None:
-                _app = create_app()
+                # Imported here, not at the top: `python production_system.py` must set up the metrics
+                # directory (campus-search serve) before anything imports prometheus_client.
+                from campus_search.app import create_app
+                from campus_search.config import load_settings
+                from campus_search.logs import configure_logging
+
+                settings = load_settings()
+                configure_logging(settings, replace=True)  # this process is ours: JSON lines in production
+                _app = create_app(settings)
     return _app
 
 

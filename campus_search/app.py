@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from typing import Any
 
-from flask import Flask, g
+from flask import Flask, g, request
 
-from .api import cache_admin
+from . import logs, metrics
+from .api import admin_stats, cache_admin, ops
 from .api import openapi as openapi_api
 from .api import search as search_api
 from .api.cors import init_cors
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     @app.before_request
     def _start() -> None:
         g.start_time = time.perf_counter()
-        g.request_id = "req_" + secrets.token_hex(8)
+        g.request_id = logs.request_id_for(request, settings)  # a trusted proxy's X-Request-ID, or new
 
     @app.after_request
     def _finish(response: Any) -> Any:
@@ -48,5 +48,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     init_cors(app, settings)  # browser portals: CORS_ORIGINS only, none by default
     app.register_blueprint(openapi_api.bp)
     app.register_blueprint(search_api.bp)
+    metrics.init_app(app, services)
+    logs.init_app(app)
+    ops.init_app(app)
+    app.register_blueprint(admin_stats.bp)
     app.register_blueprint(cache_admin.bp)
     return app

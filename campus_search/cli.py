@@ -54,6 +54,9 @@ def ingest_paths(services: Any, paths: Sequence[Path], defaults: Any, *, prune: 
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .gunicorn_hooks import prepare_metrics_dir
+
+    prepare_metrics_dir()  # first: the workers' metrics need it before prometheus_client is imported
     from .server import serve
 
     settings = _settings().replace(host=args.host or _settings().host, port=args.port or _settings().port)

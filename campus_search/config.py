@@ -186,6 +186,21 @@ FIELDS: tuple[Field, ...] = (
     F("embedding_threads", ("EMBEDDING_THREADS",), 1,
       "onnxruntime intra-op threads per process (1 suits several gunicorn workers; ingestion uses all cores).",
       int),
+    # --- operations (docs/operations.md)
+    F("log_format", ("LOG_FORMAT",), "auto",
+      "`json` (one JSON object per line), `text`, or `auto`: json in production, text otherwise."),
+    F("log_level", ("LOG_LEVEL",), "INFO", "Least severe log level written (DEBUG, INFO, WARNING, ERROR).",
+      str.upper),
+    F("health_cache_seconds", ("HEALTH_CACHE_SECONDS",), 5.0,
+      "Seconds a /health or /health/ready result is reused, so probes cannot overload dependencies.", float),
+    F("health_timeout", ("HEALTH_TIMEOUT",), 2.0,
+      "Seconds a health check waits for a database connection before reporting it unhealthy.", float),
+    F("metrics_departments", ("METRICS_DEPARTMENTS",), (),
+      "Departments allowed as metric label values (comma-separated); others count as `other`. Default: "
+      "the departments of the indexed documents.", _list),
+    F("metrics_dir", ("PROMETHEUS_MULTIPROC_DIR",), None,
+      "prometheus-client multiprocess directory shared by the gunicorn workers. Unset: the server creates "
+      "a fresh one per run; when set it is emptied at server start."),
     F("embedding_retries", ("EMBEDDING_RETRIES",), 3,
       "Retries of a failed remote embedding call (connection error, timeout, 429, 5xx), with exponential "
       "backoff; Retry-After is honoured.", int),
@@ -264,6 +279,12 @@ class Settings:
     embedding_timeout: float = 30.0
     embedding_batch_size: int = 32
     embedding_threads: int = 1
+    log_format: str = "auto"
+    log_level: str = "INFO"
+    health_cache_seconds: float = 5.0
+    health_timeout: float = 2.0
+    metrics_departments: tuple[str, ...] = ()
+    metrics_dir: str | None = None
     embedding_retries: int = 3
     embedding_api_key: str | None = None
 
@@ -416,6 +437,12 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"ROLE_MAPPING maps to unknown roles {bad_roles}; roles are {list(ROLE_NAMES)}")
     if s.embedding_retries < 0:
         problems.append("EMBEDDING_RETRIES must not be negative")
+    if s.log_format not in ("auto", "json", "text"):
+        problems.append("LOG_FORMAT must be auto, json or text")
+    if s.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    if s.health_cache_seconds < 0 or s.health_timeout <= 0:
+        problems.append("HEALTH_CACHE_SECONDS must not be negative and HEALTH_TIMEOUT must be positive")
     if s.embedding_provider not in ("local", "ollama", "openai"):
         problems.append("EMBEDDING_PROVIDER must be local, ollama or openai")
     if s.embedding_provider != "local" and not s.embedding_url:

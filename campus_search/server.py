@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -24,31 +25,94 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return self.application
 
 
-def banner(settings: Settings, workers: int, threads: int) -> str:
+ENDPOINTS = (
+    ("POST", "/api/search", "search (bearer token)"),
+    ("GET", "/health", "health report (503 when unhealthy)"),
+    ("GET", "/health/live", "liveness probe"),
+    ("GET", "/health/ready", "readiness probe"),
+    ("GET", "/metrics", "Prometheus metrics"),
+    ("GET", "/api/admin/stats", "statistics (admin)"),
+    ("POST", "/api/admin/cache/clear", "clear the result cache (admin)"),
+    ("GET", "/api/openapi.json", "OpenAPI description"),
+)
+
+
+def summary(settings: Settings, *, workers: int, threads: int, bind: str | None = None,
+            metrics_dir: str | None = None) -> dict[str, Any]:
+    """The configuration that matters to an operator, without secrets (URLs lose their passwords)."""
     s = settings
-    db = "embedded PostgreSQL in " + s.data_dir if s.embedded_database else "PostgreSQL (configured)"
-    cache = "Redis" if s.redis_dsn() else "in-process"
+    public = s.public_summary()
+    database = "embedded PostgreSQL in " + s.data_dir if s.embedded_database else \
+        public.get("database_url") or f"{s.db_host}:{s.db_port}/{s.db_name}"
+    return {
+        "listening": bind or f"{s.host}:{s.port}", "workers": workers, "threads": threads, "env": s.env,
+        "database": database, "read_replica": public.get("database_read_url"),
+        "pool": f"{s.db_pool_min_size}-{s.db_pool_max_size} per worker",
+        "cache": "Redis " + str(_redact(s.redis_dsn())) if s.redis_dsn() else "in-process",
+        "cache_ttl_search": s.cache_ttl_search,
+        "jwt_algorithms": list(s.jwt_algorithms), "jwt_secret": public.get("jwt_secret_key"),
+        "oidc_jwks_url": s.oidc_jwks_url, "anonymous": s.allow_anonymous,
+        "rate_limits": "on" if s.rate_limits_enabled else "off",
+        "trusted_proxies": list(getattr(s, "trusted_proxies", ()) or ()),
+        "embedding": f"{s.embedding_provider} {s.embedding_model}",
+        "log_format": _log_format(s), "metrics_dir": metrics_dir,
+    }
+
+
+def _redact(url: str | None) -> str | None:
+    if url and "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def _log_format(settings: Settings) -> str:
+    from .logs import resolve_format
+
+    return resolve_format(settings.log_format, settings.production)
+
+
+def banner(settings: Settings, workers: int, threads: int, **extra: Any) -> str:
+    info = summary(settings, workers=workers, threads=threads, **extra)
     lines = [
         "=" * 72,
         "CAMPUS SEARCH — University of Edinburgh vector search",
         "=" * 72,
-        f"Listening:   http://{s.host}:{s.port}  ({workers} workers x {threads} threads, {s.env})",
-        f"Database:    {db}; pool {s.db_pool_min_size}-{s.db_pool_max_size} per worker",
-        f"Cache:       {cache}; search TTL {s.cache_ttl_search}s",
-        f"Security:    JWT {', '.join(s.jwt_algorithms)}; anonymous {'allowed' if s.allow_anonymous else 'refused'}",
-        f"Embedding:   {s.embedding_provider} {s.embedding_model}",
-        "Endpoints:   POST /api/search   GET /health   GET /metrics   GET /api/admin/stats",
-        "             POST /api/admin/cache/clear   GET /api/openapi.json",
+        f"Listening:   http://{info['listening']}  ({workers} workers x {threads} threads, {settings.env})",
+        f"Database:    {info['database']}; pool {info['pool']}"
+        + (f"; reads from {info['read_replica']}" if info["read_replica"] else ""),
+        f"Cache:       {info['cache']}; search TTL {settings.cache_ttl_search}s",
+        f"Security:    JWT {', '.join(settings.jwt_algorithms)} (secret {info['jwt_secret']}); anonymous "
+        f"{'allowed' if settings.allow_anonymous else 'refused'}; rate limits {info['rate_limits']}; "
+        f"trusted proxies {', '.join(info['trusted_proxies']) or 'none'}",
+        f"Embedding:   {info['embedding']}",
+        f"Logs:        {info['log_format']}; metrics dir {info['metrics_dir'] or '(single process)'}",
+        "Endpoints:",
+        *(f"  {method:<5} {path:<24} {what}" for method, path, what in ENDPOINTS),
         "=" * 72,
     ]
     return "\n".join(lines)
 
 
-def serve(settings: Settings, *, workers: int = 2, threads: int = 2) -> int:
-    from .app import create_app
+def announce(settings: Settings, *, workers: int, threads: int, **extra: Any) -> None:
+    """Start-up banner: text on stderr in development, one structured record with JSON logs."""
+    if _log_format(settings) == "json":
+        info = summary(settings, workers=workers, threads=threads, **extra)
+        info["endpoints"] = [f"{method} {path}" for method, path, _ in ENDPOINTS]
+        logging.getLogger("campus_search.server").info("campus-search ready", extra={"fields": info})
+    else:
+        print(banner(settings, workers, threads, **extra), file=sys.stderr, flush=True)
 
+
+def serve(settings: Settings, *, workers: int = 2, threads: int = 2) -> int:
+    from .gunicorn_hooks import HOOKS, prepare_metrics_dir
+
+    prepare_metrics_dir()  # before the app imports prometheus_client
+    from .app import create_app
+    from .logs import configure_logging
+
+    configure_logging(settings, replace=True)
     app = create_app(settings)
-    print(banner(settings, workers, threads), file=sys.stderr, flush=True)
     options = {
         "bind": f"{settings.host}:{settings.port}",
         "workers": workers,
@@ -59,6 +123,7 @@ def serve(settings: Settings, *, workers: int = 2, threads: int = 2) -> int:
         "graceful_timeout": 30,
         "accesslog": None,
         "errorlog": "-",
+        **HOOKS,
     }
     _Gunicorn(app, options).run()
     return 0

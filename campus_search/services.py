@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics
 from .cache import ResultCache, build_cache
 from .config import Settings
 from .db import Database, migrate, resolve_dsns
@@ -79,7 +80,7 @@ class Services:
                 self._embedder = None if self.settings.embedding_provider == "local" else self._embedder
             self.db = Database(self.settings, self.dsn, self.read_dsn)
             self.db.open()
-            embedder = self.embedder
+            embedder = metrics.instrument_embedder(self.embedder, self.settings.embedding_provider)
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
                                                                                    self.settings.bm25_b))

@@ -1,0 +1,57 @@
+"""Operations endpoints: ``GET /health``, ``/health/live``, ``/health/ready`` and ``/metrics``.
+
+They need no token: load balancers, orchestrators and Prometheus call them. None of them returns
+document text, queries, user ids or secrets -- only component states, counts and timings.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from .. import metrics
+from ..health import HealthMonitor
+
+bp = Blueprint("ops", __name__)
+
+
+def monitor() -> HealthMonitor:
+    return current_app.extensions["campus_search.health"]
+
+
+@bp.get("/health")
+def health_check() -> Any:
+    """SPEC §1 health report; 503 when any component is unhealthy."""
+    report = monitor().report()
+    return jsonify(report), 200 if report["overall_healthy"] else 503
+
+
+@bp.get("/health/live")
+def liveness() -> Any:
+    """The process is up and answering (no dependency is consulted)."""
+    services = current_app.extensions["campus_search"]
+    return jsonify({"alive": True, "uptime": round(time.time() - services.started_at, 3)})
+
+
+@bp.get("/health/ready")
+def readiness() -> Any:
+    """Ready to serve searches: database reachable and embedding model loaded; 503 otherwise."""
+    result = monitor().readiness()
+    return jsonify(result), 200 if result["ready"] else 503
+
+
+@bp.get("/metrics", endpoint="metrics")
+def metrics_endpoint() -> Any:
+    """Prometheus text exposition (all gunicorn workers' samples in multiprocess mode)."""
+    services = current_app.extensions["campus_search"]
+    db = getattr(services, "db", None)
+    if db is not None:
+        current_app.extensions["campus_search.metrics"]["pool_sampler"].sample(db)
+    return Response(metrics.render(), mimetype=None, content_type=metrics.CONTENT_TYPE)
+
+
+def init_app(app: Any) -> None:
+    app.extensions["campus_search.health"] = HealthMonitor(app.extensions["campus_search"])
+    app.register_blueprint(bp)

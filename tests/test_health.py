@@ -1,0 +1,137 @@
+"""GET /health, /health/live, /health/ready and /api/admin/stats on the demo corpus."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+from conftest import TEST_SECRET
+
+from campus_search.app import create_app
+from campus_search.health import _Cached
+
+
+@pytest.fixture(scope="module")
+def ops_app(demo_services: Any) -> Any:
+    """The demo app with health results reused for a long time (to observe the caching)."""
+    app = create_app(demo_services.settings.replace(health_cache_seconds=300.0), services=demo_services)
+    app.config["TESTING"] = True
+    return app
+
+
+def test_health_reports_every_component(client: Any, demo_services: Any) -> None:
+    r = client.get("/health")
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["overall_healthy"] is True
+    assert isinstance(body["timestamp"], float)
+    comps = body["components"]
+    assert set(comps) == {"database", "embedding_service", "cache", "search_functionality"}
+    for comp in comps.values():
+        assert comp["healthy"] is True
+        assert isinstance(comp["response_time"], float) and comp["response_time"] >= 0
+    with demo_services.db.connection(read=True) as conn:
+        chunks = conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    assert comps["database"]["chunk_count"] == chunks > 0
+    assert comps["database"]["pool_size"] >= 1
+    assert comps["embedding_service"]["embedding_length"] == 384
+    assert comps["cache"]["connection_active"] is False  # in-process cache: there is no connection
+    assert comps["search_functionality"]["end_to_end_functional"] is True
+    assert comps["search_functionality"]["results_returned"] == 1
+
+
+def test_health_leaks_no_secret_and_no_document_text(client: Any, demo_services: Any) -> None:
+    text = client.get("/health").get_data(as_text=True)
+    settings = demo_services.settings
+    for secret in (TEST_SECRET, settings.audit_hmac_key, settings.database_url, settings.data_dir):
+        assert secret and secret not in text
+    with demo_services.db.connection(read=True) as conn:
+        snippets = [row[0][:40] for row in conn.execute("SELECT text FROM chunks")]
+    assert not any(s in text for s in snippets)
+    assert "postgres" not in text.lower()
+
+
+def test_probes(client: Any) -> None:
+    live = client.get("/health/live")
+    assert live.status_code == 200 and live.get_json()["alive"] is True
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.get_json() == {"ready": True, "checks": {"database": True, "model": True}}
+    assert client.head("/health/live").status_code == 200
+
+
+def test_health_needs_no_token_but_refuses_other_methods(client: Any) -> None:
+    assert client.get("/health").status_code == 200  # no Authorization header
+    r = client.post("/health")
+    assert r.status_code == 405 and r.get_json()["error"]["code"] == "method_not_allowed"
+
+
+def test_health_results_are_reused_within_the_interval(ops_app: Any) -> None:
+    c = ops_app.test_client()
+    first = c.get("/health").get_json()
+    assert [c.get("/health").get_json()["timestamp"] for _ in range(3)] == [first["timestamp"]] * 3
+
+
+def test_concurrent_checks_run_once() -> None:
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def compute() -> dict[str, Any]:
+        gate.wait(5)
+        calls.append(1)
+        return {"n": len(calls)}
+
+    cached = _Cached(300.0, compute)
+    results: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=lambda: results.append(cached.get())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join()
+    assert calls == [1] and results == [{"n": 1}] * 8
+    assert _Cached(0.0, compute).get() == {"n": 2} and len(calls) == 2  # ttl 0: computed every time
+
+
+# ---- /api/admin/stats
+
+def test_admin_stats_shape_and_values(client: Any, token: Any, demo_services: Any) -> None:
+    admin = token("it_administrator", sub="admin-1")
+    staff = token("professional_services", departments=["Library"])
+    client.post("/api/search", json={"query": "qqxz none", "config": {"similarity_threshold": 0.99}},
+                headers={"Authorization": staff})
+    r = client.get("/api/admin/stats", headers={"Authorization": admin})
+    assert r.status_code == 200
+    body = r.get_json()
+    assert set(body["database"]) >= {"pool_size", "active_connections"}
+    assert set(body["cache"]) >= {"used_memory", "connected_clients", "keyspace_hits", "keyspace_misses"}
+    assert set(body["system"]) >= {"uptime", "requests_total", "avg_response_time"}
+    assert body["database"]["pool_size"] >= 1
+    assert body["system"]["requests_total"] >= 2 and body["system"]["avg_response_time"] > 0
+    assert body["system"]["uptime"] > 0
+    with demo_services.db.connection(read=True) as conn:
+        docs, chunks = conn.execute("SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks)"
+                                    ).fetchone()
+    assert body["index"]["documents"] == docs and body["index"]["chunks"] == chunks
+    assert body["searches"]["zero_results_by_department"].get("Library", 0) >= 1
+    assert body["searches"]["by_role"].get("staff", 0) >= 1
+    text = json.dumps(body)
+    assert "qqxz" not in text and "admin-1" not in text  # aggregates only
+
+
+@pytest.mark.parametrize("role", ["student", "professional_services", "academic_staff"])
+def test_admin_stats_refuses_non_admins(client: Any, token: Any, role: str) -> None:
+    r = client.get("/api/admin/stats", headers={"Authorization": token(role)})
+    assert r.status_code == 403
+    assert r.get_json()["error"]["code"] == "forbidden"
+
+
+def test_admin_stats_needs_a_token(client: Any, token: Any) -> None:
+    assert client.get("/api/admin/stats").status_code == 401
+    bad = client.get("/api/admin/stats", headers={"Authorization": "Bearer not-a-token"})
+    assert bad.status_code == 401
+    admin = token("admin")
+    assert client.get("/api/admin/stats?days=abc", headers={"Authorization": admin}).status_code == 400
+    assert client.get("/api/admin/stats?days=0", headers={"Authorization": admin}).status_code == 400
