@@ -66,6 +66,7 @@ class RestoreResult:
     documents: int
     chunks: int
     replaced_documents: int
+    safety_backup: str | None
     generation: int
     schema_version: int
     seconds: float
@@ -296,8 +297,14 @@ def check_archive(path: Path) -> None:
         raise BackupError(f"{path} is not a pg_dump custom-format archive (made by campus-search backup)")
 
 
-def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False) -> RestoreResult:
-    """Replace the database at ``dsn`` with the archive at ``path`` (see the module docstring)."""
+def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False,
+            safety_backup: bool = True) -> RestoreResult:
+    """Replace the database at ``dsn`` with the archive at ``path`` (see the module docstring).
+
+    A database that holds documents is replaced only with ``replace``, and is first backed up itself
+    to DATA_DIR/backups (unless ``safety_backup`` is off): that keeps its audit log, which the restore
+    replaces with the archive's, and makes the restore undoable.
+    """
     from .db import migrate
     from .services import MODEL_DIMENSIONS
 
@@ -310,6 +317,7 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False) 
                           "with the backup")
     conninfo, env = _connection(dsn)
     _check_model(settings, archive_index_state(bindir, path, env))
+    safety = backup(settings, dsn).path if documents_before and safety_backup else None
     listing = _run([str(bindir / "pg_restore"), "--list", str(path)], env, "pg_restore --list").stdout
     # COMMENT ON EXTENSION needs the extension's owner; the comment is the extension's own anyway.
     wanted = "\n".join(ln for ln in listing.splitlines() if " COMMENT - EXTENSION " not in ln)
@@ -337,7 +345,7 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False) 
     schema_version = _migrate_after_restore(migrate, dsn, settings.embedding_model, dimension)
     documents, chunks, generation = _counts(dsn)
     return RestoreResult(path=str(path), documents=documents, chunks=chunks, replaced_documents=documents_before,
-                         generation=generation, schema_version=schema_version,
+                         safety_backup=safety, generation=generation, schema_version=schema_version,
                          seconds=round(time.perf_counter() - started, 3))
 
 

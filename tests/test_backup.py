@@ -132,7 +132,7 @@ def test_restore_under_a_running_server_is_atomic_and_invalidates_the_cache(
         conn.execute("UPDATE index_state SET generation = generation + 1")
     changed = answers(server)
     assert changed != expected
-    generation_before = counts(target)[2]
+    documents, chunks, generation_before = counts(target)
 
     seen: list[tuple[int, Any]] = []
     failures: list[BaseException] = []
@@ -164,6 +164,12 @@ def test_restore_under_a_running_server_is_atomic_and_invalidates_the_cache(
     assert answers(server) == expected
     assert result["generation"] > generation_before
     assert result["replaced_documents"] > 0
+    # the replaced database was saved first, in DATA_DIR/backups, and holds what was replaced
+    safety = Path(result["safety_backup"])
+    assert safety.parent == cli_env / "backups" and NAME_RE.match(safety.name)
+    undo = make_database()
+    assert run_cli(capsys, "restore", str(safety), "--database-url", undo)[0] == 0
+    assert counts(undo)[:2] == (documents, chunks)
 
 
 def test_backup_keep_prunes_older_backups(tmp_path: Path) -> None:

@@ -1,0 +1,258 @@
+"""Admin document management (admin role only; every change audited).
+
+- ``GET    /api/admin/documents``        list: ``?limit=&offset=&department=&q=`` (title or id contains q)
+- ``GET    /api/admin/documents/<id>``   one document: metadata, chunk count, sections, pages
+- ``PUT    /api/admin/documents/<id>``   upsert: JSON ``{"text", "format", "title", "metadata"}`` or
+  multipart ``file`` (PDF, DOCX, HTML, Markdown, text) + optional ``metadata`` (a JSON object) and ``title``
+- ``PATCH  /api/admin/documents/<id>``   metadata only ``{"metadata": {...}}``: no re-embedding
+- ``DELETE /api/admin/documents/<id>``   delete the document and its chunks
+
+Upserts go through the same :class:`Ingester` as ``campus-search ingest``: unchanged content is not
+re-embedded, changed content re-embeds only new chunks, and the swap is one transaction. Metadata
+given replaces only the fields given; for an existing document the others keep their stored values
+(so re-uploading a restricted document without metadata never makes it public), for a new one they
+take the defaults (public, clearance 1, priority 3). Upload size: ``MAX_DOCUMENT_BYTES``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from ..errors import BadRequest, NotFound, PayloadTooLarge
+from ..metadata import FIELDS as META_FIELDS
+from ..metadata import AccessMetadata
+from ..parsers import BYTE_PARSERS, parse_bytes
+from ..security.auth import require_admin
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("documents", __name__)
+
+FORMATS = {"markdown": "inline.md", "text": "inline.txt", "html": "inline.html"}
+MAX_ID_CHARS = 500
+LIST_PARAMS = {"limit", "offset", "department", "q"}
+UPSERT_KEYS = {"text", "format", "title", "metadata"}
+
+
+@contextlib.contextmanager
+def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Audit an admin document change (success, or failure with its error code) through the audit
+    log's ``admin_action`` (campus_search/audit.py)."""
+    try:
+        from ..audit import admin_action
+    except ImportError:  # AUDIT-HOOK: only until campus_search/audit.py is merged; then delete this branch
+        log.warning("audit log not available: %s %s by %s", action, target, getattr(g.get("principal"), "user_id", "?"))
+        yield dict(details)
+        return
+    with admin_action(services, action, target=target, details=details) as info:
+        yield info
+
+
+def _services() -> Any:
+    services = current_app.extensions["campus_search"]
+    require_admin(services.settings)
+    return services.ensure_open()
+
+
+def _doc_id(raw: str) -> str:
+    doc_id = raw.strip()
+    if not doc_id or len(doc_id) > MAX_ID_CHARS or any(ord(ch) < 32 for ch in doc_id):
+        raise BadRequest(f"document id must be 1-{MAX_ID_CHARS} printable characters")
+    return doc_id
+
+
+def _metadata(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):  # multipart form field
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise BadRequest("metadata must be a JSON object") from None
+    if not isinstance(raw, dict):
+        raise BadRequest("metadata must be a JSON object")
+    unknown = sorted(set(raw) - set(META_FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown metadata fields {unknown}; allowed: {list(META_FIELDS)}")
+    AccessMetadata().merged(raw, source="metadata")  # validate now: a 400 that names the field
+    return raw
+
+
+def _stored(services: Any, doc_id: str) -> dict[str, Any] | None:
+    with services.db.connection(read=False) as conn:
+        row = conn.execute(
+            "SELECT d.external_id, d.title, d.source, d.department, d.visibility, d.clearance_level, d.campus, "
+            "d.priority, d.last_reviewed, d.created_at, d.updated_at, "
+            "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id), "
+            "(SELECT array_agg(DISTINCT c.section_title) FILTER (WHERE c.section_title IS NOT NULL) "
+            " FROM chunks c WHERE c.document_id = d.id), "
+            "(SELECT max(c.page_number) FROM chunks c WHERE c.document_id = d.id) "
+            "FROM documents d WHERE d.external_id = %s", (doc_id,)).fetchone()
+    if row is None:
+        return None
+    out = _row_json(row[:12])
+    out["sections"] = sorted(row[12] or [])
+    out["last_page"] = row[13]
+    return out
+
+
+def _row_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    meta = AccessMetadata(*row[3:9])
+    return {"document_id": row[0], "title": row[1], "source": row[2], "metadata": meta.as_json(),
+            "created_at": row[9].isoformat(), "updated_at": row[10].isoformat(), "chunk_count": row[11]}
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be between {lo} and {hi}")
+    return value
+
+
+@bp.get("/api/admin/documents")
+def list_documents() -> Any:
+    services = _services()
+    unknown = sorted(set(request.args) - LIST_PARAMS)
+    if unknown:
+        raise BadRequest(f"unknown query parameters {unknown}; allowed: {sorted(LIST_PARAMS)}")
+    limit = _int_arg("limit", 50, 1, 500)
+    offset = _int_arg("offset", 0, 0, 10**9)
+    where, params = ["true"], {}
+    if request.args.get("department"):
+        where.append("d.department = %(department)s")
+        params["department"] = request.args["department"]
+    if request.args.get("q"):
+        where.append("(strpos(lower(d.title), lower(%(q)s)) > 0 OR strpos(lower(d.external_id), lower(%(q)s)) > 0)")
+        params["q"] = request.args["q"]
+    sql_where = " AND ".join(where)
+    with services.db.connection(read=False) as conn:
+        total = conn.execute(f"SELECT count(*) FROM documents d WHERE {sql_where}", params).fetchone()[0]
+        rows = conn.execute(
+            "SELECT d.external_id, d.title, d.source, d.department, d.visibility, d.clearance_level, d.campus, "
+            "d.priority, d.last_reviewed, d.created_at, d.updated_at, "
+            "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id) "
+            f"FROM documents d WHERE {sql_where} ORDER BY d.external_id LIMIT %(limit)s OFFSET %(offset)s",
+            {**params, "limit": limit, "offset": offset}).fetchall()
+    return jsonify({"documents": [_row_json(r) for r in rows], "total": total, "limit": limit, "offset": offset,
+                    "request_id": g.request_id})
+
+
+@bp.get("/api/admin/documents/<path:doc_id>")
+def get_document(doc_id: str) -> Any:
+    services = _services()
+    doc = _stored(services, _doc_id(doc_id))
+    if doc is None:
+        raise NotFound(f"no document {doc_id!r}")
+    return jsonify({**doc, "request_id": g.request_id})
+
+
+def _upload_limit(services: Any) -> int:
+    limit = int(getattr(services.settings, "max_document_bytes", 20 * 1024 * 1024))
+    request.max_content_length = limit  # documents are larger than search requests
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"document larger than MAX_DOCUMENT_BYTES ({limit} bytes)")
+    return limit
+
+
+def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any]]:
+    """(ParsedDocument, metadata given) from a JSON or multipart body."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None or not upload.filename:
+            raise BadRequest("multipart upload needs a 'file' field with a filename")
+        extra = sorted(set(request.form) - {"metadata", "title"})
+        if extra:
+            raise BadRequest(f"unknown form fields {extra}; allowed: file, metadata, title")
+        meta = _metadata(request.form.get("metadata"))
+        data, filename, title = upload.read(), upload.filename, request.form.get("title")
+    else:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise BadRequest("send a JSON object {\"text\", \"format\", \"title\", \"metadata\"} or a multipart "
+                             "'file' upload")
+        unknown = sorted(set(body) - UPSERT_KEYS)
+        if unknown:
+            raise BadRequest(f"unknown fields {unknown}; allowed: {sorted(UPSERT_KEYS)}")
+        text, fmt, title = body.get("text"), body.get("format", "markdown"), body.get("title")
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest("text must be a non-empty string")
+        if fmt not in FORMATS:
+            raise BadRequest(f"format must be one of {sorted(FORMATS)}")
+        meta = _metadata(body.get("metadata"))
+        data, filename = text.encode("utf-8"), FORMATS[fmt]
+    if title is not None and (not isinstance(title, str) or not title.strip() or len(title) > 500):
+        raise BadRequest("title must be a non-empty string of at most 500 characters")
+    suffix = "." + filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    if suffix not in BYTE_PARSERS:
+        raise BadRequest(f"unsupported file type {suffix or '(none)'}; supported: {', '.join(sorted(BYTE_PARSERS))}")
+    doc = parse_bytes(data, filename, external_id=doc_id, metadata={}, source=f"api:{filename}")
+    if title:
+        doc.title = title.strip()
+    return doc, meta
+
+
+@bp.put("/api/admin/documents/<path:doc_id>")
+def upsert_document(doc_id: str) -> Any:
+    services = _services()
+    doc_id = _doc_id(doc_id)
+    _upload_limit(services)
+    doc, given = _parse_upload(doc_id)
+    existing = _stored(services, doc_id)
+    base = AccessMetadata().merged(existing["metadata"]) if existing else AccessMetadata()
+    # front matter in an uploaded Markdown file counts as given, below the request's own metadata
+    meta = base.merged({**{k: v for k, v in doc.metadata.items() if k in META_FIELDS}, **given},
+                       source="metadata")
+    doc.metadata = meta.as_json()
+    with _audited(services, "document.upsert", doc_id, {"source": doc.source}) as info:
+        report = services.ingester.ingest([doc], meta)
+        if report.failed:
+            from ..errors import IngestError
+
+            raise IngestError(report.errors[0].replace(doc.source or "", doc_id, 1) if report.errors else
+                              "document could not be ingested")
+        status = ("added" if report.added else "updated" if report.updated else
+                  "metadata_updated" if report.metadata_updated else "unchanged")
+        info.update(status=status, chunks_embedded=report.chunks_embedded)
+    stored = _stored(services, doc_id) or {}
+    body = {"document_id": doc_id, "status": status, "chunk_count": stored.get("chunk_count"),
+            "chunks_embedded": report.chunks_embedded, "metadata": stored.get("metadata"),
+            "request_id": g.request_id}
+    return jsonify(body), 201 if status == "added" else 200
+
+
+@bp.patch("/api/admin/documents/<path:doc_id>")
+def update_metadata(doc_id: str) -> Any:
+    services = _services()
+    doc_id = _doc_id(doc_id)
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or set(body) != {"metadata"}:
+        raise BadRequest("send {\"metadata\": {...}} (the fields to change)")
+    given = _metadata(body["metadata"])
+    with _audited(services, "document.metadata", doc_id, {"changed": sorted(given)}):
+        meta = services.ingester.update_metadata(doc_id, given)
+        if meta is None:
+            raise NotFound(f"no document {doc_id!r}")
+    return jsonify({"document_id": doc_id, "status": "metadata_updated", "metadata": meta.as_json(),
+                    "request_id": g.request_id})
+
+
+@bp.delete("/api/admin/documents/<path:doc_id>")
+def delete_document(doc_id: str) -> Any:
+    services = _services()
+    doc_id = _doc_id(doc_id)
+    with _audited(services, "document.delete", doc_id, {}):
+        if services.ingester.delete([doc_id]) == 0:
+            raise NotFound(f"no document {doc_id!r}")
+    return jsonify({"document_id": doc_id, "deleted": True, "request_id": g.request_id})

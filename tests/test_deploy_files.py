@@ -1,0 +1,320 @@
+"""The production stack's files (docker-compose.prod.yml, Dockerfile, nginx, pgbouncer, PostgreSQL,
+Prometheus, Grafana) are consistent with each other and with the app. Docker cannot run here, so these
+are syntactic and cross-reference checks, plus the real PostgreSQL 18 binary judging postgresql.conf
+and, where nginx is installed, ``nginx -t``."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT
+from packaging.requirements import Requirement
+
+from campus_search.backup import bundled_bin_dirs
+from campus_search.config import Settings
+from campus_search.db import prepare_threshold
+
+BRIEF_COMMAND = ("gunicorn --bind 0.0.0.0:5100 --workers 4 --worker-class gthread --threads 2 --timeout 60 "
+                 "--keepalive 10 --preload production_system:create_production_app")
+
+
+def load_yaml(name: str) -> Any:
+    return yaml.safe_load((ROOT / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_yaml("docker-compose.prod.yml")
+
+
+def substitute(value: str) -> str:
+    """Compose's ${VAR:?msg} / ${VAR:-default} with placeholder values."""
+    return re.sub(r"\$\{(\w+)(?::[?-][^}]*)?\}", lambda m: f"<{m.group(1)}>", value)
+
+
+# --- docker compose ----------------------------------------------------------------------------------
+
+def test_compose_has_the_whole_stack(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"primary", "replica", "pgbouncer", "redis", "app", "nginx", "prometheus", "grafana"} <= set(services)
+    assert "replicas" in services["app"]["deploy"]
+    assert substitute(str(services["app"]["deploy"]["replicas"])) in ("<APP_REPLICAS>", "3")
+    assert "ports" not in services["app"], "app replicas are reached through nginx only"
+    assert {"80:80", "443:443"} <= set(services["nginx"]["ports"])
+    for name in ("prometheus", "grafana"):
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), f"{name} must not be public"
+    assert compose["networks"]["data"]["internal"] is True
+
+
+def test_compose_mounts_files_that_exist(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    assert (ROOT / compose["services"]["app"]["build"]["dockerfile"]).exists()
+
+
+def test_every_required_secret_is_in_env_example(compose: dict[str, Any]) -> None:
+    text = (ROOT / "docker-compose.prod.yml").read_text(encoding="utf-8")
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    example = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
+               if "=" in line and not line.startswith("#")}
+    assert required and required <= example
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_app_talks_to_pgbouncer_without_prepared_statements(compose: dict[str, Any]) -> None:
+    env = compose["services"]["app"]["environment"]
+    assert env["FLASK_ENV"] == "production"
+    for key in ("DATABASE_URL", "DATABASE_READ_URL"):
+        url = substitute(env[key])
+        assert "@pgbouncer:6432/" in url
+        assert prepare_threshold(Settings(data_dir="/x"), url.replace("<", "").replace(">", "")) is None
+    pgb = pgbouncer_ini()
+    for key in ("DATABASE_URL", "DATABASE_READ_URL"):
+        assert env[key].rsplit("/", 1)[1] in pgb["databases"], f"{key} names a database pgbouncer lacks"
+    # only nginx's fixed address may set forwarding headers
+    nginx_ip = compose["services"]["nginx"]["networks"]["edge"]["ipv4_address"]
+    assert env["TRUSTED_PROXIES"] == nginx_ip
+
+
+def test_dockerfile_runs_the_brief_command_as_non_root() -> None:
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    joined = re.sub(r"\\\n\s*", " ", text)
+    cmd = re.search(r"^CMD (\[.*\])$", joined, re.M)
+    assert cmd, "exec-form CMD"
+    assert " ".join(json.loads(cmd.group(1))) == BRIEF_COMMAND
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert "COPY production_system.py gunicorn.conf.py" in text
+    assert (ROOT / "gunicorn.conf.py").exists() and (ROOT / "production_system.py").exists()
+    assert "/health/live" in text and "requirements-prod.txt" in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".env"} <= set(ignored)
+
+
+def test_healthcheck_path_is_a_real_route(demo_app: Any) -> None:
+    routes = {r.rule for r in demo_app.url_map.iter_rules()}
+    assert "/health/live" in routes
+
+
+# --- requirements ------------------------------------------------------------------------------------
+
+def test_requirements_prod_pins_every_dependency() -> None:
+    pins: dict[str, str] = {}
+    for line in (ROOT / "requirements-prod.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
+        assert m, f"not an exact pin: {line!r}"
+        name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+        assert name not in pins, f"pinned twice: {name}"
+        pins[name] = m.group(2)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"]:
+        req = Requirement(dep)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in pins, f"{req.name} is not pinned in requirements-prod.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {req.specifier}"
+
+
+# --- pgbouncer ---------------------------------------------------------------------------------------
+
+def pgbouncer_ini() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(comment_prefixes=(";", "#"), inline_comment_prefixes=None, strict=True)
+    parser.read_string((ROOT / "pgbouncer" / "pgbouncer.ini").read_text(encoding="utf-8"))
+    return parser
+
+
+def test_pgbouncer_pools_transactions_to_primary_and_replica() -> None:
+    ini = pgbouncer_ini()
+    assert ini["pgbouncer"]["pool_mode"] == "transaction"
+    assert ini["pgbouncer"]["auth_type"] == "scram-sha-256"
+    assert "host=primary" in ini["databases"]["campus_search"]
+    assert "host=replica" in ini["databases"]["campus_search_ro"]
+    entry = (ROOT / "pgbouncer" / "entrypoint.sh").read_text()
+    assert ini["pgbouncer"]["auth_file"] in entry, "the entrypoint writes the auth file pgbouncer reads"
+
+
+def test_shell_scripts_parse() -> None:
+    for script in ("postgres/init-primary.sh", "postgres/replica-entrypoint.sh", "pgbouncer/entrypoint.sh",
+                   "nginx/make-dev-cert.sh"):
+        shell = "bash" if "bash" in (ROOT / script).read_text().splitlines()[0] else "sh"
+        proc = subprocess.run([shell, "-n", str(ROOT / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------------
+
+def conf_settings(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, value = (part.strip() for part in line.split("=", 1))
+            out[key] = value.strip("'")
+    return out
+
+
+def test_postgresql_conf_is_accepted_by_postgresql_18(tmp_path: Path) -> None:
+    conf = ROOT / "postgresql.conf"
+    settings = conf_settings(conf)
+    assert settings["wal_level"] == "replica"
+    assert int(settings["max_wal_senders"]) >= 2 and settings["hot_standby"] == "on"
+    assert {"shared_buffers", "maintenance_work_mem", "effective_cache_size", "max_replication_slots"} <= set(settings)
+    postgres = bundled_bin_dirs()[0] / "postgres"
+    known = {line.split("\t", 1)[0].lower() for line in subprocess.run(
+        [str(postgres), "--describe-config"], capture_output=True, text=True, check=True).stdout.splitlines()}
+    unknown = [k for k in settings if k.lower() not in known and "." not in k]  # names are case-insensitive
+    assert not unknown, f"not PostgreSQL parameters: {unknown}"
+    # The server parses the whole file and every value; a bad one makes it exit non-zero.
+    proc = subprocess.run([str(postgres), "-C", "maintenance_work_mem", "-c", f"config_file={conf}",
+                           "-D", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(2 * 1024 * 1024)  # kB
+
+
+# --- nginx ---------------------------------------------------------------------------------------------
+
+def test_nginx_terminates_tls_and_proxies_to_the_app() -> None:
+    text = (ROOT / "nginx" / "nginx.conf").read_text(encoding="utf-8")
+    assert text.count("{") == text.count("}")
+    assert re.search(r"listen 443 ssl;", text) and "ssl_certificate " in text and "ssl_certificate_key" in text
+    assert re.search(r"ssl_protocols TLSv1\.2 TLSv1\.3;", text)
+    assert re.search(r"upstream campus_search_app \{[^}]*server app:5100", text, re.S)
+    assert "proxy_pass http://campus_search_app;" in text
+    for header in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Real-IP", "Host", "X-Request-ID"):
+        assert f"proxy_set_header {header} " in text
+    for header in ("Strict-Transport-Security", "X-Content-Type-Options", "X-Frame-Options", "Referrer-Policy"):
+        assert f"add_header {header} " in text
+    assert re.search(r"client_max_body_size \d+[km];", text)
+    assert re.search(r"return 308 https://", text)
+
+
+def test_no_private_key_is_committed() -> None:
+    tracked = subprocess.run(["git", "ls-files", "nginx"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert not [f for f in tracked if f.endswith((".pem", ".key", ".crt"))]
+    assert "*" in (ROOT / "nginx" / "certs" / ".gitignore").read_text().split()
+
+
+@pytest.mark.skipif(not shutil.which("nginx") or not shutil.which("openssl"), reason="nginx/openssl not installed")
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    """``nginx -t`` on the real file, adapted only where this machine differs from the container:
+    certificates from make-dev-cert.sh, `app` -> 127.0.0.1, and directives newer than the local nginx
+    (`resolve` needs 1.27.3, `http2 on` 1.25.1) dropped when the local one is older."""
+    work = tmp_path / "nginx"
+    shutil.copytree(ROOT / "nginx", work, ignore=shutil.ignore_patterns("certs"))
+    subprocess.run(["sh", str(work / "make-dev-cert.sh"), "test.local"], check=True, capture_output=True)
+    version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
+    major, minor, patch = (int(x) for x in re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version).groups())  # type: ignore[union-attr]
+    text = (work / "nginx.conf").read_text()
+    text = text.replace("/etc/nginx/certs/", f"{work}/certs/").replace("server app:5100", "server 127.0.0.1:5100")
+    if (major, minor, patch) < (1, 27, 3):
+        text = text.replace(" resolve max_fails", " max_fails")
+    if (major, minor, patch) < (1, 25, 1):
+        text = text.replace("        http2 on;\n", "")
+    text = text.replace("access_log /dev/stdout main;", f"access_log {tmp_path}/access.log main;")
+    conf = work / "nginx.conf"
+    conf.write_text(text)
+    proc = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(work), "-g", f"error_log {tmp_path}/e.log;"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "test is successful" in proc.stderr
+
+
+# --- Prometheus, alerts, Grafana -----------------------------------------------------------------------
+
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "topk", "bottomk", "by", "without", "and", "or", "unless", "on",
+    "ignoring", "group_left", "group_right", "rate", "irate", "increase", "histogram_quantile", "clamp_min",
+    "clamp_max", "abs", "absent", "delta", "deriv", "le", "bool", "offset",
+}
+
+
+def exported_metric_names(demo_app: Any, token: Any) -> set[str]:
+    client = demo_app.test_client()
+    client.post("/api/search", json={"query": "library opening hours"}, headers={"Authorization": token("admin")})
+    text = client.get("/metrics").get_data(as_text=True)
+    names = set(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    out = set()
+    for name, kind in names:
+        out.add(name)
+        if kind == "histogram":
+            out |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        if kind == "counter" and not name.endswith("_total"):
+            out.add(f"{name}_total")
+    return out
+
+
+def check_promql(expr: str, metrics: set[str]) -> None:
+    used = set(re.findall(r"\bvector_search_\w+", expr))
+    assert used, expr
+    assert used <= metrics, f"unknown metrics {sorted(used - metrics)} in {expr}"
+    functions = set(re.findall(r"\b([a-z_]+)\s*\(", expr))
+    assert functions <= PROMQL_WORDS, f"unknown PromQL functions {sorted(functions - PROMQL_WORDS)} in {expr}"
+    assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}")
+
+
+def test_prometheus_scrapes_the_app_and_loads_the_rules(compose: dict[str, Any]) -> None:
+    prom = load_yaml("prometheus.yml")
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "campus-search"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["dns_sd_configs"][0]["names"] == ["app"] and job["dns_sd_configs"][0]["port"] == 5100
+    mounts = dict(v.split(":")[:2] for v in compose["services"]["prometheus"]["volumes"] if v.startswith("./"))
+    assert mounts["./prometheus/alerts.yml"] in prom["rule_files"]
+
+
+def test_alert_rules_use_real_metrics_and_name_a_runbook(demo_app: Any, token: Any) -> None:
+    metrics = exported_metric_names(demo_app, token)
+    runbook = (ROOT / "docs" / "runbook.md").read_text(encoding="utf-8")
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", runbook, re.M)}
+    rules = [r for g in load_yaml("prometheus/alerts.yml")["groups"] for r in g["rules"]]
+    names = {r["alert"] for r in rules}
+    for wanted in ("SearchLatencyHigh", "SearchErrorRateHigh", "DatabasePoolExhausted", "CacheHitRateLow",
+                   "RateLimitingSpike", "AuditWriteFailures"):
+        assert wanted in names
+    for rule in rules:
+        if rule["alert"] == "AppReplicaDown":
+            assert rule["expr"].startswith("up{")
+        else:
+            check_promql(rule["expr"], metrics)
+        assert rule["labels"]["severity"] in ("info", "warning", "critical")
+        assert rule["annotations"]["summary"]
+        link = rule["annotations"]["runbook"]
+        assert link.startswith("docs/runbook.md")
+        if "#" in link:
+            assert link.split("#", 1)[1] in anchors, f"{rule['alert']}: no runbook section {link}"
+
+
+def test_grafana_dashboard_uses_the_provisioned_datasource_and_real_metrics(demo_app: Any, token: Any) -> None:
+    metrics = exported_metric_names(demo_app, token)
+    source = load_yaml("grafana/provisioning/datasources/prometheus.yml")["datasources"][0]
+    assert source["url"] == "http://prometheus:9090"
+    provider = load_yaml("grafana/provisioning/dashboards/campus-search.yml")["providers"][0]
+    compose_mounts = load_yaml("docker-compose.prod.yml")["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in compose_mounts
+    dashboard = json.loads((ROOT / "grafana" / "dashboards" / "campus-search.json").read_text())
+    assert dashboard["panels"]
+    covered: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"]
+        for target in panel["targets"]:
+            check_promql(target["expr"], metrics)
+            covered |= set(re.findall(r"\bvector_search_\w+", target["expr"]))
+    base = {re.sub(r"_(bucket|sum|count)$", "", m) for m in covered}
+    for family in ("vector_search_requests_total", "vector_search_request_duration_seconds",
+                   "vector_search_cache_operations_total", "vector_search_rate_limited_total",
+                   "vector_search_audit_write_failures_total", "vector_search_active_connections"):
+        assert family in base, f"dashboard lacks {family}"
