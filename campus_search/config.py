@@ -81,6 +81,8 @@ FIELDS: tuple[Field, ...] = (
       "(none by default).", _list),
     F("max_request_bytes", ("MAX_REQUEST_BYTES",), 64 * 1024, "Largest accepted request body.", int),
     F("max_query_chars", ("MAX_QUERY_CHARS",), 2000, "Longest accepted search query, in characters.", int),
+    F("max_document_bytes", ("MAX_DOCUMENT_BYTES",), 20 * 1024 * 1024,
+      "Largest document accepted by the admin document API (PUT /api/admin/documents/ID).", int),
     # --- database
     F("database_url", ("DATABASE_URL",), None,
       "PostgreSQL URL for writes (and reads unless DATABASE_READ_URL is set). If neither this nor DB_HOST "
@@ -222,6 +224,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_request_bytes: int = 64 * 1024
     max_query_chars: int = 2000
+    max_document_bytes: int = 20 * 1024 * 1024
     database_url: str | None = None
     database_read_url: str | None = None
     db_host: str | None = None
