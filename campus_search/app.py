@@ -12,6 +12,7 @@ from . import logs, metrics
 from .api import admin_stats, cache_admin, ops
 from .api import openapi as openapi_api
 from .api import documents as documents_api
+from .api import explain as explain_api
 from .api import search as search_api
 from .api.cors import init_cors
 from .api.errors import register_error_handlers
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     init_cors(app, settings)  # browser portals: CORS_ORIGINS only, none by default
     app.register_blueprint(openapi_api.bp)
     app.register_blueprint(search_api.bp)
+    app.register_blueprint(explain_api.bp)
     app.register_blueprint(documents_api.bp)
     metrics.init_app(app, services)
     logs.init_app(app)

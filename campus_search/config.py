@@ -46,6 +46,18 @@ def _list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _json_object(raw: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
 def _mapping(raw: str) -> dict[str, str]:
     """``a=b,c=d`` -> {"a": "b", "c": "d"}."""
     out: dict[str, str] = {}
@@ -149,6 +161,28 @@ FIELDS: tuple[Field, ...] = (
       {"student": "student", "academic_staff": "academic", "professional_services": "staff",
        "it_administrator": "admin", "staff": "staff", "academic": "academic", "admin": "admin"},
       "SSO role name -> role, as `sso=role,...`. Unknown names map to `student`.", _mapping),
+    F("roles_json", ("ROLES_JSON",), {},
+      "Role table overrides as JSON, merged over the SPEC §2 defaults per role: "
+      "`{\"staff\": {\"max_results\": 80}}`; fields clearance, per_minute, per_hour, max_results, "
+      "department_scope (none/own/all); a new role gives all five; `anonymous` is the no-token role "
+      "(docs/security.md).", _json_object),
+    F("oidc_jwks_refresh_interval", ("OIDC_JWKS_REFRESH_INTERVAL",), 10.0,
+      "Minimum seconds between JWKS fetches triggered by unknown `kid`s (stops a refresh storm).", float),
+    F("oidc_jwks_cache_seconds", ("OIDC_JWKS_CACHE_SECONDS",), 3600.0,
+      "Seconds before cached JWKS keys are re-fetched (old keys stay in use if the fetch fails).", float),
+    F("trusted_proxies", ("TRUSTED_PROXIES",), (),
+      "Comma-separated IPs/CIDRs of reverse proxies whose `X-Forwarded-For` and identity headers are "
+      "believed. None by default.", _list),
+    F("proxy_user_header", ("PROXY_USER_HEADER",), None,
+      "Header carrying the user id set by a Shibboleth/OIDC proxy (e.g. `X-Remote-User`); when set, "
+      "requests from TRUSTED_PROXIES that carry it are authenticated by the proxy headers."),
+    F("proxy_role_header", ("PROXY_ROLE_HEADER",), "X-Remote-Role",
+      "Proxy header with the SSO role name(s), mapped through ROLE_MAPPING."),
+    F("proxy_department_header", ("PROXY_DEPARTMENT_HEADER",), "X-Remote-Department",
+      "Proxy header with the user's department(s)."),
+    F("proxy_campus_header", ("PROXY_CAMPUS_HEADER",), "X-Remote-Campus", "Proxy header with the user's campus."),
+    F("proxy_value_separator", ("PROXY_VALUE_SEPARATOR",), ";",
+      "Separator of multi-valued proxy headers (Shibboleth uses `;`)."),
     F("allow_anonymous", ("ALLOW_ANONYMOUS",), False,
       "Let requests without a token search public content at clearance 1.", _bool),
     F("max_results_per_query", ("MAX_RESULTS_PER_QUERY",), 200,
@@ -157,6 +191,9 @@ FIELDS: tuple[Field, ...] = (
     F("audit_hmac_key", ("AUDIT_HMAC_KEY",), None,
       "Key for the audit log's query hashes. Development generates one under DATA_DIR.", str, True),
     F("audit_raw_queries", ("AUDIT_RAW_QUERIES",), False, "Also store raw query text in the audit log.", _bool),
+    F("audit_failure_mode", ("AUDIT_FAILURE_MODE",), "refuse",
+      "When an audit record cannot be written: `refuse` answers 503 and withholds the results; `log` "
+      "serves them and writes the record to the error log instead (docs/security.md).", str.lower),
     # --- rate limits
     F("rate_limit_per_minute", ("RATE_LIMIT_PER_MINUTE",), None,
       "Seed-compatible: overrides every role's per-minute limit when set.", int),
@@ -261,10 +298,20 @@ class Settings:
     claim_departments: str = "departments"
     claim_campus: str = "campus"
     role_mapping: Mapping[str, str] = field(default_factory=lambda: dict(_BY_NAME["role_mapping"].default))
+    roles_json: Mapping[str, Any] = field(default_factory=dict)
+    oidc_jwks_refresh_interval: float = 10.0
+    oidc_jwks_cache_seconds: float = 3600.0
+    trusted_proxies: tuple[str, ...] = ()
+    proxy_user_header: str | None = None
+    proxy_role_header: str = "X-Remote-Role"
+    proxy_department_header: str = "X-Remote-Department"
+    proxy_campus_header: str = "X-Remote-Campus"
+    proxy_value_separator: str = ";"
     allow_anonymous: bool = False
     max_results_per_query: int = 200
     audit_hmac_key: str | None = None
     audit_raw_queries: bool = False
+    audit_failure_mode: str = "refuse"
     rate_limit_per_minute: int | None = None
     rate_limits_enabled: bool = True
     rate_limit_fail_open: bool = True
@@ -433,11 +480,7 @@ def _validate(s: Settings) -> list[str]:
         problems.append(f"JWT_ALGORITHMS {asymmetric} need OIDC_JWKS_URL")
     if asymmetric and len(asymmetric) != len(s.jwt_algorithms):
         problems.append("JWT_ALGORITHMS must not mix HS* with RS*/ES* (algorithm confusion)")
-    from .security.roles import ROLE_NAMES  # local import: roles imports nothing from here
-
-    bad_roles = sorted({r for r in s.role_mapping.values() if r not in ROLE_NAMES})
-    if bad_roles:
-        problems.append(f"ROLE_MAPPING maps to unknown roles {bad_roles}; roles are {list(ROLE_NAMES)}")
+    problems += _validate_security(s)
     if s.embedding_retries < 0:
         problems.append("EMBEDDING_RETRIES must not be negative")
     if s.log_format not in ("auto", "json", "text"):
@@ -463,6 +506,41 @@ def _validate(s: Settings) -> list[str]:
                             "characters in production")
         if s.db_password is not None and s.db_password in PLACEHOLDER_SECRETS | {"postgres"}:
             problems.append("POSTGRES_PASSWORD is a default value; set a real one in production")
+    return problems
+
+
+def _validate_security(s: Settings) -> list[str]:
+    """Roles, proxies, JWKS and audit settings (docs/security.md)."""
+    from .proxies import parse_networks  # local imports: neither imports anything from here
+    from .security.roles import build_roles
+
+    problems: list[str] = []
+    try:
+        roles = [r for r in build_roles(s.roles_json) if r != "anonymous"]
+    except ValueError as exc:
+        problems.append(f"ROLES_JSON: {exc}")
+        roles = list(build_roles())
+    bad_roles = sorted({r for r in s.role_mapping.values() if r not in roles})
+    if bad_roles:
+        problems.append(f"ROLE_MAPPING maps to unknown roles {bad_roles}; roles are {roles}")
+    try:
+        parse_networks(tuple(s.trusted_proxies))
+    except ValueError as exc:
+        problems.append(f"TRUSTED_PROXIES: {exc}")
+    if s.proxy_user_header and not s.trusted_proxies:
+        problems.append("PROXY_USER_HEADER needs TRUSTED_PROXIES (identity headers are believed only from them)")
+    if not s.proxy_value_separator:
+        problems.append("PROXY_VALUE_SEPARATOR must not be empty")
+    if s.oidc_jwks_refresh_interval < 0 or s.oidc_jwks_cache_seconds <= 0:
+        problems.append("OIDC_JWKS_REFRESH_INTERVAL must not be negative and OIDC_JWKS_CACHE_SECONDS must be positive")
+    if s.audit_failure_mode not in ("refuse", "log"):
+        problems.append("AUDIT_FAILURE_MODE must be refuse or log")
+    if s.production and s.oidc_jwks_url:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(s.oidc_jwks_url)
+        if url.scheme != "https" and url.hostname not in ("localhost", "127.0.0.1", "::1"):
+            problems.append("OIDC_JWKS_URL must use https in production (keys fetched in clear could be replaced)")
     return problems
 
 

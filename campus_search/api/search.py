@@ -9,6 +9,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
+from ..audit import audit_search_response
 from ..errors import BadRequest, Forbidden, PayloadTooLarge
 from ..search import SearchParams, validate_filters
 from ..security.auth import authenticate
@@ -17,6 +18,7 @@ from ..security.roles import Principal
 log = logging.getLogger(__name__)
 
 bp = Blueprint("search", __name__)
+bp.after_request(audit_search_response)  # one audit record per search, success or failure (audit.py)
 
 TOP_LEVEL = {"query", "filters", "config", "user"}
 CONFIG_KEYS = {"max_results", "similarity_threshold"}
@@ -80,8 +82,8 @@ def search_documents() -> Any:
     started = time.perf_counter()
     services = current_app.extensions["campus_search"]
     user = authenticate(services.settings)
-    params = parse_search_request(json_body(), user)
-    outcome = services.run_search(user, params)
+    params = g.search_params = parse_search_request(json_body(), user)
+    outcome = g.search_outcome = services.run_search(user, params)
     body = {
         "results": [h.as_json() for h in outcome.hits],
         "count": len(outcome.hits),

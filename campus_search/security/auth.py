@@ -4,10 +4,15 @@ Verification is flask-jwt-extended's (PyJWT underneath): algorithms pinned from 
 ``exp`` required, ``iss``/``aud`` checked when configured, a small leeway for clock skew. HS* tokens
 are checked with ``JWT_SECRET_KEY``; RS*/ES* tokens with the SSO provider's JWKS (see ``jwks.py``).
 Identity never comes from the request body.
+
+Behind a Shibboleth or OIDC proxy, identity may instead come from headers that proxy sets
+(``PROXY_USER_HEADER`` and friends) -- believed only when the request's TCP peer is one of
+``TRUSTED_PROXIES`` (``proxies.py``), never from anyone else. See docs/security.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -15,13 +20,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jwt
-from flask import Flask, g
+from flask import Flask, g, request
 from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
 from flask_jwt_extended.exceptions import JWTExtendedException
 
 from ..config import Settings
-from ..errors import Unauthorized
-from .roles import ANONYMOUS_ROLE, DEFAULT_ROLES, Principal, map_role
+from ..errors import Forbidden, Unauthorized
+from ..proxies import from_trusted_proxy
+from .roles import Principal, map_role, role_table
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,9 @@ def init_auth(app: Flask, settings: Settings) -> JWTManager:
     if settings.oidc_jwks_url:
         from .jwks import JwksCache
 
-        jwks = JwksCache(settings.oidc_jwks_url, timeout=min(settings.embedding_timeout, 5.0))
+        jwks = JwksCache(settings.oidc_jwks_url, timeout=min(settings.embedding_timeout, 5.0),
+                         max_age=settings.oidc_jwks_cache_seconds,
+                         min_refresh_interval=settings.oidc_jwks_refresh_interval)
     app.extensions["campus_search.jwks"] = jwks
 
     @manager.decode_key_loader
@@ -65,7 +73,8 @@ def init_auth(app: Flask, settings: Settings) -> JWTManager:
 
 
 def principal_from_claims(claims: Mapping[str, Any], settings: Settings) -> Principal:
-    role = map_role(claims.get(settings.claim_role), settings.role_mapping, DEFAULT_ROLES)
+    """A verified token's claims -> Principal (role through ROLE_MAPPING; claim names configurable)."""
+    role = map_role(claims.get(settings.claim_role), settings.role_mapping, role_table(settings.roles_json))
     raw_depts = claims.get(settings.claim_departments)
     if raw_depts is None and settings.claim_departments == "departments":
         raw_depts = claims.get("department")  # common singular spelling
@@ -80,20 +89,55 @@ def principal_from_claims(claims: Mapping[str, Any], settings: Settings) -> Prin
                      campus=campus if isinstance(campus, str) else None, claims=dict(claims))
 
 
+def anonymous_principal(settings: Settings) -> Principal:
+    """The caller without a token, when ALLOW_ANONYMOUS: public content at the anonymous role's clearance."""
+    return Principal(user_id="anonymous", role=role_table(settings.roles_json)["anonymous"])
+
+
+def _header(name: str) -> str:
+    raw = request.headers.get(name, "")
+    # WSGI hands headers over as latin-1; Shibboleth sends UTF-8 (e.g. "Économie")
+    with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
+        raw = raw.encode("latin-1").decode("utf-8")
+    return raw.strip()
+
+
+def principal_from_proxy(settings: Settings) -> Principal | None:
+    """Identity from a trusted proxy's headers, or None when not configured, not from a trusted proxy,
+    or the proxy sent no user. Headers from anybody else are ignored, whatever they say."""
+    if not settings.proxy_user_header or not from_trusted_proxy(request, settings):
+        return None
+    user_id = _header(settings.proxy_user_header)
+    if not user_id:
+        return None
+    sep = settings.proxy_value_separator
+
+    def values(name: str) -> list[str]:
+        return [v.strip() for v in _header(name).split(sep) if v.strip()][:50]
+
+    roles = values(settings.proxy_role_header)
+    role = map_role(roles, settings.role_mapping, role_table(settings.roles_json))
+    campus = values(settings.proxy_campus_header)
+    return Principal(user_id=user_id[:256], role=role, departments=tuple(values(settings.proxy_department_header)),
+                     campus=campus[0] if campus else None, claims={"source": "proxy", "roles": roles})
+
+
 def authenticate(settings: Settings) -> Principal:
-    """The caller of the current request. Raises Unauthorized (401) on a missing or bad token,
-    unless anonymous access is allowed and no token was sent at all."""
+    """The caller of the current request: a trusted proxy's headers, else the bearer token. Raises
+    Unauthorized (401) on a missing or bad token, unless anonymous access is allowed and the request
+    carries no Authorization header at all (a bad token is a 401 even then)."""
     if "principal" in g:
         return g.principal
-    try:
-        found = verify_jwt_in_request(optional=settings.allow_anonymous)
-    except (JWTExtendedException, jwt.PyJWTError) as exc:
-        log.info("rejected token: %s", exc.__class__.__name__)
-        raise Unauthorized("missing, invalid or expired bearer token",
-                           headers={"WWW-Authenticate": 'Bearer realm="campus-search"'}) from None
-    if found is None:
-        principal = Principal(user_id="anonymous", role=ANONYMOUS_ROLE)
-    else:
+    principal = principal_from_proxy(settings)
+    if principal is None and settings.allow_anonymous and "Authorization" not in request.headers:
+        principal = anonymous_principal(settings)
+    if principal is None:
+        try:
+            verify_jwt_in_request()
+        except (JWTExtendedException, jwt.PyJWTError) as exc:
+            log.info("rejected token: %s", exc.__class__.__name__)
+            raise Unauthorized("missing, invalid or expired bearer token",
+                               headers={"WWW-Authenticate": 'Bearer realm="campus-search"'}) from None
         principal = principal_from_claims(get_jwt(), settings)
     g.principal = principal
     return principal
@@ -125,8 +169,6 @@ def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable
 
 def require_admin(settings: Settings) -> Principal:
     """The caller, who must be an admin: 401 without a valid token, 403 for any other role."""
-    from ..errors import Forbidden
-
     principal = authenticate(settings)
     if not principal.is_admin:
         raise Forbidden("this endpoint requires the admin role")

@@ -10,12 +10,19 @@ The rule, in one place, in two forms that must agree (tests check them against e
                                     AND chunk.department IN user.departments))
 
 Students (scope ``none``) see public content only, whatever department their token names.
+
+The role table (clearance, rate limits, result cap, department scope) is configuration: SPEC §2's
+Edinburgh defaults below, overridden or extended per role by ``ROLES_JSON`` (see :func:`build_roles`).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 
@@ -43,6 +50,51 @@ DEFAULT_ROLES: dict[str, Role] = {
 }
 ROLE_NAMES = tuple(DEFAULT_ROLES)
 ANONYMOUS_ROLE = Role("anonymous", 1, 30, 500, 20, "none")
+SCOPES = ("none", "own", "all")
+ROLE_FIELDS = ("clearance", "per_minute", "per_hour", "max_results", "department_scope")
+_ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def build_roles(overrides: Mapping[str, Any] | None = None) -> dict[str, Role]:
+    """The role table: SPEC §2 defaults plus ``anonymous``, with ``overrides`` merged per role.
+
+    ``overrides`` maps a role name to some or all of :data:`ROLE_FIELDS`, e.g.
+    ``{"staff": {"max_results": 80}, "visitor": {"clearance": 1, "per_minute": 10, "per_hour": 100,
+    "max_results": 10, "department_scope": "none"}}``. A new role must give every field. Raises
+    ValueError naming the first problem.
+    """
+    table = {**DEFAULT_ROLES, "anonymous": ANONYMOUS_ROLE}
+    for name, spec in (overrides or {}).items():
+        if not isinstance(name, str) or not _ROLE_NAME.match(name):
+            raise ValueError(f"role name {name!r} must be lower-case letters, digits, '_' or '-'")
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"role {name!r}: expected an object of {', '.join(ROLE_FIELDS)}")
+        unknown = sorted(set(spec) - set(ROLE_FIELDS))
+        if unknown:
+            raise ValueError(f"role {name!r}: unknown fields {unknown}; allowed {list(ROLE_FIELDS)}")
+        if name not in table and set(spec) != set(ROLE_FIELDS):
+            raise ValueError(f"new role {name!r} must give every field: {', '.join(ROLE_FIELDS)}")
+        for key in ("clearance", "per_minute", "per_hour", "max_results"):
+            value = spec.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"role {name!r}: {key} must be a positive integer")
+        if not 1 <= int(spec.get("clearance", 1)) <= 5:
+            raise ValueError(f"role {name!r}: clearance must be 1-5")
+        if "department_scope" in spec and spec["department_scope"] not in SCOPES:
+            raise ValueError(f"role {name!r}: department_scope must be one of {list(SCOPES)}")
+        base = table.get(name) or Role(name, 1, 1, 1, 1, "none")
+        table[name] = replace(base, **dict(spec))
+    return table
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_table(key: str) -> Mapping[str, Role]:
+    return MappingProxyType(build_roles(json.loads(key)))
+
+
+def role_table(overrides: Mapping[str, Any] | None = None) -> Mapping[str, Role]:
+    """:func:`build_roles`, memoised and read-only (called on every request)."""
+    return _cached_table(json.dumps(dict(overrides or {}), sort_keys=True))
 
 #: Campus bonus added to combined_score when the user's campus matches the document's.
 CAMPUS_BONUS: dict[str, float] = {
@@ -92,14 +144,18 @@ def superuser(user_id: str = "system") -> Principal:
 
 
 def map_role(sso_role: Any, mapping: Mapping[str, str], roles: Mapping[str, Role] = DEFAULT_ROLES) -> Role:
-    """SSO role claim -> Role. Unknown or malformed values get the least-privileged role (student)."""
+    """SSO role claim -> Role, through ``mapping`` (ROLE_MAPPING); a configured role's own name maps
+    to itself. Unknown or malformed values get the least-privileged role (student); ``anonymous``
+    is never reachable from a claim."""
     if isinstance(sso_role, list | tuple):
         # Several roles: the most privileged one that is known wins.
-        candidates = [map_role(r, mapping, roles) for r in sso_role]
+        candidates = [map_role(r, mapping, roles) for r in sso_role[:50]]
         return max(candidates, key=lambda r: r.clearance, default=roles["student"])
     if not isinstance(sso_role, str):
         return roles["student"]
-    name = mapping.get(sso_role, "student")
+    name = mapping.get(sso_role) or sso_role
+    if name == "anonymous":
+        return roles["student"]
     return roles.get(name, roles["student"])
 
 

@@ -1,0 +1,82 @@
+"""``GET /api/admin/explain`` — can this user see this document, and why? (admin only)
+
+``?document_id=ID&role=ROLE[&sub=ID][&department=D ...][&campus=C]`` describes a user the way a token
+would (``role`` may be an SSO role name: it goes through ROLE_MAPPING like a token's claim). The
+answer gives the decision of the plain-Python rule with its reasons, and the count of the document's
+chunks that the SQL predicate used by retrieval lets through -- the two must agree. Every call is
+audited: asking what someone may see is itself an admin action.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from ..audit import record_admin_action
+from ..errors import BadRequest, NotFound
+from ..security.auth import require_admin
+from ..security.roles import Principal, explain_visibility, is_visible, map_role, role_table, visible_sql
+
+bp = Blueprint("explain", __name__)
+
+PARAMS = {"document_id", "role", "sub", "department", "campus"}
+
+
+def _role(claim: str, settings: Any) -> tuple[Any, str]:
+    roles = role_table(settings.roles_json)
+    if claim == "anonymous":
+        return roles["anonymous"], "anonymous (no token)"
+    role = map_role(claim, settings.role_mapping, roles)
+    if claim in settings.role_mapping:
+        how = f"SSO role {claim!r} maps to {role.name} (ROLE_MAPPING)"
+    elif claim in roles:
+        how = f"role {claim!r}"
+    else:
+        how = f"SSO role {claim!r} is not in ROLE_MAPPING: least-privileged role {role.name}"
+    return role, how
+
+
+@bp.get("/api/admin/explain")
+def explain() -> Any:
+    services = current_app.extensions["campus_search"]
+    settings = services.settings
+    require_admin(settings)
+    unknown = sorted(set(request.args) - PARAMS)
+    if unknown:
+        raise BadRequest(f"unknown parameters: {', '.join(unknown)}", details={"allowed": sorted(PARAMS)})
+    document_id = request.args.get("document_id", "").strip()
+    claim = request.args.get("role", "").strip()
+    if not document_id or not claim:
+        raise BadRequest("document_id and role are required")
+    departments = tuple(d.strip() for d in request.args.getlist("department") if d.strip())
+    if len(document_id) > 1000 or len(claim) > 200 or len(departments) > 50:
+        raise BadRequest("parameter too long")
+    role, how = _role(claim, settings)
+    user = Principal(user_id=request.args.get("sub", "").strip()[:256] or "(hypothetical user)", role=role,
+                     departments=departments, campus=request.args.get("campus") or None)
+    services.ensure_open()
+    predicate, params = visible_sql(user, "c")
+    with services.db.connection(read=True) as conn:
+        doc = conn.execute("SELECT id, external_id, title, department, visibility, clearance_level, campus "
+                           "FROM documents WHERE external_id = %s", (document_id,)).fetchone()
+        if doc is None:
+            raise NotFound("no document with that id")
+        total, allowed = conn.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE {predicate}) FROM chunks c WHERE c.document_id = %(doc)s",
+            {**params, "doc": doc[0]}).fetchone()
+    meta = {"department": doc[3], "visibility": doc[4], "clearance_level": doc[5], "campus": doc[6]}
+    visible = is_visible(meta, user)
+    record_admin_action(services, "explain", target=document_id,
+                        details={"sub": user.user_id, "role": role.name, "visible": visible})
+    return jsonify({
+        "document": {"document_id": doc[1], "document_title": doc[2], **meta},
+        "user": {"user_id": user.user_id, "role": role.name, "role_claim": claim, "role_resolution": how,
+                 "clearance": role.clearance, "department_scope": role.department_scope,
+                 "departments": list(departments), "campus": user.campus},
+        "visible": visible,
+        "reasons": explain_visibility(meta, user),
+        "chunks": {"total": total, "visible": allowed},
+        # The SQL predicate (what retrieval runs) and the Python rule must agree on every chunk.
+        "consistent": allowed == (total if visible else 0),
+    })

@@ -1,0 +1,370 @@
+"""Audit log (SPEC §3): every search and admin action, append-only, in a keyed hash chain.
+
+Record ``n`` stores ``hash_n = HMAC-SHA256(chain_key, hash_{n-1} + "\\n" + payload_n)`` where
+``payload_n`` is the canonical JSON of its fields (:meth:`AuditRecord.payload`). Keys derive from
+``AUDIT_HMAC_KEY``: one for the chain, one for query hashes, so a query hash reveals nothing about the
+chain key. The key never reaches the database: with write access alone, history cannot be rewritten
+without :func:`verify` noticing at the first record touched.
+
+Appending costs two short round trips in one transaction: lock and read the single-row chain head,
+then insert (a trigger checks the record extends the head and moves it). The head's row lock is the
+serialisation point across threads, processes and replicas.
+
+When a write fails (``AUDIT_FAILURE_MODE``): ``refuse`` (default) turns a successful search into a 503
+without results and makes admin actions fail with 503; requests that failed anyway keep their answer.
+In every mode the unwritten record goes to the error log, so nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from flask import current_app, g, has_request_context, request
+
+from .errors import CampusSearchError, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+TEXT_LIMIT = 2000  # per free-text field: a record stays small whatever a client sends
+_FIELDS = ("seq", "recorded_at", "kind", "action", "request_id", "user_id", "role", "department", "query_hmac",
+           "query_text", "filters", "target", "details", "result_count", "response_time_ms", "client_ip",
+           "user_agent", "status", "success", "key_id")
+_INSERT = (f"INSERT INTO audit_log ({', '.join(_FIELDS)}, prev_hash, hash) "
+           f"VALUES ({', '.join(['%s'] * (len(_FIELDS) + 2))})")
+
+
+class AuditUnavailable(ServiceUnavailable):
+    code = "audit_unavailable"
+
+
+def _derive(key: str, purpose: str) -> bytes:
+    return hmac.new(key.encode(), f"campus-search/audit/{purpose}".encode(), hashlib.sha256).digest()
+
+
+def _clean(value: Any, limit: int = TEXT_LIMIT) -> str | None:
+    """Text as PostgreSQL will store it (no NUL, no lone surrogates), bounded, so what is hashed is
+    exactly what is stored."""
+    if value is None:
+        return None
+    text = str(value).replace("\x00", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8")[:limit]
+
+
+def canonical_json(value: Any) -> str | None:
+    if value is None:
+        return None
+    return _clean(json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str),
+                  TEXT_LIMIT * 4)
+
+
+def normalise_query(query: str) -> str:
+    """The form of a query that is hashed: whitespace collapsed, case kept."""
+    return " ".join(query.split())
+
+
+@dataclass
+class AuditRecord:
+    """One audit record. ``seq``, ``prev_hash`` and ``hash`` are set when it is appended."""
+
+    kind: str
+    action: str
+    success: bool
+    recorded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    request_id: str | None = None
+    user_id: str | None = None
+    role: str | None = None
+    department: str | None = None
+    query_hmac: str | None = None
+    query_text: str | None = None
+    filters: str | None = None
+    target: str | None = None
+    details: str | None = None
+    result_count: int | None = None
+    response_time_ms: float | None = None
+    client_ip: str | None = None
+    user_agent: str | None = None
+    status: int | None = None
+    key_id: str = ""
+    seq: int | None = None
+    prev_hash: str | None = None
+    hash: str | None = None
+
+    def payload(self) -> str:
+        """Canonical JSON of every field but the two hashes (the bytes the chain HMAC covers)."""
+        values = [getattr(self, name) for name in _FIELDS]
+        values[1] = self.recorded_at.astimezone(dt.UTC).isoformat(timespec="microseconds")
+        return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["recorded_at"] = self.recorded_at.astimezone(dt.UTC).isoformat(timespec="microseconds")
+        return out
+
+
+class Auditor:
+    """Writes audit records for one process (uses the database's write pool)."""
+
+    def __init__(self, db: Any, settings: Any) -> None:
+        if not settings.audit_hmac_key:
+            raise CampusSearchError("AUDIT_HMAC_KEY is not set")
+        self.db = db
+        self.settings = settings
+        self._chain_key = _derive(settings.audit_hmac_key, "chain")
+        self._query_key = _derive(settings.audit_hmac_key, "query")
+        self.key_id = key_id(settings.audit_hmac_key)
+
+    def query_hash(self, query: str) -> str:
+        return hmac.new(self._query_key, normalise_query(query).encode("utf-8", "surrogatepass"),
+                        hashlib.sha256).hexdigest()
+
+    def chain_hash(self, prev_hash: str, record: AuditRecord) -> str:
+        return hmac.new(self._chain_key, f"{prev_hash}\n{record.payload()}".encode(), hashlib.sha256).hexdigest()
+
+    def append(self, record: AuditRecord) -> AuditRecord:
+        """Write ``record`` at the end of the chain. Raises psycopg.Error or ServiceUnavailable."""
+        record.key_id = self.key_id
+        if record.response_time_ms is not None:
+            record.response_time_ms = round(float(record.response_time_ms), 3)
+        # Pipelined: BEGIN + the head lock in one round trip, the insert + COMMIT in the next.
+        with self.db.connection() as conn, conn.pipeline():
+            seq, prev = conn.execute("SELECT seq, hash FROM audit_chain_head FOR UPDATE").fetchone()
+            record.seq, record.prev_hash = int(seq) + 1, prev
+            record.hash = self.chain_hash(prev, record)
+            conn.execute(_INSERT, [getattr(record, n) for n in _FIELDS] + [record.prev_hash, record.hash])
+            conn.commit()
+        return record
+
+    def write(self, record: AuditRecord) -> bool:
+        """Append, or log the record as an error when that fails. Returns whether it was stored."""
+        try:
+            self.append(record)
+            return True
+        except (psycopg.Error, CampusSearchError) as exc:
+            log.error("audit record NOT stored (%s); record follows: %s", exc.__class__.__name__,
+                      json.dumps(record.as_dict(), default=str, ensure_ascii=False))
+            return False
+
+    @property
+    def refuse_on_failure(self) -> bool:
+        return self.settings.audit_failure_mode == "refuse"
+
+
+def key_id(key: str) -> str:
+    """A short, non-secret fingerprint of an AUDIT_HMAC_KEY (tells 'other key' from 'tampered')."""
+    return _derive(key, "key-id").hex()[:16]
+
+
+def auditor_of(services: Any) -> Auditor:
+    """The process's Auditor, created on first use (services are opened per process)."""
+    services.ensure_open()
+    auditor = getattr(services, "auditor", None)
+    if auditor is None or auditor.db is not services.db:
+        auditor = services.auditor = Auditor(services.db, services.settings)
+    return auditor
+
+
+# --- request context -------------------------------------------------------------------------------
+
+def _request_fields(settings: Any) -> dict[str, Any]:
+    from .proxies import client_ip
+
+    if not has_request_context():
+        return {"user_agent": "campus-search cli"}
+    started = g.get("start_time")
+    return {
+        "request_id": g.get("request_id"),
+        "client_ip": _clean(client_ip(request, settings), 64),
+        "user_agent": _clean(request.headers.get("User-Agent"), 512),
+        "response_time_ms": (time.perf_counter() - started) * 1000 if started else None,
+    }
+
+
+def _principal_fields(principal: Any) -> dict[str, Any]:
+    if principal is None:
+        return {}
+    return {"user_id": _clean(principal.user_id, 256), "role": principal.role.name,
+            "department": _clean("; ".join(principal.departments), 1000) or None}
+
+
+def search_record(auditor: Auditor, response: Any) -> AuditRecord:
+    """The audit record of the current ``POST /api/search`` request, from what the view left on ``g``
+    (``search_params``, ``search_outcome``) and the response."""
+    settings = auditor.settings
+    params = g.get("search_params")
+    body = request.get_json(silent=True, cache=True)
+    body = body if isinstance(body, dict) else {}
+    query = params.query if params is not None else body.get("query")
+    filters = params.filters if params is not None else body.get("filters")
+    details: dict[str, Any] = {}
+    if params is not None:
+        details.update(max_results=params.max_results, similarity_threshold=params.similarity_threshold)
+    outcome = g.get("search_outcome")
+    if outcome is not None:
+        details["from_cache"] = bool(outcome.from_cache)
+    if response.status_code >= 400:
+        error = (response.get_json(silent=True) or {}).get("error") if response.is_json else None
+        details["error"] = error.get("code") if isinstance(error, dict) else str(response.status_code)
+    return AuditRecord(
+        kind="search", action="search", success=response.status_code < 400, status=response.status_code,
+        query_hmac=auditor.query_hash(query) if isinstance(query, str) else None,
+        query_text=_clean(normalise_query(query)) if settings.audit_raw_queries and isinstance(query, str) else None,
+        filters=canonical_json(filters) if isinstance(filters, Mapping) else None,
+        details=canonical_json(details) if details else None,
+        result_count=len(outcome.hits) if outcome is not None and response.status_code < 400 else None,
+        **_principal_fields(g.get("principal")), **_request_fields(settings))
+
+
+def audit_search_response(response: Any) -> Any:
+    """``after_request`` hook of the search blueprint: one record per search, success or not.
+
+    Runs for error responses too (Flask finalises handled errors through after_request), so 400s,
+    401s, 403s and 429s are recorded. Fail closed: a successful answer whose record cannot be written
+    becomes a 503 (with AUDIT_FAILURE_MODE=refuse)."""
+    services = current_app.extensions["campus_search"]
+    try:
+        auditor = auditor_of(services)
+        record = search_record(auditor, response)
+    except Exception:  # never let auditing crash the request; the failure is loud instead
+        log.exception("audit record could not be built")
+        stored, auditor = False, None
+    else:
+        stored = auditor.write(record)
+    if stored or response.status_code >= 400:
+        return response
+    if auditor is not None and not auditor.refuse_on_failure:
+        return response
+    from .api.errors import error_response
+
+    return error_response(503, AuditUnavailable.code, "the audit log is unavailable; results are withheld",
+                          headers={"Retry-After": "5"})
+
+
+# --- admin actions ---------------------------------------------------------------------------------
+
+def record_admin_action(services: Any, action: str, *, target: str | None = None,
+                        details: Mapping[str, Any] | None = None, success: bool = True, status: int | None = None,
+                        principal: Any = None) -> AuditRecord:
+    """Audit an admin action (``cache.clear``, ``document.delete``, ``explain`` ...). Call it from the
+    view after the action; the caller (``g.principal``) and request fields are filled in. Raises
+    AuditUnavailable (503) if the record cannot be stored and AUDIT_FAILURE_MODE=refuse."""
+    auditor = auditor_of(services)
+    if principal is None and has_request_context():
+        principal = g.get("principal")
+    record = AuditRecord(kind="admin", action=_clean(action, 100) or "unknown", success=success,
+                         status=status if status is not None else (200 if success else None),
+                         target=_clean(target, 1000), details=canonical_json(dict(details)) if details else None,
+                         **_principal_fields(principal), **_request_fields(services.settings))
+    if not auditor.write(record) and auditor.refuse_on_failure:
+        raise AuditUnavailable("the audit log is unavailable; the action was recorded in the error log only",
+                               headers={"Retry-After": "5"})
+    return record
+
+
+@contextmanager
+def admin_action(services: Any, action: str, *, target: str | None = None,
+                 details: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """``with admin_action(services, "cache.clear") as details: details["deleted"] = cache.clear()``:
+    records success, or failure with the error code (and re-raises the original error)."""
+    info = dict(details or {})
+    try:
+        yield info
+    except CampusSearchError as exc:
+        _record_failure(services, action, target, {**info, "error": exc.code}, exc.status)
+        raise
+    except Exception:
+        _record_failure(services, action, target, {**info, "error": "internal_error"}, 500)
+        raise
+    record_admin_action(services, action, target=target, details=info)
+
+
+def _record_failure(services: Any, action: str, target: str | None, info: dict[str, Any], status: int) -> None:
+    with suppress(AuditUnavailable):  # logged already; the action's own error is the one to report
+        record_admin_action(services, action, target=target, details=info, success=False, status=status)
+
+
+# --- verification ----------------------------------------------------------------------------------
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify`: ``first_bad_seq`` pinpoints the first altered or missing record."""
+
+    ok: bool = True
+    records: int = 0
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    bad_records: int = 0
+    last_seq: int = 0
+    last_hash: str = GENESIS
+    head_seq: int = 0
+    head_hash: str = GENESIS
+
+    def fail(self, seq: int, problem: str) -> None:
+        self.bad_records += 1
+        if self.ok:
+            self.ok, self.first_bad_seq, self.problem = False, seq, problem
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def verify(conn: psycopg.Connection, key: str, *, anchor: tuple[int, str] | None = None,
+           batch: int = 5000) -> VerifyReport:
+    """Recompute the whole chain (streamed with a server-side cursor).
+
+    Detects: an altered field or hash (HMAC mismatch at that record), a missing record (gap in
+    ``seq``), a broken link (``prev_hash`` not the previous record's hash), records chained with
+    another key, missing records at the end (behind the chain head), and -- with ``anchor`` (a
+    ``(seq, hash)`` printed by an earlier verify and kept elsewhere) -- a rewritten or truncated log.
+    """
+    auditor = Auditor(None, _KeyOnly(key))
+    report = VerifyReport()
+    prev, expected = GENESIS, 1
+    columns = (*_FIELDS, "prev_hash", "hash")
+    with conn.transaction(), conn.cursor(name="audit_verify") as cur:
+        cur.itersize = batch
+        cur.execute(f"SELECT {', '.join(columns)} FROM audit_log ORDER BY seq")
+        for row in cur:
+            rec = AuditRecord(**dict(zip(columns, row, strict=True)))
+            seq = int(rec.seq or 0)
+            report.records += 1
+            if seq != expected:
+                report.fail(expected, f"record {expected} is missing" if seq == expected + 1
+                            else f"records {expected} to {seq - 1} are missing")
+            if rec.key_id != auditor.key_id:
+                report.fail(seq, f"record {seq} was chained with another AUDIT_HMAC_KEY (key id {rec.key_id})")
+            elif not hmac.compare_digest(str(rec.hash), auditor.chain_hash(str(rec.prev_hash), rec)):
+                report.fail(seq, f"record {seq} was altered: its hash does not match its content")
+            elif seq == expected and rec.prev_hash != prev:
+                report.fail(seq, f"record {seq} does not link to record {seq - 1} (one of them was replaced)")
+            if anchor and seq == anchor[0] and rec.hash != anchor[1]:
+                report.fail(seq, f"record {seq} differs from the anchor given (history rewritten)")
+            prev, expected = str(rec.hash), seq + 1
+        report.last_seq, report.last_hash = expected - 1, prev
+    head = conn.execute("SELECT seq, hash FROM audit_chain_head").fetchone()
+    report.head_seq, report.head_hash = (int(head[0]), head[1]) if head else (0, GENESIS)
+    if report.head_seq > report.last_seq:
+        report.fail(report.last_seq + 1, f"records {report.last_seq + 1} to {report.head_seq} are missing at the "
+                                         "end (the chain head is further on)")
+    elif (report.head_seq, report.head_hash) != (report.last_seq, report.last_hash):
+        report.fail(report.last_seq, "the chain head does not match the last record")
+    if anchor and anchor[0] > report.last_seq:
+        report.fail(report.last_seq + 1, f"anchored record {anchor[0]} is missing (log truncated)")
+    return report
+
+
+@dataclass(frozen=True)
+class _KeyOnly:
+    audit_hmac_key: str
+    audit_failure_mode: str = "refuse"

@@ -1,0 +1,238 @@
+"""Congruence: permission-filtered retrieval in PostgreSQL + pgvector against an exact reference.
+
+A corpus of 4,000 chunks with mixed clearance, department and visibility; vectors from the real model
+(SciFact titles embedded once, mixed per chunk so the corpus is clustered the way real text is). For
+many random users (including ones who may see under 5% -- down to 0.5% -- of the corpus) and queries,
+the service's candidates are compared with an exact allowed-only search done in numpy over the same
+stored vectors, with the rule evaluated by the plain-Python reference ``is_visible``:
+
+- every returned chunk is allowed;
+- a page is never short: ``min(k, allowed)`` candidates, and a search returns
+  ``min(max_results, allowed chunks above the threshold)`` results;
+- recall@10 against the exact search is >= 0.95, overall and for the most restricted users.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import make_settings
+
+from campus_search.search import SearchParams
+from campus_search.security.roles import DEFAULT_ROLES, Principal, build_roles, is_visible
+from campus_search.services import Services
+
+SCIFACT = Path("/work/shared/data/scifact")
+N_DOCS, CHUNKS_PER_DOC, N_TOPICS = 1000, 4, 160
+DEPARTMENTS = {"Medicine": 0.35, "Informatics": 0.25, "Library": 0.15, "Estates": 0.1, "Human Resources": 0.08,
+               "Finance": 0.04, "Vet School": 0.02, "Chaplaincy": 0.01}
+CAMPUSES = ("Central Campus", "King's Buildings", "Easter Bush", "Western General")
+
+pytestmark = pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").exists(), reason="SciFact data not available")
+
+
+@dataclass
+class Corpus:
+    services: Services
+    ids: np.ndarray  # chunk ids, row-aligned with vectors
+    vectors: np.ndarray
+    meta: list[dict[str, Any]]
+    queries: list[tuple[str, np.ndarray]]
+
+
+def _lines(path: Path, n: int) -> list[dict[str, Any]]:
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            out.append(json.loads(line))
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+    rng = np.random.default_rng(20261129)
+    pick = random.Random(7)
+    titles = [d["title"] for d in _lines(SCIFACT / "corpus.jsonl", N_TOPICS)]
+    topics = embedder.embed(titles)
+    settings = make_settings(make_database(), tmp_path_factory.mktemp("congruence"))
+    services = Services(settings, embedder=embedder).ensure_open()
+    docs, chunks = [], []
+    for d in range(N_DOCS):
+        meta = {"department": pick.choices(list(DEPARTMENTS), weights=list(DEPARTMENTS.values()))[0],
+                "visibility": "public" if pick.random() < 0.1 else "department",
+                "clearance_level": pick.choices([1, 2, 3, 4, 5], weights=[15, 15, 30, 25, 15])[0],
+                "campus": pick.choice(CAMPUSES), "priority": pick.randint(1, 5),
+                "last_reviewed": dt.datetime(2022, 1, 1) + dt.timedelta(days=pick.randint(0, 900))}
+        docs.append(meta)
+        for c in range(CHUNKS_PER_DOC):
+            a, b = rng.integers(0, N_TOPICS, 2)
+            v = topics[a] + 0.6 * topics[b] + 0.5 * rng.standard_normal(topics.shape[1]) / np.sqrt(topics.shape[1])
+            chunks.append((d, c, (v / np.linalg.norm(v)).astype(np.float32), f"{titles[a]} {titles[b]}"))
+    with services.db.connection() as conn:
+        with conn.cursor().copy("COPY documents (external_id, title, content_hash, department, visibility, "
+                                "clearance_level, campus, priority, last_reviewed) FROM STDIN") as copy:
+            for d, m in enumerate(docs):
+                copy.write_row((f"doc-{d}", f"Document {d}", f"h{d}", m["department"], m["visibility"],
+                                m["clearance_level"], m["campus"], m["priority"], m["last_reviewed"]))
+        doc_ids = dict(conn.execute("SELECT external_id, id FROM documents").fetchall())
+        with conn.cursor().copy(
+                "COPY chunks (document_id, chunk_index, text, content_hash, embedding, department, visibility, "
+                "clearance_level, campus, priority, last_reviewed) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int4", "text", "text", "vector", "text", "text", "int2", "text", "int2",
+                            "timestamp"])
+            for d, c, v, text in chunks:
+                m = docs[d]
+                copy.write_row((doc_ids[f"doc-{d}"], c, text, f"c{d}-{c}", v, m["department"], m["visibility"],
+                                m["clearance_level"], m["campus"], m["priority"], m["last_reviewed"]))
+        conn.execute("UPDATE index_state SET generation = generation + 1")
+    with services.db.connection() as conn:
+        conn.execute("ANALYZE documents, chunks")
+        rows = conn.execute("SELECT id, embedding, department, visibility, clearance_level, campus, priority, "
+                            "last_reviewed FROM chunks ORDER BY id").fetchall()
+    ids = np.array([r[0] for r in rows])
+    vectors = np.stack([np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows])
+    meta = [dict(zip(("department", "visibility", "clearance_level", "campus", "priority", "last_reviewed"),
+                     r[2:], strict=True)) for r in rows]
+    texts = [q["text"] for q in _lines(SCIFACT / "queries-train.jsonl", 30)]
+    real = list(zip(texts, embedder.embed(texts), strict=True))
+    synthetic = []
+    for i in range(30):  # queries near a topic, as a user paraphrasing a title would be
+        v = topics[i * 5] + 0.4 * rng.standard_normal(topics.shape[1]) / np.sqrt(topics.shape[1])
+        synthetic.append((titles[i * 5], (v / np.linalg.norm(v)).astype(np.float32)))
+    yield Corpus(services, ids, vectors, meta, real + synthetic)
+    services.close()
+
+
+ROLES = build_roles()
+
+
+def principal_pool(rng: random.Random) -> list[tuple[Principal, dict[str, Any]]]:
+    """Random users and filters, plus the most restricted cases on purpose."""
+    depts = list(DEPARTMENTS)
+    out: list[tuple[Principal, dict[str, Any]]] = [
+        (Principal("anon", ROLES["anonymous"]), {}),
+        (Principal("stu", ROLES["student"], ("Medicine",)), {}),
+        (Principal("stu2", ROLES["student"]), {"campus": "Easter Bush"}),
+        (Principal("chap", ROLES["staff"], ("Chaplaincy",)), {"visibility": "department"}),
+        (Principal("chap2", ROLES["staff"], ("Chaplaincy",)), {"department": "Chaplaincy"}),
+        (Principal("vet", ROLES["staff"], ("Vet School",)), {"min_priority": 4}),
+        (Principal("hr", ROLES["staff"], ("Human Resources",)), {"clearance_level": 1}),
+        (Principal("nodept", ROLES["staff"]), {}),
+        (Principal("root", ROLES["admin"]), {}),
+    ]
+    for i in range(36):
+        role = rng.choice(list(DEFAULT_ROLES.values()))
+        own = tuple(rng.sample(depts, rng.randint(0, 2)))
+        filters: dict[str, Any] = {}
+        r = rng.random()
+        if r < 0.15:
+            filters["campus"] = rng.choice(CAMPUSES)
+        elif r < 0.3:
+            filters["department"] = rng.choice(depts)
+        elif r < 0.4:
+            filters["min_priority"] = rng.randint(2, 5)
+        elif r < 0.5:
+            filters["clearance_level"] = rng.randint(1, role.clearance)
+        elif r < 0.55:
+            filters["last_reviewed_after"] = dt.datetime(2023, 6, 1)
+        out.append((Principal(f"user{i}", role, own), filters))
+    return out
+
+
+def passes_filters(m: dict[str, Any], filters: dict[str, Any]) -> bool:
+    """Plain-Python reference of the client filters (search.filter_sql)."""
+    checks = {"department": lambda v: m["department"] == v, "campus": lambda v: m["campus"] == v,
+              "visibility": lambda v: m["visibility"] == v, "min_priority": lambda v: m["priority"] >= v,
+              "clearance_level": lambda v: m["clearance_level"] <= v,
+              "last_reviewed_after": lambda v: m["last_reviewed"] is not None and m["last_reviewed"] >= v}
+    return all(checks[name](value) for name, value in filters.items())
+
+
+def allowed_mask(corpus: Corpus, user: Principal, filters: dict[str, Any]) -> np.ndarray:
+    return np.array([is_visible(m, user) and passes_filters(m, filters) for m in corpus.meta])
+
+
+def test_filtered_dense_search_is_congruent_with_exact_search(corpus: Corpus) -> None:
+    rng = random.Random(42)
+    searcher = corpus.services.searcher
+    recalls: list[float] = []
+    restricted: list[float] = []
+    fractions = []
+    for user, filters in principal_pool(rng):
+        mask = allowed_mask(corpus, user, filters)
+        fraction = mask.mean()
+        fractions.append(fraction)
+        allowed_ids = set(corpus.ids[mask].tolist())
+        for _text, q in rng.sample(corpus.queries, 4):
+            sims = corpus.vectors[mask] @ q
+            for k in (10, 40):
+                got = searcher.dense_candidates(user, q, filters, k)
+                ids = [h.chunk_id for h in got]
+                assert set(ids) <= allowed_ids, (user, filters, set(ids) - allowed_ids)  # nothing hidden leaks
+                assert len(ids) == len(set(ids)) == min(k, int(mask.sum())), (user, filters, k)  # never short
+                if k == 10 and mask.sum():
+                    exact = corpus.ids[mask][np.argsort(-sims, kind="stable")[:10]]
+                    recall = len(set(ids) & set(exact.tolist())) / len(exact)
+                    recalls.append(recall)
+                    if fraction < 0.05:
+                        restricted.append(recall)
+                    # similarities reported are the exact cosine of the stored vectors
+                    exact_sim = {int(i): float(s) for i, s in zip(corpus.ids[mask], sims, strict=True)}
+                    for h in got:
+                        assert h.similarity == pytest.approx(exact_sim[h.chunk_id], abs=1e-4)
+    assert min(fractions) < 0.01 and sum(f < 0.05 for f in fractions) >= 6  # the hard cases are really there
+    assert np.mean(recalls) >= 0.95, np.mean(recalls)
+    assert np.mean(restricted) >= 0.95, np.mean(restricted)
+    assert len(recalls) >= 150
+
+
+def test_search_pages_are_full_and_allowed(corpus: Corpus) -> None:
+    """The production search path (hybrid retrieval + ranking): every result allowed, and exactly
+    min(max_results, allowed chunks above the threshold) of them."""
+    rng = random.Random(99)
+    searcher = corpus.services.searcher
+    by_id = {int(i): m for i, m in zip(corpus.ids, corpus.meta, strict=True)}
+    short_pages = 0
+    for user, filters in principal_pool(rng)[:30]:
+        mask = allowed_mask(corpus, user, filters)
+        for text, q in rng.sample(corpus.queries, 3):
+            threshold = rng.choice([-1.0, 0.3, 0.45])
+            max_results = rng.choice([5, 10, 20])
+            searcher.query_vectors.put(" ".join(text.split()), q.copy())  # the query's vector, as used above
+            hits = searcher.search(user, SearchParams(text, filters, max_results, threshold))
+            for h in hits:
+                assert is_visible(by_id[h.chunk_id], user) and passes_filters(by_id[h.chunk_id], filters)
+                assert h.similarity >= threshold
+            sims = corpus.vectors[mask] @ q
+            low = min(max_results, int((sims >= threshold + 1e-4).sum()))
+            high = min(max_results, int((sims >= threshold - 1e-4).sum()))
+            assert low <= len(hits) <= high, (user, filters, threshold, len(hits), low, high)
+            short_pages += high < max_results
+    assert short_pages >= 5  # some pages were limited by what the user may see, and were exactly that
+
+
+def test_api_results_obey_the_rule(corpus: Corpus, token: Any) -> None:
+    from campus_search.app import create_app
+
+    client = create_app(corpus.services.settings, services=corpus.services).test_client()
+    for role, depts in (("student", []), ("professional_services", ["Chaplaincy"]), ("academic_staff", [])):
+        r = client.post("/api/search", json={"query": corpus.queries[0][0],
+                                             "config": {"max_results": 50, "similarity_threshold": -1}},
+                        headers={"Authorization": token(role, departments=depts)})
+        assert r.status_code == 200
+        user = Principal("u", ROLES[{"professional_services": "staff", "academic_staff": "academic"}.get(role, role)],
+                         tuple(depts))
+        body = r.get_json()
+        assert body["count"] == min(user.role.max_results, 50)
+        for hit in body["results"]:
+            assert is_visible(hit["metadata"], user)
