@@ -24,21 +24,26 @@ class BM25:
     b: float = DEFAULT_B
 
     def scored_cte(self) -> str:
-        """CTEs ``lex_query``, ``lex_stats``, ``lex_weights``, ``lex_scores`` (chunk_id, score) for
-        the query text in ``%(qtext)s``; unfiltered (callers join chunks and apply the rule)."""
+        """CTEs ``lex_query``, ``lex_weights``, ``lex_scores`` (chunk_id, score) for the query text in
+        ``%(qtext)s``; unfiltered (callers join chunks and apply the rule).
+
+        Postings are fetched per query term through the (term, chunk_id) primary key (the LATERAL join
+        makes that the only plan), so the cost grows with the postings of the query's terms, not with
+        the corpus. Corpus statistics are single-row scalar subqueries, evaluated once."""
+        n = "(SELECT greatest(chunks, 1)::float8 FROM lexical_stats)"
+        avgdl = "(SELECT greatest(total_length, 1)::float8 / greatest(chunks, 1) FROM lexical_stats)"
+        # float8 literals: a bare 0.4 is numeric in PostgreSQL, and numeric arithmetic per posting is slow
+        k1, b = f"{self.k1:.6f}::float8", f"{self.b:.6f}::float8"
         return f"""
         lex_query AS (
             SELECT u.lexeme AS term, coalesce(array_length(u.positions, 1), 1) AS qtf
             FROM unnest(to_tsvector('english'::regconfig, %(qtext)s)) u),
-        lex_stats AS (
-            SELECT greatest(chunks, 1)::float8 AS n,
-                   greatest(total_length, 1)::float8 / greatest(chunks, 1) AS avgdl FROM lexical_stats),
-        lex_weights AS (
-            SELECT q.term, q.qtf * ln(1 + (s.n - t.df + 0.5) / (t.df + 0.5)) AS w
-            FROM lex_query q JOIN lexical_terms t ON t.term = q.term CROSS JOIN lex_stats s),
-        lex_scores AS (
+        lex_weights AS MATERIALIZED (
+            SELECT t.term, q.qtf * ln(1 + ({n} - t.df + 0.5::float8) / (t.df + 0.5::float8)) AS w
+            FROM lex_query q JOIN lexical_terms t ON t.term = q.term),
+        lex_scores AS MATERIALIZED (
             SELECT p.chunk_id,
-                   sum(w.w * p.tf * {self.k1 + 1:.6f}
-                       / (p.tf + {self.k1:.6f} * (1 - {self.b:.6f} + {self.b:.6f} * p.dl / s.avgdl))) AS score
-            FROM lexical_postings p JOIN lex_weights w ON w.term = p.term CROSS JOIN lex_stats s
+                   sum(w.w * p.tf * ({k1} + 1) / (p.tf + {k1} * (1 - {b} + {b} * p.dl / {avgdl}))) AS score
+            FROM lex_weights w
+            CROSS JOIN LATERAL (SELECT chunk_id, tf, dl FROM lexical_postings WHERE term = w.term) p
             GROUP BY p.chunk_id)"""
