@@ -10,8 +10,8 @@ from flask import Flask, g, request
 
 from . import logs, metrics
 from .api import admin_stats, cache_admin, ops
-from .api import openapi as openapi_api
 from .api import documents as documents_api
+from .api import openapi as openapi_api
 from .api import explain as explain_api
 from .api import search as search_api
 from .api.cors import init_cors

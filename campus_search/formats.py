@@ -190,7 +190,8 @@ def parse_pdf(data: bytes, *, where: str, fallback_title: str) -> Parsed:
         raise IngestError(f"{where}: no text found in the PDF (a scanned image? OCR is not supported)")
     title = ""
     try:
-        title = _clean(str((reader.metadata or {}).get("/Title") or ""))
+        info = reader.metadata
+        title = _clean(str(info.get("/Title") or "")) if info else ""
     except Exception:  # noqa: BLE001 - damaged info dictionary: fall back to the file name
         title = ""
     return title or fallback_title, blocks, {}
@@ -246,7 +247,7 @@ def parse_docx(data: bytes, *, where: str, fallback_title: str) -> Parsed:
     for item in items:
         if isinstance(item, Table):
             for row in item.rows:
-                cells = []
+                cells: list[str] = []
                 for cell in row.cells:
                     text = _clean(cell.text)
                     if text and (not cells or cells[-1] != text):  # merged cells repeat their text

@@ -149,7 +149,9 @@ class Ingester:
                 (list(by_id),)).fetchall()
         for row in rows:
             by_id[row[0]].existing = row
-        unchanged, meta_only, changed = [], [], []
+        unchanged: list[_Pending] = []
+        meta_only: list[_Pending] = []
+        changed: list[_Pending] = []
         for p in batch:
             if p.existing is None or p.existing[2] != p.content_hash:
                 changed.append(p)
@@ -157,14 +159,16 @@ class Ingester:
             stored = AccessMetadata(*p.existing[3:9])
             (unchanged if stored == p.meta else meta_only).append(p)
         report.unchanged += len(unchanged)
-        moved = [p for p in unchanged if p.doc.source and p.existing[9] != p.doc.source]
+        moved = [p for p in unchanged if p.doc.source and p.existing and p.existing[9] != p.doc.source]
         if changed:
             self._prepare_chunks(changed)
             vectors = self._vectors_for(changed, report)
         with self.db.connection() as conn:
             for p in moved:  # same content from another path (or an old relative path): keep prune exact
+                assert p.existing is not None
                 conn.execute("UPDATE documents SET source = %s WHERE id = %s", (p.doc.source, p.existing[1]))
             for p in meta_only:
+                assert p.existing is not None
                 self._update_metadata(conn, p.existing[1], p.meta, p.doc)
             for p in changed:
                 self._replace(conn, p, vectors)

@@ -71,6 +71,10 @@ class RemoteEmbedder:
                      self._dimension)
         return self._dimension
 
+    @dimension.setter
+    def dimension(self, value: int) -> None:  # the Embedder protocol declares a plain attribute
+        self._dimension = int(value)
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 vectors, one row per text, in batches of ``batch_size``."""
         if not texts:
