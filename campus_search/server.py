@@ -25,16 +25,30 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return self.application
 
 
-ENDPOINTS = (
-    ("POST", "/api/search", "search (bearer token)"),
-    ("GET", "/health", "health report (503 when unhealthy)"),
-    ("GET", "/health/live", "liveness probe"),
-    ("GET", "/health/ready", "readiness probe"),
-    ("GET", "/metrics", "Prometheus metrics"),
-    ("GET", "/api/admin/stats", "statistics (admin)"),
-    ("POST", "/api/admin/cache/clear", "clear the result cache (admin)"),
-    ("GET", "/api/openapi.json", "OpenAPI description"),
-)
+#: What the banner says about the main endpoints; others are described by their view's docstring.
+DESCRIPTIONS = {
+    "POST /api/search": "search (bearer token)",
+    "GET /health": "health report (503 when unhealthy)",
+    "GET /health/live": "liveness probe",
+    "GET /health/ready": "readiness probe",
+    "GET /metrics": "Prometheus metrics",
+    "GET /api/admin/stats": "statistics (admin)",
+    "POST /api/admin/cache/clear": "clear the result cache (admin)",
+    "GET /api/openapi.json": "OpenAPI description",
+}
+
+
+def endpoints(app: Any) -> list[tuple[str, str, str]]:
+    """(method, path, description) of every route the app serves, from its URL map."""
+    out = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        view = app.view_functions.get(rule.endpoint)
+        doc = ((view.__doc__ or "").strip().splitlines() or [""])[0] if view else ""
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            out.append((method, rule.rule, DESCRIPTIONS.get(f"{method} {rule.rule}", doc.rstrip("."))))
+    return sorted(out, key=lambda e: (e[1], e[0]))
 
 
 def summary(settings: Settings, *, workers: int, threads: int, bind: str | None = None,
@@ -72,8 +86,9 @@ def _log_format(settings: Settings) -> str:
     return resolve_format(settings.log_format, settings.production)
 
 
-def banner(settings: Settings, workers: int, threads: int, **extra: Any) -> str:
+def banner(settings: Settings, workers: int, threads: int, *, app: Any = None, **extra: Any) -> str:
     info = summary(settings, workers=workers, threads=threads, **extra)
+    routes = endpoints(app) if app is not None else [(*k.split(" ", 1), v) for k, v in DESCRIPTIONS.items()]
     lines = [
         "=" * 72,
         "CAMPUS SEARCH — University of Edinburgh vector search",
@@ -88,20 +103,21 @@ def banner(settings: Settings, workers: int, threads: int, **extra: Any) -> str:
         f"Embedding:   {info['embedding']}",
         f"Logs:        {info['log_format']}; metrics dir {info['metrics_dir'] or '(single process)'}",
         "Endpoints:",
-        *(f"  {method:<5} {path:<24} {what}" for method, path, what in ENDPOINTS),
+        *(f"  {method:<6} {path:<36} {what}" for method, path, what in routes),
         "=" * 72,
     ]
     return "\n".join(lines)
 
 
-def announce(settings: Settings, *, workers: int, threads: int, **extra: Any) -> None:
+def announce(settings: Settings, *, workers: int, threads: int, app: Any = None, **extra: Any) -> None:
     """Start-up banner: text on stderr in development, one structured record with JSON logs."""
     if _log_format(settings) == "json":
         info = summary(settings, workers=workers, threads=threads, **extra)
-        info["endpoints"] = [f"{method} {path}" for method, path, _ in ENDPOINTS]
+        routes = endpoints(app) if app is not None else [(*k.split(" ", 1), "") for k in DESCRIPTIONS]
+        info["endpoints"] = [f"{method} {path}" for method, path, _ in routes]
         logging.getLogger("campus_search.server").info("campus-search ready", extra={"fields": info})
     else:
-        print(banner(settings, workers, threads, **extra), file=sys.stderr, flush=True)
+        print(banner(settings, workers, threads, app=app, **extra), file=sys.stderr, flush=True)
 
 
 def serve(settings: Settings, *, workers: int = 2, threads: int = 2) -> int:

@@ -116,6 +116,9 @@ def test_admin_stats_shape_and_values(client: Any, token: Any, demo_services: An
                                     ).fetchone()
     assert body["index"]["documents"] == docs and body["index"]["chunks"] == chunks
     assert body["searches"]["zero_results_by_department"].get("Library", 0) >= 1
+    audit = body["audit"]  # the same, from the audit log (survives restarts)
+    assert audit["days"] == 30 and audit["searches"] >= audit["zero_result_searches"] >= 1
+    assert audit["zero_results_by_department"].get("Library", 0) >= 1
     assert body["searches"]["by_role"].get("staff", 0) >= 1
     text = json.dumps(body)
     assert "qqxz" not in text and "admin-1" not in text  # aggregates only
@@ -135,3 +138,21 @@ def test_admin_stats_needs_a_token(client: Any, token: Any) -> None:
     admin = token("admin")
     assert client.get("/api/admin/stats?days=abc", headers={"Authorization": admin}).status_code == 400
     assert client.get("/api/admin/stats?days=0", headers={"Authorization": admin}).status_code == 400
+
+
+def test_redis_down_degrades_but_stays_healthy(settings_factory: Any, services_factory: Any) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = settings_factory(redis_url=f"redis://127.0.0.1:{port}/0", health_cache_seconds=0.0)
+    app = create_app(settings, services=services_factory(settings))
+    r = app.test_client().get("/health")
+    assert r.status_code == 200  # searches still work uncached: no reason to leave the load balancer
+    body = r.get_json()
+    assert body["overall_healthy"] is True and body["degraded"] is True
+    cache = body["components"]["cache"]
+    assert cache["healthy"] is False and cache["connection_active"] is False
+    assert body["components"]["search_functionality"]["end_to_end_functional"] is True
+    assert str(port) not in r.get_data(as_text=True)

@@ -112,3 +112,19 @@ def test_request_id_without_any_trusted_proxy(demo_services: Any) -> None:
 
     assert request_id_for(Req(), demo_services.settings.replace(trusted_proxies=())).startswith("req_")
     assert request_id_for(Req(), demo_services.settings.replace(trusted_proxies=("127.0.0.1",))) == "abc-123"
+
+
+def test_banner_lists_configuration_and_endpoints_without_secrets(demo_app: Any, demo_services: Any) -> None:
+    from campus_search.server import banner
+
+    settings = demo_services.settings.replace(
+        database_url="postgresql://search:hunter2pw@db.example:5432/campus", redis_url="redis://:redispw@cache:6379/0",
+        database_read_url="postgresql://search:replicapw@replica:5432/campus", trusted_proxies=("10.0.0.0/8",))
+    text = banner(settings, 4, 2, app=demo_app, bind="0.0.0.0:5100", metrics_dir="/tmp/m")
+    for secret in ("hunter2pw", "redispw", "replicapw", settings.jwt_secret_key, settings.audit_hmac_key):
+        assert secret and secret not in text
+    assert "0.0.0.0:5100" in text and "4 workers x 2 threads" in text and "10.0.0.0/8" in text
+    assert "db.example:5432/campus" in text and "secret (set)" in text
+    for rule in demo_app.url_map.iter_rules():
+        if rule.endpoint != "static":
+            assert rule.rule in text
