@@ -24,7 +24,7 @@ METHODS = ("convex", "rrf", "dense", "lexical")
 @dataclass(frozen=True)
 class FusionConfig:
     method: str = "convex"
-    alpha: float = 0.5  # weight of the dense score (convex)
+    alpha: float = 0.6  # weight of the dense score (convex)
     rrf_k: int = 60
 
     def describe(self) -> dict[str, object]:
