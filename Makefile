@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-prod.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean system-tools
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/campus-search serve --demo
 
+# Programs of the production stack that some tests use when present (a real pgbouncer in transaction
+# mode, `nginx -t` on nginx/nginx.conf). Best effort: only as root with apt; otherwise those tests skip.
+system-tools:
+	@command -v pgbouncer >/dev/null && command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer nginx) \
+	  >/dev/null 2>&1; } || echo "note: pgbouncer/nginx not installed; tests/test_pgbouncer.py and nginx -t will skip"
+
 # pytest exits 5 when it collects nothing; that is not a failure of the code under test.
-test: install
+test: install system-tools
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
 lint: install
