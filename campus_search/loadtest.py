@@ -87,7 +87,7 @@ def _user(cfg: LoadTestConfig, token: str, index: int, deadline: float, tally: _
             query = cfg.queries[(index + n) % len(cfg.queries)]
             if cfg.distinct:
                 query = f"{query} (u{index} r{n})"
-            body = {"query": query, "config": {"max_results": cfg.max_results}}
+            body: dict[str, Any] = {"query": query, "config": {"max_results": cfg.max_results}}
             started = time.perf_counter()
             try:
                 response = session.post(endpoint, json=body, timeout=min(cfg.timeout, max(deadline - time.monotonic(),
