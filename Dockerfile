@@ -32,7 +32,7 @@ USER campus
 EXPOSE 5100
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:5100/health/live', timeout=2); sys.exit(0)"]
-# The brief's command, with gunicorn's own spelling of the keep-alive flag (`--keep-alive`; every
-# gunicorn release rejects `--keepalive`). gunicorn.conf.py sets keepalive = 10 as well.
+# The brief's command as written. gunicorn itself spells the flag `--keep-alive`; the wheel installs
+# campus_search_gunicorn_keepalive.pth (setup.py), which accepts the brief's `--keepalive` too.
 CMD ["gunicorn", "--bind", "0.0.0.0:5100", "--workers", "4", "--worker-class", "gthread", "--threads", "2", \
-     "--timeout", "60", "--keep-alive", "10", "--preload", "production_system:create_production_app"]
+     "--timeout", "60", "--keepalive", "10", "--preload", "production_system:create_production_app"]

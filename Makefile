@@ -12,6 +12,8 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# an editable install leaves out the wheel's start-up hook that accepts the brief's --keepalive (setup.py)
+	cp campus_search_gunicorn_keepalive.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

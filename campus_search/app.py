@@ -11,12 +11,13 @@ from flask import Flask, g, request
 from . import logs, metrics
 from .api import admin_stats, cache_admin, ops
 from .api import documents as documents_api
-from .api import openapi as openapi_api
 from .api import explain as explain_api
+from .api import openapi as openapi_api
 from .api import search as search_api
 from .api.cors import init_cors
 from .api.errors import register_error_handlers
 from .config import Settings, load_settings
+from .ratelimit import init_rate_limits
 from .security.auth import init_auth
 from .services import Services
 
@@ -57,4 +58,5 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     ops.init_app(app)
     app.register_blueprint(admin_stats.bp)
     app.register_blueprint(cache_admin.bp)
+    init_rate_limits(app, settings)  # after the hooks above: 429s get a request id, metrics and logs
     return app

@@ -44,15 +44,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import metrics
 from .config import Settings
 from .errors import ServiceUnavailable
 from .search import Hit, SearchParams
 from .security.roles import Principal
-
-try:  # the operations engineer's metrics module; absent in older trees
-    from . import metrics
-except ImportError:  # pragma: no cover
-    metrics = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +61,7 @@ GENERATION_SQL = ("SELECT i.generation, i.xmin::text, current_database(), "
 
 
 def _count(operation: str, status: str) -> None:
-    if metrics is not None:
-        metrics.cache_op(operation, status)
+    metrics.cache_op(operation, status)
 
 
 class CircuitBreaker:
@@ -406,13 +401,14 @@ class ResultCache:
     def stats(self) -> dict[str, Any]:
         """For ``/api/admin/stats``: the Redis server's figures (or this process's), plus this process's
         own hit/miss counts."""
-        out = {"backend": self.backend.kind, "used_memory": None, "connected_clients": None,
-               "keyspace_hits": self.hits, "keyspace_misses": self.misses}
-        out.update({k: v for k, v in self.backend.info().items() if v is not None})
-        out["process"] = {"hits": self.hits, "misses": self.misses, "stores": self.stores}
+        process: dict[str, Any] = {"hits": self.hits, "misses": self.misses, "stores": self.stores}
         if isinstance(self.backend, RedisBackend):
-            out["process"].update(skipped=self.backend.skipped, failures=self.backend.breaker.failures,
-                                  circuit=self.backend.breaker.state)
+            process.update(skipped=self.backend.skipped, failures=self.backend.breaker.failures,
+                           circuit=self.backend.breaker.state)
+        out: dict[str, Any] = {"backend": self.backend.kind, "used_memory": None, "connected_clients": None,
+                               "keyspace_hits": self.hits, "keyspace_misses": self.misses}
+        out.update({k: v for k, v in self.backend.info().items() if v is not None})
+        out["process"] = process
         return out
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ cache clear touches only this service's keys."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,7 @@ def results(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_repeated_query_is_served_from_redis(cached_app: Any, token: Any, redis_server: Any,
                                              redis_prefix: str) -> None:
-    _, client = cached_app()
+    services, client = cached_app()
     auth = token("student", sub="s1")
     first = search(client, auth)
     assert first["from_cache"] is False and first["count"] > 0
@@ -90,6 +91,10 @@ def test_repeated_query_is_served_from_redis(cached_app: Any, token: Any, redis_
     filtered = search(client, auth, {**QUERY, "filters": {"min_priority": 3}})
     assert filtered["from_cache"] is False
     assert len(r.keys(redis_prefix + "search:*")) == 3
+    stats = services.cache.stats()  # the cache section of /api/admin/stats
+    assert stats["backend"] == "redis" and stats["used_memory"] > 0 and stats["connected_clients"] >= 1
+    assert stats["process"] == {"hits": 2, "misses": 3, "stores": 3, "skipped": 0, "failures": 0,
+                                "circuit": "closed"}
 
 
 def test_less_access_never_gets_a_result_cached_for_more(cached_app: Any, token: Any) -> None:
@@ -154,7 +159,7 @@ def test_ingest_metadata_change_and_delete_invalidate(cached_app: Any, services_
 
 def test_cache_clear_removes_only_this_services_keys(cached_app: Any, token: Any, redis_server: Any,
                                                      redis_prefix: str) -> None:
-    _, client = cached_app()
+    services, client = cached_app()
     r = redis_server.client()
     foreign = {"other-app:search:1": b"x", "campus-search:v2:search:1": b"x",
                redis_prefix.rstrip(":") + "-staging:search:1": b"x", redis_prefix + "rl:LIMITER/user:1": b"7"}
@@ -174,6 +179,11 @@ def test_cache_clear_removes_only_this_services_keys(cached_app: Any, token: Any
     assert body["cleared"] is True and body["keys_removed"] == 2 and body["backend"] == "redis"
     assert not r.keys(redis_prefix + "search:*") and not r.keys(redis_prefix + "emb:*")
     assert {k: r.get(k) for k in foreign} == foreign  # other services, other versions, rate-limit counters
+    with services.db.connection() as conn:  # audited as an admin action (SPEC §3)
+        audited = conn.execute("SELECT action, user_id, success, details FROM audit_log WHERE kind = 'admin'"
+                               ).fetchall()
+    assert [(a, u, ok, json.loads(d)) for a, u, ok, d in audited] == [
+        ("cache.clear", "root", True, {"backend": "redis", "keys_removed": 2})]
     assert search(client, auth)["from_cache"] is False
 
 

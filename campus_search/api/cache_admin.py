@@ -1,4 +1,4 @@
-"""``POST /api/admin/cache/clear`` (SPEC §1): drop this service's cached results. Admin only.
+"""``POST /api/admin/cache/clear`` (SPEC §1): drop this service's cached results. Admin only, audited.
 
 Deletes the keys under ``REDIS_KEY_PREFIX`` in the result and query-embedding namespaces, by SCAN and
 UNLINK (never FLUSHDB/FLUSHALL: the Redis may be shared). Rate-limit counters stay. Without Redis the
@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify
 
+from ..audit import admin_action
 from ..security.auth import require_admin
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ def clear_cache() -> Any:
     services = current_app.extensions["campus_search"]
     admin = require_admin(services.settings)
     cache = services.ensure_open().cache
-    removed = cache.clear()
+    with admin_action(services, "cache.clear", details={"backend": cache.backend.kind}) as details:
+        details["keys_removed"] = removed = cache.clear()
     log.info("cache cleared by admin %s: %d keys", admin.user_id, removed)
     return jsonify({"cleared": True, "keys_removed": removed, "backend": cache.backend.kind,
                     "scope": "process" if cache.backend.kind == "memory" else "service",

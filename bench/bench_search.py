@@ -1,0 +1,163 @@
+"""Uncached search latency and throughput through HTTP, served the way production serves it.
+
+Starts gunicorn with the brief's command (gthread workers, --preload) on a free loopback port against
+an existing database (DATA_DIR's embedded PostgreSQL, or DATABASE_URL), with the result cache and rate
+limits off and every query distinct, so each request embeds its query and searches PostgreSQL. Then:
+
+1. concurrency 1: one client, N sequential requests -> median / p95 latency;
+2. concurrency C: ``wrk`` (Debian package ``wrk``; a second process, cheap on the CPU) with a Lua
+   script that cycles through the queries and makes each one distinct -> requests/s, p50 / p95.
+
+Run it once per retrieval mode to compare fusion with dense-only:
+
+    DATA_DIR=/tmp/cs-scifact .venv/bin/python bench/bench_search.py --fusion convex
+    DATA_DIR=/tmp/cs-scifact .venv/bin/python bench/bench_search.py --fusion dense
+
+The corpus must already be ingested (e.g. ``campus-search eval`` on SciFact). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = r"""
+local queries = {}
+for line in io.lines(os.getenv("BENCH_QUERIES")) do queries[#queries + 1] = line end
+local token = os.getenv("BENCH_TOKEN")
+local counter = 0
+local thread_id = 0
+setup = function(thread) thread:set("tid", thread_id); thread_id = thread_id + 1 end
+request = function()
+  counter = counter + 1
+  local q = queries[(counter % #queries) + 1] .. " (" .. tid .. "-" .. counter .. ")"
+  local body = '{"query": "' .. q:gsub('\\', '\\\\'):gsub('"', '\\"') .. '", "config": {"max_results": 10}}'
+  return wrk.format("POST", "/api/search", {["Content-Type"] = "application/json",
+                                           ["Authorization"] = "Bearer " .. token}, body)
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load_queries(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.open(encoding="utf-8") if line.strip()]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gunicorn exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/health/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("server did not become ready")
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+    for line in output.splitlines():
+        parts = line.split()
+        if line.strip().startswith(("50%", "95%", "99%")) and len(parts) == 2:
+            value = parts[1]
+            for unit in ("us", "ms", "s"):
+                if value.endswith(unit):
+                    out[f"p{parts[0].rstrip('%')}_ms"] = round(float(value[: -len(unit)]) * units[unit], 2)
+                    break
+        elif line.startswith("Requests/sec:"):
+            out["requests_per_s"] = round(float(parts[1]), 1)
+        elif "Non-2xx" in line:
+            out["non_2xx"] = float(parts[-1])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", default=str(ROOT.parent / "shared/data/scifact/queries-train.jsonl"))
+    ap.add_argument("--fusion", default="convex", choices=("convex", "rrf", "dense", "lexical"))
+    ap.add_argument("--sequential", type=int, default=300, help="requests at concurrency 1")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--duration", type=int, default=20, help="seconds of the concurrent run")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed for the concurrent run: apt-get install -y wrk")
+    queries = load_queries(Path(args.queries))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SEARCH_FUSION": args.fusion, "CACHE_ENABLED": "false", "RATE_LIMITS_ENABLED": "false",
+           "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
+    env.pop("REDIS_URL", None)
+    gunicorn = [str(Path(sys.executable).parent / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers",
+                str(args.workers), "--worker-class", "gthread", "--threads", str(args.threads), "--timeout", "60",
+                "--keepalive", "10", "--preload", "production_system:create_production_app"]
+    log = tempfile.NamedTemporaryFile(prefix="bench-gunicorn-", suffix=".log", delete=False)
+    proc = subprocess.Popen(gunicorn, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_ready(url, proc)
+        token = subprocess.check_output([str(Path(sys.executable).parent / "campus-search"), "token", "--sub",
+                                         "bench", "--role", "admin"], env=env, text=True).strip()
+        session = requests.Session()
+        headers = {"Authorization": f"Bearer {token}"}
+        for i in range(20):  # warm every worker's model and prepared statements
+            session.post(url + "/api/search", json={"query": f"warm up {i}"}, headers=headers, timeout=30)
+        latencies = []
+        for i in range(args.sequential):
+            q = f"{queries[i % len(queries)]} (s{i})"
+            started = time.perf_counter()
+            r = session.post(url + "/api/search", json={"query": q, "config": {"max_results": 10}},
+                             headers=headers, timeout=30)
+            latencies.append((time.perf_counter() - started) * 1000)
+            if r.status_code != 200:
+                raise SystemExit(f"search failed: {r.status_code} {r.text[:200]}")
+        latencies.sort()
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua, \
+                tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as qfile:
+            lua.write(LUA)
+            qfile.write("\n".join(q.replace("\n", " ") for q in queries))
+        wrk = subprocess.run(["wrk", "-t2", f"-c{args.concurrency}", f"-d{args.duration}s", "--latency",
+                              "-s", lua.name, url],
+                             env={**env, "BENCH_QUERIES": qfile.name, "BENCH_TOKEN": token},
+                             capture_output=True, text=True, timeout=args.duration + 60)
+        result = {
+            "fusion": args.fusion,
+            "workers": args.workers, "threads": args.threads,
+            "c1_median_ms": round(statistics.median(latencies), 2),
+            "c1_p95_ms": round(latencies[int(0.95 * len(latencies)) - 1], 2),
+            "c1_requests": len(latencies),
+            f"c{args.concurrency}": parse_wrk(wrk.stdout),
+        }
+        print(wrk.stdout, file=sys.stderr)
+        print(json.dumps(result))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
