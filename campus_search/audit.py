@@ -233,14 +233,13 @@ def audit_search_response(response: Any) -> Any:
     401s, 403s and 429s are recorded. Fail closed: a successful answer whose record cannot be written
     becomes a 503 (with AUDIT_FAILURE_MODE=refuse)."""
     services = current_app.extensions["campus_search"]
+    auditor: Auditor | None = None
+    stored = False
     try:
         auditor = auditor_of(services)
-        record = search_record(auditor, response)
+        stored = auditor.write(search_record(auditor, response))
     except Exception:  # never let auditing crash the request; the failure is loud instead
         log.exception("audit record could not be built")
-        stored, auditor = False, None
-    else:
-        stored = auditor.write(record)
     if stored or response.status_code >= 400:
         return response
     if auditor is not None and not auditor.refuse_on_failure:

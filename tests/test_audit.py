@@ -343,3 +343,14 @@ def test_log_mode_serves_and_logs(audited: Any, token: Any, caplog: pytest.LogCa
     assert r.status_code == 200
     assert any(r.headers["X-Request-ID"] in rec.getMessage() for rec in caplog.records)
     assert rows(services) == []
+
+
+def test_rate_limited_searches_are_recorded(audited: Any, token: Any) -> None:
+    client, services = audited(rate_limits_enabled=True, rate_limit_per_minute=1)
+    auth = token("student", sub="eager")
+    first = client.post("/api/search", json={"query": "exams"}, headers={"Authorization": auth})
+    second = client.post("/api/search", json={"query": "exams"}, headers={"Authorization": auth})
+    assert (first.status_code, second.status_code) == (200, 429)
+    rec = by_request(services, second)
+    assert (rec["status"], rec["success"], rec["user_id"]) == (429, False, "eager")
+    assert json.loads(rec["details"])["error"] == "rate_limited"
