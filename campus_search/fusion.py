@@ -64,9 +64,11 @@ def fuse(cosines: Sequence[float], bm25: Sequence[float], in_dense: Sequence[boo
         return _minmax(bm25)
     if config.method == "rrf":
         k = config.rrf_k
+        def share(rank: float | None) -> float:
+            return 1 / (k + rank) if rank is not None else 0.0
+
         rd, rl = _ranks(cosines, in_dense), _ranks(bm25, in_lexical)
-        return [((1 / (k + rd[i]) if rd[i] else 0.0) + (1 / (k + rl[i]) if rl[i] else 0.0)) * (k + 1) / 2
-                for i in range(n)]
+        return [(share(rd[i]) + share(rl[i])) * (k + 1) / 2 for i in range(n)]
     nd, nl = _minmax(cosines), _minmax(bm25)
     a = config.alpha
     return [a * nd[i] + (1 - a) * nl[i] for i in range(n)]
