@@ -31,4 +31,4 @@ def test_single_list_methods_and_edge_cases() -> None:
     assert fuse([0.3, 0.6], [1, 2], [True, True], [True, True], FusionConfig("dense")) == [0.3, 0.6]
     assert fuse([0.3, 0.6], [4, 2], [True, True], [True, True], FusionConfig("lexical")) == [1.0, 0.0]
     # all-equal scores do not divide by zero
-    assert fuse([0.5, 0.5], [0, 0], [True, True], [False, False], FusionConfig()) == pytest.approx([0.5, 0.5])
+    assert fuse([0.5, 0.5], [0, 0], [True, True], [False, False], FusionConfig(alpha=0.5)) == pytest.approx([0.5, 0.5])
