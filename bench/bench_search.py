@@ -65,7 +65,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"gunicorn exited with {proc.returncode}")
+            raise SystemExit(f"gunicorn exited with {proc.returncode} (log in {tempfile.gettempdir()})")
         try:
             if requests.get(url + "/health/ready", timeout=2).status_code == 200:
                 return
@@ -114,9 +114,10 @@ def main() -> int:
     gunicorn = [str(Path(sys.executable).parent / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers",
                 str(args.workers), "--worker-class", "gthread", "--threads", str(args.threads), "--timeout", "60",
                 "--keepalive", "10", "--preload", "production_system:create_production_app"]
-    log = tempfile.NamedTemporaryFile(prefix="bench-gunicorn-", suffix=".log", delete=False)
-    proc = subprocess.Popen(gunicorn, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log_path = Path(tempfile.gettempdir()) / f"bench-gunicorn-{port}.log"
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(gunicorn, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         wait_ready(url, proc)
         token = subprocess.check_output([str(Path(sys.executable).parent / "campus-search"), "token", "--sub",

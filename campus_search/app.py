@@ -51,8 +51,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     init_cors(app, settings)  # browser portals: CORS_ORIGINS only, none by default
     app.register_blueprint(openapi_api.bp)
     app.register_blueprint(search_api.bp)
-    app.register_blueprint(explain_api.bp)
     app.register_blueprint(documents_api.bp)
+    app.register_blueprint(explain_api.bp)
     metrics.init_app(app, services)
     logs.init_app(app)
     ops.init_app(app)

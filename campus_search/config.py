@@ -211,7 +211,7 @@ FIELDS: tuple[Field, ...] = (
     F("search_fusion", ("SEARCH_FUSION",), "convex",
       "How dense and BM25 candidates combine: `convex` (min-max normalised, weighted), `rrf`, `dense` or "
       "`lexical` (docs/ranking.md)."),
-    F("fusion_alpha", ("FUSION_ALPHA",), 0.5, "Weight of the dense score in `convex` fusion (0-1).", float),
+    F("fusion_alpha", ("FUSION_ALPHA",), 0.6, "Weight of the dense score in `convex` fusion (0-1).", float),
     F("rrf_k", ("RRF_K",), 60, "Rank constant of reciprocal rank fusion.", int),
     F("bm25_k1", ("BM25_K1",), 0.9, "BM25 term-frequency saturation k1.", float),
     F("bm25_b", ("BM25_B",), 0.4, "BM25 length normalisation b (0-1).", float),
@@ -319,7 +319,7 @@ class Settings:
     similarity_threshold: float = 0.2
     default_max_results: int = 10
     search_fusion: str = "convex"
-    fusion_alpha: float = 0.5
+    fusion_alpha: float = 0.6
     rrf_k: int = 60
     bm25_k1: float = 0.9
     bm25_b: float = 0.4
@@ -481,14 +481,14 @@ def _validate(s: Settings) -> list[str]:
     if asymmetric and len(asymmetric) != len(s.jwt_algorithms):
         problems.append("JWT_ALGORITHMS must not mix HS* with RS*/ES* (algorithm confusion)")
     problems += _validate_security(s)
-    if s.embedding_retries < 0:
-        problems.append("EMBEDDING_RETRIES must not be negative")
     if s.log_format not in ("auto", "json", "text"):
         problems.append("LOG_FORMAT must be auto, json or text")
     if s.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         problems.append("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     if s.health_cache_seconds < 0 or s.health_timeout <= 0:
         problems.append("HEALTH_CACHE_SECONDS must not be negative and HEALTH_TIMEOUT must be positive")
+    if s.embedding_retries < 0:
+        problems.append("EMBEDDING_RETRIES must not be negative")
     if s.embedding_provider not in ("local", "ollama", "openai"):
         problems.append("EMBEDDING_PROVIDER must be local, ollama or openai")
     if s.embedding_provider != "local" and not s.embedding_url:

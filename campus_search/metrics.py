@@ -79,7 +79,7 @@ EMBEDDING_REQUESTS = Counter("vector_search_embedding_requests_total", "Calls to
 EMBEDDING_DURATION = Histogram("vector_search_embedding_duration_seconds", "Embedding call duration in seconds",
                                ["provider"], buckets=EMBEDDING_BUCKETS)
 EMBEDDING_TEXTS = Counter("vector_search_embedded_texts_total", "Texts embedded", ["provider"])
-RATE_LIMITED = Counter("vector_search_rate_limited_total", "Requests refused by the rate limiter, by role",
+RATE_LIMITED = Counter("vector_search_rate_limited_requests_total", "Requests refused by the rate limiter, by role",
                        ["user_role"])
 AUDIT_FAILURES = Counter("vector_search_audit_write_failures_total", "Audit records that could not be written")
 HEALTH = Gauge("vector_search_health_check_healthy", "Last health check result per component (1 healthy)",

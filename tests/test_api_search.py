@@ -138,6 +138,8 @@ def test_clearance_filter_above_own_is_forbidden(client: Any, token: Any) -> Non
     ({"query": "ok", "config": {"similarity_threshold": 2}}, "similarity_threshold"),
     ({"query": "ok", "config": {"top_k": 3}}, "unknown config"),
     ([1, 2], "JSON object"),
+    ({"query": "lone \ud800 surrogate"}, "invalid Unicode"),
+    ({"query": "ok", "filters": {"department": "\udfff"}}, "invalid Unicode"),
 ])
 def test_bad_input_is_a_clear_400(client: Any, token: Any, body: Any, fragment: str) -> None:
     r = search(client, token("staff", departments=["IT Services"]), body)

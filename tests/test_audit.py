@@ -336,11 +336,19 @@ def test_search_fails_closed_when_audit_cannot_be_written(audited: Any, token: A
 
 
 def test_log_mode_serves_and_logs(audited: Any, token: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from campus_search import metrics
+
+    def failures() -> float:
+        rows_ = metrics.samples(["vector_search_audit_write_failures_total"])
+        return sum(v for _, v in rows_.get("vector_search_audit_write_failures_total", []))
+
     client, services = audited(audit_failure_mode="log")
     break_audit_writes(services)
+    before = failures()
     with caplog.at_level(logging.ERROR, logger="campus_search.audit"):
         r = client.post("/api/search", json={"query": "password"}, headers={"Authorization": token("student")})
     assert r.status_code == 200
+    assert failures() == before + 1  # operators see it on /metrics too
     assert any(r.headers["X-Request-ID"] in rec.getMessage() for rec in caplog.records)
     assert rows(services) == []
 

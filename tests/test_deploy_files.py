@@ -328,6 +328,6 @@ def test_grafana_dashboard_uses_the_provisioned_datasource_and_real_metrics(demo
             covered |= set(re.findall(r"\bvector_search_\w+", target["expr"]))
     base = {re.sub(r"_(bucket|sum|count)$", "", m) for m in covered}
     for family in ("vector_search_requests_total", "vector_search_request_duration_seconds",
-                   "vector_search_cache_operations_total", "vector_search_rate_limited_total",
+                   "vector_search_cache_operations_total", "vector_search_rate_limited_requests_total",
                    "vector_search_audit_write_failures_total", "vector_search_active_connections"):
         assert family in base, f"dashboard lacks {family}"

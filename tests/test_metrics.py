@@ -31,7 +31,7 @@ EXPECTED = {
     "vector_search_embedding_requests": "counter",
     "vector_search_embedding_duration_seconds": "histogram",
     "vector_search_embedded_texts": "counter",
-    "vector_search_rate_limited": "counter",
+    "vector_search_rate_limited_requests": "counter",
     "vector_search_audit_write_failures": "counter",
     "vector_search_health_check_healthy": "gauge",
 }
@@ -110,15 +110,16 @@ def test_component_counters_record_what_they_are_told() -> None:
         return sum(s.value for s in fams[name].samples
                    if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
 
-    assert "vector_search_rate_limited" in families_before
-    rl = current("vector_search_rate_limited", "vector_search_rate_limited_total", user_role="student")
+    assert "vector_search_rate_limited_requests" in families_before
+    family, sample = "vector_search_rate_limited_requests", "vector_search_rate_limited_requests_total"
+    rl = current(family, sample, user_role="student")
     af = current("vector_search_audit_write_failures", "vector_search_audit_write_failures_total")
     other = current("vector_search_cache_operations", "vector_search_cache_operations_total",
                     operation="other", status="other")
     metrics.rate_limited("student")
     metrics.audit_failure()
     metrics.cache_op("free text from a caller", "also free text")  # never becomes a label value
-    assert current("vector_search_rate_limited", "vector_search_rate_limited_total", user_role="student") == rl + 1
+    assert current(family, sample, user_role="student") == rl + 1
     assert current("vector_search_audit_write_failures", "vector_search_audit_write_failures_total") == af + 1
     assert current("vector_search_cache_operations", "vector_search_cache_operations_total",
                    operation="other", status="other") == other + 1

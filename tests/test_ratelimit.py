@@ -38,7 +38,7 @@ def post(client: Any, auth: str | None = None, addr: str = "127.0.0.1", **header
 
 
 def refused_count(role: str) -> float:
-    rows = metrics.samples(["vector_search_rate_limited_total"])["vector_search_rate_limited_total"]
+    rows = metrics.samples(["vector_search_rate_limited_requests_total"])["vector_search_rate_limited_requests_total"]
     return sum(v for labels, v in rows if labels.get("user_role") == role)
 
 
@@ -65,7 +65,7 @@ def test_limit_is_exact_and_answers_429_with_headers(limited_app: Any, token: An
     before = refused_count("student")
     refused = post(client, auth)
     assert refused.status_code == 429
-    assert refused_count("student") == before + 1  # vector_search_rate_limited_total{user_role="student"}
+    assert refused_count("student") == before + 1  # vector_search_rate_limited_requests_total{user_role="student"}
     error = refused.get_json()["error"]
     assert set(error) == {"code", "message", "request_id"} and error["code"] == "rate_limited"
     assert error["request_id"] == refused.headers["X-Request-ID"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -32,6 +33,10 @@ def json_body() -> dict[str, Any]:
     data = request.get_json(force=True, silent=True, cache=True)
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    try:  # JSON may escape lone surrogates ("\ud800"), which are not text and cannot reach the database
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("request body contains invalid Unicode (a lone surrogate)") from None
     return data
 
 
