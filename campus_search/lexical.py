@@ -23,9 +23,11 @@ class BM25:
     k1: float = DEFAULT_K1
     b: float = DEFAULT_B
 
-    def scored_cte(self) -> str:
+    def scored_cte(self, where: str = "true") -> str:
         """CTEs ``lex_query``, ``lex_weights``, ``lex_scores`` (chunk_id, score) for the query text in
-        ``%(qtext)s``; unfiltered (callers join chunks and apply the rule).
+        ``%(qtext)s``, over the postings that satisfy ``where`` (a predicate on alias ``p``: the postings
+        carry their chunk's access and filter columns, migration 005), so the visibility rule and the
+        client's filters apply before anything is scored.
 
         Postings are fetched per query term through the (term, chunk_id) primary key (the LATERAL join
         makes that the only plan), so the cost grows with the postings of the query's terms, not with
@@ -45,5 +47,6 @@ class BM25:
             SELECT p.chunk_id,
                    sum(w.w * p.tf * ({k1} + 1) / (p.tf + {k1} * (1 - {b} + {b} * p.dl / {avgdl}))) AS score
             FROM lex_weights w
-            CROSS JOIN LATERAL (SELECT chunk_id, tf, dl FROM lexical_postings WHERE term = w.term) p
+            CROSS JOIN LATERAL (SELECT p.chunk_id, p.tf, p.dl FROM lexical_postings p
+                                WHERE p.term = w.term AND {where}) p
             GROUP BY p.chunk_id)"""

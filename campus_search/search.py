@@ -218,12 +218,12 @@ class Searcher:
         """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
         exact cosine and BM25 score, fused into ``relevance`` (fusion.py). One statement, one round trip."""
         where, params = _where(user, filters)
+        where_p, _ = _where(user, filters, alias="p")  # same rule and filters, on the postings' copies
         sql = (f"WITH dense AS MATERIALIZED ("
                f"  SELECT c.id FROM chunks c WHERE {where} ORDER BY c.embedding <=> %(q)s LIMIT %(k)s), "
-               f"{self.bm25.scored_cte()}, "
+               f"{self.bm25.scored_cte(where_p)}, "
                f"lex_top AS MATERIALIZED ("
-               f"  SELECT s.chunk_id AS id FROM lex_scores s JOIN chunks c ON c.id = s.chunk_id WHERE {where}"
-               f"  ORDER BY s.score DESC, s.chunk_id LIMIT %(k)s), "
+               f"  SELECT s.chunk_id AS id FROM lex_scores s ORDER BY s.score DESC, s.chunk_id LIMIT %(k)s), "
                f"cand AS (SELECT id FROM dense UNION SELECT id FROM lex_top) "
                f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, coalesce(ls.score, 0) AS bm25, "
                f"  c.id IN (SELECT id FROM dense) AS in_dense, c.id IN (SELECT id FROM lex_top) AS in_lex "
@@ -261,10 +261,10 @@ class Searcher:
         return [_hit(row, float(row[-1])) for row in rows]
 
 
-def _where(user: Principal, filters: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The visibility rule AND the client's filters, over chunk alias ``c``."""
-    vis, vis_params = visible_sql(user)
-    flt, flt_params = filter_sql(filters)
+def _where(user: Principal, filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[str, Any]]:
+    """The visibility rule AND the client's filters, over a row with the chunk's access columns."""
+    vis, vis_params = visible_sql(user, alias)
+    flt, flt_params = filter_sql(filters, alias)
     return vis + (f" AND {flt}" if flt else ""), {**vis_params, **flt_params}
 
 

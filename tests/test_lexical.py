@@ -54,9 +54,16 @@ def _stats_consistent(services: Any) -> None:
         stats = conn.execute("SELECT chunks, total_length FROM lexical_stats").fetchone()
         postings = conn.execute("SELECT count(*) FROM lexical_postings").fetchone()[0]
         expected_postings = conn.execute("SELECT count(*) FROM chunks c, unnest(c.lexical) u").fetchone()[0]
+        # every posting carries exactly its chunk's current access and filter columns
+        stale = conn.execute(
+            "SELECT count(*) FROM lexical_postings p JOIN chunks c ON c.id = p.chunk_id "
+            "WHERE (p.clearance_level, p.visibility, p.department, p.campus, p.priority, p.last_reviewed, p.dl) "
+            "IS DISTINCT FROM (c.clearance_level, c.visibility, c.department, c.campus, c.priority, "
+            "c.last_reviewed, c.lexical_length)").fetchone()[0]
     assert stored_df == expected_df
     assert stats == (n, total)
     assert postings == expected_postings
+    assert stale == 0
 
 
 def _python_bm25(services: Any, query: str, k1: float, b: float) -> dict[int, float]:
@@ -123,6 +130,33 @@ def test_lexical_path_obeys_visibility(small: Any) -> None:
     for user in (student, staff_other):
         assert all(h.document_id != "secret" for h in small.searcher.search(user, params))
     assert small.searcher.search(staff_it, params)[0].document_id == "secret"
+
+
+def test_metadata_change_applies_to_lexical_path_at_once(small: Any) -> None:
+    query = "XQ-7731 replacement EASE token"
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
+    assert small.searcher.search(student, params)[0].document_id == "ease"
+    small.ingester.ingest([_doc("ease", DOCS[0][1], DOCS[0][2], department="IT Services",
+                                visibility="department", clearance_level=3)], AccessMetadata())
+    _stats_consistent(small)
+    student_hits = small.searcher.search(student, params)
+    assert all(h.document_id != "ease" for h in student_hits)
+    hits = small.searcher.hybrid_candidates(student, small.searcher.embed_query(query), query, {}, 10)
+    assert all(h.document_id != "ease" for h in hits)  # neither list, not even as a BM25-only candidate
+    it_staff = Principal("t", DEFAULT_ROLES["staff"], departments=("IT Services",))
+    assert small.searcher.search(it_staff, params)[0].document_id == "ease"
+
+
+def test_filters_apply_to_lexical_candidates(small: Any) -> None:
+    small.ingester.ingest([_doc("wifi", DOCS[1][1], DOCS[1][2], campus="Easter Bush", priority=5)],
+                          AccessMetadata())
+    query = "eduroam wireless network login"
+    vector = small.searcher.embed_query(query)
+    for filters, expected in (({"campus": "Easter Bush"}, {"wifi"}), ({"min_priority": 4}, {"wifi"}),
+                              ({"campus": "Central Campus"}, set())):
+        hits = small.searcher.hybrid_candidates(superuser(), vector, query, filters, 10)
+        assert {h.document_id for h in hits} == expected
 
 
 def test_statistics_exact_after_add_change_delete(small: Any) -> None:
