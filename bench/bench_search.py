@@ -48,6 +48,11 @@ request = function()
   return wrk.format("POST", "/api/search", {["Content-Type"] = "application/json",
                                            ["Authorization"] = "Bearer " .. token}, body)
 end
+local pause = tonumber(os.getenv("BENCH_PAUSE_MS") or "0")
+if pause > 0 then
+  -- paced users: each connection waits between its requests, so the offered load is a fixed rate
+  delay = function() return math.random(math.floor(pause / 2), math.floor(pause * 3 / 2)) end
+end
 """
 
 
@@ -80,7 +85,7 @@ def parse_wrk(output: str) -> dict[str, float]:
     units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
     for line in output.splitlines():
         parts = line.split()
-        if line.strip().startswith(("50%", "95%", "99%")) and len(parts) == 2:
+        if line.strip().startswith(("50%", "75%", "90%", "99%")) and len(parts) == 2:
             value = parts[1]
             for unit in ("us", "ms", "s"):
                 if value.endswith(unit):
@@ -100,6 +105,9 @@ def main() -> int:
     ap.add_argument("--sequential", type=int, default=300, help="requests at concurrency 1")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=int, default=20, help="seconds of the concurrent run")
+    ap.add_argument("--rate", type=float, default=0,
+                    help="paced run: the concurrent users together offer about this many requests/s "
+                         "(each waits concurrency/rate s between requests, jittered); 0 = as fast as possible")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -142,10 +150,11 @@ def main() -> int:
             qfile.write("\n".join(q.replace("\n", " ") for q in queries))
         wrk = subprocess.run(["wrk", "-t2", f"-c{args.concurrency}", f"-d{args.duration}s", "--latency",
                               "-s", lua.name, url],
-                             env={**env, "BENCH_QUERIES": qfile.name, "BENCH_TOKEN": token},
+                             env={**env, "BENCH_QUERIES": qfile.name, "BENCH_TOKEN": token,
+                                  "BENCH_PAUSE_MS": str(int(1000 * args.concurrency / args.rate) if args.rate else 0)},
                              capture_output=True, text=True, timeout=args.duration + 60)
         result = {
-            "fusion": args.fusion,
+            "fusion": args.fusion, "offered_rate": args.rate or "max",
             "workers": args.workers, "threads": args.threads,
             "c1_median_ms": round(statistics.median(latencies), 2),
             "c1_p95_ms": round(latencies[int(0.95 * len(latencies)) - 1], 2),
