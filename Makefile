@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-prod.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint bench clean system-tools
+.PHONY: install run test lint bench clean docs system-tools
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+# Regenerate the configuration table in docs/configuration.md from config.FIELDS (a test checks it).
+docs: install
+	$(PY) -c "import pathlib, campus_search.config as c; p = pathlib.Path('docs/configuration.md'); t = p.read_text(); p.write_text(t[:t.index('| variable |')] + c.markdown_table())"

@@ -1,8 +1,9 @@
-"""Uncached search latency and throughput through HTTP, served the way production serves it.
+"""Search latency and throughput through HTTP, served the way production serves it.
 
 Starts gunicorn with the brief's command (gthread workers, --preload) on a free loopback port against
-an existing database (DATA_DIR's embedded PostgreSQL, or DATABASE_URL), with the result cache and rate
-limits off and every query distinct, so each request embeds its query and searches PostgreSQL. Then:
+an existing database (DATA_DIR's embedded PostgreSQL, or DATABASE_URL), rate limits off. By default the
+result cache is off and every query distinct, so each request embeds its query and searches PostgreSQL
+(``--cached``: cache on, the concurrent run repeats a few popular questions). Then:
 
 1. concurrency 1: one client, N sequential requests -> median / p95 latency;
 2. concurrency C: ``wrk`` (Debian package ``wrk``; a second process, cheap on the CPU) with a Lua
@@ -43,7 +44,8 @@ local thread_id = 0
 setup = function(thread) thread:set("tid", thread_id); thread_id = thread_id + 1 end
 request = function()
   counter = counter + 1
-  local q = queries[(counter % #queries) + 1] .. " (" .. tid .. "-" .. counter .. ")"
+  local q = queries[(counter % #queries) + 1]
+  if os.getenv("BENCH_CACHED") ~= "1" then q = q .. " (" .. tid .. "-" .. counter .. ")" end
   local body = '{"query": "' .. q:gsub('\\', '\\\\'):gsub('"', '\\"') .. '", "config": {"max_results": 10}}'
   return wrk.format("POST", "/api/search", {["Content-Type"] = "application/json",
                                            ["Authorization"] = "Bearer " .. token}, body)
@@ -108,6 +110,9 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0,
                     help="paced run: the concurrent users together offer about this many requests/s "
                          "(each waits concurrency/rate s between requests, jittered); 0 = as fast as possible")
+    ap.add_argument("--cached", action="store_true",
+                    help="cached run: result cache on, the concurrent run repeats --popular questions")
+    ap.add_argument("--popular", type=int, default=12, help="distinct questions in a --cached run")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -116,7 +121,8 @@ def main() -> int:
     queries = load_queries(Path(args.queries))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SEARCH_FUSION": args.fusion, "CACHE_ENABLED": "false", "RATE_LIMITS_ENABLED": "false",
+    env = {**os.environ, "SEARCH_FUSION": args.fusion, "CACHE_ENABLED": "true" if args.cached else "false",
+           "RATE_LIMITS_ENABLED": "false",
            "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
     env.pop("REDIS_URL", None)
     gunicorn = [str(Path(sys.executable).parent / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers",
@@ -147,14 +153,15 @@ def main() -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua, \
                 tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as qfile:
             lua.write(LUA)
-            qfile.write("\n".join(q.replace("\n", " ") for q in queries))
+            qfile.write("\n".join(q.replace("\n", " ") for q in (queries[:args.popular] if args.cached else queries)))
         wrk = subprocess.run(["wrk", "-t2", f"-c{args.concurrency}", f"-d{args.duration}s", "--latency",
                               "-s", lua.name, url],
                              env={**env, "BENCH_QUERIES": qfile.name, "BENCH_TOKEN": token,
+                                  "BENCH_CACHED": "1" if args.cached else "0",
                                   "BENCH_PAUSE_MS": str(int(1000 * args.concurrency / args.rate) if args.rate else 0)},
                              capture_output=True, text=True, timeout=args.duration + 60)
         result = {
-            "fusion": args.fusion, "offered_rate": args.rate or "max",
+            "fusion": args.fusion, "cached": args.cached, "offered_rate": args.rate or "max",
             "workers": args.workers, "threads": args.threads,
             "c1_median_ms": round(statistics.median(latencies), 2),
             "c1_p95_ms": round(latencies[int(0.95 * len(latencies)) - 1], 2),

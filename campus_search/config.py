@@ -152,6 +152,9 @@ FIELDS: tuple[Field, ...] = (
     F("jwt_audience", ("JWT_AUDIENCE",), None, "Required `aud` claim, when set."),
     F("jwt_leeway", ("JWT_LEEWAY",), 30, "Clock-skew leeway in seconds for `exp`/`nbf`/`iat`.", int),
     F("jwt_token_ttl", ("JWT_TOKEN_TTL",), 8 * 3600, "Default lifetime of tokens from `campus-search token`.", int),
+    F("jwt_verified_cache_seconds", ("JWT_VERIFIED_CACHE_SECONDS",), 60.0,
+      "Seconds a verified bearer token is remembered per process (never past its `exp`), so repeated "
+      "requests skip signature checks; 0 verifies every request.", float),
     F("oidc_jwks_url", ("OIDC_JWKS_URL",), None, "JWKS URL of the SSO provider (RS256/ES256 tokens)."),
     F("claim_role", ("JWT_ROLE_CLAIM",), "role", "Claim holding the SSO role name."),
     F("claim_departments", ("JWT_DEPARTMENT_CLAIM",), "departments",
@@ -293,6 +296,7 @@ class Settings:
     jwt_audience: str | None = None
     jwt_leeway: int = 30
     jwt_token_ttl: int = 8 * 3600
+    jwt_verified_cache_seconds: float = 60.0
     oidc_jwks_url: str | None = None
     claim_role: str = "role"
     claim_departments: str = "departments"

@@ -182,8 +182,10 @@ def test_sso_token_with_wrong_audience_or_expired_is_401(sso_client: Any, idp: J
 
 
 def test_key_rotation_unknown_kid_triggers_one_refresh(app_factory: Any, idp: JwksServer) -> None:
+    # JWT_VERIFIED_CACHE_SECONDS=0: every request is verified against the keys (the bounded window of
+    # the verified-token cache is tested on its own below)
     c = app_factory(jwt_algorithms=("RS256",), jwt_secret_key=None, oidc_jwks_url=idp.url, jwt_issuer=ISSUER,
-                    jwt_audience=AUDIENCE, oidc_jwks_refresh_interval=0.0)
+                    jwt_audience=AUDIENCE, oidc_jwks_refresh_interval=0.0, jwt_verified_cache_seconds=0)
     assert post(c, "Bearer " + idp.sign({"sub": "a"}, "rsa-1")).status_code == 200
     assert idp.hits == 1
     idp.add_key("rsa-2")
@@ -198,6 +200,34 @@ def test_key_rotation_unknown_kid_triggers_one_refresh(app_factory: Any, idp: Jw
     assert_clean_401(post(c, "Bearer " + forged))  # unknown kid: one refresh, still unknown
     assert idp.hits == 3
     assert_clean_401(post(c, "Bearer " + idp.sign({"sub": "a"}, "rsa-1")))  # the refresh dropped rsa-1
+
+
+def test_verified_token_cache_is_bounded_by_window_and_exp(app_factory: Any, idp: JwksServer) -> None:
+    # JWKS re-read on every verification, so each verification is visible as a hit on the provider
+    settings = dict(jwt_algorithms=("RS256",), jwt_secret_key=None, oidc_jwks_url=idp.url, jwt_issuer=ISSUER,
+                    jwt_audience=AUDIENCE, oidc_jwks_refresh_interval=0.0, oidc_jwks_cache_seconds=0.001,
+                    jwt_leeway=0)
+    c = app_factory(**settings, jwt_verified_cache_seconds=2)
+    token = "Bearer " + idp.sign({"sub": "a"}, "rsa-1")
+    assert post(c, token).status_code == 200
+    verified = idp.hits
+    idp.add_key("rsa-2")
+    idp.publish("rsa-2")  # rsa-1 withdrawn
+    assert post(c, token).status_code == 200  # remembered for at most JWT_VERIFIED_CACHE_SECONDS ...
+    assert idp.hits == verified  # ... without verifying again
+    time.sleep(2.2)
+    assert_clean_401(post(c, token))  # verified again: its key is gone
+    assert idp.hits > verified
+    # never past the token's own exp, whatever the window
+    c = app_factory(**settings, jwt_verified_cache_seconds=600)
+    short = "Bearer " + idp.sign({"sub": "b"}, "rsa-2", ttl=2)
+    assert post(c, short).status_code == 200
+    time.sleep(2.5)
+    assert_clean_401(post(c, short))
+    # a forged token is never remembered: the same string is rejected every time
+    forged = "Bearer " + idp.sign({"sub": "eve", "role": "admin"}, "rsa-2", key=generate_key())
+    assert_clean_401(post(c, forged))
+    assert_clean_401(post(c, forged))
 
 
 def test_unknown_kid_storm_does_not_reach_the_provider(app_factory: Any, idp: JwksServer) -> None:

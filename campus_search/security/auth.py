@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jwt
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
 from flask_jwt_extended.exceptions import JWTExtendedException
 
@@ -53,6 +55,7 @@ def init_auth(app: Flask, settings: Settings) -> JWTManager:
                          max_age=settings.oidc_jwks_cache_seconds,
                          min_refresh_interval=settings.oidc_jwks_refresh_interval)
     app.extensions["campus_search.jwks"] = jwks
+    app.extensions["campus_search.verified_tokens"] = VerifiedTokens(settings.jwt_verified_cache_seconds)
 
     @manager.decode_key_loader
     def _key(header: Mapping[str, Any], _claims: Mapping[str, Any]) -> Any:
@@ -122,6 +125,49 @@ def principal_from_proxy(settings: Settings) -> Principal | None:
                      campus=campus[0] if campus else None, claims={"source": "proxy", "roles": roles})
 
 
+class VerifiedTokens:
+    """Principals of bearer tokens this process verified recently, keyed by the exact token string.
+
+    A portal sends the same token with every request; verifying its signature and claims each time is
+    the largest cost of a cached search. An entry is used until the token's own ``exp`` or
+    ``JWT_VERIFIED_CACHE_SECONDS`` after verification, whichever is first, so a token is never accepted
+    longer than it is valid; a signing key withdrawn from the JWKS stops being accepted within that
+    many seconds. Only tokens that passed full verification are stored.
+    """
+
+    def __init__(self, seconds: float, size: int = 10_000) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> Principal | None:
+        with self._lock:
+            entry = self._entries.get(token)
+            if entry is None:
+                return None
+            if entry[0] <= time.time():
+                del self._entries[token]
+                return None
+            self._entries.move_to_end(token)
+            return entry[1]
+
+    def put(self, token: str, principal: Principal, exp: Any) -> None:
+        if self.seconds <= 0 or not isinstance(exp, int | float):
+            return
+        until = min(float(exp), time.time() + self.seconds)
+        with self._lock:
+            self._entries[token] = (until, principal)
+            self._entries.move_to_end(token)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+def _bearer(header: str) -> str | None:
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
 def authenticate(settings: Settings) -> Principal:
     """The caller of the current request: a trusted proxy's headers, else the bearer token. Raises
     Unauthorized (401) on a missing or bad token, unless anonymous access is allowed and the request
@@ -132,13 +178,20 @@ def authenticate(settings: Settings) -> Principal:
     if principal is None and settings.allow_anonymous and "Authorization" not in request.headers:
         principal = anonymous_principal(settings)
     if principal is None:
-        try:
-            verify_jwt_in_request()
-        except (JWTExtendedException, jwt.PyJWTError) as exc:
-            log.info("rejected token: %s", exc.__class__.__name__)
-            raise Unauthorized("missing, invalid or expired bearer token",
-                               headers={"WWW-Authenticate": 'Bearer realm="campus-search"'}) from None
-        principal = principal_from_claims(get_jwt(), settings)
+        verified: VerifiedTokens | None = current_app.extensions.get("campus_search.verified_tokens")
+        token = _bearer(request.headers.get("Authorization", ""))
+        principal = verified.get(token) if verified is not None and token else None
+        if principal is None:
+            try:
+                verify_jwt_in_request()
+            except (JWTExtendedException, jwt.PyJWTError) as exc:
+                log.info("rejected token: %s", exc.__class__.__name__)
+                raise Unauthorized("missing, invalid or expired bearer token",
+                                   headers={"WWW-Authenticate": 'Bearer realm="campus-search"'}) from None
+            claims = get_jwt()
+            principal = principal_from_claims(claims, settings)
+            if verified is not None and token:
+                verified.put(token, principal, claims.get("exp"))
     g.principal = principal
     return principal
 
