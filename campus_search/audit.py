@@ -48,8 +48,8 @@ TEXT_LIMIT = 2000  # per free-text field: a record stays small whatever a client
 _FIELDS = ("seq", "recorded_at", "kind", "action", "request_id", "user_id", "role", "department", "query_hmac",
            "query_text", "filters", "target", "details", "result_count", "response_time_ms", "client_ip",
            "user_agent", "status", "success", "key_id")
-_INSERT = (f"INSERT INTO audit_log ({', '.join(_FIELDS)}, prev_hash, hash) "
-           f"VALUES ({', '.join(['%s'] * (len(_FIELDS) + 2))})")
+_INSERT_HEAD = f"INSERT INTO audit_log ({', '.join(_FIELDS)}, prev_hash, hash)"
+_ROW_PLACEHOLDERS = f"({', '.join(['%s'] * (len(_FIELDS) + 2))})"
 
 
 class AuditUnavailable(ServiceUnavailable):
@@ -209,7 +209,9 @@ class Auditor:
                 record.hash = self.chain_hash(prev, record)
                 seq, prev = record.seq, record.hash
                 rows.append([getattr(record, n) for n in _FIELDS] + [record.prev_hash, record.hash])
-            conn.cursor().executemany(_INSERT, rows)
+            # one multi-row INSERT: the database checks the chain and moves the head once per statement
+            values = ", ".join([_ROW_PLACEHOLDERS] * len(rows))
+            conn.execute(f"{_INSERT_HEAD} VALUES {values}", [v for row in rows for v in row])
             conn.commit()
 
     def write(self, record: AuditRecord) -> bool:
