@@ -181,6 +181,7 @@ class Searcher:
         self.fusion = fusion or FusionConfig()
         self.bm25 = bm25 or BM25()
         self.query_vectors = QueryEmbeddingCache()
+        self.iterative_scan = "relaxed_order"  # pgvector 0.8: keep scanning the index until the page is full
 
     def describe(self) -> dict[str, Any]:
         """The retrieval configuration, reported next to evaluation metrics."""
@@ -188,7 +189,7 @@ class Searcher:
                                "model": self.embedder.model_name, **self.fusion.describe()}
         if self.fusion.method != "dense":
             out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b})
-        out.update({"ef_search": self.ef_search, "iterative_scan": "relaxed_order",
+        out.update({"ef_search": self.ef_search, "iterative_scan": self.iterative_scan,
                     "priority_weight": PRIORITY_WEIGHT, "freshness_weight": FRESHNESS_WEIGHT})
         return out
 
@@ -203,24 +204,36 @@ class Searcher:
     def search(self, user: Principal, params: SearchParams) -> list[Hit]:
         vector = self.embed_query(params.query)
         k = max(params.max_results, CANDIDATE_FLOOR)
-        if self.fusion.method == "dense":
-            hits = self.dense_candidates(user, vector, params.filters, k)
-        else:
-            hits = self.hybrid_candidates(user, vector, params.query, params.filters, k)
+        hits = self._candidates(user, vector, params, k, exact=False)
+        if sum(h.in_dense for h in hits) < k:
+            # A short dense list means either that fewer than k chunks are allowed, or that the index scan
+            # gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles it, so
+            # a page is never short because hidden chunks crowded the index's neighbourhood.
+            hits = self._candidates(user, vector, params, k, exact=True)
         hits = [h for h in hits if h.similarity >= params.similarity_threshold]
         for h in hits:
             h.combined_score = business_score(h.relevance, h.raw_meta, user)
         hits.sort(key=lambda h: (-h.combined_score, -h.similarity, h.chunk_id))
         return hits[:params.max_results]
 
+    def _candidates(self, user: Principal, vector: np.ndarray, params: SearchParams, k: int,
+                    exact: bool) -> list[Hit]:
+        if self.fusion.method == "dense":
+            return self.dense_candidates(user, vector, params.filters, k, exact=exact)
+        return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact)
+
+    def _session(self, k: int) -> str:
+        return (f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
+                f"SET LOCAL hnsw.iterative_scan = {self.iterative_scan}")
+
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
-                          k: int) -> list[Hit]:
+                          k: int, *, exact: bool = False) -> list[Hit]:
         """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
         exact cosine and BM25 score, fused into ``relevance`` (fusion.py). One statement, one round trip."""
         where, params = _where(user, filters)
         where_p, _ = _where(user, filters, alias="p")  # same rule and filters, on the postings' copies
         sql = (f"WITH dense AS MATERIALIZED ("
-               f"  SELECT c.id FROM chunks c WHERE {where} ORDER BY c.embedding <=> %(q)s LIMIT %(k)s), "
+               f"  SELECT c.id FROM chunks c WHERE {where} ORDER BY {_distance(exact)} LIMIT %(k)s), "
                f"{self.bm25.scored_cte(where_p)}, "
                f"lex_top AS MATERIALIZED ("
                f"  SELECT s.chunk_id AS id FROM lex_scores s ORDER BY s.score DESC, s.chunk_id LIMIT %(k)s), "
@@ -230,8 +243,7 @@ class Searcher:
                f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id")
         with self.db.connection(read=True) as conn:
-            conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
-                         "SET LOCAL hnsw.iterative_scan = relaxed_order")
+            conn.execute(self._session(k))
             rows = conn.execute(sql, {"q": vector, "k": k, "qtext": query, **params}).fetchall()
         cos = [float(r[12]) for r in rows]
         bm25 = [float(r[13]) for r in rows]
@@ -246,19 +258,24 @@ class Searcher:
         return hits
 
     def dense_candidates(self, user: Principal, vector: np.ndarray, filters: Mapping[str, Any],
-                         k: int) -> list[Hit]:
+                         k: int, *, exact: bool = False) -> list[Hit]:
         where, params = _where(user, filters)
         sql = (f"WITH candidates AS MATERIALIZED ("
                f"  SELECT c.id, c.embedding <=> %(q)s AS distance FROM chunks c WHERE {where}"
-               f"  ORDER BY c.embedding <=> %(q)s LIMIT %(k)s) "
+               f"  ORDER BY {_distance(exact)} LIMIT %(k)s) "
                f"SELECT {_COLUMNS}, 1 - cand.distance AS similarity FROM candidates cand "
                f"JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"ORDER BY cand.distance, c.id")
         with self.db.connection(read=True) as conn:
-            conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
-                         "SET LOCAL hnsw.iterative_scan = relaxed_order")
+            conn.execute(self._session(k))
             rows = conn.execute(sql, {"q": vector, "k": k, **params}).fetchall()
         return [_hit(row, float(row[-1])) for row in rows]
+
+
+def _distance(exact: bool) -> str:
+    """The dense ordering. ``+ 0`` hides the operator from the planner, so no HNSW index is used: an exact
+    scan (by the access-column index or sequentially) that always finds the true top k allowed chunks."""
+    return "(c.embedding <=> %(q)s) + 0" if exact else "c.embedding <=> %(q)s"
 
 
 def _where(user: Principal, filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[str, Any]]:

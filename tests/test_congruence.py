@@ -280,3 +280,23 @@ def test_api_results_obey_the_rule(corpus: Corpus, token: Any) -> None:
         assert body["count"] == min(user.role.max_results, 50)
         for hit in body["results"]:
             assert is_visible(hit["metadata"], user)
+
+
+def test_index_scan_that_stops_early_falls_back_to_exact(corpus: Corpus) -> None:
+    """Belt and braces for large corpora: if the HNSW scan gives up before the page is full (here forced by
+    turning the iterative scan off), the search re-runs exactly, so the page is still full and allowed."""
+    db = _VectorIndexOnly(corpus.services.settings, corpus.services.dsn)
+    db.open()
+    try:
+        searcher = Searcher(db, corpus.services.embedder, ef_search=corpus.services.settings.hnsw_ef_search)
+        searcher.iterative_scan = "off"
+        user = Principal("anon", ROLES["anonymous"])
+        mask = allowed_mask(corpus, user, {})
+        allowed_ids = set(corpus.ids[mask].tolist())
+        for text, q in corpus.queries[:5]:
+            assert len(searcher.dense_candidates(user, q, {}, 40)) < 20  # the raw index scan comes back short
+            hits = searcher.search(user, SearchParams(query=text, max_results=20, similarity_threshold=-1.0))
+            assert len(hits) == min(20, int(mask.sum()))
+            assert {h.chunk_id for h in hits} <= allowed_ids
+    finally:
+        db.close()
