@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -37,7 +38,9 @@ from campus_search.metadata import AccessMetadata  # noqa: E402
 from campus_search.parsers import ParsedDocument, read_jsonl  # noqa: E402
 from campus_search.services import Services  # noqa: E402
 
-DEFAULT_CORPUS = Path("/work/shared/data/scifact/corpus.jsonl")
+DEFAULT_CORPUS = next((p for p in (Path(os.environ.get("SCIFACT_DIR", "")) / "corpus.jsonl",
+                                     Path(__file__).resolve().parent.parent.parent / "shared/data/scifact/corpus.jsonl")
+                       if p.is_file()), Path("/work/shared/data/scifact/corpus.jsonl"))
 
 
 def load(corpus: Path, limit: int) -> list[ParsedDocument]:

@@ -33,7 +33,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SCIFACT = Path("/work/shared/data/scifact")
+# the evaluation data beside the checkout (../shared), or SCIFACT_DIR
+SCIFACT = next((p for p in (Path(os.environ.get("SCIFACT_DIR", "")),
+                            Path(__file__).resolve().parent.parent.parent / "shared/data/scifact")
+                if (p / "corpus.jsonl").is_file()), Path("/work/shared/data/scifact"))
 SECRET = "bench-secret-" + "x" * 40
 DEPARTMENTS = [("Medicine", 35), ("Informatics", 25), ("Library", 15), ("Estates", 10), ("Human Resources", 8),
                ("Finance", 4), ("Vet School", 2), ("Chaplaincy", 1)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +37,10 @@ from campus_search.search import Searcher, SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal, build_roles, is_visible
 from campus_search.services import Services
 
-SCIFACT = Path("/work/shared/data/scifact")
+# the evaluation data beside the checkout (../shared), or SCIFACT_DIR
+SCIFACT = next((p for p in (Path(os.environ.get("SCIFACT_DIR", "")),
+                            Path(__file__).resolve().parent.parent.parent / "shared/data/scifact")
+                if (p / "corpus.jsonl").is_file()), Path("/work/shared/data/scifact"))
 N_DOCS, CHUNKS_PER_DOC, N_TOPICS = 1000, 4, 160
 DEPARTMENTS = {"Medicine": 0.35, "Informatics": 0.25, "Library": 0.15, "Estates": 0.1, "Human Resources": 0.08,
                "Finance": 0.04, "Vet School": 0.02, "Chaplaincy": 0.01}
