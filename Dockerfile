@@ -10,7 +10,8 @@ ENV PATH=/opt/venv/bin:$PATH
 # Dependencies first (their own layer, rebuilt only when the pins change), then the package itself.
 COPY requirements-prod.txt /src/requirements-prod.txt
 RUN pip install --no-compile -r /src/requirements-prod.txt
-COPY pyproject.toml README.md /src/
+# setup.py adds campus_search_gunicorn_keepalive.pth to the wheel: without it gunicorn rejects the CMD's --keepalive
+COPY pyproject.toml setup.py campus_search_gunicorn_keepalive.pth README.md /src/
 COPY campus_search /src/campus_search
 RUN pip install --no-deps --no-compile /src
 

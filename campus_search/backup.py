@@ -317,7 +317,9 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False,
                           "with the backup")
     conninfo, env = _connection(dsn)
     _check_model(settings, archive_index_state(bindir, path, env))
-    safety = backup(settings, dsn).path if documents_before and safety_backup else None
+    # Beside the archive being restored, not under DATA_DIR: a restore run in a throwaway container
+    # (docs/runbook.md) must not lose the replaced database with the container.
+    safety = backup(settings, dsn, path.parent).path if documents_before and safety_backup else None
     listing = _run([str(bindir / "pg_restore"), "--list", str(path)], env, "pg_restore --list").stdout
     # COMMENT ON EXTENSION needs the extension's owner; the comment is the extension's own anyway.
     wanted = "\n".join(ln for ln in listing.splitlines() if " COMMENT - EXTENSION " not in ln)
@@ -337,12 +339,15 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False,
                  "-c", PRELUDE, "-f", "-", "-c", epilogue, f"--dbname={conninfo}"],
                 stdin=producer.stdout, capture_output=True, text=True, env=env)
         producer_err = err_file.read_text(encoding="utf-8", errors="replace")
-    if producer.returncode != 0:
-        raise BackupError(f"pg_restore failed: {_last_lines(producer_err)} (nothing was changed)")
+    # psql first: when it stops early (a lock timeout, a bad statement) pg_restore only sees a broken pipe
     if consumer.returncode != 0:
         raise BackupError(f"restore failed and was rolled back: {_last_lines(consumer.stderr)}")
-    dimension = MODEL_DIMENSIONS.get(settings.embedding_model, 0)
-    schema_version = _migrate_after_restore(migrate, dsn, settings.embedding_model, dimension)
+    if producer.returncode != 0:
+        raise BackupError(f"pg_restore failed: {_last_lines(producer_err)} (nothing was changed)")
+    from .services import index_model
+
+    dimension = MODEL_DIMENSIONS.get(index_model(settings), 0)
+    schema_version = _migrate_after_restore(migrate, dsn, index_model(settings), dimension)
     documents, chunks, generation = _counts(dsn)
     return RestoreResult(path=str(path), documents=documents, chunks=chunks, replaced_documents=documents_before,
                          safety_backup=safety, generation=generation, schema_version=schema_version,
@@ -363,13 +368,14 @@ def archive_index_state(bindir: Path, path: Path, env: dict[str, str]) -> dict[s
 
 
 def _check_model(settings: Settings, state: dict[str, str]) -> None:
-    from .services import MODEL_DIMENSIONS
+    from .services import MODEL_DIMENSIONS, index_model
 
-    expected = MODEL_DIMENSIONS.get(settings.embedding_model)
-    if expected and str(expected) != state.get("dimension"):
+    model = index_model(settings)
+    expected = MODEL_DIMENSIONS.get(model)
+    if state.get("model") != model or (expected and str(expected) != state.get("dimension")):
         raise BackupError(f"the backup holds {state.get('dimension')}-dimensional vectors from model "
-                          f"{state.get('model')!r}; the configured model {settings.embedding_model!r} makes "
-                          f"{expected}-dimensional ones (nothing was changed)")
+                          f"{state.get('model')!r}; the configured model is {model!r}"
+                          f"{f' ({expected} dimensions)' if expected else ''} (nothing was changed)")
 
 
 def _migrate_after_restore(migrate: Any, dsn: str, model: str, dimension: int) -> int:

@@ -57,11 +57,12 @@ def migrate(dsn: str, *, model: str, dimension: int) -> int:
         row = conn.execute("SELECT model, dimension FROM index_state").fetchone()
         if row is None:
             conn.execute("INSERT INTO index_state (model, dimension) VALUES (%s, %s)", (model, dimension))
-        elif row[1] != dimension:
+        elif row[1] != dimension or row[0] != model:
+            # Vectors of two models are not comparable, even at the same dimension.
             raise ConfigError(
                 f"the index holds {row[1]}-dimensional vectors from model {row[0]!r}, but the configured "
-                f"model {model!r} makes {dimension}-dimensional ones; re-create the index "
-                "(campus-search reindex) or configure the original model")
+                f"model is {model!r} ({dimension} dimensions); configure the original model, or point "
+                "DATABASE_URL (or DATA_DIR) at a new database and ingest the documents again")
         return version
 
 

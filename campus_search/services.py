@@ -19,7 +19,7 @@ from . import metrics
 from .cache import ResultCache, build_cache
 from .config import Settings
 from .db import Database, migrate, resolve_dsns
-from .embedding import Embedder, get_embedder
+from .embedding import Embedder, LocalMiniLM, get_embedder
 from .fusion import FusionConfig
 from .ingest import Ingester
 from .lexical import BM25
@@ -29,6 +29,11 @@ from .security.roles import Principal
 log = logging.getLogger(__name__)
 
 MODEL_DIMENSIONS = {"all-MiniLM-L6-v2": 384}
+
+
+def index_model(settings: Settings) -> str:
+    """The model whose vectors the index holds: the in-process model ignores EMBEDDING_MODEL."""
+    return LocalMiniLM.model_name if settings.embedding_provider == "local" else settings.embedding_model
 
 
 def fusion_config(settings: Settings) -> FusionConfig:
@@ -48,7 +53,7 @@ class Services:
         self.dsn, self.read_dsn = resolve_dsns(settings)
         self._embedder = embedder
         dimension = embedder.dimension if embedder else self._expected_dimension()
-        model = embedder.model_name if embedder else settings.embedding_model
+        model = embedder.model_name if embedder else index_model(settings)
         self.schema_version = migrate(self.dsn, model=model, dimension=dimension)
         self._pid: int | None = None
         self._lock = threading.Lock()

@@ -164,9 +164,9 @@ def test_restore_under_a_running_server_is_atomic_and_invalidates_the_cache(
     assert answers(server) == expected
     assert result["generation"] > generation_before
     assert result["replaced_documents"] > 0
-    # the replaced database was saved first, in DATA_DIR/backups, and holds what was replaced
+    # the replaced database was saved first, beside the archive restored, and holds what was replaced
     safety = Path(result["safety_backup"])
-    assert safety.parent == cli_env / "backups" and NAME_RE.match(safety.name)
+    assert safety.parent == Path(demo_backup).parent and NAME_RE.match(safety.name)
     undo = make_database()
     assert run_cli(capsys, "restore", str(safety), "--database-url", undo)[0] == 0
     assert counts(undo)[:2] == (documents, chunks)

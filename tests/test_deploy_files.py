@@ -107,6 +107,9 @@ def test_dockerfile_runs_the_brief_command_as_non_root() -> None:
     check = subprocess.run([str(gunicorn), *argv[1:], "--check-config"], cwd=ROOT, capture_output=True,
                            text=True, timeout=60)
     assert check.returncode == 0, check.stderr  # the installed gunicorn accepts the brief's spelling
+    # ... and so will the image's: it builds the wheel from setup.py, which carries the start-up hook
+    copied = " ".join(re.findall(r"^COPY (.+)$", text, re.M))
+    assert "setup.py" in copied and "campus_search_gunicorn_keepalive.pth" in copied
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1] not in ("root", "0")
     assert "COPY production_system.py gunicorn.conf.py" in text
@@ -331,3 +334,19 @@ def test_grafana_dashboard_uses_the_provisioned_datasource_and_real_metrics(demo
                    "vector_search_cache_operations_total", "vector_search_rate_limited_requests_total",
                    "vector_search_audit_write_failures_total", "vector_search_active_connections"):
         assert family in base, f"dashboard lacks {family}"
+
+
+def test_wheel_carries_the_keepalive_start_up_hook(tmp_path: Path) -> None:
+    """A non-editable install (the Docker image, `pip install .`) must get the hook at site-packages' root."""
+    import zipfile
+
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path),
+                            str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next(tmp_path.glob("campus_search-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "campus_search_gunicorn_keepalive.pth" in names
+    hook = zipfile.ZipFile(wheel).read("campus_search_gunicorn_keepalive.pth").decode()
+    env = {"argv": ["/usr/bin/gunicorn", "--keepalive", "10", "--keepalive=5", "--bind", "x"]}
+    exec(hook.replace("import sys; ", ""), {"sys": type("S", (), env)})  # the hook's one line, on a fake argv
+    assert env["argv"][1:] == ["--keep-alive", "10", "--keep-alive=5", "--bind", "x"]

@@ -226,4 +226,16 @@ def test_index_built_with_another_dimension_refuses_to_start(fake_server: FakeEm
     with pytest.raises(ConfigError) as info:
         Services(settings, embedder=remote)
     assert "index holds 384-dimensional vectors" in info.value.message
-    assert "makes 256-dimensional ones" in info.value.message
+    assert "'nomic-embed-text' (256 dimensions)" in info.value.message
+
+
+def test_same_dimension_other_model_refuses_to_start(fake_server: FakeEmbeddingServer, settings_factory: Any,
+                                                     embedder: Any) -> None:
+    """Vectors of two models are not comparable even at equal dimension: refuse, do not mix them."""
+    settings = settings_factory(embedding_provider="ollama", embedding_url=fake_server.url)
+    Services(settings, embedder=embedder)  # all-MiniLM-L6-v2, 384 dimensions
+    fake_server.models.add("other-384-model")
+    remote = RemoteEmbedder("ollama", fake_server.url, "other-384-model")
+    with pytest.raises(ConfigError) as info:
+        Services(settings, embedder=remote)
+    assert "from model 'all-MiniLM-L6-v2'" in info.value.message and "'other-384-model'" in info.value.message
