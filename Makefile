@@ -4,14 +4,15 @@
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-prod.txt 2>/dev/null | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-prod.txt setup.py campus_search_gunicorn_keepalive.pth 2>/dev/null | cksum | cut -d' ' -f1)
 
 .PHONY: install run test lint bench clean docs system-tools
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# runtime packages at the versions production pins (requirements-prod.txt), test tools from the extra
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements-prod.txt -e '.[test]'
 	# an editable install leaves out the wheel's start-up hook that accepts the brief's --keepalive (setup.py)
 	cp campus_search_gunicorn_keepalive.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
@@ -28,8 +29,11 @@ system-tools:
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer nginx) \
 	  >/dev/null 2>&1; } || echo "note: pgbouncer/nginx not installed; tests/test_pgbouncer.py and nginx -t will skip"
 
-# pytest exits 5 when it collects nothing; that is not a failure of the code under test.
+# Lint first (ruff, mypy: pinned versions), then the suite. pytest exits 5 when it collects nothing;
+# that is not a failure of the code under test.
 test: install system-tools
+	$(VENV)/bin/ruff check campus_search tests bench production_system.py
+	$(VENV)/bin/mypy campus_search production_system.py
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
 lint: install
