@@ -167,7 +167,8 @@ class Auditor:
         if not pending.done.wait(WRITE_TIMEOUT):
             raise AuditUnavailable("audit write timed out")
         if pending.error is not None:
-            raise pending.error
+            # a fresh exception per request: one shared object would collect every waiter's traceback
+            raise AuditUnavailable("audit record could not be written") from pending.error
         return record
 
     def _ensure_writer(self) -> None:
@@ -219,7 +220,7 @@ class Auditor:
         try:
             self.append(record)
             return True
-        except (psycopg.Error, CampusSearchError) as exc:
+        except Exception as exc:  # whatever failed, the record goes to the log and the failure is counted
             from . import metrics
 
             metrics.audit_failure()

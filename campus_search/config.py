@@ -174,11 +174,15 @@ FIELDS: tuple[Field, ...] = (
     F("oidc_jwks_cache_seconds", ("OIDC_JWKS_CACHE_SECONDS",), 3600.0,
       "Seconds before cached JWKS keys are re-fetched (old keys stay in use if the fetch fails).", float),
     F("trusted_proxies", ("TRUSTED_PROXIES",), (),
-      "Comma-separated IPs/CIDRs of reverse proxies whose `X-Forwarded-For` and identity headers are "
+      "Comma-separated IPs/CIDRs of reverse proxies (nginx) whose `X-Forwarded-For` and `X-Request-ID` are "
       "believed. None by default.", _list),
+    F("identity_proxies", ("IDENTITY_PROXIES",), (),
+      "Comma-separated IPs/CIDRs of the Shibboleth/OIDC proxy whose identity headers are believed. Kept "
+      "apart from TRUSTED_PROXIES: a load balancer that forwards client headers must not vouch for "
+      "identity. None by default.", _list),
     F("proxy_user_header", ("PROXY_USER_HEADER",), None,
       "Header carrying the user id set by a Shibboleth/OIDC proxy (e.g. `X-Remote-User`); when set, "
-      "requests from TRUSTED_PROXIES that carry it are authenticated by the proxy headers."),
+      "requests from IDENTITY_PROXIES that carry it are authenticated by the proxy headers."),
     F("proxy_role_header", ("PROXY_ROLE_HEADER",), "X-Remote-Role",
       "Proxy header with the SSO role name(s), mapped through ROLE_MAPPING."),
     F("proxy_department_header", ("PROXY_DEPARTMENT_HEADER",), "X-Remote-Department",
@@ -306,6 +310,7 @@ class Settings:
     oidc_jwks_refresh_interval: float = 10.0
     oidc_jwks_cache_seconds: float = 3600.0
     trusted_proxies: tuple[str, ...] = ()
+    identity_proxies: tuple[str, ...] = ()
     proxy_user_header: str | None = None
     proxy_role_header: str = "X-Remote-Role"
     proxy_department_header: str = "X-Remote-Department"
@@ -527,12 +532,13 @@ def _validate_security(s: Settings) -> list[str]:
     bad_roles = sorted({r for r in s.role_mapping.values() if r not in roles})
     if bad_roles:
         problems.append(f"ROLE_MAPPING maps to unknown roles {bad_roles}; roles are {roles}")
-    try:
-        parse_networks(tuple(s.trusted_proxies))
-    except ValueError as exc:
-        problems.append(f"TRUSTED_PROXIES: {exc}")
-    if s.proxy_user_header and not s.trusted_proxies:
-        problems.append("PROXY_USER_HEADER needs TRUSTED_PROXIES (identity headers are believed only from them)")
+    for name, value in (("TRUSTED_PROXIES", s.trusted_proxies), ("IDENTITY_PROXIES", s.identity_proxies)):
+        try:
+            parse_networks(tuple(value))
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+    if s.proxy_user_header and not s.identity_proxies:
+        problems.append("PROXY_USER_HEADER needs IDENTITY_PROXIES (identity headers are believed only from them)")
     if not s.proxy_value_separator:
         problems.append("PROXY_VALUE_SEPARATOR must not be empty")
     if s.oidc_jwks_refresh_interval < 0 or s.oidc_jwks_cache_seconds <= 0:

@@ -67,7 +67,10 @@ def parse_datetime(value: Any, name: str = "last_reviewed", source: str = "metad
     else:
         raise BadRequest(f"{source}: {name} must be an ISO 8601 date")
     if parsed.tzinfo is not None:  # stored as UTC wall time
-        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+        try:
+            parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+        except OverflowError:  # e.g. 0001-01-01 with a positive offset
+            raise BadRequest(f"{source}: {name} is out of range") from None
     return parsed
 
 

@@ -57,6 +57,11 @@ def from_trusted_proxy(request: Any, settings: Any) -> bool:
     return bool(settings.trusted_proxies) and is_trusted(request.remote_addr, settings.trusted_proxies)
 
 
+def from_identity_proxy(request: Any, settings: Any) -> bool:
+    """True when the request's TCP peer is a configured identity (SAML/OIDC) proxy."""
+    return bool(settings.identity_proxies) and is_trusted(request.remote_addr, settings.identity_proxies)
+
+
 def client_ip(request: Any, settings: Any) -> str | None:
     """The client's address: the TCP peer, unless that is a trusted proxy, in which case the
     right-most ``X-Forwarded-For`` entry that is not itself a trusted proxy (entries further left

@@ -99,6 +99,8 @@ def validate_filters(raw: Any, user: Principal) -> dict[str, Any]:
             continue
         if not isinstance(value, str) or not value.strip() or len(value) > 200:
             raise BadRequest(f"filters.{name} must be a non-empty string")
+        if any(ord(ch) < 32 for ch in value):
+            raise BadRequest(f"filters.{name} must not contain control characters")
         out[name] = value.strip()
     if raw.get("visibility") is not None:
         if raw["visibility"] not in ("public", "department"):
@@ -205,7 +207,7 @@ class Searcher:
         vector = self.embed_query(params.query)
         k = max(params.max_results, CANDIDATE_FLOOR)
         hits = self._candidates(user, vector, params, k, exact=False)
-        if sum(h.in_dense for h in hits) < k:
+        if sum(h.in_dense for h in hits) < k and self._allowed_at_least(user, params.filters, k):
             # A short dense list means either that fewer than k chunks are allowed, or that the index scan
             # gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles it, so
             # a page is never short because hidden chunks crowded the index's neighbourhood.
@@ -221,6 +223,14 @@ class Searcher:
         if self.fusion.method == "dense":
             return self.dense_candidates(user, vector, params.filters, k, exact=exact)
         return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact)
+
+    def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int) -> bool:
+        """Whether at least k chunks pass the rule and filters (cheap: stops counting at k)."""
+        where, params = _where(user, filters)
+        with self.db.connection(read=True) as conn:
+            row = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM chunks c WHERE {where} LIMIT %(k)s) s",
+                               {"k": k, **params}).fetchone()
+        return bool(row and row[0] >= k)
 
     def _session(self, k: int) -> str:
         return (f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "

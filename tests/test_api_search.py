@@ -140,6 +140,8 @@ def test_clearance_filter_above_own_is_forbidden(client: Any, token: Any) -> Non
     ([1, 2], "JSON object"),
     ({"query": "lone \ud800 surrogate"}, "invalid Unicode"),
     ({"query": "ok", "filters": {"department": "\udfff"}}, "invalid Unicode"),
+    ({"query": "ok", "filters": {"department": "IT\u0000Services"}}, "control characters"),
+    ({"query": "ok", "filters": {"last_reviewed_after": "0001-01-01T00:00:00+05:00"}}, "out of range"),
 ])
 def test_bad_input_is_a_clear_400(client: Any, token: Any, body: Any, fragment: str) -> None:
     r = search(client, token("staff", departments=["IT Services"]), body)
@@ -176,3 +178,12 @@ def test_unknown_endpoint_and_method_are_json(client: Any) -> None:
     r = client.get("/api/search")
     assert r.status_code == 405 and r.get_json()["error"]["code"] == "method_not_allowed"
     assert "POST" in r.headers["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/api/admin/documents?q=a%00b", "/api/admin/documents?department=a%00b",
+                                  "/api/admin/explain?document_id=a%00b&role=staff",
+                                  "/api/admin/stats?days=%C2%B2"])
+def test_values_the_database_refuses_are_400_not_500(client: Any, token: Any, path: str) -> None:
+    r = client.get(path, headers={"Authorization": token("admin")})
+    assert r.status_code == 400, r.get_data(as_text=True)
+    assert r.get_json()["error"]["code"] == "bad_request"

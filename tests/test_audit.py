@@ -198,7 +198,9 @@ def test_database_keeps_the_log_append_only(audited: Any, token: Any) -> None:
     with psycopg.connect(services.dsn, autocommit=True) as conn:
         for sql in ("UPDATE audit_log SET user_id = 'nobody' WHERE seq = 2", "DELETE FROM audit_log WHERE seq = 3",
                     "TRUNCATE audit_log", "DELETE FROM audit_chain_head",
-                    "UPDATE audit_chain_head SET seq = 1"):
+                    "UPDATE audit_chain_head SET seq = 1",
+                    # forward by hand (to append after a forged hash) is refused too
+                    "UPDATE audit_chain_head SET seq = seq + 1000, hash = repeat('f', 64)"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(sql)
         last = conn.execute("SELECT * FROM audit_log WHERE seq = 3").fetchone()

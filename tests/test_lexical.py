@@ -180,3 +180,50 @@ def test_statistics_exact_after_add_change_delete(small: Any) -> None:
         conn.execute("UPDATE chunks SET text = text || ' Quantum cryptography seminar.' "
                      "WHERE document_id = (SELECT id FROM documents WHERE external_id = 'ethics')")
     _stats_consistent(small)
+
+
+def test_concurrent_writers_do_not_deadlock(small: Any) -> None:
+    """Two transactions each writing several documents with overlapping terms (as two ingests do): the
+    second waits for the first at its first chunk statement instead of crossing locks with it."""
+    import threading
+
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    vector = small.embedder.embed(["x"])[0]
+
+    def add(conn: Any, ext: str, text: str) -> None:
+        doc = conn.execute("INSERT INTO documents (external_id, title, content_hash) VALUES (%s, %s, 'h') "
+                           "RETURNING id", (ext, ext)).fetchone()[0]
+        conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding, visibility, "
+                     "clearance_level, priority) VALUES (%s, 0, %s, 'h', %s, 'public', 1, 3)", (doc, text, vector))
+
+    a = psycopg.connect(small.dsn)
+    b = psycopg.connect(small.dsn)
+    for conn in (a, b):
+        register_vector(conn)
+        conn.execute("SET deadlock_timeout = '100ms'")
+    errors: list[BaseException] = []
+    try:
+        add(a, "a1", "apples bananas")  # A holds the statistics row and the terms it wrote
+
+        def second() -> None:
+            try:
+                add(b, "b1", "cherries dates")  # B must queue here, holding nothing A will need
+                add(b, "b2", "apples")
+                b.commit()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                b.rollback()
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        add(a, "a2", "cherries dates bananas")  # A now needs the terms B would otherwise have locked
+        a.commit()
+        t.join(30)
+        assert not t.is_alive() and not errors, errors
+    finally:
+        a.close()
+        b.close()
+    _stats_consistent(small)

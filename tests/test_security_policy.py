@@ -233,8 +233,8 @@ def test_explain_bad_input(client: Any, token: Any) -> None:
 
 @pytest.fixture
 def proxied(demo_services: Any, data_dir: Any) -> Iterator[Any]:
-    settings = make_settings(demo_services.settings.database_url, data_dir, trusted_proxies=("10.0.0.0/8",),
-                             proxy_user_header="X-Remote-User")
+    settings = make_settings(demo_services.settings.database_url, data_dir, identity_proxies=("10.0.0.0/8",),
+                             trusted_proxies=("172.16.0.0/12",), proxy_user_header="X-Remote-User")
     services = Services(settings, embedder=demo_services.embedder).ensure_open()
     yield create_app(settings, services=services).test_client()
     services.close()
@@ -260,6 +260,9 @@ def test_identity_headers_from_anyone_else_are_ignored(proxied: Any, token: Any)
                      environ_base={"REMOTE_ADDR": "192.0.2.7"})
     assert r.status_code == 200 and r.get_json()["user_id"] == "me"
     assert all(h["metadata"]["clearance_level"] <= 2 for h in r.get_json()["results"])
+    # a forwarding proxy (nginx, TRUSTED_PROXIES) is not an identity proxy: its identity headers are ignored
+    r = proxied.post("/api/search", json=Q5, headers=IDENTITY, environ_base={"REMOTE_ADDR": "172.16.0.5"})
+    assert r.status_code == 401
     # a trusted proxy that sends no user: the bearer token decides
     r = proxied.post("/api/search", json=Q5, headers={"Authorization": token("student", sub="me")},
                      environ_base={"REMOTE_ADDR": "10.9.9.9"})
@@ -301,8 +304,10 @@ def test_proxy_settings_validated(tmp_path: Any) -> None:
     base = {"DATA_DIR": str(tmp_path), "JWT_SECRET_KEY": TEST_SECRET}
     with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
         load_settings({**base, "TRUSTED_PROXIES": "10.0.0.0/33"})
-    with pytest.raises(ConfigError, match="PROXY_USER_HEADER needs TRUSTED_PROXIES"):
-        load_settings({**base, "PROXY_USER_HEADER": "X-Remote-User"})
+    with pytest.raises(ConfigError, match="PROXY_USER_HEADER needs IDENTITY_PROXIES"):
+        load_settings({**base, "PROXY_USER_HEADER": "X-Remote-User", "TRUSTED_PROXIES": "10.0.0.1"})
+    with pytest.raises(ConfigError, match="IDENTITY_PROXIES"):
+        load_settings({**base, "IDENTITY_PROXIES": "not-an-address"})
 
 
 # --- production start-up ---------------------------------------------------------------------------

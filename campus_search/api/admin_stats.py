@@ -103,7 +103,7 @@ def admin_stats() -> Any:
     services = current_app.extensions["campus_search"]
     require_admin(services.settings)
     days = request.args.get("days", "30")
-    if not days.isdigit() or not 1 <= int(days) <= 366:
+    if not (days.isascii() and days.isdigit()) or not 1 <= int(days) <= 366:
         raise BadRequest("days must be an integer from 1 to 366")
     return jsonify(collect(services, current_app.extensions["campus_search.metrics"]["pool_sampler"],
                            days=int(days)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
 
@@ -29,6 +30,14 @@ def error_response(status: int, code: str, message: str, *, details: Any = None,
 
 
 def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(psycopg.DataError)
+    def _bad_value(exc: psycopg.DataError) -> Any:
+        # The database refused a value from the request (a NUL character, a number out of range):
+        # the client's input, not a server fault.
+        log.info("database refused a request value: %s", exc.__class__.__name__)
+        return error_response(400, "bad_request", "the request contains a value that cannot be stored or "
+                                                  "compared (for example a NUL character)")
+
     @app.errorhandler(CampusSearchError)
     def _domain(exc: CampusSearchError) -> Any:
         if exc.status >= 500:

@@ -28,7 +28,7 @@ from flask_jwt_extended.exceptions import JWTExtendedException
 
 from ..config import Settings
 from ..errors import Forbidden, Unauthorized
-from ..proxies import from_trusted_proxy
+from ..proxies import from_identity_proxy
 from .roles import Principal, map_role, role_table
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _header(name: str) -> str:
 def principal_from_proxy(settings: Settings) -> Principal | None:
     """Identity from a trusted proxy's headers, or None when not configured, not from a trusted proxy,
     or the proxy sent no user. Headers from anybody else are ignored, whatever they say."""
-    if not settings.proxy_user_header or not from_trusted_proxy(request, settings):
+    if not settings.proxy_user_header or not from_identity_proxy(request, settings):
         return None
     user_id = _header(settings.proxy_user_header)
     if not user_id:

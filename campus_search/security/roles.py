@@ -134,7 +134,9 @@ class Principal:
     def scope_key(self) -> str:
         """What determines visibility: two principals with equal keys see exactly the same chunks."""
         scope = self.role.department_scope
-        depts = {"all": "*", "none": "-"}.get(scope) or ",".join(sorted(self.departments))
+        # JSON, not a joined string: a department name may itself contain the separator
+        depts = {"all": "*", "none": "-"}.get(scope) or json.dumps(sorted(set(self.departments)),
+                                                                   ensure_ascii=False)
         return f"c{self.clearance}|d:{depts}"
 
 
