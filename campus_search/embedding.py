@@ -85,7 +85,6 @@ class LocalMiniLM:
         self.session = ort.InferenceSession(str(model_path), sess_options=opts,
                                             providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()  # tokenizer objects are not shared across threads safely
-        self.threads = threads
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         with self._lock:

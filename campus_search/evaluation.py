@@ -63,16 +63,21 @@ def rank_documents(searcher: Searcher, query: str, depth: int) -> list[str]:
 
 def evaluate(searcher: Searcher, queries: Mapping[str, str], qrels: Mapping[str, Mapping[str, int]],
              k: int = 10, depth: int = 100) -> dict[str, Any]:
-    ndcgs, recalls, latencies = [], [], []
+    ndcgs: list[float] = []
+    ndcg10: list[float] = []
+    recalls: list[float] = []
+    latencies: list[float] = []
     evaluated: Iterable[str] = [q for q in queries if q in qrels]
     for qid in evaluated:
         started = time.perf_counter()
         ranked = rank_documents(searcher, queries[qid], max(depth, k))
         latencies.append((time.perf_counter() - started) * 1000)
         ndcgs.append(ndcg_at_k(ranked, qrels[qid], k))
+        ndcg10.append(ndcg_at_k(ranked, qrels[qid], 10))
         recalls.append(recall_at_k(ranked, qrels[qid], depth))
     n = len(ndcgs)
     return {
+        "ndcg@10": round(statistics.fmean(ndcg10), 4) if n else 0.0,
         f"ndcg@{k}": round(statistics.fmean(ndcgs), 4) if n else 0.0,
         f"recall@{depth}": round(statistics.fmean(recalls), 4) if n else 0.0,
         "queries": n,

@@ -227,16 +227,12 @@ def _is_break(el: Any, mode: str | None) -> bool:
 
 def parse_docx(data: bytes, *, where: str, fallback_title: str) -> Parsed:
     import docx
-    from docx.opc.exceptions import PackageNotFoundError
     from docx.table import Table
 
     try:
         doc = docx.Document(io.BytesIO(data))
         items = list(doc.iter_inner_content())
-    except (PackageNotFoundError, ValueError, KeyError, OSError) as exc:
-        log.debug("%s: python-docx: %r", where, exc)
-        raise IngestError(f"{where}: not a readable DOCX (corrupt file or another format)") from None
-    except Exception as exc:  # noqa: BLE001 - zipfile/lxml errors on damaged packages
+    except Exception as exc:  # noqa: BLE001 - python-docx, zipfile and lxml all fail their own ways
         log.debug("%s: python-docx: %r", where, exc)
         raise IngestError(f"{where}: not a readable DOCX (corrupt file or another format)") from None
     mode = _docx_pages(doc)

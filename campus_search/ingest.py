@@ -136,7 +136,7 @@ class Ingester:
     def _fail(report: IngestReport, message: str) -> None:
         report.failed += 1
         report.errors.append(message)
-        log.warning("skipped: %s", message)
+        log.debug("skipped: %s", message)  # the caller reports IngestReport.errors
 
     def _flush(self, batch: list[_Pending], report: IngestReport) -> None:
         # A document repeated within one batch: the last occurrence wins.

@@ -7,7 +7,8 @@ known set (``METRICS_DEPARTMENTS`` or the departments of the indexed documents),
 
 Several gunicorn workers: prometheus-client's multiprocess mode. ``PROMETHEUS_MULTIPROC_DIR`` must be
 in the environment before ``prometheus_client`` is first imported (``gunicorn.conf.py`` and
-``campus-search serve`` arrange it through :mod:`campus_search.metrics_dir`); counters and histograms
+``campus-search serve`` arrange it through :func:`campus_search.gunicorn_hooks.prepare_metrics_dir`);
+counters and histograms
 then live in per-process files that every scrape sums, so totals survive worker restarts, and the
 gauges here are ``livesum`` (summed over live workers; ``child_exit`` drops a dead worker's share).
 
@@ -46,7 +47,6 @@ ROLES = frozenset({"student", "staff", "academic", "admin", "anonymous"})
 CACHE_OPERATIONS = frozenset({"get", "set", "delete", "clear"})
 CACHE_STATUSES = frozenset({"hit", "miss", "ok", "error"})
 EMBEDDING_PROVIDERS = frozenset({"local", "ollama", "openai"})
-HEALTH_COMPONENTS = ("database", "embedding_service", "cache", "search_functionality")
 MAX_DEPARTMENT_LABELS = 200
 OTHER = "other"
 
@@ -202,9 +202,19 @@ class PoolSampler:
     readers of ``get_stats()`` are unaffected.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self._last: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
+        self._interval = interval
+        self._next = 0.0
+
+    def due(self) -> bool:
+        """True at most once per ``interval`` (for sampling on the request path without a per-request cost)."""
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self._interval
+        return True
 
     def sample(self, db: Any) -> dict[str, int]:
         pools = {id(p): p for p in (getattr(db, "write_pool", None), getattr(db, "read_pool", None)) if p}
@@ -332,8 +342,8 @@ def init_app(app: Any, services: Any) -> None:
                 count = _result_count(response)
                 search_answered(principal.role.name, departments.label(principal.primary_department, db),
                                 count if count is not None else -1)
-            if db is not None:
-                sampler.sample(db)
+            if db is not None and sampler.due():
+                sampler.sample(db)  # at most once a second per process; /metrics samples on every scrape
         except Exception:  # metrics must never turn a good response into an error
             log.debug("metrics not recorded", exc_info=True)
         return response

@@ -13,7 +13,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from . import metrics
 from .cache import ResultCache, build_cache
@@ -107,5 +106,3 @@ class Services:
             self.db.close()
             self._pid = None
 
-    def info(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "embedded_database": self.settings.embedded_database}

@@ -112,7 +112,7 @@ def sync_paths(ingester: Ingester, paths: Sequence[Path], defaults: AccessMetada
             if not scope.complete:
                 message = f"{scope.path}: not pruned (part of it could not be read)"
                 report.errors.append(message)
-                log.warning("%s", message)
+                log.debug("%s", message)  # reported through IngestReport.errors
                 continue
             report.deleted += ingester.prune(scope.prefix, scope.ids, scope.failed_sources)
     return report
