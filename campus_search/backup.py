@@ -176,7 +176,7 @@ def backup(settings: Settings, dsn: str, output: Path | None = None, *, keep: in
     started = time.perf_counter()
     bindir = pg_bin_dir(settings, server_major(dsn))
     target = output or default_backup_dir(settings)
-    if target.is_dir() or output is None or str(output).endswith(os.sep):
+    if target.is_dir() or output is None:
         target.mkdir(parents=True, exist_ok=True, mode=0o700)
         target = target / backup_name(dsn)
     else:

@@ -59,7 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     prepare_metrics_dir()  # first: the workers' metrics need it before prometheus_client is imported
     from .server import serve
 
-    settings = _settings().replace(host=args.host or _settings().host, port=args.port or _settings().port)
+    settings = _settings()
+    settings = settings.replace(host=args.host or settings.host, port=args.port or settings.port)
     if args.demo:
         services = _services(settings, ingest=True)
         from .metadata import AccessMetadata

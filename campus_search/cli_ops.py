@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from .backup import backup
 
     settings = load_settings()
-    result = backup(settings, _dsn(settings, args.database_url), Path(args.output) if args.output else None,
+    # a trailing slash means "a folder", even one that does not exist yet (Path() would drop it)
+    output = Path(args.output) if args.output else None
+    if output is not None and args.output.endswith(("/", os.sep)):
+        output.mkdir(parents=True, exist_ok=True, mode=0o700)
+    result = backup(settings, _dsn(settings, args.database_url), output,
                     keep=args.keep)
     print(f"backup written: {result.path} ({result.bytes:,} bytes, {result.documents} documents, "
           f"{result.chunks} chunks, {result.seconds:.1f}s)", file=sys.stderr)

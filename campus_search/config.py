@@ -228,7 +228,9 @@ FIELDS: tuple[Field, ...] = (
     F("embedding_url", ("EMBEDDING_URL", "OLLAMA_URL"), None, "Base URL of the remote embedding server."),
     F("embedding_model", ("EMBEDDING_MODEL",), "all-MiniLM-L6-v2", "Model name (sent to remote servers)."),
     F("embedding_timeout", ("EMBEDDING_TIMEOUT",), 30.0, "Seconds before a remote embedding call fails.", float),
-    F("embedding_batch_size", ("EMBEDDING_BATCH_SIZE",), 32, "Texts per embedding batch during ingestion.", int),
+    F("embedding_batch_size", ("EMBEDDING_BATCH_SIZE",), 32,
+      "Texts per request to a remote embedding server (the in-process model runs batches of 4, its fastest "
+      "size on a CPU).", int),
     F("embedding_threads", ("EMBEDDING_THREADS",), 1,
       "onnxruntime intra-op threads per process (1 suits several gunicorn workers; ingestion uses all cores).",
       int),

@@ -120,14 +120,15 @@ class LocalMiniLM:
         return out
 
 
-_cache: dict[tuple[str, int, int], Embedder] = {}
+_cache: dict[tuple[str, str, str, int, int], Embedder] = {}
 _cache_lock = threading.Lock()
 
 
 def get_embedder(settings: Settings, *, threads: int | None = None) -> Embedder:
     """The configured embedder, built once per process (and per thread count)."""
     n = threads or settings.embedding_threads
-    key = (settings.embedding_provider, n, os.getpid())  # never share a session across fork
+    # per process (never share a session across fork) and per provider, server and model
+    key = (settings.embedding_provider, settings.embedding_url or "", settings.embedding_model, n, os.getpid())
     with _cache_lock:
         if key not in _cache:
             if settings.embedding_provider == "local":
