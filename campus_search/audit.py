@@ -294,7 +294,7 @@ def search_record(auditor: Auditor, response: Any) -> AuditRecord:
         query_text=_clean(normalise_query(query)) if settings.audit_raw_queries and isinstance(query, str) else None,
         filters=canonical_json(filters) if isinstance(filters, Mapping) else None,
         details=canonical_json(details) if details else None,
-        result_count=len(outcome.hits) if outcome is not None and response.status_code < 400 else None,
+        result_count=outcome.count if outcome is not None and response.status_code < 400 else None,
         **_principal_fields(g.get("principal")), **_request_fields(settings))
 
 

@@ -47,12 +47,12 @@ from redis.retry import Retry
 from . import metrics
 from .config import Settings
 from .errors import ServiceUnavailable
-from .search import Hit, SearchParams
+from .search import Hit, SearchOutcome, SearchParams, render_results
 from .security.roles import Principal
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the stored layout changes
+FORMAT = 2  # bump when the stored layout changes (2: count + rendered results)
 SEARCH_NS = "search"
 EMBEDDING_NS = "emb"
 #: One statement, so every part comes from the same snapshot.
@@ -309,28 +309,22 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot cache a {type(value).__name__}")
 
 
-def _json_hook(obj: dict[str, Any]) -> Any:
-    if len(obj) == 1:
-        if "$dt" in obj:
-            return dt.datetime.fromisoformat(obj["$dt"])
-        if "$date" in obj:
-            return dt.date.fromisoformat(obj["$date"])
-    return obj
-
-
 HIT_FIELDS = tuple(f.name for f in dataclasses.fields(Hit))
 
 
-def encode_hits(hits: list[Hit]) -> bytes:
-    rows = [{name: getattr(h, name) for name in HIT_FIELDS} for h in hits]
-    return json.dumps(rows, default=_json_default, ensure_ascii=False, separators=(",", ":")).encode()
+def encode_results(hits: list[Hit]) -> bytes:
+    """What a result-cache entry holds: the count, a newline, the response's rendered ``results`` array."""
+    return f"{len(hits)}\n{render_results(hits)}".encode()
 
 
-def decode_hits(raw: bytes) -> list[Hit] | None:
-    """The stored hits, or None if the entry is unreadable (it is then treated as a miss)."""
+def decode_results(raw: bytes) -> tuple[int, str] | None:
+    """(count, rendered results) of an entry, or None if it is unreadable (then it is a miss)."""
+    head, sep, body = raw.partition(b"\n")
+    if not sep or not head.isdigit() or not body.startswith(b"[") or not body.endswith(b"]"):
+        return None
     try:
-        return [Hit(**row) for row in json.loads(raw, object_hook=_json_hook)]
-    except (ValueError, TypeError):
+        return int(head), body.decode()
+    except UnicodeDecodeError:
         return None
 
 
@@ -357,17 +351,16 @@ class ResultCache:
         text = json.dumps(payload, sort_keys=True, default=_json_default, ensure_ascii=False)
         return f"{self.prefix}{SEARCH_NS}:{hashlib.sha256(text.encode()).hexdigest()}"
 
-    def fetch(self, user: Principal, params: SearchParams,
-              compute: Callable[[], list[Hit]]) -> tuple[list[Hit], bool]:
+    def fetch(self, user: Principal, params: SearchParams, compute: Callable[[], list[Hit]]) -> SearchOutcome:
         if not self.enabled:
-            return compute(), False
+            return SearchOutcome(compute())
         raw = self.backend.get(self.key(user, params, self.generation.current()))
         if raw is not None:
-            hits = decode_hits(raw)
-            if hits is not None:
+            entry = decode_results(raw)
+            if entry is not None:
                 self.hits += 1
                 _count("get", "hit")
-                return hits, True
+                return SearchOutcome([], from_cache=True, rendered=entry[1], count=entry[0])
         self.misses += 1
         _count("get", "miss")
         before = self.generation.refresh()
@@ -375,10 +368,10 @@ class ResultCache:
         # Stored only if the generation did not move during the search: then the answer is exactly
         # generation ``before``'s. (If it moved, the next request computes and stores it.)
         if self.generation.refresh() == before and self.backend.set(
-                self.key(user, params, before), encode_hits(hits), self.settings.cache_ttl_search):
+                self.key(user, params, before), encode_results(hits), self.settings.cache_ttl_search):
             self.stores += 1
             _count("set", "ok")
-        return hits, False
+        return SearchOutcome(hits)
 
     def clear(self) -> int:
         """Delete this service's cached results and query embeddings (not rate-limit counters, not

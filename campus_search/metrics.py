@@ -313,7 +313,7 @@ def _result_count(response: Any) -> int | None:
 
     outcome = g.get("search_outcome")  # left by the search view for the audit record
     if outcome is not None:
-        return len(outcome.hits)
+        return int(outcome.count)
     try:
         body = response.get_json(silent=True)
     except Exception:

@@ -19,6 +19,7 @@ the raw cosine similarity and ``similarity_threshold`` applies to it.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -81,6 +82,29 @@ class Hit:
             "scores": {"relevance": round(self.relevance, 4),
                        **({"bm25": round(self.bm25, 4)} if self.bm25 is not None else {})},
         }
+
+
+def render_results(hits: list[Hit]) -> str:
+    """The response's ``results`` array as JSON text (also what the result cache stores)."""
+    return json.dumps([h.as_json() for h in hits], ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class SearchOutcome:
+    """One answered search. From the cache it carries the already-rendered ``results`` JSON and their count
+    instead of Hit objects (re-building and re-serialising them was most of a cache hit's cost)."""
+
+    hits: list[Hit]
+    from_cache: bool = False
+    rendered: str | None = None
+    count: int = -1
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = len(self.hits)
+
+    def results_json(self) -> str:
+        return self.rendered if self.rendered is not None else render_results(self.hits)
 
 
 def validate_filters(raw: Any, user: Principal) -> dict[str, Any]:

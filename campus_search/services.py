@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 from . import metrics
 from .cache import ResultCache, build_cache
@@ -22,7 +21,7 @@ from .embedding import Embedder, LocalMiniLM, get_embedder
 from .fusion import FusionConfig
 from .ingest import Ingester
 from .lexical import BM25
-from .search import Hit, Searcher, SearchParams
+from .search import Searcher, SearchOutcome, SearchParams
 from .security.roles import Principal
 
 log = logging.getLogger(__name__)
@@ -37,12 +36,6 @@ def index_model(settings: Settings) -> str:
 
 def fusion_config(settings: Settings) -> FusionConfig:
     return FusionConfig(settings.search_fusion, alpha=settings.fusion_alpha, rrf_k=settings.rrf_k)
-
-
-@dataclass
-class SearchOutcome:
-    hits: list[Hit]
-    from_cache: bool = False
 
 
 class Services:
@@ -97,8 +90,7 @@ class Services:
     def run_search(self, user: Principal, params: SearchParams) -> SearchOutcome:
         """One search as the API runs it: cache-aside (cache.py), scoped to the caller's permissions."""
         self.ensure_open()
-        hits, from_cache = self.cache.fetch(user, params, lambda: self.searcher.search(user, params))
-        return SearchOutcome(hits, from_cache=from_cache)
+        return self.cache.fetch(user, params, lambda: self.searcher.search(user, params))
 
     def close(self) -> None:
         if self._pid == os.getpid():

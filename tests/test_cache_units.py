@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import json
 
-from campus_search.cache import CircuitBreaker, GenerationTracker, LocalBackend, decode_hits, encode_hits
+from campus_search.cache import (
+    CircuitBreaker,
+    GenerationTracker,
+    LocalBackend,
+    decode_results,
+    encode_results,
+)
 from campus_search.search import Hit
 
 
@@ -81,12 +87,14 @@ def test_generation_is_reused_for_at_most_max_age_seconds() -> None:
     assert always.current() != always.current()
 
 
-def test_hits_round_trip_exactly_and_garbage_is_a_miss() -> None:
-    reviewed = dt.datetime(2024, 8, 15, 10, 30)
-    hit = Hit(chunk_id=7, document_id="d", document_title="T", section_title=None, text="é 中", page_number=3,
-              metadata={"priority": 4, "last_reviewed": reviewed.isoformat()}, similarity=0.1234567890123,
-              relevance=0.5, combined_score=0.61, raw_meta={"priority": 4, "last_reviewed": reviewed})
-    (back,) = decode_hits(encode_hits([hit])) or [None]
-    assert back == hit and back.raw_meta["last_reviewed"] == reviewed
-    assert decode_hits(b"not json") is None
-    assert decode_hits(b'[{"unknown_field": 1}]') is None
+def test_entries_hold_count_and_rendered_results_and_garbage_is_a_miss() -> None:
+    hit = Hit(chunk_id=7, document_id="d", document_title="T", section_title=None, text="é 中\n\"q\"",
+              page_number=3, metadata={"priority": 4}, similarity=0.1234567890123, relevance=0.5,
+              combined_score=0.61)
+    count, rendered = decode_results(encode_results([hit, hit])) or (None, None)
+    assert count == 2 and json.loads(rendered) == [hit.as_json(), hit.as_json()]
+    assert decode_results(encode_results([])) == (0, "[]")
+    for garbage in (b"not json", b"2\n{}", b"x\n[]", b"[1]", b"3\n[\xff]"):
+        assert decode_results(garbage) is None
+
+
