@@ -224,8 +224,9 @@ class Auditor:
             from . import metrics
 
             metrics.audit_failure()
-            log.error("audit record NOT stored (%s); record follows: %s", exc.__class__.__name__,
-                      json.dumps(record.as_dict(), default=str, ensure_ascii=False))
+            cause = exc.__cause__ or exc
+            log.error("audit record NOT stored (%s: %s); record follows: %s", exc.__class__.__name__,
+                      cause.__class__.__name__, json.dumps(record.as_dict(), default=str, ensure_ascii=False))
             return False
 
     @property
