@@ -201,8 +201,10 @@ class Auditor:
                     p.done.set()
 
     def _append_batch(self, records: list[AuditRecord]) -> None:
-        # Pipelined: BEGIN + the head lock, the inserts and COMMIT go out together; one flush per batch.
-        with self.db.connection() as conn, conn.pipeline():
+        # Three short round trips per batch (lock the head, insert, commit), one WAL flush. Not pipelined:
+        # batches make the round trips cheap, and pgbouncer's transaction pooling (the production stack)
+        # is simplest with one statement in flight.
+        with self.db.connection() as conn:
             seq, prev = conn.execute("SELECT seq, hash FROM audit_chain_head FOR UPDATE").fetchone()
             rows = []
             for record in records:

@@ -256,9 +256,12 @@ class Searcher:
                                {"k": k, **params}).fetchone()
         return bool(row and row[0] >= k)
 
-    def _session(self, k: int) -> str:
-        return (f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
-                f"SET LOCAL hnsw.iterative_scan = {self.iterative_scan}")
+    def _fetch(self, sql: str, params: Mapping[str, Any], k: int) -> list[tuple[Any, ...]]:
+        """Run a candidate query on a read connection, with this searcher's HNSW session settings."""
+        with self.db.connection(read=True) as conn:
+            conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
+                         f"SET LOCAL hnsw.iterative_scan = {self.iterative_scan}")
+            return conn.execute(sql, params).fetchall()
 
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
                           k: int, *, exact: bool = False) -> list[Hit]:
@@ -276,9 +279,7 @@ class Searcher:
                f"  c.id IN (SELECT id FROM dense) AS in_dense, c.id IN (SELECT id FROM lex_top) AS in_lex "
                f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id")
-        with self.db.connection(read=True) as conn:
-            conn.execute(self._session(k))
-            rows = conn.execute(sql, {"q": vector, "k": k, "qtext": query, **params}).fetchall()
+        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params}, k)
         cos = [float(r[12]) for r in rows]
         bm25 = [float(r[13]) for r in rows]
         relevance = fuse(cos, bm25, [bool(r[14]) for r in rows], [bool(r[15]) for r in rows], self.fusion)
@@ -300,9 +301,7 @@ class Searcher:
                f"SELECT {_COLUMNS}, 1 - cand.distance AS similarity FROM candidates cand "
                f"JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"ORDER BY cand.distance, c.id")
-        with self.db.connection(read=True) as conn:
-            conn.execute(self._session(k))
-            rows = conn.execute(sql, {"q": vector, "k": k, **params}).fetchall()
+        rows = self._fetch(sql, {"q": vector, "k": k, **params}, k)
         return [_hit(row, float(row[-1])) for row in rows]
 
 

@@ -98,3 +98,16 @@ def test_entries_hold_count_and_rendered_results_and_garbage_is_a_miss() -> None
         assert decode_results(garbage) is None
 
 
+
+
+def test_permission_scope_is_unambiguous() -> None:
+    """A department whose name contains the separator must not share cache entries with two others."""
+    from campus_search.security.roles import DEFAULT_ROLES, Principal
+
+    staff = DEFAULT_ROLES["staff"]
+    two = Principal("a", staff, departments=("Arts", "Law"))
+    one = Principal("b", staff, departments=("Arts,Law",))
+    assert two.scope_key() != one.scope_key()
+    assert two.scope_key() == Principal("c", staff, departments=("Law", "Arts", "Law")).scope_key()
+    student = Principal("s", DEFAULT_ROLES["student"], departments=("Arts",))
+    assert student.scope_key() == Principal("t", DEFAULT_ROLES["student"]).scope_key()  # public only either way
