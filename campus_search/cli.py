@@ -69,6 +69,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"demo corpus: {report.added} added, {report.updated} updated, {report.unchanged} unchanged",
               file=sys.stderr)
         services.close()
+        del services
+        from .embedding import forget_embedders
+
+        forget_embedders()  # the master does not serve; each worker loads its own single-threaded model
     return serve(settings, workers=args.workers, threads=args.threads)
 
 

@@ -140,5 +140,11 @@ def get_embedder(settings: Settings, *, threads: int | None = None) -> Embedder:
         return _cache[key]
 
 
+def forget_embedders() -> None:
+    """Drop this process's embedders (their memory returns once nothing else holds them)."""
+    with _cache_lock:
+        _cache.clear()
+
+
 def ingest_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
