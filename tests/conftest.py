@@ -6,6 +6,7 @@ Markers are registered in pyproject.toml (``--strict-markers``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -156,3 +157,45 @@ def token() -> Callable[..., str]:
                                       departments=departments or [], campus=campus, **kwargs)
 
     return make
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], log_dir: Path, *, workers: int, threads: int) -> Iterator[str]:
+    """``campus-search serve`` as a subprocess on a free loopback port with ``env`` (PORT and HOST are
+    set here); yields the base URL once it answers, and shuts it down (SIGINT) afterwards."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
+    log_path = log_dir / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "campus_search.cli", "serve", "--workers", str(workers),
+                                 "--threads", str(threads)], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(base + "/no-such-page", timeout=2)
+            except urllib.error.HTTPError:
+                break  # answering (404): up
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(log_path.read_text()[-3000:]) from None
+                time.sleep(0.2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, TEST_SECRET
+from conftest import TEST_SECRET, serving
 from redis_server import free_port
 
 from campus_search.cli import main
@@ -28,36 +22,14 @@ PER_MINUTE = 3
 def server(demo_services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One gunicorn worker (so in-process rate limits are exact) serving the demo database."""
     tmp = tmp_path_factory.mktemp("loadtest-server")
-    port = free_port()
     env = {**os.environ, "DATABASE_URL": demo_services.dsn, "JWT_SECRET_KEY": TEST_SECRET,
-           "AUDIT_HMAC_KEY": "audit-" + "k" * 40, "DATA_DIR": str(tmp / "data"), "HOST": "127.0.0.1",
-           "PORT": str(port), "RATE_LIMIT_PER_MINUTE": str(PER_MINUTE), "RATE_LIMITS_ENABLED": "true",
+           "AUDIT_HMAC_KEY": "audit-" + "k" * 40, "DATA_DIR": str(tmp / "data"),
+           "RATE_LIMIT_PER_MINUTE": str(PER_MINUTE), "RATE_LIMITS_ENABLED": "true",
            "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "4", "EMBEDDING_THREADS": "1"}
     for name in ("REDIS_URL", "REDIS_HOST", "DATABASE_READ_URL"):
         env.pop(name, None)
-    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "campus_search.cli", "serve", "--workers", "1", "--threads", "4"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(base + "/no-such-page", timeout=2)
-            except urllib.error.HTTPError:
-                break  # answering (404): up
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.2)
+    with serving(env, tmp, workers=1, threads=4) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture

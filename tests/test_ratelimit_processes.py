@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_SECRET
-from redis_server import free_port
+from conftest import TEST_SECRET, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,35 +43,13 @@ print(json.dumps(codes))
 
 @pytest.fixture
 def server(make_database: Any, redis_server: Any, redis_prefix: str, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
     env = {**os.environ, "DATABASE_URL": make_database(), "REDIS_URL": redis_server.url,
            "REDIS_KEY_PREFIX": redis_prefix, "JWT_SECRET_KEY": TEST_SECRET, "AUDIT_HMAC_KEY": "audit-" + "k" * 40,
-           "DATA_DIR": str(tmp_path / "data"), "HOST": "127.0.0.1", "PORT": str(port),
+           "DATA_DIR": str(tmp_path / "data"),
            "RATE_LIMIT_PER_MINUTE": "17", "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "4",
            "EMBEDDING_THREADS": "1"}
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "campus_search.cli", "serve", "--workers", "2", "--threads", "2"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(base + "/no-such-page", timeout=2)
-            except urllib.error.HTTPError:
-                break  # answering (404): up
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.2)
+    with serving(env, tmp_path, workers=2, threads=2) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def run_clients(url: str, auth: str, processes: int, threads: int, per_thread: int) -> Counter[int]:
