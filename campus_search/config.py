@@ -383,7 +383,7 @@ class Settings:
             if f.secret:
                 value = "(set)" if value else "(unset)"
             elif isinstance(value, str) and "://" in value and "@" in value:
-                value = _redact_url(value)
+                value = redact_url(value)
             out[f.name] = value
         return out
 
@@ -391,7 +391,10 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host/...``: the password hidden, the rest kept (URLs without credentials as is)."""
+    if "://" not in url or "@" not in url:
+        return url
     scheme, rest = url.split("://", 1)
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]

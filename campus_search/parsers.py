@@ -21,6 +21,7 @@ import yaml
 from .chunking import Block
 from .errors import IngestError
 from .formats import BYTE_PARSERS as _RICH
+from .metadata import FIELDS as META_FIELDS
 
 FOLDER_DEFAULTS = ".campus-search.yaml"
 SIDECAR_SUFFIX = ".meta.yaml"
@@ -116,10 +117,15 @@ def parse_markdown(text: str, *, fallback_title: str) -> tuple[str, list[Block],
     return str(title or fallback_title).strip(), blocks, meta
 
 
+def paragraph_blocks(text: str) -> list[Block]:
+    """Blank-line separated paragraphs, whitespace folded."""
+    return [Block(" ".join(p.split())) for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
 def parse_text(text: str, *, fallback_title: str) -> tuple[str, list[Block], dict[str, Any]]:
     meta, body = split_front_matter(text)
     title = meta.pop("title", None) or fallback_title
-    blocks = [Block(" ".join(p.split())) for p in re.split(r"\n\s*\n", body) if p.strip()]
+    blocks = paragraph_blocks(body)
     return str(title), blocks, meta
 
 
@@ -265,8 +271,7 @@ def read_jsonl(path: Path) -> Iterator[ParsedDocument | IngestError]:
                 continue
             text = str(record.get("text") or "")
             title = str(record.get("title") or "").strip()
-            blocks = [Block(" ".join(p.split())) for p in re.split(r"\n\s*\n", text) if p.strip()]
-            meta = {k: record[k] for k in ("department", "visibility", "clearance_level", "campus",
-                                            "priority", "last_reviewed") if k in record}
+            blocks = paragraph_blocks(text)
+            meta = {k: record[k] for k in META_FIELDS if k in record}
             yield ParsedDocument(external_id=str(record["_id"]), title=title or str(record["_id"]),
                                  blocks=blocks, metadata=meta, source=f"{where}:{lineno}")

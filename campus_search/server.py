@@ -8,7 +8,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .config import Settings
+from .config import Settings, redact_url
 
 
 class _Gunicorn(BaseApplication):
@@ -68,7 +68,7 @@ def summary(settings: Settings, *, workers: int, threads: int, bind: str | None 
         "listening": bind or f"{s.host}:{s.port}", "workers": workers, "threads": threads, "env": s.env,
         "database": database, "read_replica": public.get("database_read_url"),
         "pool": f"{s.db_pool_min_size}-{s.db_pool_max_size} per worker",
-        "cache": "Redis " + str(_redact(s.redis_dsn())) if s.redis_dsn() else "in-process",
+        "cache": "Redis " + redact_url(s.redis_dsn() or "") if s.redis_dsn() else "in-process",
         "cache_ttl_search": s.cache_ttl_search,
         "jwt_algorithms": list(s.jwt_algorithms), "jwt_secret": public.get("jwt_secret_key"),
         "oidc_jwks_url": s.oidc_jwks_url, "anonymous": s.allow_anonymous,
@@ -77,13 +77,6 @@ def summary(settings: Settings, *, workers: int, threads: int, bind: str | None 
         "embedding": f"{s.embedding_provider} {s.embedding_model}",
         "log_format": _log_format(s), "metrics_dir": metrics_dir,
     }
-
-
-def _redact(url: str | None) -> str | None:
-    if url and "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 def _log_format(settings: Settings) -> str:
