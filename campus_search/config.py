@@ -95,6 +95,16 @@ FIELDS: tuple[Field, ...] = (
     F("max_query_chars", ("MAX_QUERY_CHARS",), 2000, "Longest accepted search query, in characters.", int),
     F("max_document_bytes", ("MAX_DOCUMENT_BYTES",), 20 * 1024 * 1024,
       "Largest document accepted by the admin document API (PUT /api/admin/documents/ID).", int),
+    F("max_document_unpacked_bytes", ("MAX_DOCUMENT_UNPACKED_BYTES",), 64 * 1024 * 1024,
+      "Most bytes one document may unpack to: a file read by `ingest` (and one `.jsonl` line), the ZIP members "
+      "of a DOCX together, the decoded streams of a PDF each and together. A larger document is refused "
+      "(reported; 422 on the API), whatever its compressed size (docs/ingestion.md).", int),
+    F("max_document_chars", ("MAX_DOCUMENT_CHARS",), 2_000_000,
+      "Most characters of text one document may yield (about 1,000 pages); a longer one is refused, not "
+      "truncated. Parsers stop extracting as soon as a document passes it.", int),
+    F("max_document_chunks", ("MAX_DOCUMENT_CHUNKS",), 5000,
+      "Most chunks one document may be split into (each is embedded and stored); a document with more is "
+      "refused.", int),
     # --- database
     F("database_url", ("DATABASE_URL",), None,
       "PostgreSQL URL for writes (and reads unless DATABASE_READ_URL is set). If neither this nor DB_HOST "
@@ -271,6 +281,9 @@ class Settings:
     max_request_bytes: int = 64 * 1024
     max_query_chars: int = 2000
     max_document_bytes: int = 20 * 1024 * 1024
+    max_document_unpacked_bytes: int = 64 * 1024 * 1024
+    max_document_chars: int = 2_000_000
+    max_document_chunks: int = 5000
     database_url: str | None = None
     database_read_url: str | None = None
     db_host: str | None = None
@@ -454,7 +467,8 @@ def _validate(s: Settings) -> list[str]:
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be positive (got {getattr(s, name)})")
 
-    for name in ("port", "max_request_bytes", "max_query_chars", "db_pool_max_size", "db_pool_timeout",
+    for name in ("port", "max_request_bytes", "max_query_chars", "max_document_bytes", "max_document_unpacked_bytes",
+                 "max_document_chars", "max_document_chunks", "db_pool_max_size", "db_pool_timeout",
                  "db_statement_timeout_ms", "hnsw_ef_search", "cache_ttl_search", "jwt_token_ttl",
                  "max_results_per_query", "default_max_results", "embedding_timeout",
                  "embedding_batch_size", "embedding_threads"):

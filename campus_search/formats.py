@@ -15,13 +15,21 @@ exception text, so one bad file is reported and skipped.
 - HTML: the main content (``<main>``, ``role=main``, a single ``<article>``, else ``<body>``) without
   navigation, header/footer chrome, asides, forms, scripts and styles; ``h1``-``h6`` become section
   titles (the first ``h1`` is the title when there is one, else ``<title>``).
+
+Every parser works within :class:`ParseLimits` (``MAX_DOCUMENT_UNPACKED_BYTES``,
+``MAX_DOCUMENT_CHARS``): a file cannot make the process unpack or extract more than that, whatever
+its compressed size, so a decompression bomb is refused before it costs memory. Any other failure of
+a parser (a library's bug on a strange file) also becomes an :class:`IngestError` for that file.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +45,55 @@ _WS = re.compile(r"\s+")
 
 def _clean(text: str) -> str:
     return _WS.sub(" ", text.replace("\u00ad", "")).strip()
+
+
+# ------------------------------------------------------------------------------------------ limits
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """How much one document may cost to read (settings ``MAX_DOCUMENT_UNPACKED_BYTES`` and
+    ``MAX_DOCUMENT_CHARS``, docs/ingestion.md). A document over a limit is refused, never truncated."""
+
+    max_unpacked_bytes: int = 64 * 1024 * 1024
+    """A file's own size when read from disk (and a ``.jsonl`` line's), the sum of a DOCX's ZIP
+    members, each decoded PDF stream and all decoded PDF streams together."""
+    max_chars: int = 2_000_000
+    """Characters of text extracted from one document."""
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ParseLimits:
+        return cls(max_unpacked_bytes=int(settings.max_document_unpacked_bytes),
+                   max_chars=int(settings.max_document_chars))
+
+    def check_size(self, size: int, where: str) -> None:
+        if size > self.max_unpacked_bytes:
+            raise IngestError(f"{where}: {size:,} bytes is over the limit of {self.max_unpacked_bytes:,} "
+                              "(MAX_DOCUMENT_UNPACKED_BYTES)")
+
+
+DEFAULT_LIMITS = ParseLimits()
+
+# A DOCX has tens of parts; a ZIP with more than this many members is not a Word document.
+MAX_ZIP_MEMBERS = 10_000
+
+
+class _TextBudget:
+    """Counts extracted characters; raises as soon as a document has more than ``max_chars``."""
+
+    def __init__(self, limits: ParseLimits, where: str) -> None:
+        self.limit, self.left, self.where = limits.max_chars, limits.max_chars, where
+
+    def take(self, text: str) -> str:
+        self.left -= len(text)
+        if self.left < 0:
+            raise IngestError(f"{self.where}: more than {self.limit:,} characters of text (MAX_DOCUMENT_CHARS); "
+                              "split the document or raise the limit")
+        return text
+
+
+def _unpacked_too_large(where: str, limits: ParseLimits) -> IngestError:
+    return IngestError(f"{where}: unpacks to more than {limits.max_unpacked_bytes:,} bytes "
+                       "(MAX_DOCUMENT_UNPACKED_BYTES; a decompression bomb?)")
 
 
 # --------------------------------------------------------------------------------------------- PDF
@@ -72,7 +129,7 @@ class _Line:
     size: float
 
 
-def _pdf_lines(page: Any) -> list[_Line]:
+def _pdf_lines(page: Any, budget: _TextBudget) -> list[_Line]:
     """The page's text lines in content order, each with its baseline height and font size."""
     lines: list[_Line] = []
     current: list[str] = []
@@ -81,6 +138,7 @@ def _pdf_lines(page: Any) -> list[_Line]:
     def visit(text: str, cm: Any, tm: Any, _font: Any, font_size: float) -> None:
         if not text:
             return
+        budget.take(text)
         y = tm[4] * cm[1] + tm[5] * cm[3] + cm[5]
         scale = abs(tm[3] * cm[3]) or 1.0
         for n, part in enumerate(text.split("\n")):
@@ -143,9 +201,40 @@ def _looks_like_heading(text: str, size: float, count: int, body: float) -> bool
     return count == 1 and body > 0 and size >= 1.15 * body and len(text) <= 120 and text[-1:] not in ".,;"
 
 
-def parse_pdf(data: bytes, *, where: str, fallback_title: str) -> Parsed:
+def _pypdf_configuration(limits: ParseLimits) -> Any:
+    """pypdf's own per-stream limits (its defaults are 75 MB), set to ours."""
+    from pypdf import get_configuration
+
+    n = limits.max_unpacked_bytes
+    return get_configuration().with_overwrites(**{name: n for name in (
+        "maximum_declared_stream_length", "array_based_stream_maximum_output_length", "jbig2_maximum_output_length",
+        "lzw_maximum_output_length", "run_length_maximum_output_length", "zlib_maximum_output_length",
+        "brotli_maximum_output_length", "image_maximum_buffer_size")})
+
+
+def _decoded_bytes(reader: Any) -> int:
+    """Bytes of every stream pypdf has decoded so far (it keeps them with the reader's objects)."""
+    from pypdf.generic import EncodedStreamObject
+
+    total = 0
+    for obj in list(reader.resolved_objects.values()):
+        decoded = obj.decoded_self if isinstance(obj, EncodedStreamObject) else None
+        if decoded is not None:
+            total += len(decoded.get_data())
+    return total
+
+
+def parse_pdf(data: bytes, *, where: str, fallback_title: str, limits: ParseLimits = DEFAULT_LIMITS) -> Parsed:
+    from pypdf import apply_configuration
+
+    # pypdf reads the configuration from a context variable: these limits hold for this parse only.
+    with apply_configuration(_pypdf_configuration(limits)):
+        return _parse_pdf(data, where, fallback_title, limits)
+
+
+def _parse_pdf(data: bytes, where: str, fallback_title: str, limits: ParseLimits) -> Parsed:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
+    from pypdf.errors import LimitReachedError, PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(data), strict=False)
@@ -154,16 +243,27 @@ def parse_pdf(data: bytes, *, where: str, fallback_title: str) -> Parsed:
         pages = list(reader.pages)
     except IngestError:
         raise
+    except LimitReachedError:
+        raise _unpacked_too_large(where, limits) from None
     except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError) as exc:
         log.debug("%s: pypdf: %r", where, exc)
         raise IngestError(f"{where}: not a readable PDF (corrupt or truncated file)") from None
+    budget = _TextBudget(limits, where)
     page_lines: list[list[_Line]] = []
     for index, page in enumerate(pages):
         try:
-            page_lines.append(_pdf_lines(page))
+            page_lines.append(_pdf_lines(page, budget))
+        except IngestError:
+            raise
+        except LimitReachedError:
+            raise _unpacked_too_large(where, limits) from None
         except Exception as exc:  # noqa: BLE001 - pypdf raises many types on damaged content streams
             log.debug("%s: page %d: %r", where, index + 1, exc)
             raise IngestError(f"{where}: page {index + 1} cannot be read (damaged PDF content)") from None
+        # Each stream is bounded by pypdf's limits above; this bounds them all together, since pypdf
+        # keeps every decoded stream (many pages each decoding a large stream).
+        if _decoded_bytes(reader) > limits.max_unpacked_bytes:
+            raise _unpacked_too_large(where, limits)
     outline = _pdf_outline(reader)
     body = _body_size(page_lines) if not outline else 0.0  # font-size headings only without bookmarks
     blocks: list[Block] = []
@@ -225,27 +325,67 @@ def _is_break(el: Any, mode: str | None) -> bool:
     return False
 
 
-def parse_docx(data: bytes, *, where: str, fallback_title: str) -> Parsed:
-    import docx
-    from docx.table import Table
+def _check_docx_zip(data: bytes, where: str, limits: ParseLimits) -> None:
+    """Refuse a DOCX whose ZIP members unpack to more than the limit, before anything is unpacked.
 
+    The sizes are those the ZIP declares; :mod:`zipfile` never returns more than the declared size of
+    a member (a member that inflates further fails its CRC check), so the declared total is a bound."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        raise IngestError(f"{where}: not a readable DOCX (corrupt file or another format)") from None
+    if len(members) > MAX_ZIP_MEMBERS:
+        raise IngestError(f"{where}: not a DOCX ({len(members):,} ZIP members; at most {MAX_ZIP_MEMBERS:,})")
+    if sum(m.file_size for m in members) > limits.max_unpacked_bytes:
+        raise _unpacked_too_large(where, limits)
+
+
+def parse_docx(data: bytes, *, where: str, fallback_title: str, limits: ParseLimits = DEFAULT_LIMITS) -> Parsed:
+    import docx
+
+    _check_docx_zip(data, where, limits)
     try:
         doc = docx.Document(io.BytesIO(data))
         items = list(doc.iter_inner_content())
     except Exception as exc:  # noqa: BLE001 - python-docx, zipfile and lxml all fail their own ways
         log.debug("%s: python-docx: %r", where, exc)
         raise IngestError(f"{where}: not a readable DOCX (corrupt file or another format)") from None
+    try:
+        return _docx_blocks(doc, items, _TextBudget(limits, where), fallback_title)
+    except IngestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed table, style or run: this file fails, not the run
+        log.debug("%s: python-docx: %r", where, exc)
+        raise IngestError(f"{where}: not a readable DOCX (damaged document structure)") from None
+
+
+def _docx_style_names(doc: Any) -> Callable[[Any], str]:
+    """Style name of a paragraph. python-docx's ``paragraph.style`` scans every style of the document
+    for each paragraph (most of the time of a long document); this looks them up once."""
+    from docx.enum.style import WD_STYLE_TYPE
+
+    names = {s.style_id: s.name or "" for s in doc.styles if s.type == WD_STYLE_TYPE.PARAGRAPH}
+    default = doc.styles.default(WD_STYLE_TYPE.PARAGRAPH)
+    default_name = (default.name or "") if default is not None else ""
+    return lambda paragraph: names.get(paragraph._p.style, default_name) if paragraph._p.style else default_name
+
+
+def _docx_blocks(doc: Any, items: list[Any], budget: _TextBudget, fallback_title: str) -> Parsed:
+    from docx.table import Table
+
     mode = _docx_pages(doc)
     page = 1
     title = _clean(doc.core_properties.title or "")
     section: str | None = None
     blocks: list[Block] = []
+    style_of = _docx_style_names(doc)
     for item in items:
         if isinstance(item, Table):
             for row in item.rows:
                 cells: list[str] = []
                 for cell in row.cells:
-                    text = _clean(cell.text)
+                    text = _clean(budget.take(cell.text))
                     if text and (not cells or cells[-1] != text):  # merged cells repeat their text
                         cells.append(text)
                 if cells:
@@ -258,10 +398,10 @@ def parse_docx(data: bytes, *, where: str, fallback_title: str) -> Parsed:
                 page += 1
             elif el.tag == f"{_W}t" and el.text and el.text.strip() and text_page is None:
                 text_page = page
-        text = _clean(item.text)
+        text = _clean(budget.take(item.text))
         if not text:
             continue
-        style = (item.style.name if item.style is not None else "") or ""
+        style = style_of(item)
         if style == "Title":
             title = title or text
             continue
@@ -295,7 +435,7 @@ def _main_content(tree: Any) -> tuple[Any, bool]:
     return (tree.body if tree.body is not None else tree.root), True
 
 
-def parse_html(data: bytes, *, where: str, fallback_title: str) -> Parsed:
+def parse_html(data: bytes, *, where: str, fallback_title: str, limits: ParseLimits = DEFAULT_LIMITS) -> Parsed:
     from selectolax.lexbor import LexborHTMLParser
 
     try:
@@ -310,6 +450,7 @@ def parse_html(data: bytes, *, where: str, fallback_title: str) -> Parsed:
     for selector in _DROP + (_CHROME if is_body else ()):
         for node in root.css(selector):
             node.decompose()
+    budget = _TextBudget(limits, where)
     title: str | None = None
     section: str | None = None
     blocks: list[Block] = []
@@ -321,33 +462,58 @@ def parse_html(data: bytes, *, where: str, fallback_title: str) -> Parsed:
         if joined:
             blocks.append(Block(joined, section))
 
-    def walk(node: Any) -> None:
-        nonlocal title, section
-        for child in node.iter(include_text=True):
-            tag = child.tag
-            if tag == "-text":
-                buffer.append(child.text_content or "")
-            elif tag in _HEADINGS:
-                flush()
-                heading = _clean(child.text(deep=True, separator=" "))
-                if not heading:
-                    continue
-                if tag == "h1" and title is None and not blocks:
-                    title = heading
-                else:
-                    section = heading
-            elif tag in _BLOCKS:
-                flush()
-                walk(child)
-                flush()
-            elif not tag.startswith("-"):  # inline element (a, b, em, span, ...); skip comments
-                walk(child)
-
-    walk(root)
+    # Depth-first over the tree with an explicit stack: nesting is as deep as the page makes it
+    # ('<div>' * 100000 parses), so no recursion. A _FLUSH marker ends a block element.
+    stack: list[Any] = [iter(list(root.iter(include_text=True)))]
+    while stack:
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+            continue
+        if child is _FLUSH:
+            flush()
+            continue
+        tag = child.tag
+        if tag == "-text":
+            buffer.append(budget.take(child.text_content or ""))
+        elif tag in _HEADINGS:
+            flush()
+            heading = _clean(budget.take(child.text(deep=True, separator=" ")))
+            if not heading:
+                continue
+            if tag == "h1" and title is None and not blocks:
+                title = heading
+            else:
+                section = heading
+        elif tag in _BLOCKS:
+            flush()
+            stack.append(iter([*child.iter(include_text=True), _FLUSH]))
+        elif not tag.startswith("-"):  # inline element (a, b, em, span, ...); skip comments
+            stack.append(iter(list(child.iter(include_text=True))))
     flush()
     if title is None and head_title is not None:
         title = _clean(head_title.text()) or None
     return title or fallback_title, blocks, {}
 
 
-BYTE_PARSERS = {".pdf": parse_pdf, ".docx": parse_docx, ".html": parse_html, ".htm": parse_html}
+_FLUSH = object()
+
+
+def _guarded(parser: Callable[..., Parsed]) -> Callable[..., Parsed]:
+    """Any failure of a parser is an :class:`IngestError` for that file, never a crash of the run."""
+
+    @functools.wraps(parser)
+    def parse(data: bytes, *, where: str, fallback_title: str, limits: ParseLimits = DEFAULT_LIMITS) -> Parsed:
+        try:
+            return parser(data, where=where, fallback_title=fallback_title, limits=limits)
+        except IngestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported per file; the traceback goes to the log
+            log.warning("%s: parser failed", where, exc_info=True)
+            raise IngestError(f"{where}: could not be parsed ({exc.__class__.__name__})") from None
+
+    return parse
+
+
+BYTE_PARSERS = {".pdf": _guarded(parse_pdf), ".docx": _guarded(parse_docx), ".html": _guarded(parse_html),
+                ".htm": _guarded(parse_html)}

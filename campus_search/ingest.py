@@ -11,10 +11,16 @@ Every change bumps ``index_state.generation``, which is part of every cache key.
 Chunks are written in exactly three places: :meth:`Ingester._replace` (new or changed content),
 :meth:`Ingester._update_metadata` (access metadata copied onto chunks) and :meth:`Ingester.delete`
 (which :meth:`Ingester.prune` uses). Folder sync (walking, ``--prune`` scopes) is in :mod:`.sync`.
+
+Every document is checked before anything is written (:meth:`Ingester._checked`): its id and text
+follow :mod:`.textrules` (titles are shortened to their caps, NUL characters and lone surrogates
+refuse the document), it has at most ``MAX_DOCUMENT_CHARS`` characters and, once chunked, at most
+``MAX_DOCUMENT_CHUNKS`` chunks. A document that fails is reported; the rest of its batch is stored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,13 +42,16 @@ from .chunking import (
 from .db import Database
 from .embedding import MAX_SEQ_LENGTH, Embedder
 from .errors import BadRequest, IngestError
+from .formats import DEFAULT_LIMITS, ParseLimits
 from .metadata import FIELDS as META_FIELDS
 from .metadata import AccessMetadata
 from .parsers import ParsedDocument
+from .textrules import MAX_SECTION_TITLE_CHARS, MAX_TITLE_CHARS, id_problem, shorten, text_problem
 
 log = logging.getLogger(__name__)
 
 DOC_BATCH = 64  # documents per embedding batch / transaction
+DEFAULT_MAX_CHUNKS = 5000  # MAX_DOCUMENT_CHUNKS
 
 
 @dataclass
@@ -90,11 +99,14 @@ Progress = Callable[[int, IngestReport], None]
 
 class Ingester:
     def __init__(self, db: Database, embedder: Embedder, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 overlap: int = DEFAULT_OVERLAP) -> None:
+                 overlap: int = DEFAULT_OVERLAP, limits: ParseLimits = DEFAULT_LIMITS,
+                 max_chunks: int = DEFAULT_MAX_CHUNKS) -> None:
         self.db = db
         self.embedder = embedder
         self.max_tokens = max_tokens
         self.overlap = overlap
+        self.limits = limits  # what parsers may spend on one file (sync.py passes them on)
+        self.max_chunks = max_chunks
 
     def ingest(self, items: Iterable[ParsedDocument | IngestError],
                defaults: AccessMetadata | None = None, *, progress: Progress | None = None) -> IngestReport:
@@ -110,16 +122,21 @@ class Ingester:
                 self._fail(report, item.message)
                 continue
             try:
+                item = self._checked(item)
                 unknown = sorted(set(item.metadata) - set(META_FIELDS))
                 if unknown:
                     log.debug("%s: ignoring unknown metadata %s", item.source, unknown)
                 meta = defaults.merged(item.metadata, source=item.source or item.external_id)
                 if not item.blocks:
                     raise IngestError(f"{item.source or item.external_id}: no text found")
+                for value in (meta.department, meta.campus):
+                    if value is not None and (problem := text_problem(value)):
+                        raise IngestError(f"{item.source or item.external_id}: metadata {problem}")
+                pending = _Pending(item, meta, _content_hash(item, self.embedder.model_name))
             except (BadRequest, IngestError) as exc:
                 self._fail(report, exc.message)
                 continue
-            batch.append(_Pending(item, meta, _content_hash(item, self.embedder.model_name)))
+            batch.append(pending)
             if len(batch) >= DOC_BATCH:
                 self._flush(batch, report)
                 batch = []
@@ -131,6 +148,28 @@ class Ingester:
             progress(seen, report)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _checked(self, doc: ParsedDocument) -> ParsedDocument:
+        """``doc`` with its titles capped, or an IngestError if it cannot be stored (see the module
+        docstring and :mod:`.textrules`)."""
+        where = doc.source or doc.external_id
+        if (problem := text_problem(where)) is not None:
+            raise IngestError(f"{ascii(where)}: the file name {problem}")
+        if (problem := id_problem(doc.external_id)) is not None:
+            raise IngestError(f"{where}: id {ascii(doc.external_id)[:80]}: {problem}")
+        total = 0
+        for text in (doc.title, *(b.text for b in doc.blocks), *{b.section_title or "" for b in doc.blocks}):
+            if (problem := text_problem(text)) is not None:
+                raise IngestError(f"{where}: {problem}")
+            total += len(text)
+        if total > self.limits.max_chars:
+            raise IngestError(f"{where}: more than {self.limits.max_chars:,} characters of text "
+                              "(MAX_DOCUMENT_CHARS); split the document or raise the limit")
+        sections = {b.section_title: shorten(b.section_title, MAX_SECTION_TITLE_CHARS)
+                    for b in doc.blocks if b.section_title and len(b.section_title) > MAX_SECTION_TITLE_CHARS}
+        blocks = [dataclasses.replace(b, section_title=sections[b.section_title])
+                  if b.section_title in sections else b for b in doc.blocks] if sections else doc.blocks
+        return dataclasses.replace(doc, title=shorten(doc.title, MAX_TITLE_CHARS), blocks=blocks)
 
     @staticmethod
     def _fail(report: IngestReport, message: str) -> None:
@@ -161,7 +200,7 @@ class Ingester:
         report.unchanged += len(unchanged)
         moved = [p for p in unchanged if p.doc.source and p.existing and p.existing[9] != p.doc.source]
         if changed:
-            self._prepare_chunks(changed)
+            changed = self._prepare_chunks(changed, report)
             vectors = self._vectors_for(changed, report)
         with self.db.connection() as conn:
             for p in moved:  # same content from another path (or an old relative path): keep prune exact
@@ -181,8 +220,10 @@ class Ingester:
             if meta_only or changed:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
 
-    def _prepare_chunks(self, pending: list[_Pending]) -> None:
+    def _prepare_chunks(self, pending: list[_Pending], report: IngestReport) -> list[_Pending]:
+        """Chunk each document; those with more than ``max_chunks`` chunks fail and are left out."""
         model = self.embedder.model_name
+        kept: list[_Pending] = []
         window = int(getattr(self.embedder, "max_seq_length", MAX_SEQ_LENGTH)) - 2  # [CLS] ... [SEP]
         for p in pending:
             title = p.doc.title
@@ -194,8 +235,14 @@ class Ingester:
 
             p.chunks = chunk_blocks(p.doc.blocks, self.embedder.count_tokens, max_tokens=self.max_tokens,
                                     overlap=self.overlap, max_tokens_for=budget)
+            if len(p.chunks) > self.max_chunks:
+                self._fail(report, f"{p.doc.source or p.doc.external_id}: {len(p.chunks):,} chunks, more than "
+                                   f"{self.max_chunks:,} (MAX_DOCUMENT_CHUNKS); split the document or raise the limit")
+                continue
             p.chunk_hashes = [_chunk_hash(model, embedding_text(p.doc.title, c.section_title, c.text))
                               for c in p.chunks]
+            kept.append(p)
+        return kept
 
     def _vectors_for(self, pending: list[_Pending], report: IngestReport) -> dict[str, np.ndarray]:
         """Embedding per chunk hash: stored ones reused, the rest embedded in one batch."""

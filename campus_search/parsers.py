@@ -5,11 +5,16 @@ registered by suffix (:data:`PARSERS` for paths, :data:`BYTE_PARSERS` for upload
 Metadata comes, most specific last (later wins): CLI defaults, ``.campus-search.yaml`` in the folder
 and its parents (nearest wins), a sidecar ``<file>.meta.yaml``, YAML front matter (Markdown, text).
 A document's ``source`` is the file's absolute path, which is what ``--prune`` compares against.
+
+Work per file is bounded (:class:`~.formats.ParseLimits`): no file larger than
+``MAX_DOCUMENT_UNPACKED_BYTES`` is read, metadata YAML is at most :data:`MAX_METADATA_BYTES` and
+holds single values only (:class:`_MetadataLoader`), and a ``.jsonl`` corpus is read line by line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ import yaml
 from .chunking import Block
 from .errors import IngestError
 from .formats import BYTE_PARSERS as _RICH
+from .formats import DEFAULT_LIMITS, ParseLimits
 from .metadata import FIELDS as META_FIELDS
 
 FOLDER_DEFAULTS = ".campus-search.yaml"
@@ -38,21 +44,67 @@ class ParsedDocument:
 
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
-_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
-_EMPHASIS = re.compile(r"(\*\*|__|\*|_|`)(?=\S)(.+?)(?<=\S)\1")
+# These patterns run on every line of a file of up to MAX_DOCUMENT_UNPACKED_BYTES, so none may
+# backtrack over a line: a span never crosses its own delimiter ("[" "]" "(" ")", the emphasis
+# character), which keeps each match attempt as short as the gap to the next delimiter.
+_HEADING = re.compile(r"(#{1,6})[ \t]+(?=\S)")
+_LINK = re.compile(r"!?\[([^\[\]]*)\]\([^()]*\)")
+_EMPHASIS = re.compile("|".join(rf"{d}(?=[^\s{c}])([^{c}]+?)(?<=[^\s{c}]){d}" for d, c in (
+    (r"\*\*", r"\*"), ("__", "_"), (r"\*", r"\*"), ("_", "_"), ("`", "`"))))
+
+
+def _heading(line: str) -> tuple[int, str] | None:
+    """(level, text) of an ATX heading (``## Text ##``), or None."""
+    m = _HEADING.match(line)
+    if m is None:
+        return None
+    text = line[m.end():].rstrip()
+    closing = text.rstrip("#")
+    if closing != text and (not closing or closing[-1] in " \t"):  # an optional closing "###"
+        text = closing.rstrip()
+    return (len(m.group(1)), text) if text else None
+
+
+MAX_METADATA_BYTES = 64 * 1024  # a metadata file or front matter block; real ones are a few lines
+MAX_METADATA_VALUE_CHARS = 1000  # one value (a title is the longest legitimate one)
+
+
+class _NotMetadata(yaml.YAMLError):
+    """YAML that is valid but not metadata (the message says why)."""
+
+
+class _MetadataLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for metadata: one mapping of single values. Aliases (``*name``), which let a
+    few hundred bytes expand to gigabytes (a "billion laughs" bomb), lists, nested mappings and values
+    over :data:`MAX_METADATA_VALUE_CHARS` are refused while the YAML is read, before anything is built."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise _NotMetadata("YAML aliases (*name) are not allowed in metadata")
+        if parent is not None and self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            raise _NotMetadata("metadata values must be single values (text, numbers, dates), not lists or mappings")
+        event = self.peek_event()
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_METADATA_VALUE_CHARS:
+            raise _NotMetadata(f"a metadata value is longer than {MAX_METADATA_VALUE_CHARS} characters")
+        return super().compose_node(parent, index)
 
 
 def _load_yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    """A metadata mapping from YAML (folder defaults, sidecars, front matter), or an IngestError."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
+        raise IngestError(f"{where}: metadata is larger than {MAX_METADATA_BYTES // 1024} KiB")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise IngestError(f"{where}: invalid YAML ({exc.__class__.__name__})") from exc
+        data = yaml.load(text, Loader=_MetadataLoader)  # noqa: S506 - a SafeLoader subclass
+    except _NotMetadata as exc:
+        raise IngestError(f"{where}: {exc}") from None
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as exc:  # e.g. a date in year 99999
+        raise IngestError(f"{where}: invalid YAML ({exc.__class__.__name__})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise IngestError(f"{where}: metadata must be a mapping")
     return data
+
 
 
 def split_front_matter(text: str, where: str = "front matter") -> tuple[dict[str, Any], str]:
@@ -64,7 +116,7 @@ def split_front_matter(text: str, where: str = "front matter") -> tuple[dict[str
 
 def _plain(line: str) -> str:
     line = _LINK.sub(r"\1", line)
-    return _EMPHASIS.sub(r"\2", line)
+    return _EMPHASIS.sub(lambda m: next(g for g in m.groups() if g is not None), line)
 
 
 def parse_markdown(text: str, *, fallback_title: str) -> tuple[str, list[Block], dict[str, Any]]:
@@ -88,10 +140,10 @@ def parse_markdown(text: str, *, fallback_title: str) -> tuple[str, list[Block],
             in_fence = not in_fence
             flush()
             continue
-        heading = None if in_fence else _HEADING.match(line)
+        heading = None if in_fence else _heading(line)
         if heading:
             flush()
-            level, heading_text = len(heading.group(1)), _plain(heading.group(2))
+            level, heading_text = heading[0], _plain(heading[1])
             if level == 1 and title is None:
                 title = heading_text
             else:
@@ -137,30 +189,35 @@ def _decode(data: bytes, where: str) -> str:
 
 
 def _read_text(path: Path) -> str:
-    return _decode(_read_bytes(path), str(path))
+    return _decode(_read_bytes(path, ParseLimits(max_unpacked_bytes=MAX_METADATA_BYTES)), str(path))
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, limits: ParseLimits = DEFAULT_LIMITS) -> bytes:
     try:
-        return path.read_bytes()
+        with path.open("rb") as fh:
+            limits.check_size(os.fstat(fh.fileno()).st_size, str(path))
+            data = fh.read(limits.max_unpacked_bytes + 1)  # a file that grows while read is still bounded
     except OSError as exc:
         raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
+    limits.check_size(len(data), str(path))
+    return data
 
 
 Parsed = tuple[str, list[Block], dict[str, Any]]
-BytesParser = Callable[[bytes, str, str], Parsed]
+BytesParser = Callable[[bytes, str, str, ParseLimits], Parsed]
 
 
-def _markdown_bytes(data: bytes, where: str, fallback_title: str) -> Parsed:
+def _markdown_bytes(data: bytes, where: str, fallback_title: str, limits: ParseLimits) -> Parsed:
     return parse_markdown(_decode(data, where), fallback_title=fallback_title)
 
 
-def _text_bytes(data: bytes, where: str, fallback_title: str) -> Parsed:
+def _text_bytes(data: bytes, where: str, fallback_title: str, limits: ParseLimits) -> Parsed:
     return parse_text(_decode(data, where), fallback_title=fallback_title)
 
 
 def _rich(parser: Callable[..., Parsed]) -> BytesParser:
-    return lambda data, where, fallback_title: parser(data, where=where, fallback_title=fallback_title)
+    return lambda data, where, fallback_title, limits: parser(data, where=where, fallback_title=fallback_title,
+                                                              limits=limits)
 
 
 BYTE_PARSERS: dict[str, BytesParser] = {
@@ -172,22 +229,24 @@ BYTE_PARSERS: dict[str, BytesParser] = {
 }
 
 
-def _path_parser(parser: BytesParser) -> Callable[[Path], Parsed]:
-    return lambda path: parser(_read_bytes(path), str(path), _title_from_name(path))
+def _path_parser(parser: BytesParser) -> Callable[[Path, ParseLimits], Parsed]:
+    return lambda path, limits: parser(_read_bytes(path, limits), str(path), _title_from_name(path), limits)
 
 
-PARSERS: dict[str, Callable[[Path], Parsed]] = {suffix: _path_parser(p) for suffix, p in BYTE_PARSERS.items()}
+PARSERS: dict[str, Callable[[Path, ParseLimits], Parsed]] = {
+    suffix: _path_parser(p) for suffix, p in BYTE_PARSERS.items()}
 
 
 def parse_bytes(data: bytes, filename: str, *, external_id: str, metadata: Mapping[str, Any] | None = None,
-                source: str | None = None) -> ParsedDocument:
+                source: str | None = None, limits: ParseLimits = DEFAULT_LIMITS) -> ParsedDocument:
     """Parse an uploaded file (format from ``filename``'s suffix). ``metadata`` wins over front matter."""
     name = Path(filename)
     parser = BYTE_PARSERS.get(name.suffix.lower())
     if parser is None:
         raise IngestError(f"{filename}: unsupported file type {name.suffix or '(none)'}; supported: "
                           f"{', '.join(sorted(BYTE_PARSERS))}")
-    title, blocks, meta = parser(data, filename, _title_from_name(name))
+    limits.check_size(len(data), filename)
+    title, blocks, meta = parser(data, filename, _title_from_name(name), limits)
     meta.update(metadata or {})
     title = str(meta.pop("title", None) or title)
     meta.pop("id", None)
@@ -212,11 +271,11 @@ def folder_defaults(path: Path, root: Path) -> dict[str, Any]:
     return merged
 
 
-def parse_file(path: Path, root: Path) -> ParsedDocument:
+def parse_file(path: Path, root: Path, limits: ParseLimits = DEFAULT_LIMITS) -> ParsedDocument:
     parser = PARSERS.get(path.suffix.lower())
     if parser is None:
         raise IngestError(f"{path}: unsupported file type {path.suffix or '(none)'}")
-    title, blocks, meta = parser(path)
+    title, blocks, meta = parser(path, limits)
     merged = folder_defaults(path, root)
     sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
     if sidecar.is_file():
@@ -248,23 +307,47 @@ def discover(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
                 yield path, given
 
 
-def read_jsonl(path: Path) -> Iterator[ParsedDocument | IngestError]:
+def read_jsonl(path: Path, limits: ParseLimits = DEFAULT_LIMITS) -> Iterator[ParsedDocument | IngestError]:
     """BEIR corpus lines: {"_id", "title", "text"} plus optional access metadata fields.
 
-    A bad line is yielded as an :class:`IngestError` (reported and skipped by the caller)."""
+    A bad line (not UTF-8, not JSON, no ``_id``, longer than ``MAX_DOCUMENT_UNPACKED_BYTES``) is
+    yielded as an :class:`IngestError` (reported and skipped by the caller); the file is read line by
+    line, so one line never costs more memory than that limit."""
     try:
-        fh = path.open(encoding="utf-8")
+        fh = path.open("rb")
     except OSError as exc:
         raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
     where = path.resolve()  # sources are absolute, so ``--prune`` scopes match however the path was given
     with fh:
-        for lineno, line in enumerate(fh, 1):
+        lineno = 0
+        while True:
+            try:
+                raw = fh.readline(limits.max_unpacked_bytes + 1)
+            except OSError as exc:
+                raise IngestError(f"{path}:{lineno + 1}: cannot read ({exc.strerror})") from exc
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > limits.max_unpacked_bytes:
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the over-long line
+                    raw = fh.readline(1 << 20)
+                yield IngestError(f"{path}:{lineno}: line longer than {limits.max_unpacked_bytes:,} bytes "
+                                  "(MAX_DOCUMENT_UNPACKED_BYTES)")
+                continue
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield IngestError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 yield IngestError(f"{path}:{lineno}: invalid JSON ({exc.msg})")
+                continue
+            except (ValueError, RecursionError) as exc:  # a 5,000-digit number, nesting thousands deep
+                yield IngestError(f"{path}:{lineno}: invalid JSON ({exc.__class__.__name__})")
                 continue
             if not isinstance(record, Mapping) or "_id" not in record:
                 yield IngestError(f"{path}:{lineno}: each line needs an \"_id\"")

@@ -18,6 +18,7 @@ from .cache import ResultCache, build_cache
 from .config import Settings
 from .db import Database, migrate, resolve_dsns
 from .embedding import Embedder, LocalMiniLM, get_embedder
+from .formats import ParseLimits
 from .fusion import FusionConfig
 from .ingest import Ingester
 from .lexical import BM25
@@ -81,7 +82,8 @@ class Services:
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
                                                                                    self.settings.bm25_b))
-            self.ingester = Ingester(self.db, embedder)
+            self.ingester = Ingester(self.db, embedder, limits=ParseLimits.from_settings(self.settings),
+                                     max_chunks=self.settings.max_document_chunks)
             self.cache = build_cache(self.settings, self.db, self.searcher)
             self._pid = os.getpid()
             log.info("services open in pid %s", self._pid)

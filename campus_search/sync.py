@@ -9,6 +9,9 @@ by mistake is worse than keeping a stale document one more run:
 - a file that failed to parse keeps its previously ingested version (the error is reported);
 - a folder that could not be listed, or a corpus file with unreadable lines, is not pruned at all;
 - nothing is pruned if the run stops early (an exception propagates before pruning starts).
+
+Whatever goes wrong with one file (or one corpus line) is an error for that file, reported in the
+summary: a parser's unexpected exception is logged with its traceback and the run goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CampusSearchError, IngestError
+from .formats import ParseLimits
 from .ingest import Ingester, IngestReport, Progress
 from .metadata import AccessMetadata
 from .parsers import ParsedDocument, discover, parse_file, read_jsonl
@@ -50,18 +54,40 @@ def _count(scope: _Scope) -> int:
     """Documents a path will yield (for the progress bar's ETA); a cheap pre-pass."""
     try:
         if scope.path.is_file() and scope.path.suffix.lower() == ".jsonl":
-            with scope.path.open(encoding="utf-8", errors="replace") as fh:
-                return sum(1 for line in fh if line.strip())
+            return _count_lines(scope.path)
         return sum(1 for _ in discover([scope.path]))
     except (CampusSearchError, OSError):
         return 1  # reported as one failure when the run reaches it
 
 
-def _items(scope: _Scope) -> Iterator[ParsedDocument | CampusSearchError]:
+def _count_lines(path: Path) -> int:
+    """Non-blank lines, read in fixed-size blocks (a corpus line may be as long as the file)."""
+    count, blank = 0, True
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            for n, part in enumerate(block.split(b"\n")):
+                if n:  # a line ended
+                    count += not blank
+                    blank = True
+                blank = blank and not part.strip()
+    return count + (not blank)
+
+
+def _parse_file(file: Path, root: Path, limits: ParseLimits) -> ParsedDocument:
+    try:
+        return parse_file(file, root, limits)
+    except CampusSearchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one file's surprise must not end the run
+        log.warning("%s: could not be parsed", file, exc_info=True)
+        raise IngestError(f"{file}: could not be parsed ({exc.__class__.__name__})") from None
+
+
+def _items(scope: _Scope, limits: ParseLimits) -> Iterator[ParsedDocument | CampusSearchError]:
     path = scope.path
     if path.is_file() and path.suffix.lower() == ".jsonl":
         try:
-            for item in read_jsonl(path):
+            for item in read_jsonl(path, limits):
                 if isinstance(item, ParsedDocument):
                     scope.ids.add(item.external_id)
                 else:
@@ -79,7 +105,7 @@ def _items(scope: _Scope) -> Iterator[ParsedDocument | CampusSearchError]:
         return
     for file, root in found:
         try:
-            doc = parse_file(file, root)
+            doc = _parse_file(file, root, limits)
         except CampusSearchError as exc:
             scope.failed_sources.add(str(file.resolve()))
             yield exc
@@ -96,12 +122,13 @@ def sync_paths(ingester: Ingester, paths: Sequence[Path], defaults: AccessMetada
     ``on_total(total, report)`` is called once before ingesting with the number of documents ahead
     (for a progress bar). Returns the report; ``report.deleted`` counts pruned documents."""
     scopes = [_scope(p) for p in paths]
+    limits = ingester.limits
     if on_total is not None:
         on_total(sum(_count(s) for s in scopes), IngestReport())
 
     def items() -> Iterator[ParsedDocument | CampusSearchError]:
         for scope in scopes:
-            yield from _items(scope)
+            yield from _items(scope, limits)
 
     report = ingester.ingest((i if not isinstance(i, CampusSearchError) or isinstance(i, IngestError)
                               else IngestError(i.message) for i in items()), defaults, progress=progress)

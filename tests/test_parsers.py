@@ -153,7 +153,7 @@ def test_metadata_precedence_folder_then_sidecar_then_front_matter(tmp_path: Pat
 def test_bad_sidecar_yaml_is_an_ingest_error(tmp_path: Path) -> None:
     md = tmp_path / "a.md"
     md.write_text("# A\n\ntext\n")
-    (tmp_path / "a.md.meta.yaml").write_text("department: [unclosed\n")
+    (tmp_path / "a.md.meta.yaml").write_text("department: \"unclosed\n")
     with pytest.raises(IngestError, match="a.md.meta.yaml: invalid YAML"):
         parse_file(md, tmp_path)
 
