@@ -15,7 +15,7 @@ from .api import explain as explain_api
 from .api import openapi as openapi_api
 from .api import search as search_api
 from .api.cors import init_cors
-from .api.errors import register_error_handlers
+from .api.errors import JSONProvider, register_error_handlers
 from .config import Settings, load_settings
 from .ratelimit import init_rate_limits
 from .security.auth import init_auth
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     services = services or Services(settings)
     app = Flask("campus_search")
     app.config.update(MAX_CONTENT_LENGTH=settings.max_request_bytes, JSON_SORT_KEYS=False)
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = JSONProvider(app)  # keys in order; too deeply nested JSON is a 400
     app.extensions["campus_search"] = services
     init_auth(app, settings)
     register_error_handlers(app)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Any
 
 MAX_ID_CHARS = 500
 MAX_TITLE_CHARS = 300
@@ -36,8 +37,23 @@ def text_problem(text: str) -> str | None:
     if found is None:
         return None
     if found.group() == "\x00":
-        return "contains a NUL character (U+0000), which cannot be stored (a binary or damaged file?)"
+        return "contains a NUL character (U+0000), which cannot be stored"
     return f"contains a lone surrogate (U+{ord(found.group()):04X}), which is not valid Unicode text"
+
+
+def json_text_problem(value: Any) -> str | None:
+    """Why a parsed JSON value holds text that cannot be stored (any key or string, at any depth), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and (problem := text_problem(item)) is not None:
+            return problem
+    return None
 
 
 def id_problem(doc_id: str) -> str | None:

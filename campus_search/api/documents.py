@@ -11,7 +11,12 @@ Upserts go through the same :class:`Ingester` as ``campus-search ingest``: uncha
 re-embedded, changed content re-embeds only new chunks, and the swap is one transaction. Metadata
 given replaces only the fields given; for an existing document the others keep their stored values
 (so re-uploading a restricted document without metadata never makes it public), for a new one they
-take the defaults (public, clearance 1, priority 3). Upload size: ``MAX_DOCUMENT_BYTES``.
+take the defaults (public, clearance 1, priority 3). Upload size: ``MAX_DOCUMENT_BYTES``; what a
+document may unpack to: ``MAX_DOCUMENT_UNPACKED_BYTES``, ``MAX_DOCUMENT_CHARS``, ``MAX_DOCUMENT_CHUNKS``.
+
+Ids are taken exactly as given in the URL (percent-encoded UTF-8) or refused with a 400 that says why
+(:mod:`campus_search.textrules`): never trimmed, never repaired. Text that cannot be stored (NUL, lone
+surrogates) anywhere in a JSON body is a 400, as is JSON nested too deeply to parse.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from flask import Blueprint, current_app, g, jsonify, request
+from werkzeug.routing import PathConverter
 
 from ..audit import admin_action
 from ..errors import BadRequest, NotFound, PayloadTooLarge
@@ -30,13 +37,27 @@ from ..metadata import FIELDS as META_FIELDS
 from ..metadata import AccessMetadata
 from ..parsers import BYTE_PARSERS, parse_bytes
 from ..security.auth import require_admin
+from ..textrules import MAX_TITLE_CHARS, id_problem, json_text_problem, text_problem
 
 log = logging.getLogger(__name__)
 
+class DocumentIdConverter(PathConverter):
+    """Like ``path`` (ids may contain ``/``), but matching every character, so an id with a newline
+    reaches the handler and gets a 400 that says why instead of the router's 404."""
+
+    regex = r"[^/][\s\S]*?"
+
+
 bp = Blueprint("documents", __name__)
 
+
+@bp.record_once
+def _register_converter(state: Any) -> None:
+    state.app.url_map.converters["docid"] = DocumentIdConverter
+
+
+
 FORMATS = {"markdown": "inline.md", "text": "inline.txt", "html": "inline.html"}
-MAX_ID_CHARS = 500
 LIST_PARAMS = {"limit", "offset", "department", "q"}
 UPSERT_KEYS = {"text", "format", "title", "metadata"}
 
@@ -55,21 +76,40 @@ def _services() -> Any:
     return services.ensure_open()
 
 
-def _doc_id(raw: str) -> str:
-    doc_id = raw.strip()
-    if not doc_id or len(doc_id) > MAX_ID_CHARS or any(ord(ch) < 32 for ch in doc_id):
-        raise BadRequest(f"document id must be 1-{MAX_ID_CHARS} printable characters")
+def _doc_id(doc_id: str) -> str:
+    """The id from the URL, exactly, or a 400 (the grammar is in :mod:`campus_search.textrules`)."""
+    # The router decodes the path with errors="replace", so %ff and %fe would both name U+FFFD: check
+    # the bytes the client sent (gunicorn and werkzeug keep the raw URI; other servers: PATH_INFO).
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
+    path = unquote_to_bytes(raw.split("?", 1)[0]) if raw else request.environ.get("PATH_INFO", "").encode("latin-1")
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("document id is not valid UTF-8 (percent-encode the id's UTF-8 bytes)") from None
+    if (problem := id_problem(doc_id)) is not None:
+        raise BadRequest(problem)
     return doc_id
 
 
+def _json_object(message: str) -> dict[str, Any]:
+    """The JSON body as an object whose text can be stored, or a 400."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest(message)
+    if (problem := json_text_problem(body)) is not None:
+        raise BadRequest(f"request body {problem}")
+    return body
+
+
 def _metadata(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
+    """A metadata object (JSON, or a multipart field holding JSON) validated, or a 400."""
     if isinstance(raw, str):  # multipart form field
         try:
             raw = json.loads(raw)
         except ValueError:
             raise BadRequest("metadata must be a JSON object") from None
+        if (problem := json_text_problem(raw)) is not None:
+            raise BadRequest(f"metadata {problem}")
     if not isinstance(raw, dict):
         raise BadRequest("metadata must be a JSON object")
     unknown = sorted(set(raw) - set(META_FIELDS))
@@ -144,7 +184,7 @@ def list_documents() -> Any:
                     "request_id": g.request_id})
 
 
-@bp.get("/api/admin/documents/<path:doc_id>")
+@bp.get("/api/admin/documents/<docid:doc_id>")
 def get_document(doc_id: str) -> Any:
     services = _services()
     doc = _stored(services, _doc_id(doc_id))
@@ -161,22 +201,25 @@ def _upload_limit(services: Any) -> int:
     return limit
 
 
-def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any]]:
+def _parse_upload(services: Any, doc_id: str) -> tuple[Any, dict[str, Any]]:
     """(ParsedDocument, metadata given) from a JSON or multipart body."""
     if request.mimetype == "multipart/form-data":
+        names = [*request.form, *request.files]
+        if any(not name for name in names):
+            raise BadRequest("every multipart part needs a name (file, metadata or title)")
+        extra = sorted({*request.form, *request.files} - {"file", "metadata", "title"})
+        if extra:
+            raise BadRequest(f"unknown form fields {extra}; allowed: file, metadata, title")
+        if any(len(request.form.getlist(n)) + len(request.files.getlist(n)) > 1 for n in ("file", "metadata", "title")):
+            raise BadRequest("each of file, metadata and title may be given once")
         upload = request.files.get("file")
         if upload is None or not upload.filename:
             raise BadRequest("multipart upload needs a 'file' field with a filename")
-        extra = sorted(set(request.form) - {"metadata", "title"})
-        if extra:
-            raise BadRequest(f"unknown form fields {extra}; allowed: file, metadata, title")
-        meta = _metadata(request.form.get("metadata"))
+        meta = _metadata(request.form["metadata"]) if "metadata" in request.form else {}
         data, filename, title = upload.read(), upload.filename, request.form.get("title")
     else:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise BadRequest("send a JSON object {\"text\", \"format\", \"title\", \"metadata\"} or a multipart "
-                             "'file' upload")
+        body = _json_object("send a JSON object {\"text\", \"format\", \"title\", \"metadata\"} or a multipart "
+                            "'file' upload")
         unknown = sorted(set(body) - UPSERT_KEYS)
         if unknown:
             raise BadRequest(f"unknown fields {unknown}; allowed: {sorted(UPSERT_KEYS)}")
@@ -185,25 +228,28 @@ def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any]]:
             raise BadRequest("text must be a non-empty string")
         if fmt not in FORMATS:
             raise BadRequest(f"format must be one of {sorted(FORMATS)}")
-        meta = _metadata(body.get("metadata"))
+        meta = _metadata(body["metadata"]) if "metadata" in body else {}
         data, filename = text.encode("utf-8"), FORMATS[fmt]
-    if title is not None and (not isinstance(title, str) or not title.strip() or len(title) > 500):
-        raise BadRequest("title must be a non-empty string of at most 500 characters")
+    if title is not None and (not isinstance(title, str) or not title.strip() or len(title) > MAX_TITLE_CHARS):
+        raise BadRequest(f"title must be a non-empty string of at most {MAX_TITLE_CHARS} characters")
+    if title is not None and (problem := text_problem(title)) is not None:
+        raise BadRequest(f"title {problem}")
     suffix = "." + filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
     if suffix not in BYTE_PARSERS:
         raise BadRequest(f"unsupported file type {suffix or '(none)'}; supported: {', '.join(sorted(BYTE_PARSERS))}")
-    doc = parse_bytes(data, filename, external_id=doc_id, metadata={}, source=f"api:{filename}")
+    doc = parse_bytes(data, filename, external_id=doc_id, metadata={}, source=f"api:{filename}",
+                      limits=services.ingester.limits)
     if title:
         doc.title = title.strip()
     return doc, meta
 
 
-@bp.put("/api/admin/documents/<path:doc_id>")
+@bp.put("/api/admin/documents/<docid:doc_id>")
 def upsert_document(doc_id: str) -> Any:
     services = _services()
     doc_id = _doc_id(doc_id)
     _upload_limit(services)
-    doc, given = _parse_upload(doc_id)
+    doc, given = _parse_upload(services, doc_id)
     existing = _stored(services, doc_id)
     base = AccessMetadata().merged(existing["metadata"]) if existing else AccessMetadata()
     # front matter in an uploaded Markdown file counts as given, below the request's own metadata
@@ -227,12 +273,12 @@ def upsert_document(doc_id: str) -> Any:
     return jsonify(body), 201 if status == "added" else 200
 
 
-@bp.patch("/api/admin/documents/<path:doc_id>")
+@bp.patch("/api/admin/documents/<docid:doc_id>")
 def update_metadata(doc_id: str) -> Any:
     services = _services()
     doc_id = _doc_id(doc_id)
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or set(body) != {"metadata"}:
+    body = _json_object("send {\"metadata\": {...}} (the fields to change)")
+    if set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
         raise BadRequest("send {\"metadata\": {...}} (the fields to change)")
     given = _metadata(body["metadata"])
     with _audited(services, "document.metadata", doc_id, {"changed": sorted(given)}):
@@ -243,7 +289,7 @@ def update_metadata(doc_id: str) -> Any:
                     "request_id": g.request_id})
 
 
-@bp.delete("/api/admin/documents/<path:doc_id>")
+@bp.delete("/api/admin/documents/<docid:doc_id>")
 def delete_document(doc_id: str) -> Any:
     services = _services()
     doc_id = _doc_id(doc_id)

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 from flask import Flask, g, jsonify
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from ..errors import CampusSearchError
@@ -27,6 +28,19 @@ def error_response(status: int, code: str, message: str, *, details: Any = None,
     for key, value in (headers or {}).items():
         response.headers[key] = value
     return response
+
+
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, with keys in the order written, and a body nested too deeply for the parser
+    (``[`` repeated 60,000 times) treated as any other malformed JSON: a 400, not a RecursionError."""
+
+    sort_keys = False
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
 
 def register_error_handlers(app: Flask) -> None:

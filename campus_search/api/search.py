@@ -55,11 +55,13 @@ def parse_search_request(data: dict[str, Any], user: Principal) -> SearchParams:
         raise BadRequest(f"query is longer than {settings.max_query_chars} characters")
     if "\x00" in query:
         raise BadRequest("query contains a NUL character")
+    if "user" in data and not isinstance(data["user"], dict):
+        raise BadRequest("user must be an object (it is ignored: identity comes from the bearer token)")
     body_user = data.get("user")
     if body_user is not None:
         # Identity comes from the token only. An old client's matching user object is tolerated;
         # one that claims to be somebody else is an escalation attempt and is refused.
-        claimed = body_user.get("user_id") if isinstance(body_user, dict) else None
+        claimed = body_user.get("user_id")
         if claimed is not None and str(claimed) != user.user_id:
             log.warning("body user %r does not match token subject", "(redacted)")
             raise Forbidden("the user in the request body does not match the bearer token")
