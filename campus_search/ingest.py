@@ -160,7 +160,8 @@ class Ingester:
         total = 0
         for text in (doc.title, *(b.text for b in doc.blocks), *{b.section_title or "" for b in doc.blocks}):
             if (problem := text_problem(text)) is not None:
-                raise IngestError(f"{where}: text {problem} (a binary, UTF-16 or damaged file?)")
+                hint = " (a binary, UTF-16 or damaged file?)" if "NUL" in problem else ""
+                raise IngestError(f"{where}: text {problem}{hint}")
             total += len(text)
         if total > self.limits.max_chars:
             raise IngestError(f"{where}: more than {self.limits.max_chars:,} characters of text "

@@ -119,8 +119,9 @@ def _plain(line: str) -> str:
     return _EMPHASIS.sub(lambda m: next(g for g in m.groups() if g is not None), line)
 
 
-def parse_markdown(text: str, *, fallback_title: str) -> tuple[str, list[Block], dict[str, Any]]:
-    meta, body = split_front_matter(text)
+def parse_markdown(text: str, *, fallback_title: str, where: str = "front matter") -> tuple[str, list[Block],
+                                                                                            dict[str, Any]]:
+    meta, body = split_front_matter(text, where)
     title = meta.pop("title", None)
     blocks: list[Block] = []
     section: str | None = None
@@ -174,8 +175,9 @@ def paragraph_blocks(text: str) -> list[Block]:
     return [Block(" ".join(p.split())) for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
-def parse_text(text: str, *, fallback_title: str) -> tuple[str, list[Block], dict[str, Any]]:
-    meta, body = split_front_matter(text)
+def parse_text(text: str, *, fallback_title: str, where: str = "front matter") -> tuple[str, list[Block],
+                                                                                    dict[str, Any]]:
+    meta, body = split_front_matter(text, where)
     title = meta.pop("title", None) or fallback_title
     blocks = paragraph_blocks(body)
     return str(title), blocks, meta
@@ -208,11 +210,11 @@ BytesParser = Callable[[bytes, str, str, ParseLimits], Parsed]
 
 
 def _markdown_bytes(data: bytes, where: str, fallback_title: str, limits: ParseLimits) -> Parsed:
-    return parse_markdown(_decode(data, where), fallback_title=fallback_title)
+    return parse_markdown(_decode(data, where), fallback_title=fallback_title, where=f"{where}: front matter")
 
 
 def _text_bytes(data: bytes, where: str, fallback_title: str, limits: ParseLimits) -> Parsed:
-    return parse_text(_decode(data, where), fallback_title=fallback_title)
+    return parse_text(_decode(data, where), fallback_title=fallback_title, where=f"{where}: front matter")
 
 
 def _rich(parser: Callable[..., Parsed]) -> BytesParser:
