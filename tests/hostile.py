@@ -137,5 +137,5 @@ def pdf_text(line: bytes) -> bytes:
     return b"BT /F1 10 Tf 60 760 Td (" + line + b") Tj ET"
 
 
-__all__ = ["MEMORY_LIMIT", "docx_bomb", "docx_damaged_table", "pdf_stream_bomb", "pdf_text", "pdf_with_streams", "run_limited",
-           "yaml_alias_bomb"]
+__all__ = ["MEMORY_LIMIT", "docx_bomb", "docx_damaged_table", "pdf_stream_bomb", "pdf_text", "pdf_with_streams",
+           "run_limited", "yaml_alias_bomb"]
