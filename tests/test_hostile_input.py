@@ -5,6 +5,7 @@ exit status 3); every good file of the same run is stored."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -161,3 +162,131 @@ def test_all_decoded_pdf_streams_together_are_bounded(cli_env: dict[str, str], t
     code, summary, err = ingest({**cli_env, "MAX_DOCUMENT_UNPACKED_BYTES": str(1_000_000)}, docs)
     assert code == 3 and summary["added"] == 1, err[-3000:]
     assert "pages.pdf: unpacks to more than 1,000,000 bytes (MAX_DOCUMENT_UNPACKED_BYTES" in err
+
+
+# ------------------------------------------------------------------------------------- HTTP API
+
+API_SCRIPT = """
+import io, json, sys
+from campus_search.app import create_app
+from campus_search.config import load_settings
+from campus_search.security.auth import mint_token
+
+settings = load_settings()
+app = create_app(settings)
+client = app.test_client()
+admin = {"Authorization": "Bearer " + mint_token(settings, sub="admin", role="admin")}
+out = []
+for name, path in json.loads(sys.argv[1]):
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if name.endswith(".md"):
+        r = client.put("/api/admin/documents/" + name, headers=admin, json={"text": data.decode()})
+    else:
+        r = client.put("/api/admin/documents/" + name, headers=admin, content_type="multipart/form-data",
+                       data={"file": (io.BytesIO(data), name)})
+    out.append([name, r.status_code, (r.get_json().get("error") or {}).get("message", "")])
+print(json.dumps(out))
+"""
+
+
+def test_bombs_through_the_admin_api_are_refused_within_bounded_memory(cli_env: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    """The same parsers serve PUT /api/admin/documents: a 100 KB DOCX that unpacks to 96 MiB (the
+    report's 121 KB one took a worker to 1.66 GB) and the YAML bombs, in a process limited to 1.5 GB."""
+    files = [("bomb.docx", docx_bomb(tmp_path / "bomb.docx", 96 * MiB)),
+             ("yaml-bomb.md", tmp_path / "yaml-bomb.md"), ("alias.md", tmp_path / "alias.md"),
+             ("fine.md", tmp_path / "fine.md")]
+    (tmp_path / "yaml-bomb.md").write_text(yaml_alias_bomb())
+    (tmp_path / "alias.md").write_text('---\nx: &t "A title"\ntitle: *t\n---\n\nAliased.\n')
+    (tmp_path / "fine.md").write_text(f"# Fine\n\n{GOOD}\n")
+    assert (tmp_path / "bomb.docx").stat().st_size < 200_000
+    proc = run_limited([sys.executable, "-c", API_SCRIPT, json.dumps([(n, str(p)) for n, p in files])], cli_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = {name: (status, message) for name, status, message in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert answers["bomb.docx"][0] == 422 and "MAX_DOCUMENT_UNPACKED_BYTES" in answers["bomb.docx"][1]
+    assert answers["yaml-bomb.md"] == (422, "inline.md: front matter: metadata values must be single values "
+                                            "(text, numbers, dates), not lists or mappings")
+    assert answers["alias.md"] == (422, "inline.md: front matter: YAML aliases (*name) are not allowed in metadata")
+    assert answers["fine.md"][0] == 201
+    assert set(stored(cli_env["DATABASE_URL"])) == {"fine.md"}
+
+
+@pytest.fixture
+def api(settings_factory: Any, services_factory: Any, token: Any) -> tuple[Any, dict[str, str], Any]:
+    from campus_search.app import create_app
+
+    services = services_factory(settings_factory())
+    app = create_app(services.settings, services=services)
+    app.config["TESTING"] = True
+    return app.test_client(), {"Authorization": token("admin")}, services
+
+
+def test_unstorable_text_and_malformed_bodies_are_400s(api: Any) -> None:
+    client, admin, _ = api
+    assert client.put("/api/admin/documents/keep", headers=admin, json={"text": f"# Keep\n\n{GOOD}"}).status_code == 201
+    cases = [
+        ("patch", "keep", {"json": {"metadata": {"department": "\ud800"}}}, "contains a lone surrogate (U+D800)"),
+        ("put", "keep", {"json": {"text": "a \ud800"}}, "contains a lone surrogate (U+D800)"),
+        ("put", "keep", {"json": {"text": "x", "title": "\udc00"}}, "contains a lone surrogate (U+DC00)"),
+        ("put", "keep", {"json": {"text": "a \u0000 b"}}, "contains a NUL character"),
+        ("put", "keep", {"data": b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                         "content_type": "application/json"}, "send a JSON object"),
+        ("put", "keep", {"data": (b"--B\r\nContent-Disposition: form-data\r\n\r\nnameless\r\n--B\r\n"
+                                  b'Content-Disposition: form-data; name="x"\r\n\r\nxv\r\n--B--\r\n'),
+                         "content_type": "multipart/form-data; boundary=B"}, "every multipart part needs a name"),
+        ("put", "keep", {"data": {"file": [(io.BytesIO(b"one"), "a.txt"), (io.BytesIO(b"two"), "b.txt")]},
+                         "content_type": "multipart/form-data"}, "may be given once"),
+        ("patch", "keep", {"json": {"metadata": None}}, 'send {"metadata": {...}}'),
+        ("put", "keep", {"json": {"text": "x", "metadata": None}}, "metadata must be a JSON object"),
+        ("put", "keep", {"json": {"text": "x", "title": "t" * 301}}, "at most 300 characters"),
+    ]
+    for method, doc_id, kwargs, message in cases:
+        r = getattr(client, method)(f"/api/admin/documents/{doc_id}", headers=admin, **kwargs)
+        body = r.get_json()
+        assert r.status_code == 400 and message in body["error"]["message"], (method, kwargs, r.status_code, body)
+    doc = client.get("/api/admin/documents/keep", headers=admin).get_json()
+    assert doc["title"] == "Keep" and doc["metadata"]["department"] is None
+    search = client.post("/api/search", headers=admin, json={"query": "library hours", "user": [None, None]})
+    assert search.status_code == 400 and "user must be an object" in search.get_json()["error"]["message"]
+    deep = client.post("/api/search", headers=admin, data=b"[" * 60_000, content_type="application/json")
+    assert deep.status_code == 400
+
+
+def test_nested_html_is_read_and_titles_are_capped(api: Any) -> None:
+    """'<div>' * 1000 raised RecursionError (a 500); now the page is read at any depth. A 1 MB <h1>
+    made every search result carry the megabyte; titles are capped (textrules.py)."""
+    client, admin, _ = api
+    deep = "<html><body>" + "<div>" * 1000 + "<p>Deeply nested guidance on parking permits.</p>" + "</div>" * 1000
+    r = client.put("/api/admin/documents/deep", headers=admin, content_type="multipart/form-data",
+                   data={"file": (io.BytesIO(deep.encode()), "deep.html")})
+    assert r.status_code == 201, r.get_json()
+    empty = client.put("/api/admin/documents/empty", headers=admin, json={"text": "<div>" * 1000, "format": "html"})
+    assert empty.status_code == 422 and "no text found" in empty.get_json()["error"]["message"]
+    page = ("<html><body><main><h1>" + "Enormous heading " * 62_000 + "</h1><h2>" + "Section " * 500
+            + "</h2><p>Sports centre membership is free for all staff.</p></main></body></html>")
+    r = client.put("/api/admin/documents/long", headers=admin, json={"text": page, "format": "html"})
+    assert r.status_code == 201, r.get_json()
+    found = client.post("/api/search", headers=admin, json={"query": "sports centre membership for staff"})
+    assert found.status_code == 200 and len(found.get_data()) < 20_000
+    hit = next(h for h in found.get_json()["results"] if h["document_id"] == "long")
+    assert len(hit["document_title"]) <= MAX_TITLE_CHARS and hit["document_title"].endswith("…")
+    assert len(hit["section_title"]) <= MAX_SECTION_TITLE_CHARS
+
+
+def test_document_ids_are_taken_exactly_or_refused(api: Any) -> None:
+    client, admin, _ = api
+    for doc_id in ("it/printing guide.md", "café/menü", "a b"):
+        r = client.put(f"/api/admin/documents/{doc_id}", headers=admin, json={"text": f"# T\n\n{GOOD}"})
+        assert r.status_code == 201 and r.get_json()["document_id"] == doc_id, r.get_json()
+        assert client.get(f"/api/admin/documents/{doc_id}", headers=admin).get_json()["document_id"] == doc_id
+    for raw, why in [("x%0A", "U+000A"), ("x%20", "whitespace at either end"), ("%20x", "whitespace"),
+                     ("x%0C", "U+000C"), ("%0Cx", "U+000C"), ("x%C2%85", "U+0085"), ("x%E2%80%A8y", "U+2028"),
+                     ("%ff", "not valid UTF-8"), ("%fe", "not valid UTF-8"), ("x" * 501, "1-500 characters")]:
+        for method in ("get", "put", "patch", "delete"):
+            r = getattr(client, method)(f"/api/admin/documents/{raw}", headers=admin, json={"text": "t"})
+            body = r.get_json()
+            assert r.status_code == 400 and why in body["error"]["message"], (raw, method, body)
+    # the ids that were stripped before: "a b" is not "a b " (and was never created as such)
+    assert client.get("/api/admin/documents?limit=500", headers=admin).get_json()["total"] == 3
+    assert client.get("/api/admin/documents?limit=501", headers=admin).status_code == 400

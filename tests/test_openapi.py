@@ -192,3 +192,29 @@ def test_admin_answers_match_the_schemas(writable_client: Any, token: Any, spec:
     deleted = check(spec, registry, "DELETE", path, c.delete("/api/admin/documents/estates/parking.md", headers=admin))
     assert deleted["deleted"] is True
     check(spec, registry, "DELETE", path, c.delete("/api/admin/documents/estates/parking.md", headers=admin))
+
+
+def test_documented_bounds_are_the_enforced_ones(client: Any, token: Any, spec: dict[str, Any]) -> None:
+    """The schema's limits are the code's: list paging, the id grammar (textrules.py), titles, and the
+    search body's ``user`` (an object or nothing)."""
+    from campus_search.textrules import MAX_TITLE_CHARS, id_problem
+
+    admin = {"Authorization": token("admin")}
+    params = {p["name"]: p["schema"] for p in spec["paths"]["/api/admin/documents"]["get"]["parameters"]}
+    for name, low in (("limit", 1), ("offset", 0)):
+        top = params[name]["maximum"]
+        assert client.get(f"/api/admin/documents?{name}={top}", headers=admin).status_code == 200
+        assert client.get(f"/api/admin/documents?{name}={top + 1}", headers=admin).status_code == 400
+        assert client.get(f"/api/admin/documents?{name}={low - 1}", headers=admin).status_code == 400
+    id_schema = spec["paths"]["/api/admin/documents/{doc_id}"]["parameters"][0]["schema"]
+    pattern = re.compile(id_schema["pattern"])
+    samples = ["a", "it/printing.md", "a b", "café", " a", "a ", "a\n", "\na", "a\x0cb", "a\tb", "a\x7f", "a\x85b",
+               "a\u2028b", "a\u00a0", "\u3000a", "x" * 500, "x" * 501, ""]  # (a surrogate is not UTF-8: a 400)
+    for sample in samples:
+        fits = (bool(pattern.search(sample)) and id_schema["minLength"] <= len(sample) <= id_schema["maxLength"])
+        assert fits == (id_problem(sample) is None), repr(sample)
+    schemas = spec["components"]["schemas"]
+    assert schemas["DocumentUpsert"]["properties"]["title"]["maxLength"] == MAX_TITLE_CHARS
+    assert schemas["DocumentUpload"]["properties"]["title"]["maxLength"] == MAX_TITLE_CHARS
+    assert schemas["SearchRequest"]["properties"]["user"]["type"] == "object"
+    assert schemas["MetadataPatch"]["properties"]["metadata"] == {"$ref": "#/components/schemas/MetadataInput"}
