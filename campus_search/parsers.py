@@ -191,7 +191,15 @@ def _decode(data: bytes, where: str) -> str:
 
 
 def _read_text(path: Path) -> str:
-    return _decode(_read_bytes(path, ParseLimits(max_unpacked_bytes=MAX_METADATA_BYTES)), str(path))
+    """A metadata file (folder defaults, sidecar): at most :data:`MAX_METADATA_BYTES`."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_METADATA_BYTES + 1)
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
+    if len(data) > MAX_METADATA_BYTES:
+        raise IngestError(f"{path}: metadata is larger than {MAX_METADATA_BYTES // 1024} KiB")
+    return _decode(data, str(path))
 
 
 def _read_bytes(path: Path, limits: ParseLimits = DEFAULT_LIMITS) -> bytes:

@@ -3,12 +3,14 @@ Markdown front matter, sidecar and folder metadata, and clear errors for bad fil
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from docfiles import write_docx, write_html, write_pdf
 
 from campus_search.errors import IngestError
+from campus_search.formats import ParseLimits
 from campus_search.parsers import discover, parse_bytes, parse_file, read_jsonl
 
 LONG = ("Staff who forget their password must verify their identity with the IT Service Desk before a reset "
@@ -190,3 +192,70 @@ def test_jsonl_sources_are_absolute_and_bad_lines_reported(tmp_path: Path) -> No
     items = list(read_jsonl(corpus))
     assert items[0].source == f"{corpus.resolve()}:1"  # type: ignore[union-attr]
     assert [type(i).__name__ for i in items] == ["ParsedDocument", "IngestError", "IngestError"]
+
+
+@pytest.mark.parametrize(("front_matter", "message"), [
+    ('x: &a "IT Services"\ndepartment: *a', "YAML aliases (*name) are not allowed in metadata"),
+    ("department: [IT, Library]", "not lists or mappings"),
+    ("department: {name: IT}", "not lists or mappings"),
+    ("title: " + "t" * 1001, "longer than 1000 characters"),
+    ("last_reviewed: 2024-13-45", "invalid YAML (ValueError)"),  # a YAML timestamp no calendar has
+    ("priority: " + "9" * 900, None),  # a long number is a value like any other (validated later)
+])
+def test_metadata_yaml_holds_single_bounded_values(tmp_path: Path, front_matter: str, message: str | None) -> None:
+    md = tmp_path / "a.md"
+    md.write_text(f"---\n{front_matter}\n---\n\nBody text.\n")
+    if message is None:
+        assert parse_file(md, tmp_path).metadata["priority"] == int("9" * 900)
+        return
+    with pytest.raises(IngestError, match=re.escape(f"{md}: front matter: ") + ".*" + re.escape(message)):
+        parse_file(md, tmp_path)
+
+
+def test_metadata_files_are_bounded(tmp_path: Path) -> None:
+    md = tmp_path / "a.md"
+    md.write_text("# A\n\ntext\n")
+    (tmp_path / "a.md.meta.yaml").write_text("# padding\n" * 7000 + "department: IT\n")
+    with pytest.raises(IngestError, match="a.md.meta.yaml: .*larger than 64 KiB"):
+        parse_file(md, tmp_path)
+
+
+def test_files_over_the_unpacked_limit_are_not_read(tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 1000)
+    limits = ParseLimits(max_unpacked_bytes=4000)
+    with pytest.raises(IngestError, match="5,000 bytes is over the limit of 4,000 .MAX_DOCUMENT_UNPACKED_BYTES"):
+        parse_file(big, tmp_path, limits)
+    with pytest.raises(IngestError, match="over the limit of 4,000"):
+        parse_bytes(big.read_bytes(), "big.txt", external_id="b", limits=limits)
+    html = tmp_path / "p.html"
+    html.write_text("<p>" + "word " * 700 + "</p>")
+    with pytest.raises(IngestError, match="more than 3,000 characters of text .MAX_DOCUMENT_CHARS"):
+        parse_file(html, tmp_path, ParseLimits(max_chars=3000))
+
+
+def test_jsonl_bad_bytes_and_long_lines_are_per_line_errors(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_bytes(b'{"_id": "1", "text": "One."}\n{"_id": "2", "text": "caf\xe9"}\n'
+                       b'{"_id": "3", "text": "' + b"x" * 5000 + b'"}\n' + b"[" * 3000 + b"\n"
+                       b'{"_id": "n", "priority": ' + b"9" * 5000 + b"}\n"
+                       b'{"_id": "4", "text": "Four."}\n')
+    items = list(read_jsonl(corpus, ParseLimits(max_unpacked_bytes=4000)))
+    errors = [i.message for i in items if isinstance(i, IngestError)]
+    assert [i.external_id for i in items if not isinstance(i, IngestError)] == ["1", "4"]
+    assert [e.split(": ", 1)[1] for e in errors] == [
+        "not UTF-8 text (byte 26 of the line)", "line longer than 4,000 bytes (MAX_DOCUMENT_UNPACKED_BYTES)",
+        "invalid JSON (RecursionError)", "line longer than 4,000 bytes (MAX_DOCUMENT_UNPACKED_BYTES)"]
+
+
+def test_id_grammar() -> None:
+    from campus_search.textrules import id_problem, shorten, text_problem
+
+    for good in ("a", "it/printing guide.md", "café/menü", "x" * 500, "a\u00adb"):
+        assert id_problem(good) is None, good
+    for bad in ("", " a", "a ", "a\n", "a\x0cb", "a\x7f", "a\x85", "a\u2028", "a\ud800", "x" * 501, "\u3000a"):
+        assert id_problem(bad) is not None, repr(bad)
+    assert text_problem("fine") is None and "NUL" in (text_problem("a\x00") or "")
+    assert "surrogate" in (text_problem("\udc80") or "")
+    assert shorten("short", 10) == "short"
+    assert shorten("one two three four five", 12) == "one two…" and len(shorten("x" * 50, 10)) == 10
