@@ -290,3 +290,37 @@ def test_document_ids_are_taken_exactly_or_refused(api: Any) -> None:
     # the ids that were stripped before: "a b" is not "a b " (and was never created as such)
     assert client.get("/api/admin/documents?limit=500", headers=admin).get_json()["total"] == 3
     assert client.get("/api/admin/documents?limit=501", headers=admin).status_code == 400
+
+
+def test_an_unexpected_parser_exception_is_one_files_error(settings_factory: Any, services_factory: Any, token: Any,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: a library failing in a way nobody foresaw (here the HTML parser and the
+    Markdown heading reader raise RuntimeError) fails that file only, with its class in the report."""
+    import selectolax.lexbor
+
+    from campus_search import parsers
+    from campus_search.sync import sync_paths
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a library bug")
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_html(docs / "page.html", "Page", [("S", ["Text of the page."])])
+    (docs / "notes.md").write_text("# Notes\n\nNotes about the canteen.\n")
+    (docs / "plain.txt").write_text(f"{GOOD}\n")
+    monkeypatch.setattr(selectolax.lexbor, "LexborHTMLParser", broken)
+    monkeypatch.setattr(parsers, "_heading", broken)
+    services = services_factory(settings_factory())
+    report = sync_paths(services.ingester, [docs])
+    assert (report.added, report.failed) == (1, 2), report.errors
+    assert sorted(e.rsplit("/", 1)[1] for e in report.errors) == [
+        "notes.md: could not be parsed (RuntimeError)", "page.html: could not be parsed (RuntimeError)"]
+
+    from campus_search.app import create_app
+
+    client = create_app(services.settings, services=services).test_client()
+    r = client.put("/api/admin/documents/page", headers={"Authorization": token("admin")},
+                   json={"text": "<p>A page.</p>", "format": "html"})
+    assert r.status_code == 422
+    assert r.get_json()["error"]["message"] == "inline.html: could not be parsed (RuntimeError)"
