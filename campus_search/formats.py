@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import logging
 import re
 import zipfile
@@ -212,16 +213,32 @@ def _pypdf_configuration(limits: ParseLimits) -> Any:
         "brotli_maximum_output_length", "image_maximum_buffer_size")})
 
 
-def _decoded_bytes(reader: Any) -> int:
-    """Bytes of every stream pypdf has decoded so far (it keeps them with the reader's objects)."""
-    from pypdf.generic import EncodedStreamObject
+class _DecodedStreams:
+    """Bytes of every stream pypdf has decoded for one reader so far (it keeps each decoded stream with
+    its object). Incremental: each call looks only at objects resolved since the last call and at
+    streams not decoded yet, so checking after every page stays cheap for a long document."""
 
-    total = 0
-    for obj in list(reader.resolved_objects.values()):
-        decoded = obj.decoded_self if isinstance(obj, EncodedStreamObject) else None
-        if decoded is not None:
-            total += len(decoded.get_data())
-    return total
+    def __init__(self, reader: Any) -> None:
+        self.objects: dict[Any, Any] = reader.resolved_objects
+        self.seen = 0
+        self.pending: list[Any] = []
+        self.total = 0
+
+    def __call__(self) -> int:
+        from pypdf.generic import EncodedStreamObject
+
+        if len(self.objects) > self.seen:
+            self.pending += [o for o in itertools.islice(self.objects.values(), self.seen, None)
+                             if isinstance(o, EncodedStreamObject)]
+            self.seen = len(self.objects)
+        waiting = []
+        for obj in self.pending:
+            if obj.decoded_self is None:
+                waiting.append(obj)
+            else:
+                self.total += len(obj.decoded_self.get_data())
+        self.pending = waiting
+        return self.total
 
 
 def parse_pdf(data: bytes, *, where: str, fallback_title: str, limits: ParseLimits = DEFAULT_LIMITS) -> Parsed:
@@ -249,6 +266,7 @@ def _parse_pdf(data: bytes, where: str, fallback_title: str, limits: ParseLimits
         log.debug("%s: pypdf: %r", where, exc)
         raise IngestError(f"{where}: not a readable PDF (corrupt or truncated file)") from None
     budget = _TextBudget(limits, where)
+    decoded = _DecodedStreams(reader)
     page_lines: list[list[_Line]] = []
     for index, page in enumerate(pages):
         try:
@@ -262,7 +280,7 @@ def _parse_pdf(data: bytes, where: str, fallback_title: str, limits: ParseLimits
             raise IngestError(f"{where}: page {index + 1} cannot be read (damaged PDF content)") from None
         # Each stream is bounded by pypdf's limits above; this bounds them all together, since pypdf
         # keeps every decoded stream (many pages each decoding a large stream).
-        if _decoded_bytes(reader) > limits.max_unpacked_bytes:
+        if decoded() > limits.max_unpacked_bytes:
             raise _unpacked_too_large(where, limits)
     outline = _pdf_outline(reader)
     body = _body_size(page_lines) if not outline else 0.0  # font-size headings only without bookmarks
