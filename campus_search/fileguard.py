@@ -161,7 +161,10 @@ def list_folder(root: Path, guard: Guard, wanted: Callable[[Path], bool],
 
 def _link(path: Path, root: Path, root_real: str, guard: Guard, listing: Listing) -> None:
     target = os.path.realpath(path)
-    if _inside(target, root_real) and os.path.exists(target) and not guard.protects(target):
+    if guard.protects(target):
+        listing.refused.append((path, IngestError(f"{path}: refused: a symbolic link into the service's own data "
+                                                  f"and configuration, which are never ingested")))
+    elif _inside(target, root_real) and os.path.exists(target):
         listing.notes.append(f"{path}: skipped: a symbolic link inside the folder (links are not followed)")
     else:
         listing.refused.append((path, IngestError(f"{path}: refused: a symbolic link that leads outside {root} "
