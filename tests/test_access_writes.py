@@ -429,3 +429,127 @@ def test_help_names_the_loosening_flag(capsys: pytest.CaptureFixture[str]) -> No
         cli.main(["ingest", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--allow-loosening" in out and "DEFAULT_VISIBILITY" in out and "held back" in out
+
+
+# --- 10. property: random sequences of writes never loosen without an explicit act --------------------
+
+DEPTS = ("Finance", "Library")
+PRINCIPALS = [STUDENT, Principal("fin", DEFAULT_ROLES["staff"], departments=("Finance",)),
+              Principal("lib", DEFAULT_ROLES["staff"], departments=("Library",)),
+              Principal("aca", DEFAULT_ROLES["academic"]), ADMIN]
+
+
+def _random_meta(rng: Any) -> dict[str, Any]:
+    """A random subset of access fields, as a source might state them."""
+    out: dict[str, Any] = {}
+    if rng.random() < 0.6:
+        out["visibility"] = rng.choice(("public", "department"))
+    if rng.random() < 0.6:
+        out["department"] = rng.choice(DEPTS)
+    if rng.random() < 0.6:
+        out["clearance_level"] = rng.randint(1, 5)
+    if rng.random() < 0.2:
+        out["priority"] = rng.randint(1, 5)
+    return out
+
+
+def _yaml(meta: dict[str, Any]) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in meta.items())
+
+
+def _all_stored(services: Any) -> dict[str, Any]:
+    from campus_search.metadata import AccessMetadata
+
+    with services.db.connection(read=False) as conn:
+        rows = conn.execute("SELECT external_id, department, visibility, clearance_level, campus, priority, "
+                            "last_reviewed, pinned FROM documents").fetchall()
+    return {r[0]: (AccessMetadata(*r[1:7]), set(r[7] or ())) for r in rows}
+
+
+def test_random_write_sequences_never_loosen_without_an_explicit_act(
+        env: Settings, services: Any, client: Any, admin: dict[str, str], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Seeded random sequences of CLI ingests (with and without flags, with and without
+    --allow-loosening), sidecar and front-matter edits, PATCHes (with pins and unpins) and uploads.
+    After every step: no document is looser than before the step unless that step was an explicit
+    loosening act, a pinned field never loosens through a file, and what the real searcher shows each
+    kind of user is exactly what the visibility rule allows for the stored metadata."""
+    import random
+
+    from campus_search.metadata import loosenings
+    from campus_search.security.roles import is_visible
+
+    rng = random.Random(20261130)
+    docs = tmp_path / "docs"
+    files = [f"f{i}.md" for i in range(3)]
+    for i, name in enumerate(files):
+        md(docs / name, "", f"# Policy {i}\n\nPolicy number {i} about campus parking permits.\n")
+    code, _, err = run(capsys, str(docs), "--visibility", "department", "--department", "Finance",
+                       "--clearance", "3")
+    assert code == 0, err
+    assert client.put("/api/admin/documents/api-0", headers=admin, json={
+        "text": "# Policy api\n\nPolicy about campus parking permits, uploaded.", "metadata": {
+            "visibility": "department", "department": "Library", "clearance_level": 2}}).status_code == 201
+    before = _all_stored(services)
+    explicit_steps = 0
+    for step in range(36):
+        kind = rng.choice(("ingest", "sidecar", "front", "patch", "upload"))
+        explicit = False
+        if kind == "ingest":
+            argv = [str(docs)]
+            for flag, meta_key in (("--visibility", "visibility"), ("--department", "department"),
+                                   ("--clearance", "clearance_level")):
+                value = _random_meta(rng).get(meta_key)
+                if value is not None:
+                    argv += [flag, str(value)]
+            if rng.random() < 0.25:
+                argv.append("--allow-loosening")
+                explicit = True
+            run(capsys, *argv)
+        elif kind in ("sidecar", "front"):
+            name = rng.choice(files)
+            meta = _random_meta(rng)
+            if kind == "sidecar":
+                (docs / (name + ".meta.yaml")).write_text(_yaml(meta) + "\n")
+            else:
+                md(docs / name, _yaml(meta), f"# Policy {name}\n\nPolicy {name} about campus parking permits, "
+                                             f"edit {step}.\n")
+            explicit = rng.random() < 0.25
+            run(capsys, str(docs), *(["--allow-loosening"] if explicit else []))
+        elif kind == "patch":
+            target = rng.choice([*files, "api-0"])
+            body: dict[str, Any] = {"metadata": _random_meta(rng)}
+            if rng.random() < 0.2:
+                body = {"unpin": ["clearance_level", "visibility", "department"]}
+            elif rng.random() < 0.3:
+                body["allow_loosening"] = explicit = True
+            r = client.patch(f"/api/admin/documents/{target}", json=body, headers=admin)
+            assert r.status_code in (200, 400, 409), r.get_json()
+        else:
+            front = _random_meta(rng)
+            body = {"text": f"---\n{_yaml(front)}\n---\n# Policy api\n\nPolicy about campus parking permits, "
+                            f"upload {step}." if front else f"# Policy api\n\nParking permits, upload {step}.",
+                    "metadata": _random_meta(rng) if rng.random() < 0.5 else {}}
+            if rng.random() < 0.3:
+                body["allow_loosening"] = explicit = True
+            r = client.put("/api/admin/documents/api-0", json=body, headers=admin)
+            assert r.status_code in (200, 400, 409), r.get_json()
+        explicit_steps += explicit
+        after = _all_stored(services)
+        assert set(after) == set(before), (step, kind)
+        for doc_id, (meta, pins) in after.items():
+            old, old_pins = before[doc_id]
+            loose = loosenings(old, meta)
+            if not explicit:
+                assert loose == [], (step, kind, doc_id, old, meta)
+            elif kind in ("ingest", "sidecar", "front"):  # a file writer, even with the flag, keeps pins
+                assert not {c.field for c in loose} & old_pins, (step, kind, doc_id, old, meta, old_pins)
+        seen = {p.user_id: {h.document_id for h in hits(services, "campus parking permits policy", p)}
+                for p in PRINCIPALS}
+        for p in PRINCIPALS:
+            expected = {doc_id for doc_id, (meta, _) in after.items()
+                        if is_visible({"clearance_level": meta.clearance_level, "visibility": meta.visibility,
+                                       "department": meta.department}, p)}
+            assert seen[p.user_id] == expected, (step, kind, p.user_id)
+        before = after
+    assert explicit_steps >= 3  # the sequence exercised explicit acts too
