@@ -140,12 +140,13 @@ def test_front_matter_or_sidecar_id_cannot_hijack_a_demo_document(env: Settings,
     md(evil / "other.md", "", "# Other\n\nThe sidecar claims the guide's id too. hunter2.\n")
     (evil / "other.md.meta.yaml").write_text("id: it-staff-password-management.md\nvisibility: public\n")
 
-    code, summary, err = run(capsys, str(evil), "--allow-loosening")
-    assert code == 3 and (summary["added"], summary["updated"], summary["failed"]) == (0, 0, 2)
-    assert err.count("refused: id 'it-staff-password-management.md' belongs to the document from") == 2
-    row = stored(services, "it-staff-password-management.md")
-    assert row is not None
-    assert (row["visibility"], row["clearance_level"], row["source"]) == ("department", 3, str(real.resolve()))
+    for flags in ([], ["--allow-loosening"]):  # not even the explicit act lets a file take another's id
+        code, summary, err = run(capsys, str(evil), *flags)
+        row = stored(services, "it-staff-password-management.md")
+        assert row is not None and row["title"] == "IT Staff Password Management Guide"
+        assert (row["visibility"], row["clearance_level"], row["source"]) == ("department", 3, str(real.resolve()))
+        assert code == 3 and (summary["added"], summary["updated"], summary["failed"]) == (0, 0, 2)
+        assert err.count("refused: id 'it-staff-password-management.md' belongs to the document from") == 2
     assert all("hunter2" not in h.text for h in hits(services, "administrator passwords hunter2"))
     assert all(h.document_title != "IT Staff Password Management Guide"
                for h in hits(services, "administrator passwords", STUDENT))
@@ -165,12 +166,12 @@ def test_reingest_without_flags_keeps_the_stored_access(env: Settings, services:
     md(docs / "forecast.md", "", "# Budget Forecast\n\nThe confidential budget forecast cuts four posts.\n")
 
     code, summary, err = run(capsys, str(docs))
-    assert code == 0 and (summary["updated"], summary["unchanged"], summary["held_back"]) == (1, 1, 0)
     for doc_id in ("forecast.md", "audit.md"):
         row = stored(services, doc_id)
         assert row is not None and (row["visibility"], row["department"], row["clearance_level"]) == (
             "department", "Finance", 4)
     assert hits(services, "confidential budget forecast", STUDENT) == []
+    assert code == 0 and (summary["updated"], summary["unchanged"], summary["held_back"]) == (1, 1, 0)
 
 
 def test_file_loosening_is_held_back_until_allowed_and_then_audited(env: Settings, services: Any, tmp_path: Path,
@@ -285,16 +286,17 @@ def test_patch_survives_sync_until_unpinned(env: Settings, services: Any, client
     assert run(capsys, str(docs))[1]["added"] == 1
     r = client.patch("/api/admin/documents/vpn.md", json={"metadata": {"clearance_level": 4, "priority": 5}},
                      headers=admin)
-    assert r.status_code == 200 and r.get_json()["pinned"] == ["clearance_level", "priority"]
+    assert r.status_code == 200
 
     md(docs / "vpn.md", front, "# VPN\n\nThe VPN concentrator admin console moved to port 9443.\n")
-    code, summary, err = run(capsys, str(docs), "--allow-loosening")  # not even the flag undoes a pin
-    assert code == 0 and summary["updated"] == 1
-    assert "kept (pinned by an admin through the API): clearance_level 4 (source says 2)" in err
-    row = stored(services, "vpn.md")
-    assert row is not None and (row["clearance_level"], row["priority"]) == (4, 5)
     staff = Principal("it-staff", DEFAULT_ROLES["staff"], departments=("IT Services",))
-    assert hits(services, "VPN concentrator admin console", staff) == []
+    for flags in ([], ["--allow-loosening"]):  # not even the flag undoes a pin
+        code, summary, err = run(capsys, str(docs), *flags)
+        row = stored(services, "vpn.md")
+        assert row is not None and (row["clearance_level"], row["priority"]) == (4, 5)
+        assert hits(services, "VPN concentrator admin console", staff) == []
+        assert code == 0 and "kept (pinned by an admin through the API): clearance_level 4 (source says 2)" in err
+    assert r.get_json()["pinned"] == ["clearance_level", "priority"]
 
     r = client.patch("/api/admin/documents/vpn.md", json={"unpin": ["clearance_level", "priority"]}, headers=admin)
     assert r.status_code == 200 and r.get_json()["pinned"] == []
@@ -313,13 +315,13 @@ def test_upload_front_matter_cannot_loosen(env: Settings, services: Any, client:
     assert client.put("/api/admin/documents/hr/grievance", json={"text": body, "metadata": meta},
                       headers=admin).status_code == 201
     loose = "---\nvisibility: public\nclearance_level: 1\n---\n" + body.replace("twenty", "fifteen")
-    r = client.put("/api/admin/documents/hr/grievance", json={"text": loose, "allow_loosening": True}, headers=admin)
-    assert r.status_code == 200, r.get_json()
-    out = r.get_json()
-    assert out["status"] == "updated" and out["loosened"] == []
-    assert (out["metadata"]["visibility"], out["metadata"]["clearance_level"]) == ("department", 3)
-    assert [c["field"] for c in out["held_back"]] == ["visibility", "clearance_level"]
-    assert hits(services, "formal grievance panel", STUDENT) == []
+    for extra in ({}, {"allow_loosening": True}):  # the flag covers the request's metadata, not the file's
+        r = client.put("/api/admin/documents/hr/grievance", json={"text": loose, **extra}, headers=admin)
+        assert r.status_code == 200, r.get_json()
+        out = r.get_json()
+        assert (out["metadata"]["visibility"], out["metadata"]["clearance_level"]) == ("department", 3)
+        assert hits(services, "formal grievance panel", STUDENT) == []
+        assert out["loosened"] == [] and [c["field"] for c in out["held_back"]] == ["visibility", "clearance_level"]
     tighter = "---\nclearance_level: 4\n---\n" + body
     assert client.put("/api/admin/documents/hr/grievance", json={"text": tighter},
                       headers=admin).get_json()["metadata"]["clearance_level"] == 4
@@ -537,7 +539,7 @@ def test_random_write_sequences_never_loosen_without_an_explicit_act(
         explicit_steps += explicit
         after = _all_stored(services)
         assert set(after) == set(before), (step, kind)
-        for doc_id, (meta, pins) in after.items():
+        for doc_id, (meta, _pins) in after.items():
             old, old_pins = before[doc_id]
             loose = loosenings(old, meta)
             if not explicit:
