@@ -283,22 +283,55 @@ class Ingester:
             self._prepare_chunks(changed)
             vectors = self._vectors_for(changed, report)
         with self.db.connection() as conn:
+            current = self._still_current(conn, [*moved, *meta_only, *changed], report)
             for p in moved:  # same content from another path (or an old relative path): keep prune exact
-                assert p.existing is not None
-                conn.execute("UPDATE documents SET source = %s WHERE id = %s", (p.doc.source, p.existing[1]))
+                if id(p) in current:
+                    assert p.existing is not None
+                    conn.execute("UPDATE documents SET source = %s WHERE id = %s", (p.doc.source, p.existing[1]))
+            meta_only = [p for p in meta_only if id(p) in current]
             for p in meta_only:
                 assert p.existing is not None
                 self._update_metadata(conn, p.existing[1], p.meta, p.doc)
+            written = False
             for p in changed:
-                self._replace(conn, p, vectors)
+                if id(p) not in current:
+                    continue  # reported by _still_current
+                if not self._replace(conn, p, vectors):
+                    self._fail(report, f"{p.doc.source or p.doc.external_id}: another writer changed document "
+                                       f"{p.doc.external_id!r} while this run was writing it; nothing written, "
+                                       f"run again")
+                    continue
+                written = True
                 if p.existing is None:
                     report.added += 1
                 else:
                     report.updated += 1
                 report.chunks_written += len(p.chunks)
             report.metadata_updated += len(meta_only)
-            if meta_only or changed:
+            if meta_only or written:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+
+    def _still_current(self, conn: Any, pending: list[_Pending], report: IngestReport) -> set[int]:
+        """Inside the write transaction: lock the stored rows this batch decided on and keep only the
+        documents whose row is exactly as it was read (``id()`` of each :class:`_Pending` kept). A row
+        another writer changed meanwhile (a PATCH, a pin, another sync) is not overwritten with a
+        decision taken on a stale read: that document fails for this run, loudly. New documents are
+        kept here; :meth:`_replace` refuses them if someone created the id meanwhile."""
+        ids = sorted({p.existing[1] for p in pending if p.existing is not None})
+        fresh = {}
+        if ids:
+            fresh = {row[1]: tuple(row) for row in conn.execute(
+                "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, priority, "
+                "last_reviewed, source, pinned FROM documents WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                (ids,)).fetchall()}
+        keep: set[int] = set()
+        for p in pending:
+            if p.existing is None or fresh.get(p.existing[1]) == tuple(p.existing):
+                keep.add(id(p))
+            else:
+                self._fail(report, f"{p.doc.source or p.doc.external_id}: another writer changed document "
+                                   f"{p.doc.external_id!r} while this run was reading it; nothing written, run again")
+        return keep
 
     def _prepare_chunks(self, pending: list[_Pending]) -> None:
         model = self.embedder.model_name
@@ -353,17 +386,24 @@ class Ingester:
             "UPDATE chunks SET department=%s, visibility=%s, clearance_level=%s, campus=%s, priority=%s, "
             "last_reviewed=%s WHERE document_id=%s", (*params, doc_id))
 
-    def _replace(self, conn: Any, p: _Pending, vectors: Mapping[str, np.ndarray]) -> None:
+    def _replace(self, conn: Any, p: _Pending, vectors: Mapping[str, np.ndarray]) -> bool:
+        """Write a new or changed document and its chunks. A document that was new when read but
+        whose id another writer created meanwhile is not written (returns False): never an overwrite."""
         params = self._meta_params(p.meta)
-        doc_id = conn.execute(
+        on_conflict = ("DO NOTHING" if p.existing is None else
+                       "DO UPDATE SET title=EXCLUDED.title, source=EXCLUDED.source, "
+                       "content_hash=EXCLUDED.content_hash, department=EXCLUDED.department, "
+                       "visibility=EXCLUDED.visibility, clearance_level=EXCLUDED.clearance_level, "
+                       "campus=EXCLUDED.campus, priority=EXCLUDED.priority, last_reviewed=EXCLUDED.last_reviewed, "
+                       "updated_at=now()")
+        row = conn.execute(
             "INSERT INTO documents (external_id, title, source, content_hash, department, visibility, "
             "clearance_level, campus, priority, last_reviewed) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-            "ON CONFLICT (external_id) DO UPDATE SET title=EXCLUDED.title, source=EXCLUDED.source, "
-            "content_hash=EXCLUDED.content_hash, department=EXCLUDED.department, "
-            "visibility=EXCLUDED.visibility, clearance_level=EXCLUDED.clearance_level, "
-            "campus=EXCLUDED.campus, priority=EXCLUDED.priority, last_reviewed=EXCLUDED.last_reviewed, "
-            "updated_at=now() RETURNING id",
-            (p.doc.external_id, p.doc.title, p.doc.source, p.content_hash, *params)).fetchone()[0]
+            f"ON CONFLICT (external_id) {on_conflict} RETURNING id",
+            (p.doc.external_id, p.doc.title, p.doc.source, p.content_hash, *params)).fetchone()
+        if row is None:
+            return False
+        doc_id = row[0]
         conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
         with conn.cursor().copy(
                 "COPY chunks (document_id, chunk_index, section_title, page_number, text, content_hash, "
@@ -373,6 +413,7 @@ class Ingester:
                             "text", "int2", "timestamp"])
             for i, (c, h) in enumerate(zip(p.chunks, p.chunk_hashes, strict=True)):
                 copy.write_row((doc_id, i, c.section_title, c.page_number, c.text, h, vectors[h], *params))
+        return True
 
     def update_metadata(self, external_id: str, overrides: Mapping[str, Any], *, allow_loosening: bool = False,
                         unpin: Collection[str] = ()) -> MetadataUpdate | None:

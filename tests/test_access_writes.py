@@ -306,6 +306,34 @@ def test_patch_survives_sync_until_unpinned(env: Settings, services: Any, client
     assert row is not None and (row["clearance_level"], row["priority"]) == (2, 3) and summary["loosened"] == 1
 
 
+def test_a_patch_landing_while_a_sync_embeds_is_not_overwritten(env: Settings, services: Any, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync decides each document's metadata from the rows it read, then embeds, then writes. An
+    admin's PATCH that commits in between must not be overwritten with that stale decision."""
+    from campus_search.sync import sync_paths
+
+    docs = tmp_path / "docs"
+    front = "department: Estates\nvisibility: department\nclearance_level: 2"
+    md(docs / "keys.md", front, "# Keys\n\nMaster keys are signed out at the estates help desk.\n")
+    assert sync_paths(services.ingester, [docs]).added == 1
+    md(docs / "keys.md", front, "# Keys\n\nMaster keys are signed out at the estates office.\n")
+    ingester, embed = services.ingester, services.ingester._vectors_for
+
+    def patch_meanwhile(*args: Any) -> Any:  # runs between the sync's read and its write
+        assert ingester.update_metadata("keys.md", {"clearance_level": 5}) is not None
+        return embed(*args)
+
+    monkeypatch.setattr(ingester, "_vectors_for", patch_meanwhile)
+    report = sync_paths(ingester, [docs])
+    assert (report.updated, report.failed) == (0, 1)
+    assert "another writer changed document 'keys.md'" in report.errors[0]
+    assert stored(services, "keys.md")["clearance_level"] == 5  # type: ignore[index]
+    monkeypatch.setattr(ingester, "_vectors_for", embed)
+    again = sync_paths(ingester, [docs])  # the next run applies the edit and keeps the pinned clearance
+    row = stored(services, "keys.md")
+    assert again.updated == 1 and row is not None and row["clearance_level"] == 5
+
+
 # --- 6. uploads cannot loosen through their own front matter ---------------------------------------------
 
 def test_upload_front_matter_cannot_loosen(env: Settings, services: Any, client: Any,
