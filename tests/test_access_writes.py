@@ -208,6 +208,23 @@ def test_file_loosening_is_held_back_until_allowed_and_then_audited(env: Setting
     assert code == 0 and stored(services, "pay.md")["clearance_level"] == 5  # type: ignore[index]
 
 
+def test_a_loosening_that_cannot_be_audited_is_said_out_loud(env: Settings, services: Any, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "docs"
+    body = "# Rota\n\nThe night shift rota for porters.\n"
+    md(docs / "rota.md", "department: Estates\nvisibility: department", body)
+    assert run(capsys, str(docs))[1]["added"] == 1
+    md(docs / "rota.md", "department: Estates\nvisibility: public", body)
+    with services.db.connection() as conn:  # the database refuses audit inserts (disk full, permissions)
+        conn.execute("CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN RAISE EXCEPTION 'audit refused'; END $$")
+        conn.execute("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
+                     "FOR EACH ROW EXECUTE FUNCTION refuse_audit()")
+    code, summary, err = run(capsys, str(docs), "--allow-loosening")
+    assert code == 3 and summary["loosened"] == 1
+    assert "the loosening(s) above were applied but could not be audited" in err
+
+
 def test_new_document_without_visibility_gets_the_safe_default(env: Settings, services: Any, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "docs"
