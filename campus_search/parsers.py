@@ -23,7 +23,7 @@ import yaml
 
 from .chunking import Block
 from .errors import IngestError
-from .fileguard import Guard, Reader, list_folder
+from .fileguard import Guard, Listing, Reader, list_folder
 from .formats import BYTE_PARSERS as _RICH
 from .metadata import FIELDS as META_FIELDS
 from .metadata import FILE_KEYS, FOLDER_KEYS, JSONL_KEYS, check_keys
@@ -247,7 +247,7 @@ def _is_document(path: Path) -> bool:
             and path.suffix.lower() in PARSERS)
 
 
-def list_documents(root: Path, guard: Guard | None = None) -> Any:
+def list_documents(root: Path, guard: Guard | None = None) -> Listing:
     """The :class:`~campus_search.fileguard.Listing` of the documents under the folder ``root``."""
     return list_folder(root, guard or Guard(), _is_document, _skipped_name)
 
