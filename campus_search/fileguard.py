@@ -9,7 +9,9 @@ Ingestion reads only what it was given:
 - Only regular files are read. FIFOs, sockets and devices are refused without being opened.
 - Nothing under ``DATA_DIR`` or the service's configuration file is ever read, whatever the link: the
   real path of every file is checked *after* it is opened (``/proc/self/fd``), so a link swapped in
-  between listing and reading cannot redirect the read. That holds for a file named directly on the
+  between listing and reading cannot redirect the read. A hard link has no "real path" elsewhere, so
+  the secret files (``DATA_DIR/secrets/*``, the configuration file) are also recognised by identity
+  (device and inode) wherever a link to them appears. That holds for a file named directly on the
   command line too (it may itself be a link: it is followed, and its target checked).
 - A folder that cannot be listed, wholly or in part, is reported and makes its ``--prune`` scope
   incomplete (``Listing.complete``), so nothing is deleted because it could not be seen.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,15 +34,29 @@ def _inside(path: str, folder: str) -> bool:
 
 @dataclass(frozen=True)
 class Guard:
-    """Real paths ingestion must never read (``DATA_DIR``, the configuration file)."""
+    """Real paths ingestion must never read (``DATA_DIR``, the configuration file), and the files of
+    secrets by identity (device, inode), so a hard link to one elsewhere is refused too."""
 
     protected: tuple[str, ...] = ()
+    secret_files: frozenset[tuple[int, int]] = frozenset()
 
     @classmethod
-    def for_settings(cls, settings: object, environ: dict[str, str] | None = None) -> Guard:
+    def for_settings(cls, settings: object, environ: Mapping[str, str] | None = None) -> Guard:
         env = os.environ if environ is None else environ
-        paths = [getattr(settings, "data_dir", "") or "", env.get("CAMPUS_SEARCH_CONFIG", "")]
-        return cls(tuple(os.path.realpath(p) for p in paths if p))
+        data_dir = getattr(settings, "data_dir", "") or ""
+        paths = [data_dir, env.get("CAMPUS_SEARCH_CONFIG", "")]
+        secrets: set[tuple[int, int]] = set()
+        candidates = [env.get("CAMPUS_SEARCH_CONFIG", "")]
+        if data_dir and os.path.isdir(os.path.join(data_dir, "secrets")):
+            candidates += [entry.path for entry in os.scandir(os.path.join(data_dir, "secrets"))]
+        for path in candidates:
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                continue
+            if st is not None and stat.S_ISREG(st.st_mode):
+                secrets.add((st.st_dev, st.st_ino))
+        return cls(tuple(os.path.realpath(p) for p in paths if p), frozenset(secrets))
 
     def protects(self, real: str) -> bool:
         return any(_inside(real, p) for p in self.protected)
@@ -76,8 +92,12 @@ class Reader:
         except OSError as exc:
             raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode):
                 raise IngestError(f"{path}: refused: not a regular file (a FIFO, socket or device)")
+            if (opened.st_dev, opened.st_ino) in self.guard.secret_files:  # a hard link to a secret
+                raise IngestError(f"{path}: refused: the service's own data and configuration (DATA_DIR, "
+                                  f"CAMPUS_SEARCH_CONFIG) are never ingested")
             try:
                 real = os.readlink(f"/proc/self/fd/{fd}")  # what was really opened
             except OSError:

@@ -101,14 +101,16 @@ def test_symlink_to_the_jwt_secret_is_refused_and_never_searchable(env: Settings
     docs = tmp_path / "docs"
     md(docs / "welcome.md", "visibility: public", "# Welcome\n\nThe leak in the library roof is fixed.\n")
     (docs / "leak.txt").symlink_to(secret)
+    os.link(secret, docs / "hardlink.txt")  # no link to follow: the same file under another name
     (docs / "alias.md").symlink_to(docs / "welcome.md")  # inside the folder: not followed, a note
     os.mkfifo(docs / "pipe.md")  # would block a naive read forever
     (tmp_path / "elsewhere.md").write_text("# Elsewhere\n\nOutside the folder.\n")
     (docs / "out.md").symlink_to(tmp_path / "elsewhere.md")
 
     code, summary, err = run(capsys, str(docs), "--visibility", "public")
-    assert code == 3 and (summary["added"], summary["failed"]) == (1, 3)
+    assert code == 3 and (summary["added"], summary["failed"]) == (1, 4)
     assert f"{docs / 'leak.txt'}: refused: a symbolic link into the service's own data" in err
+    assert f"{docs / 'hardlink.txt'}: refused: the service's own data and configuration" in err
     assert f"{docs / 'out.md'}: refused: a symbolic link that leads outside" in err
     assert f"{docs / 'pipe.md'}: refused: not a regular file" in err
     assert f"note: {docs / 'alias.md'}: skipped: a symbolic link inside the folder" in err
