@@ -265,9 +265,17 @@ def test_api_loosening_needs_allow_loosening_and_is_audited(env: Settings, servi
     assert r.status_code == 200 and [c["field"] for c in r.get_json()["loosened"]] == ["visibility",
                                                                                       "clearance_level"]
     assert [h.document_title for h in hits(services, "grant overheads", STUDENT)][:1] == ["Grants"]
+    r = client.put("/api/admin/documents/fin/grants", headers=admin, json={  # PUT: the same rule
+        "text": text, "metadata": {"clearance_level": 1}, "allow_loosening": True})
+    assert r.status_code == 200 and r.get_json()["loosened"] == [
+        {"field": "clearance_level", "before": 2, "after": 1}]
     with services.db.connection(read=False) as conn:
+        upserts = [json.loads(d) for (d,) in conn.execute(
+            "SELECT details FROM audit_log WHERE action = 'document.upsert' AND success ORDER BY seq")]
         rows = conn.execute("SELECT success, status, details FROM audit_log WHERE action = 'document.metadata' "
                             "ORDER BY seq").fetchall()
+    assert (upserts[-1]["before"]["clearance_level"], upserts[-1]["after"]["clearance_level"]) == (2, 1)
+    assert upserts[-1]["loosened"] == [{"field": "clearance_level", "before": 2, "after": 1}]
     assert [(ok, status) for ok, status, _ in rows] == [(False, 409), (True, 200), (True, 200)]
     last = json.loads(rows[-1][2])
     assert (last["before"]["visibility"], last["after"]["visibility"], last["allow_loosening"]) == (
@@ -293,6 +301,13 @@ def test_misspelt_keys_and_invalid_values_fail_the_file(env: Settings, services:
     assert "unknown metadata key 'clearence_level' (did you mean 'clearance_level'?)" in err
     assert "clearance_level must be between 1 and 5, got 7" in err
     assert doc_ids(services) == {"e.md"}
+
+    corpus = tmp_path / "corpus.jsonl"  # a BEIR corpus line with a typo fails that line
+    corpus.write_text(json.dumps({"_id": "j1", "title": "J", "text": "Fine.", "clearance_level": 2}) + "\n"
+                      + json.dumps({"_id": "j2", "title": "K", "text": "Typo.", "visiblity": "public"}) + "\n")
+    code, summary, err = run(capsys, str(corpus), "--visibility", "public")
+    assert code == 3 and (summary["added"], summary["failed"]) == (1, 1)
+    assert f"{corpus}:2: unknown metadata key 'visiblity' (did you mean 'visibility'?)" in err
 
 
 # --- 5. a PATCH is not undone by the next sync -----------------------------------------------------------
