@@ -58,6 +58,13 @@ def _json_object(raw: str) -> dict[str, Any]:
     return value
 
 
+def _visibility(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("public", "department"):
+        raise ValueError(f"expected 'public' or 'department', got {raw!r}")
+    return value
+
+
 def _mapping(raw: str) -> dict[str, str]:
     """``a=b,c=d`` -> {"a": "b", "c": "d"}."""
     out: dict[str, str] = {}
@@ -105,6 +112,11 @@ FIELDS: tuple[Field, ...] = (
     F("max_document_chunks", ("MAX_DOCUMENT_CHUNKS",), 5000,
       "Most chunks one document may be split into (each is embedded and stored); a document with more is "
       "refused.", int),
+    F("default_visibility", ("DEFAULT_VISIBILITY",), "department",
+      "Visibility of a new document whose visibility no source states (CLI flags, folder and sidecar "
+      "files, front matter, API metadata). `department` (the safe default) needs a department, so such a "
+      "document without one is refused; `public` restores the old open default. See docs/ingestion.md.",
+      _visibility),
     # --- database
     F("database_url", ("DATABASE_URL",), None,
       "PostgreSQL URL for writes (and reads unless DATABASE_READ_URL is set). If neither this nor DB_HOST "
@@ -284,6 +296,7 @@ class Settings:
     max_document_unpacked_bytes: int = 64 * 1024 * 1024
     max_document_chars: int = 2_000_000
     max_document_chunks: int = 5000
+    default_visibility: str = "department"
     database_url: str | None = None
     database_read_url: str | None = None
     db_host: str | None = None
