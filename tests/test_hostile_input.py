@@ -41,8 +41,10 @@ def ingest(env: dict[str, str], *paths: Path, extra: tuple[str, ...] = ()) -> tu
 
 @pytest.fixture
 def cli_env(make_database: Callable[[], str], tmp_path: Path) -> dict[str, str]:
+    # documents nobody restricts are public here (tests/test_access_writes.py covers DEFAULT_VISIBILITY)
     return {"DATABASE_URL": make_database(), "DATA_DIR": str(tmp_path / "state"), "JWT_SECRET_KEY": TEST_SECRET,
-            "DB_POOL_MIN_SIZE": "1", "EMBEDDING_PROVIDER": "local", "LOG_LEVEL": "ERROR"}
+            "DB_POOL_MIN_SIZE": "1", "EMBEDDING_PROVIDER": "local", "LOG_LEVEL": "ERROR",
+            "DEFAULT_VISIBILITY": "public", "CAMPUS_SEARCH_CONFIG": ""}
 
 
 def stored(dsn: str) -> dict[str, tuple[str, list[str | None]]]:
@@ -216,7 +218,7 @@ def test_bombs_through_the_admin_api_are_refused_within_bounded_memory(cli_env: 
 def api(settings_factory: Any, services_factory: Any, token: Any) -> tuple[Any, dict[str, str], Any]:
     from campus_search.app import create_app
 
-    services = services_factory(settings_factory())
+    services = services_factory(settings_factory(default_visibility="public"))
     app = create_app(services.settings, services=services)
     app.config["TESTING"] = True
     return app.test_client(), {"Authorization": token("admin")}, services
@@ -311,7 +313,7 @@ def test_an_unexpected_parser_exception_is_one_files_error(settings_factory: Any
     (docs / "plain.txt").write_text(f"{GOOD}\n")
     monkeypatch.setattr(selectolax.lexbor, "LexborHTMLParser", broken)
     monkeypatch.setattr(parsers, "_heading", broken)
-    services = services_factory(settings_factory())
+    services = services_factory(settings_factory(default_visibility="public"))
     report = sync_paths(services.ingester, [docs])
     assert (report.added, report.failed) == (1, 2), report.errors
     assert sorted(e.rsplit("/", 1)[1] for e in report.errors) == [
