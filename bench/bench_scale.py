@@ -199,19 +199,20 @@ def main() -> int:
     ap.add_argument("--change-chunks", type=int, default=0,
                     help="chunks moved by the metadata-change test (default: 5%% of the corpus, 50000 at 1M)")
     ap.add_argument("--source-docs", type=int, default=3000, help="SciFact abstracts used as material")
-    ap.add_argument("--batch-docs", type=int, default=2000, help="documents per load transaction")
+    ap.add_argument("--batch-docs", type=int, default=500, help="documents per load transaction")
     ap.add_argument("--data-dir", default=None, help="embedded PostgreSQL; kept, so a re-run skips the load "
                     "(default: a folder per size under the temp dir)")
     args = ap.parse_args()
     data_dir = Path(args.data_dir or Path(tempfile.gettempdir()) / f"campus-search-bench-scale-{args.chunks}")
     data_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(DATA_DIR=str(data_dir), JWT_SECRET_KEY=SECRET, AUDIT_HMAC_KEY=SECRET + "audit",
-                      CACHE_ENABLED="false", RATE_LIMITS_ENABLED="false", DB_POOL_MAX_SIZE="10")
+                      CACHE_ENABLED="false", RATE_LIMITS_ENABLED="false", DB_POOL_MAX_SIZE="10",
+                      DB_STATEMENT_TIMEOUT_MS="3600000")  # bulk statements run longer than a search may
     os.environ.pop("DATABASE_URL", None)
 
     from campus_search.config import load_settings
     from campus_search.fusion import FusionConfig
-    from campus_search.search import SearchParams, Searcher, _where
+    from campus_search.search import Searcher, SearchParams, _where
     from campus_search.security.auth import principal_from_claims
     from campus_search.services import Services
 
@@ -321,7 +322,8 @@ def main() -> int:
             conc: list[float] = []
             lock = threading.Lock()
 
-            def worker(part: list[str], user: Any = user, mode: str = mode) -> None:
+            def worker(part: list[str], user: Any = user, mode: str = mode, conc: list[float] = conc,
+                       lock: threading.Lock = lock) -> None:
                 for q in part:
                     t = time.perf_counter()
                     run(mode, user, q)

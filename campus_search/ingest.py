@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ class IngestReport:
     failed: int = 0
     chunks_written: int = 0
     chunks_embedded: int = 0
+    chunks_given: int = 0  # stored with a precomputed vector (``ingest --vectors``), not embedded here
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -95,6 +96,8 @@ class Ingester:
         self.embedder = embedder
         self.max_tokens = max_tokens
         self.overlap = overlap
+        #: precomputed vectors by chunk hash (``campus-search ingest --vectors``, :mod:`.vectors`)
+        self.given_vectors: Mapping[str, np.ndarray] = {}
 
     def ingest(self, items: Iterable[ParsedDocument | IngestError],
                defaults: AccessMetadata | None = None, *, progress: Progress | None = None) -> IngestReport:
@@ -209,7 +212,13 @@ class Ingester:
         todo: dict[str, str] = {}
         for p in pending:
             for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
-                if h not in vectors:
+                if h in vectors:
+                    continue
+                given = self.given_vectors.get(h)
+                if given is not None:
+                    vectors[h] = given
+                    report.chunks_given += 1
+                else:
                     todo[h] = embedding_text(p.doc.title, c.section_title, c.text)
         if todo:
             hashes = list(todo)
@@ -219,6 +228,15 @@ class Ingester:
             vectors.update(zip(hashes, embedded, strict=True))
             report.chunks_embedded += len(hashes)
         return vectors
+
+    def chunk_inputs(self, docs: Iterable[ParsedDocument]) -> Iterator[tuple[str, str]]:
+        """``(chunk hash, exact text to embed)`` for every chunk ingestion would make of ``docs``, through
+        the same chunking (``campus-search chunks``: inputs for an embedding farm, :mod:`.vectors`)."""
+        for doc in docs:
+            p = _Pending(doc, AccessMetadata(), "")
+            self._prepare_chunks([p])
+            for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
+                yield h, embedding_text(doc.title, c.section_title, c.text)
 
     @staticmethod
     def _meta_params(meta: AccessMetadata) -> tuple[Any, ...]:

@@ -84,5 +84,6 @@ def summary(report: Any) -> str:
     meta = f" ({report.metadata_updated} metadata only)" if report.metadata_updated else ""
     return (f"ingest: {report.added} added, {report.updated + report.metadata_updated} updated{meta}, "
             f"{report.unchanged} unchanged, {report.deleted} deleted, {report.failed} failed — "
-            f"{report.chunks_written} chunks written, {report.chunks_embedded} embedded in "
+            f"{report.chunks_written} chunks written, {report.chunks_embedded} embedded"
+            f"{f', {report.chunks_given} with given vectors' if getattr(report, 'chunks_given', 0) else ''} in "
             f"{_duration(secs) if secs >= 1 else f'{secs:.2f}s'} ({rate})")

@@ -88,6 +88,12 @@ def _items(scope: _Scope) -> Iterator[ParsedDocument | CampusSearchError]:
         yield doc
 
 
+def documents(paths: Sequence[Path]) -> Iterator[ParsedDocument | CampusSearchError]:
+    """Every document ``paths`` yield, parsed as ingestion would parse them (problems as errors)."""
+    for path in paths:
+        yield from _items(_scope(path))
+
+
 def sync_paths(ingester: Ingester, paths: Sequence[Path], defaults: AccessMetadata | None = None, *,
                prune: bool = False, progress: Progress | None = None,
                on_total: Progress | None = None) -> IngestReport:
