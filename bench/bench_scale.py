@@ -227,20 +227,28 @@ def main() -> int:
         have = conn.execute("SELECT count(*) FROM documents WHERE source = 'bench_scale'").fetchone()[0]
     increment_docs = min(1000, max(100, n_docs // 100))  # the incremental batch, loaded with the index in place
     bulk_docs = n_docs - increment_docs
-    if have == 0:
-        print(f"loading {args.chunks:,} chunks (HNSW index dropped for the bulk load, built after)", file=sys.stderr)
+    with db.connection() as conn:
+        indexed = conn.execute("SELECT to_regclass('chunks_embedding_hnsw') IS NOT NULL").fetchone()[0]
+    if have < n_docs:
+        # a fresh corpus, or the rest of an interrupted bulk load (the index is built after it)
+        if have and indexed:
+            raise SystemExit(f"{data_dir} holds a partial corpus with its index built: use a new --data-dir")
+        print(f"loading {args.chunks:,} chunks from document {have:,} (HNSW index dropped for the bulk load, "
+              "built after)", file=sys.stderr)
         with db.connection() as conn:
             conn.execute("DROP INDEX IF EXISTS chunks_embedding_hnsw")
-        result["load_seconds"] = load(db.connection, material, 0, bulk_docs, args.batch_docs)
-        result["load_chunks_per_s"] = round(bulk_docs * CHUNKS_PER_DOC / result["load_seconds"])
+        bulk = max(0, bulk_docs - have)
+        result["load_seconds"] = load(db.connection, material, have, bulk, args.batch_docs) if bulk else 0.0
+        result["load_chunks_per_s"] = round(bulk * CHUNKS_PER_DOC / result["load_seconds"]) if bulk else None
         started = time.perf_counter()
         with db.connection() as conn:
             conn.execute("SET LOCAL maintenance_work_mem = '2GB'")
             conn.execute("CREATE INDEX chunks_embedding_hnsw ON chunks USING hnsw (embedding vector_cosine_ops) "
                          "WITH (m = 16, ef_construction = 64)")
         result["hnsw_build_seconds"] = round(time.perf_counter() - started, 1)
-        seconds = load(db.connection, material, bulk_docs, increment_docs, 200, progress=False)
-        result["incremental_chunks_per_s_with_index"] = round(increment_docs * CHUNKS_PER_DOC / seconds)
+        start = max(have, bulk_docs)
+        seconds = load(db.connection, material, start, n_docs - start, 200, progress=False)
+        result["incremental_chunks_per_s_with_index"] = round((n_docs - start) * CHUNKS_PER_DOC / seconds)
         import psycopg
 
         with psycopg.connect(services.dsn, autocommit=True) as conn:
