@@ -151,6 +151,8 @@ def load(conn_factory: Callable[[], Any], material: Material, start_doc: int, n_
          progress: bool = True) -> float:
     """COPY documents and chunks (the ingestion path's statements; triggers keep postings and statistics)
     in transactions of ``batch_docs`` documents. Returns seconds spent in the database."""
+    from campus_search.lexical import compact
+
     db_seconds = 0.0
     done = 0
     total_started = time.perf_counter()
@@ -159,7 +161,6 @@ def load(conn_factory: Callable[[], Any], material: Material, start_doc: int, n_
         docs = list(generate(material, start_doc + done, n))
         started = time.perf_counter()
         with conn_factory() as conn:
-            conn.execute("SELECT 1 FROM lexical_stats FOR UPDATE")  # the writers' lock order (migration 007)
             with conn.cursor().copy(
                     "COPY documents (external_id, title, source, content_hash, department, visibility, "
                     "clearance_level, campus, priority) FROM STDIN") as copy:
@@ -180,6 +181,8 @@ def load(conn_factory: Callable[[], Any], material: Material, start_doc: int, n_
                                         meta["visibility"], meta["clearance_level"], meta["campus"],
                                         meta["priority"], None))
             conn.execute("UPDATE index_state SET generation = generation + 1")
+        with conn_factory() as conn:
+            compact(conn)  # fold the statistics deltas, as ingestion does after each batch
         db_seconds += time.perf_counter() - started
         done += n
         if progress:

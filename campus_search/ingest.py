@@ -36,6 +36,7 @@ from .chunking import (
 from .db import Database
 from .embedding import MAX_SEQ_LENGTH, Embedder
 from .errors import BadRequest, IngestError
+from .lexical import compact as compact_lexical
 from .metadata import FIELDS as META_FIELDS
 from .metadata import AccessMetadata
 from .parsers import ParsedDocument
@@ -183,6 +184,15 @@ class Ingester:
             report.metadata_updated += len(meta_only)
             if meta_only or changed:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+        if changed:
+            self.compact()
+
+    def compact(self) -> None:
+        """Fold the lexical statistics deltas of committed writes (:func:`.lexical.compact`), in a short
+        transaction of its own after the write: writers only insert deltas, so they never queue on a shared
+        counter row, and this keeps the delta tables small."""
+        with self.db.connection() as conn:
+            compact_lexical(conn)
 
     def _prepare_chunks(self, pending: list[_Pending]) -> None:
         model = self.embedder.model_name
@@ -312,4 +322,6 @@ class Ingester:
             n = conn.execute("DELETE FROM documents WHERE external_id = ANY(%s)", (ids,)).rowcount
             if n:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+        if n:
+            self.compact()
         return n
