@@ -62,7 +62,7 @@ def write_vectors(path: Path, header: dict[str, Any], rows: list[tuple[str, Any]
 
 
 def ingest(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
-    code = cli.main(["ingest", "--quiet", *argv])
+    code = cli.main(["ingest", "--quiet", "--visibility", "public", *argv])
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     return code, (json.loads(lines[-1]) if lines else {}), err
