@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import CampusSearchError, IngestError
 from .fileguard import Guard, Reader
-from .formats import ParseLimits
+from .formats import DEFAULT_LIMITS, ParseLimits
 from .ingest import Ingester, IngestReport, Progress
 from .metadata import AccessMetadata
 from .parsers import ParsedDocument, list_documents, parse_file, read_jsonl
@@ -147,6 +147,14 @@ def _items(scope: _Scope, guard: Guard, limits: ParseLimits) -> Iterator[ParsedD
             continue
         scope.ids.add(doc.external_id)
         yield doc
+
+
+def documents(paths: Sequence[Path], guard: Guard | None = None,
+              limits: ParseLimits = DEFAULT_LIMITS) -> Iterator[ParsedDocument | CampusSearchError]:
+    """Every document ``paths`` yield, parsed and guarded as ingestion would (problems as errors)."""
+    guard = guard or Guard()
+    for path in paths:
+        yield from _items(_scope(path), guard, limits)
 
 
 def _source_of(file: Path) -> str:
