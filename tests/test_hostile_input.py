@@ -326,3 +326,23 @@ def test_an_unexpected_parser_exception_is_one_files_error(settings_factory: Any
                    json={"text": "<p>A page.</p>", "format": "html"})
     assert r.status_code == 422
     assert r.get_json()["error"]["message"] == "inline.html: could not be parsed (RuntimeError)"
+
+
+def test_chunk_export_applies_the_same_checks_and_caps_as_ingest(embedder: Any) -> None:
+    """``campus-search chunks`` hashes must be the ones ingest stores: the title is capped the same
+    way, and a document ingest refuses is left out and counted."""
+    from campus_search.chunking import Block, embedding_text
+    from campus_search.ingest import Ingester, IngestReport, _chunk_hash
+    from campus_search.parsers import ParsedDocument
+
+    ingester = Ingester(None, embedder)  # type: ignore[arg-type]  # chunking only
+    long_title = "Policy " * 100
+    docs = [ParsedDocument("a", long_title, [Block(GOOD)], source="a.md"),
+            ParsedDocument("b", "NUL", [Block("a \x00 b")], source="b.md")]
+    report = IngestReport()
+    exported = list(ingester.chunk_inputs(docs, report))
+    assert report.failed == 1 and "b.md: text contains a NUL character" in report.errors[0]
+    [(digest, text)] = exported
+    capped = text.split("\n", 1)[0]
+    assert len(capped) <= MAX_TITLE_CHARS and capped.endswith("…") and long_title.startswith(capped[:-1])
+    assert digest == _chunk_hash(embedder.model_name, embedding_text(capped, None, GOOD))
