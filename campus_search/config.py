@@ -162,8 +162,10 @@ FIELDS: tuple[Field, ...] = (
     F("claim_campus", ("JWT_CAMPUS_CLAIM",), "campus", "Claim holding the user's campus."),
     F("role_mapping", ("ROLE_MAPPING",),
       {"student": "student", "academic_staff": "academic", "professional_services": "staff",
-       "it_administrator": "admin", "staff": "staff", "academic": "academic", "admin": "admin"},
-      "SSO role name -> role, as `sso=role,...`. Unknown names map to `student`.", _mapping),
+       "it_administrator": "admin"},
+      "SSO role value -> role, as `sso=role,...`. The only way a claim gets a role: any other value, even "
+      "one equal to a role's name, is `student`. `campus-search token --role staff` mints the value that "
+      "maps to staff (docs/security.md).", _mapping),
     F("roles_json", ("ROLES_JSON",), {},
       "Role table overrides as JSON, merged over the SPEC §2 defaults per role: "
       "`{\"staff\": {\"max_results\": 80}}`; fields clearance, per_minute, per_hour, max_results, "

@@ -86,7 +86,10 @@ def test_role_table_defaults_overrides_and_validation() -> None:
     roles = build_roles()
     mapping = {"it_administrator": "admin"}
     assert map_role("it_administrator", mapping, roles).name == "admin"
-    assert map_role("staff", mapping, roles).name == "staff"  # a role's own name
+    # a role's own name is not an SSO value: only ROLE_MAPPING gives a role (issue 10)
+    for name in ("staff", "academic", "admin"):
+        assert map_role(name, mapping, roles).name == "student"
+    assert map_role("staff", {"staff": "staff"}, roles).name == "staff"  # unless the mapping says so
     assert map_role("anonymous", mapping, roles).name == "student"  # never from a claim
     assert map_role(["student", "it_administrator"], mapping, roles).name == "admin"
     assert map_role(None, mapping, roles).name == "student"

@@ -1,9 +1,16 @@
 """Authentication: bearer JWT -> :class:`Principal`.
 
-Verification is flask-jwt-extended's (PyJWT underneath): algorithms pinned from configuration,
-``exp`` required, ``iss``/``aud`` checked when configured, a small leeway for clock skew. HS* tokens
-are checked with ``JWT_SECRET_KEY``; RS*/ES* tokens with the SSO provider's JWKS (see ``jwks.py``).
-Identity never comes from the request body.
+Verification is PyJWT's: the token's algorithm must be one of ``JWT_ALGORITHMS`` (pinned), ``exp`` and a
+non-empty ``sub`` are required, ``iss``/``aud`` are checked when configured, with a small leeway for clock
+skew. HS* tokens are checked with ``JWT_SECRET_KEY``; RS*/ES* tokens with the SSO provider's JWKS (see
+``jwks.py``). The ``Authorization`` scheme is matched case-insensitively (RFC 7235), in one place, so
+``bearer`` and ``Bearer`` are the same on every request. Identity never comes from the request body.
+
+A refused token is a 401 whose ``WWW-Authenticate`` follows RFC 6750: no ``error`` attribute when the
+request carried no bearer token at all (3.1), else ``error="invalid_token"`` with an
+``error_description`` naming the class of problem (expired, signature, audience, issuer, malformed ...)
+and the same words in the JSON message. The descriptions come from a fixed list: never a claim value,
+the expected audience or issuer, or the library's own exception text.
 
 Behind a Shibboleth or OIDC proxy, identity may instead come from headers that proxy sets
 (``PROXY_USER_HEADER`` and friends) -- believed only when the request's TCP peer is one of
@@ -23,30 +30,69 @@ from typing import Any
 
 import jwt
 from flask import Flask, current_app, g, request
-from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
-from flask_jwt_extended.exceptions import JWTExtendedException
 
 from ..config import Settings
 from ..errors import Forbidden, Unauthorized
 from ..proxies import from_identity_proxy
-from .roles import Principal, map_role, role_table
+from .roles import Principal, map_role, role_table, sso_value_for
 
 log = logging.getLogger(__name__)
 
+REALM = "campus-search"
+TOKEN_REQUIRED = "a bearer token is required"
+#: (PyJWT error class, description), most specific first: InvalidSignatureError is a DecodeError, and
+#: PyJWT checks the signature before any claim, so a claim problem is only ever reported for a token
+#: whose signature verified.
+_DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "the token has expired"),
+    (jwt.ImmatureSignatureError, "the token is not valid yet"),
+    (jwt.InvalidSignatureError, "the token signature does not verify"),
+    (jwt.InvalidAudienceError, "the token was issued for another audience"),
+    (jwt.InvalidIssuerError, "the token was issued by an issuer this service does not accept"),
+    (jwt.InvalidAlgorithmError, "the token signing algorithm is not accepted"),
+    (jwt.InvalidKeyError, "the token signing key is not known to this service"),
+    (jwt.exceptions.InvalidSubjectError, "the token subject (sub) is invalid"),
+    (jwt.exceptions.InvalidIssuedAtError, "the token issue time (iat) is invalid"),
+    (jwt.DecodeError, "the token is malformed"),
+)
 
-def init_auth(app: Flask, settings: Settings) -> JWTManager:
-    app.config.update(
-        JWT_SECRET_KEY=settings.jwt_secret_key,
-        JWT_ALGORITHM=settings.jwt_algorithms[0],
-        JWT_DECODE_ALGORITHMS=list(settings.jwt_algorithms),
-        JWT_TOKEN_LOCATION=["headers"],
-        JWT_IDENTITY_CLAIM="sub",
-        JWT_DECODE_LEEWAY=settings.jwt_leeway,
-        JWT_DECODE_AUDIENCE=settings.jwt_audience,
-        JWT_DECODE_ISSUER=settings.jwt_issuer,
-        JWT_ERROR_MESSAGE_KEY="message",
-    )
-    manager = JWTManager(app)
+
+class InvalidToken(Unauthorized):
+    """A bearer token was presented and refused (RFC 6750 ``invalid_token``)."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description, headers=challenge("invalid_token", description))
+        self.description = description
+
+
+def challenge(error: str | None = None, description: str | None = None) -> dict[str, str]:
+    """The ``WWW-Authenticate`` header of a 401 (RFC 6750 3). ``description`` comes from this module's
+    fixed texts, which hold none of the characters the quoted-string syntax forbids."""
+    value = f'Bearer realm="{REALM}"'
+    if error:
+        value += f', error="{error}"'
+        if description:
+            value += f', error_description="{description}"'
+    return {"WWW-Authenticate": value}
+
+
+def token_required() -> Unauthorized:
+    """401 for a request without a bearer token: no error code (RFC 6750 3.1)."""
+    return Unauthorized(TOKEN_REQUIRED, headers=challenge())
+
+
+def describe_rejection(exc: Exception) -> str:
+    """A fixed, safe description of why PyJWT refused a token."""
+    if isinstance(exc, jwt.MissingRequiredClaimError) and exc.claim in ("exp", "sub", "iss", "aud"):
+        return f"the token lacks the required {exc.claim} claim"
+    for cls, text in _DESCRIPTIONS:
+        if isinstance(exc, cls):
+            return text
+    return "the token is invalid"
+
+
+def init_auth(app: Flask, settings: Settings) -> None:
+    """Per-process verification state: the SSO provider's key cache and the verified-token cache."""
     jwks = None
     if settings.oidc_jwks_url:
         from .jwks import JwksCache
@@ -57,22 +103,38 @@ def init_auth(app: Flask, settings: Settings) -> JWTManager:
     app.extensions["campus_search.jwks"] = jwks
     app.extensions["campus_search.verified_tokens"] = VerifiedTokens(settings.jwt_verified_cache_seconds)
 
-    @manager.decode_key_loader
-    def _key(header: Mapping[str, Any], _claims: Mapping[str, Any]) -> Any:
+
+def verify_token(token: str, settings: Settings, jwks: Any = None) -> dict[str, Any]:
+    """The claims of a valid access token; raises :class:`InvalidToken` saying what is wrong (or
+    ServiceUnavailable when the SSO provider's keys were never obtained)."""
+    try:
+        header = jwt.get_unverified_header(token)
         alg = header.get("alg")
         if alg not in settings.jwt_algorithms:
             raise jwt.InvalidAlgorithmError("algorithm not allowed")
         if str(alg).startswith("HS"):
-            return settings.jwt_secret_key
-        if jwks is None:
+            if not settings.jwt_secret_key:
+                raise jwt.InvalidKeyError("no JWT_SECRET_KEY configured")
+            key: Any = settings.jwt_secret_key
+        elif jwks is None:
             raise jwt.InvalidKeyError("no JWKS configured")
-        return jwks.key_for(header.get("kid"), alg)
-
-    @manager.token_verification_loader
-    def _require_exp(_header: Mapping[str, Any], claims: Mapping[str, Any]) -> bool:
-        return isinstance(claims.get("exp"), int | float)
-
-    return manager
+        else:
+            key = jwks.key_for(header.get("kid"), alg)
+        claims: dict[str, Any] = jwt.decode(
+            token, key, algorithms=[alg], audience=settings.jwt_audience, issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway,
+            options={"require": ["exp", "sub"], "verify_aud": settings.jwt_audience is not None})
+    except jwt.PyJWTError as exc:
+        raise InvalidToken(describe_rejection(exc)) from None
+    exp = claims.get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise InvalidToken("the token is malformed")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub.strip():
+        raise InvalidToken("the token has an empty subject (sub)")
+    if claims.get("type", "access") != "access":
+        raise InvalidToken("the token is not an access token")
+    return claims
 
 
 def principal_from_claims(claims: Mapping[str, Any], settings: Settings) -> Principal:
@@ -163,9 +225,11 @@ class VerifiedTokens:
                 self._entries.popitem(last=False)
 
 
-def _bearer(header: str) -> str | None:
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; the scheme is case-insensitive (RFC 7235
+    2.1). None when the header is absent or uses another scheme."""
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
 
 
 def authenticate(settings: Settings) -> Principal:
@@ -178,27 +242,44 @@ def authenticate(settings: Settings) -> Principal:
     if principal is None and settings.allow_anonymous and "Authorization" not in request.headers:
         principal = anonymous_principal(settings)
     if principal is None:
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if not token:
+            raise token_required()  # an everyday event (probes, first requests): not logged
         verified: VerifiedTokens | None = current_app.extensions.get("campus_search.verified_tokens")
-        token = _bearer(request.headers.get("Authorization", ""))
-        principal = verified.get(token) if verified is not None and token else None
+        principal = verified.get(token) if verified is not None else None
         if principal is None:
             try:
-                verify_jwt_in_request()
-            except (JWTExtendedException, jwt.PyJWTError) as exc:
-                log.info("rejected token: %s", exc.__class__.__name__)
-                raise Unauthorized("missing, invalid or expired bearer token",
-                                   headers={"WWW-Authenticate": 'Bearer realm="campus-search"'}) from None
-            claims = get_jwt()
+                claims = verify_token(token, settings, current_app.extensions.get("campus_search.jwks"))
+            except InvalidToken as exc:
+                log.info("rejected token: %s", exc.description)
+                raise
             principal = principal_from_claims(claims, settings)
-            if verified is not None and token:
+            if verified is not None:
                 verified.put(token, principal, claims.get("exp"))
     g.principal = principal
     return principal
 
 
+def token_role_claim(settings: Settings, role: str) -> tuple[str, str | None]:
+    """(the role claim a locally minted token carries, a note for the person minting it).
+
+    The server gives a role only through ROLE_MAPPING, so a token asked for as ``staff`` carries the SSO
+    value that ROLE_MAPPING maps to staff (``professional_services`` by default) and is honoured exactly
+    like the provider's own tokens. A value that nothing maps is minted as given, with a warning: the
+    server will treat it as a student."""
+    claim = sso_value_for(role, settings.role_mapping)
+    if claim is None:
+        return role, (f"warning: {role!r} is neither a key of ROLE_MAPPING nor a role it maps to; the server "
+                      "will treat this token as a student")
+    if claim != role:
+        return claim, f"role {role}: the token carries the SSO role {claim!r} (ROLE_MAPPING {claim}={role})"
+    return claim, None
+
+
 def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable[str] = (),
                campus: str | None = None, ttl: int | None = None, extra: Mapping[str, Any] | None = None) -> str:
-    """An HS256 token for local use (``campus-search token``, tests)."""
+    """An HS256 token for local use (``campus-search token``, tests). ``role`` is a role name or an SSO
+    role value; the token carries the SSO value (:func:`token_role_claim`)."""
     if not settings.jwt_secret_key:
         raise Unauthorized("no JWT_SECRET_KEY configured")
     alg = next((a for a in settings.jwt_algorithms if a.startswith("HS")), None)
@@ -206,7 +287,8 @@ def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable
         raise Unauthorized("JWT_ALGORITHMS accepts no HS* algorithm; tokens come from the SSO provider")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "iat": now, "nbf": now, "exp": now + int(ttl or settings.jwt_token_ttl),
-                              "jti": uuid.uuid4().hex, "type": "access", settings.claim_role: role}
+                              "jti": uuid.uuid4().hex, "type": "access",
+                              settings.claim_role: token_role_claim(settings, role)[0]}
     depts = list(departments)
     if depts:
         claims[settings.claim_departments] = depts
