@@ -98,6 +98,8 @@ class SearchOutcome:
     from_cache: bool = False
     rendered: str | None = None
     count: int = -1
+    #: a cache hit on an entry this same caller's earlier search stored (what non-admins may be told)
+    stored_by_caller: bool = False
 
     def __post_init__(self) -> None:
         if self.count < 0:
