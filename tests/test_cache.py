@@ -4,6 +4,7 @@ cache clear touches only this service's keys."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -264,3 +265,17 @@ def test_from_cache_roles_is_configurable(cached_app: Any, token: Any) -> None:
     assert search(nobody, token("admin", sub="a2"), body)["from_cache"] is False
     assert search(nobody, token("admin", sub="a2"), body)["from_cache"] is False  # a1 stored it
     assert search(nobody, token("admin", sub="a1"), body)["from_cache"] is True
+
+
+def test_scores_bm25_setting_is_part_of_the_cache_key(cached_app: Any, services_factory: Any, token: Any) -> None:
+    """Two deployments of one index and one Redis that disagree on SCORES_BM25_ROLES never serve each
+    other's entries: one holds scores.bm25 for students, the other must not (and the reverse)."""
+    services, hidden = cached_app()
+    shown_settings = dataclasses.replace(services.settings, scores_bm25_roles=("admin", "student"))
+    shown = create_app(shown_settings, services=services_factory(shown_settings)).test_client()
+    auth = token("student", sub="s1")
+    first = search(hidden, auth)
+    assert first["count"] > 0 and not any("bm25" in h["scores"] for h in first["results"])
+    assert search(hidden, auth)["from_cache"] is True  # stored, and this caller's own
+    other = search(shown, auth)
+    assert other["from_cache"] is False and all("bm25" in h["scores"] for h in other["results"])

@@ -407,7 +407,9 @@ def test_token_with_empty_or_non_string_subject_is_401(client: Any, sub: Any) ->
     assert r.get_json()["error"]["message"] in (EMPTY_SUB, "the token subject (sub) is invalid", lacks("sub"))
 
 
-def test_probes_and_tokenless_requests_log_no_rejected_token(client: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_probes_and_tokenless_requests_log_no_rejected_token(app_factory: Any,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    client = app_factory(rate_limits_enabled=True)  # the limiter authenticates first, the view again
     with caplog.at_level(logging.DEBUG, logger="campus_search"):
         for path in ("/health/live", "/health/ready", "/health", "/metrics"):
             client.get(path)

@@ -238,13 +238,16 @@ def authenticate(settings: Settings) -> Principal:
     carries no Authorization header at all (a bad token is a 401 even then)."""
     if "principal" in g:
         return g.principal
+    if "auth_error" in g:  # already refused (the rate limiter asks first): same answer, one log line
+        raise g.auth_error
     principal = principal_from_proxy(settings)
     if principal is None and settings.allow_anonymous and "Authorization" not in request.headers:
         principal = anonymous_principal(settings)
     if principal is None:
         token = bearer_token(request.headers.get("Authorization", ""))
         if not token:
-            raise token_required()  # an everyday event (probes, first requests): not logged
+            g.auth_error = token_required()
+            raise g.auth_error  # an everyday event (probes, first requests): not logged
         verified: VerifiedTokens | None = current_app.extensions.get("campus_search.verified_tokens")
         principal = verified.get(token) if verified is not None else None
         if principal is None:
@@ -252,6 +255,7 @@ def authenticate(settings: Settings) -> Principal:
                 claims = verify_token(token, settings, current_app.extensions.get("campus_search.jwks"))
             except InvalidToken as exc:
                 log.info("rejected token: %s", exc.description)
+                g.auth_error = exc
                 raise
             principal = principal_from_claims(claims, settings)
             if verified is not None:
