@@ -498,3 +498,30 @@ def test_token_command_mints_the_mapped_sso_value_and_warns_about_unmapped_roles
     academic, warning = mint("academic")  # a role, but nothing in this ROLE_MAPPING maps to it
     assert "will treat this token as a student" in warning
     assert sees_only_public_clearance_2(c, "Bearer " + academic)
+
+
+# --- flask-jwt-extended is the verification layer (SPEC §0) ------------------------------------------
+
+def test_every_token_is_verified_through_flask_jwt_extended(app_factory: Any, idp: JwksServer, token: Any) -> None:
+    """HS and SSO tokens alike go through the extension (its decode_token asks its decode_key_loader for
+    the key), accepted or refused, whatever the scheme's case and with the verified-token cache off."""
+    sso = {"jwt_algorithms": ("RS256",), "jwt_secret_key": None, "oidc_jwks_url": idp.url,
+           "jwt_issuer": ISSUER, "jwt_audience": AUDIENCE}
+    cases = (({}, token("student", sub="fjwe-hs"), hs({}, key="not-the-server-secret-" + "y" * 30), "HS256"),
+             (sso, "Bearer " + idp.sign({"sub": "fjwe-rs"}, "rsa-1"),
+              "Bearer " + idp.sign({"sub": "eve", "role": "admin"}, "rsa-1", key=generate_key()), "RS256"))
+    for overrides, good, forged, alg in cases:
+        c = app_factory(jwt_verified_cache_seconds=0, **overrides)
+        manager = c.application.extensions["flask-jwt-extended"]
+        real, asked = manager._decode_key_callback, []
+
+        def spy(header: dict[str, Any], claims: dict[str, Any], real: Any = real, asked: list[str] = asked) -> Any:
+            asked.append(header["alg"])
+            return real(header, claims)
+
+        manager.decode_key_loader(spy)
+        value = good.removeprefix("Bearer ")
+        assert post(c, "Bearer " + value).status_code == 200
+        assert post(c, "bearer " + value).status_code == 200
+        assert_clean_401(post(c, forged), SIGNATURE)
+        assert asked == [alg] * 3

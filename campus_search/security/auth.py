@@ -1,16 +1,21 @@
 """Authentication: bearer JWT -> :class:`Principal`.
 
-Verification is PyJWT's: the token's algorithm must be one of ``JWT_ALGORITHMS`` (pinned), ``exp`` and a
-non-empty ``sub`` are required, ``iss``/``aud`` are checked when configured, with a small leeway for clock
-skew. HS* tokens are checked with ``JWT_SECRET_KEY``; RS*/ES* tokens with the SSO provider's JWKS (see
-``jwks.py``). The ``Authorization`` scheme is matched case-insensitively (RFC 7235), in one place, so
-``bearer`` and ``Bearer`` are the same on every request. Identity never comes from the request body.
+Verification is flask-jwt-extended's, PyJWT underneath (:func:`verify_token` calls its
+``decode_token``): the token's algorithm must be one of ``JWT_ALGORITHMS`` (pinned), ``iss``/``aud``
+are checked when configured, with a small leeway for clock skew, and ``sub`` must be a string. HS*
+tokens are checked with ``JWT_SECRET_KEY``; RS*/ES* tokens with the SSO provider's JWKS (see
+``jwks.py``), chosen per token by the extension's ``decode_key_loader``. On the verified claims this
+module adds what the extension does not require: ``exp`` present and numeric, ``sub`` not blank, an
+access token. The ``Authorization`` header is read here, in one place, with the scheme matched
+case-insensitively (RFC 7235), so ``bearer`` and ``Bearer`` are the same on every request (the
+extension's own header reader compares the scheme case-sensitively). Identity never comes from the
+request body.
 
 A refused token is a 401 whose ``WWW-Authenticate`` follows RFC 6750: no ``error`` attribute when the
 request carried no bearer token at all (3.1), else ``error="invalid_token"`` with an
 ``error_description`` naming the class of problem (expired, signature, audience, issuer, malformed ...)
-and the same words in the JSON message. The descriptions come from a fixed list: never a claim value,
-the expected audience or issuer, or the library's own exception text.
+and the same words in the JSON message. The descriptions come from a fixed list keyed by exception
+class: never a claim value, the expected audience or issuer, or the library's own exception text.
 
 Behind a Shibboleth or OIDC proxy, identity may instead come from headers that proxy sets
 (``PROXY_USER_HEADER`` and friends) -- believed only when the request's TCP peer is one of
@@ -30,6 +35,8 @@ from typing import Any
 
 import jwt
 from flask import Flask, current_app, g, request
+from flask_jwt_extended import JWTManager, decode_token
+from flask_jwt_extended.exceptions import JWTDecodeError, JWTExtendedException
 
 from ..config import Settings
 from ..errors import Forbidden, Unauthorized
@@ -40,9 +47,9 @@ log = logging.getLogger(__name__)
 
 REALM = "campus-search"
 TOKEN_REQUIRED = "a bearer token is required"
-#: (PyJWT error class, description), most specific first: InvalidSignatureError is a DecodeError, and
-#: PyJWT checks the signature before any claim, so a claim problem is only ever reported for a token
-#: whose signature verified.
+#: (error class, description), most specific first: InvalidSignatureError is a DecodeError, and PyJWT
+#: checks the signature before any claim, so a claim problem is only ever reported for a token whose
+#: signature verified. flask-jwt-extended lets PyJWT's errors through unwrapped.
 _DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.ExpiredSignatureError, "the token has expired"),
     (jwt.ImmatureSignatureError, "the token is not valid yet"),
@@ -82,17 +89,33 @@ def token_required() -> Unauthorized:
 
 
 def describe_rejection(exc: Exception) -> str:
-    """A fixed, safe description of why PyJWT refused a token."""
+    """A fixed, safe description of why flask-jwt-extended (or PyJWT under it) refused a token."""
     if isinstance(exc, jwt.MissingRequiredClaimError) and exc.claim in ("exp", "sub", "iss", "aud"):
         return f"the token lacks the required {exc.claim} claim"
+    if isinstance(exc, JWTDecodeError) and str(exc) == "Missing claim: sub":  # the extension's identity check
+        return "the token lacks the required sub claim"
     for cls, text in _DESCRIPTIONS:
         if isinstance(exc, cls):
             return text
     return "the token is invalid"
 
 
-def init_auth(app: Flask, settings: Settings) -> None:
-    """Per-process verification state: the SSO provider's key cache and the verified-token cache."""
+def init_auth(app: Flask, settings: Settings) -> JWTManager:
+    """flask-jwt-extended configured from ``settings``, its key chosen per token (``JWT_SECRET_KEY`` or
+    the SSO provider's JWKS), and the per-process verified-token cache."""
+    app.config.update(
+        JWT_SECRET_KEY=settings.jwt_secret_key,
+        JWT_ALGORITHM=settings.jwt_algorithms[0],
+        JWT_DECODE_ALGORITHMS=list(settings.jwt_algorithms),
+        JWT_TOKEN_LOCATION=["headers"],
+        JWT_IDENTITY_CLAIM="sub",
+        JWT_VERIFY_SUB=True,  # sub must be a string (PyJWT); not blank is checked in verify_token
+        JWT_DECODE_LEEWAY=settings.jwt_leeway,
+        JWT_DECODE_AUDIENCE=settings.jwt_audience,
+        JWT_DECODE_ISSUER=settings.jwt_issuer,
+        JWT_ERROR_MESSAGE_KEY="message",
+    )
+    manager = JWTManager(app)
     jwks = None
     if settings.oidc_jwks_url:
         from .jwks import JwksCache
@@ -103,30 +126,34 @@ def init_auth(app: Flask, settings: Settings) -> None:
     app.extensions["campus_search.jwks"] = jwks
     app.extensions["campus_search.verified_tokens"] = VerifiedTokens(settings.jwt_verified_cache_seconds)
 
-
-def verify_token(token: str, settings: Settings, jwks: Any = None) -> dict[str, Any]:
-    """The claims of a valid access token; raises :class:`InvalidToken` saying what is wrong (or
-    ServiceUnavailable when the SSO provider's keys were never obtained)."""
-    try:
-        header = jwt.get_unverified_header(token)
+    @manager.decode_key_loader
+    def _key(header: Mapping[str, Any], _claims: Mapping[str, Any]) -> Any:
+        # the algorithm is checked before a key is chosen: `none` and HS/RS confusion never get a key
         alg = header.get("alg")
         if alg not in settings.jwt_algorithms:
             raise jwt.InvalidAlgorithmError("algorithm not allowed")
         if str(alg).startswith("HS"):
             if not settings.jwt_secret_key:
                 raise jwt.InvalidKeyError("no JWT_SECRET_KEY configured")
-            key: Any = settings.jwt_secret_key
-        elif jwks is None:
+            return settings.jwt_secret_key
+        if jwks is None:
             raise jwt.InvalidKeyError("no JWKS configured")
-        else:
-            key = jwks.key_for(header.get("kid"), alg)
-        claims: dict[str, Any] = jwt.decode(
-            token, key, algorithms=[alg], audience=settings.jwt_audience, issuer=settings.jwt_issuer,
-            leeway=settings.jwt_leeway,
-            options={"require": ["exp", "sub"], "verify_aud": settings.jwt_audience is not None})
-    except jwt.PyJWTError as exc:
+        return jwks.key_for(header.get("kid"), alg)  # ServiceUnavailable (503) if never obtained
+
+    return manager
+
+
+def verify_token(token: str) -> dict[str, Any]:
+    """The claims of a valid access token, verified by flask-jwt-extended in the current app; raises
+    :class:`InvalidToken` saying what is wrong (or ServiceUnavailable when the SSO provider's keys were
+    never obtained)."""
+    try:
+        claims: dict[str, Any] = decode_token(token)
+    except (JWTExtendedException, jwt.PyJWTError) as exc:
         raise InvalidToken(describe_rejection(exc)) from None
-    exp = claims.get("exp")
+    if "exp" not in claims:  # the extension verifies exp only when present
+        raise InvalidToken("the token lacks the required exp claim")
+    exp = claims["exp"]
     if isinstance(exp, bool) or not isinstance(exp, int | float):
         raise InvalidToken("the token is malformed")
     sub = claims.get("sub")
@@ -252,7 +279,7 @@ def authenticate(settings: Settings) -> Principal:
         principal = verified.get(token) if verified is not None else None
         if principal is None:
             try:
-                claims = verify_token(token, settings, current_app.extensions.get("campus_search.jwks"))
+                claims = verify_token(token)
             except InvalidToken as exc:
                 log.info("rejected token: %s", exc.description)
                 g.auth_error = exc
