@@ -105,8 +105,8 @@ def _harden(worker: Any, settings: Any) -> None:
 
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, just forked: guard it against slow clients (:func:`_harden`), open its own pools
-    and load its own model now, so the first request is not slow. A failure (database down) is
-    logged and left to the first request to retry."""
+    and load its own model now, so the first request is not slow. With the database down it
+    logs that and serves anyway, the pools reconnecting in the background."""
     _drop_inherited_exit_handlers()
     services = _services(server)
     _harden(worker, services.settings if services is not None else None)
@@ -115,8 +115,11 @@ def post_fork(server: Any, worker: Any) -> None:
     try:
         services.ensure_open()
     except Exception as exc:
-        log.warning("worker %s could not open its services yet (%s); will retry on first use",
-                    os.getpid(), exc.__class__.__name__)
+        # Serve anyway: the pools keep connecting in the background (requests get 503 "database
+        # unavailable" meanwhile) -- never a request blocked on opening them.
+        log.warning("worker %s could not reach the database yet (%s); serving, and reconnecting in the "
+                    "background", os.getpid(), exc.__class__.__name__)
+        services.ensure_open(wait=False)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

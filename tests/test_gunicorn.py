@@ -68,7 +68,8 @@ class Server:
         env.update(FLASK_ENV="production", DATABASE_URL=dsn, DATA_DIR=str(tmp / "data"),
                    JWT_SECRET_KEY=TEST_SECRET, AUDIT_HMAC_KEY="audit-" + "k" * 40, DB_POOL_MIN_SIZE="1",
                    DB_POOL_MAX_SIZE="4", DB_STATEMENT_TIMEOUT_MS="120000",
-                   PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir), **extra_env)
+                   PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
+        env.update(extra_env)
         self.stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
             [GUNICORN, "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--worker-class", "gthread",
