@@ -237,3 +237,42 @@ def test_database_outage_under_load_through_gunicorn(own_cluster: Any, embedder:
     assert recovered_at - back_at < RECOVERY
     after = [s for s in load.searches if s[0] > back_at + RECOVERY]  # by then every worker is back
     assert after and all(s[2] == 200 for s in after), [s for s in after if s[2] != 200][:5]
+
+
+def test_pools_reconnect_within_seconds_of_a_long_outage(own_cluster: Any, tmp_path: Path) -> None:
+    """psycopg_pool retries a lost connection with a growing back-off (1, 2, 4, 8 s ...): left to
+    itself, a pool whose database was down for 8 s makes its next attempt 7 s after the database is
+    back (the issue saw 74 s after a longer outage). Pools give up such an attempt after DB_RETRY_AFTER
+    and reconnect when a request needs them, so recovery takes well under RECOVERY seconds."""
+    from campus_search.db import Database, migrate
+    from campus_search.errors import ServiceUnavailable
+
+    dsn = own_cluster.get_uri()
+    migrate(dsn, model="all-MiniLM-L6-v2", dimension=384)
+    settings = make_settings(dsn, tmp_path / "data").replace(
+        db_pool_min_size=1, db_pool_max_size=2, db_pool_timeout=1.0, db_retry_after=1.0)
+    db = Database(settings, dsn)
+    db.open()
+
+    def answers() -> bool | str:
+        try:
+            with db.connection() as conn:
+                return conn.execute("SELECT 1").fetchone()[0] == 1
+        except ServiceUnavailable as exc:
+            return exc.message
+
+    try:
+        assert answers() is True
+        own_cluster.stop()
+        stopped = time.monotonic()
+        while time.monotonic() - stopped < 8.0:  # an outage with callers knocking now and then
+            assert answers() == "database unavailable"
+            time.sleep(0.5)
+        with own_cluster._lock:
+            own_cluster.ensure_postgres_running()
+        back = time.monotonic()
+        while answers() is not True:
+            assert time.monotonic() - back < RECOVERY, "the pool did not reconnect in time"
+            time.sleep(0.1)
+    finally:
+        db.close()
