@@ -58,6 +58,13 @@ def _json_object(raw: str) -> dict[str, Any]:
     return value
 
 
+def _visibility(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("public", "department"):
+        raise ValueError(f"expected 'public' or 'department', got {raw!r}")
+    return value
+
+
 def _mapping(raw: str) -> dict[str, str]:
     """``a=b,c=d`` -> {"a": "b", "c": "d"}."""
     out: dict[str, str] = {}
@@ -99,6 +106,11 @@ FIELDS: tuple[Field, ...] = (
       "Seconds a client has to send a request's head and a body of up to MAX_REQUEST_BYTES before the "
       "server answers 408 and disconnects; also the longest any later read of a larger body, or write of "
       "a response, may stall (docs/operations.md, slow clients).", float),
+    F("default_visibility", ("DEFAULT_VISIBILITY",), "department",
+      "Visibility of a new document whose visibility no source states (CLI flags, folder and sidecar "
+      "files, front matter, API metadata). `department` (the safe default) needs a department, so such a "
+      "document without one is refused; `public` restores the old open default. See docs/ingestion.md.",
+      _visibility),
     # --- database
     F("database_url", ("DATABASE_URL",), None,
       "PostgreSQL URL for writes (and reads unless DATABASE_READ_URL is set). If neither this nor DB_HOST "
@@ -279,6 +291,7 @@ class Settings:
     max_query_chars: int = 2000
     max_document_bytes: int = 20 * 1024 * 1024
     request_read_timeout: float = 10.0
+    default_visibility: str = "department"
     database_url: str | None = None
     database_read_url: str | None = None
     db_host: str | None = None

@@ -17,7 +17,6 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 from test_gunicorn import Server, served_dsn  # noqa: F401  (a fixture, used by name)
@@ -95,20 +94,20 @@ def test_slow_and_silent_clients_do_not_starve_the_server(server: Server) -> Non
             return stack.enter_context(connect(server))
 
         slow = []
-        for i in range(8):  # the case: half a request line each
+        for _ in range(8):  # the case: half a request line each
             sock = opened()
             sock.sendall(b"GET /health/live HTT")
             slow.append(sock)
-        for i in range(4):  # a whole request line, then headers that never end
+        for _ in range(4):  # a whole request line, then headers that never end
             sock = opened()
             sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\nX-Slow: ")
             slow.append(sock)
-        for i in range(4):  # a search whose body never finishes arriving
+        for _ in range(4):  # a search whose body never finishes arriving
             sock = opened()
             sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 100\r\n\r\n{\"query\": ")
             slow.append(sock)
-        for i in range(8):  # a complete request, then never read the answer nor close
+        for _ in range(8):  # a complete request, then never read the answer nor close
             opened().sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         silent = [opened() for _ in range(30)]
         time.sleep(0.5)  # let the workers take them all
