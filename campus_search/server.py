@@ -8,7 +8,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .config import Settings, redact_url
+from .config import Settings
+from .embedded_redis import describe as describe_cache
 
 
 class _Gunicorn(BaseApplication):
@@ -68,7 +69,7 @@ def summary(settings: Settings, *, workers: int, threads: int, bind: str | None 
         "listening": bind or f"{s.host}:{s.port}", "workers": workers, "threads": threads, "env": s.env,
         "database": database, "read_replica": public.get("database_read_url"),
         "pool": f"{s.db_pool_min_size}-{s.db_pool_max_size} per worker",
-        "cache": "Redis " + redact_url(s.redis_dsn() or "") if s.redis_dsn() else "in-process",
+        "cache": describe_cache(s),
         "cache_ttl_search": s.cache_ttl_search,
         "jwt_algorithms": list(s.jwt_algorithms), "jwt_secret": public.get("jwt_secret_key"),
         "oidc_jwks_url": s.oidc_jwks_url, "anonymous": s.allow_anonymous,
