@@ -30,6 +30,10 @@ def _services(settings: Settings, *, ingest: bool = False) -> Any:
     from .services import Services
 
     embedder = get_embedder(settings, threads=ingest_threads()) if ingest else None
+    if settings.embedded_redis:
+        # Ingest and eval never read the result cache (index changes reach cached searches through the
+        # index generation in the database), so they start no embedded Redis just to leave it unused.
+        settings = settings.replace(redis_url="memory://")
     return Services(settings, embedder=embedder).ensure_open()
 
 
