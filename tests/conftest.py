@@ -202,3 +202,4 @@ def serving(env: dict[str, str], log_dir: Path, *, workers: int, threads: int) -
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(30)

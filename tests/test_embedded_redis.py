@@ -106,6 +106,20 @@ def test_make_run_settings_share_cache_clear_and_limits_across_workers(
         # answers, and no worker answers from an entry older than the clear.
         assert [a["from_cache"] for a in after] == [False] + [True] * (len(after) - 1)
 
+        # Over HTTP as well: what was changed on the caller's behalf is said; filters ignore letter case.
+        capped = requests.post(base + "/api/search", headers={"Authorization": token("student", sub="s-cap")},
+                               json={"query": "library", "config": {"max_results": 500}}, timeout=60).json()
+        assert capped["applied"]["max_results"] == 20 and capped["applied"]["clamped"] is True
+        it = requests.post(base + "/api/search", headers={"Authorization": token("staff", departments=[
+            "IT Services"])}, json={"query": "password reset instructions for staff",
+                                    "filters": {"department": "It services"}}, timeout=60).json()
+        assert it["count"] > 0 and {h["metadata"]["department"] for h in it["results"]} == {"IT Services"}
+        # The brief's metric labels (its dashboards query endpoint="search_documents").
+        scraped = requests.get(base + "/metrics", timeout=60).text
+        assert 'endpoint="search_documents",method="POST",status="200"' in scraped \
+            or 'method="POST",endpoint="search_documents",status="200"' in scraped
+        assert 'endpoint="health_check"' in scraped and "search.search_documents" not in scraped
+
         # A role's per-minute limit (student: 30) admits exactly that many across the workers.
         student = token("student", sub="limited-student")
         with ThreadPoolExecutor(8) as pool:
