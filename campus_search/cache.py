@@ -401,8 +401,8 @@ class ResultCache:
         if isinstance(self.backend, RedisBackend):
             process.update(skipped=self.backend.skipped, failures=self.backend.breaker.failures,
                            circuit=self.backend.breaker.state)
-        out: dict[str, Any] = {"backend": self.backend.kind, "mode": self.backend.mode, "used_memory": None, "connected_clients": None,
-                               "keyspace_hits": self.hits, "keyspace_misses": self.misses}
+        out: dict[str, Any] = {"backend": self.backend.kind, "mode": self.backend.mode, "used_memory": None,
+                               "connected_clients": None, "keyspace_hits": self.hits, "keyspace_misses": self.misses}
         out.update({k: v for k, v in self.backend.info().items() if v is not None})
         out["process"] = process
         return out

@@ -125,8 +125,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate in a scratch database (default, kept for reuse) or, with --live, the configured index
     read-only; see :mod:`campus_search.evaluation`."""
     from .db import resolve_dsns
-    from .evaluation import ensure_scratch_database, evaluate, load_qrels, load_queries, read_only
-    from .evaluation import scratch_database_name
+    from .evaluation import (
+        ensure_scratch_database,
+        evaluate,
+        load_qrels,
+        load_queries,
+        read_only,
+        scratch_database_name,
+    )
     from .metadata import AccessMetadata
     from .progress import ProgressBar
     from .services import index_model

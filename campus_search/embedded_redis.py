@@ -248,7 +248,7 @@ def keep(data_dir: str, sock: str, binary: str) -> int:
     log_file = directory / "redis.log"
     args = [binary, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--protected-mode", "yes",
             "--save", "", "--appendonly", "no", "--dir", str(directory), "--logfile", str(log_file),
-            "--loglevel", "warning", "--maxmemory", MAXMEMORY, "--maxmemory-policy", "volatile-ttl",
+            "--loglevel", "warning", "--maxmemory", MAXMEMORY, "--maxmemory-policy", "volatile-lru",
             "--daemonize", "no"]
     popen = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)

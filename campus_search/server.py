@@ -76,7 +76,7 @@ def summary(settings: Settings, *, workers: int, threads: int, bind: str | None 
         "rate_limits": "on" if s.rate_limits_enabled else "off",
         "trusted_proxies": list(getattr(s, "trusted_proxies", ()) or ()),
         "embedding": f"{s.embedding_provider} {s.embedding_model}",
-        "log_format": _log_format(s), "metrics_dir": metrics_dir,
+        "log_format": _log_format(s), "metrics_dir": metrics_dir, "data_dir": s.data_dir,
     }
 
 
@@ -97,6 +97,7 @@ def banner(settings: Settings, workers: int, threads: int, *, app: Any = None, *
         f"Database:    {info['database']}; pool {info['pool']}"
         + (f"; reads from {info['read_replica']}" if info["read_replica"] else ""),
         f"Cache:       {info['cache']}; search TTL {settings.cache_ttl_search}s",
+        f"Data dir:    {settings.data_dir} (set DATA_DIR to move it)",
         f"Security:    JWT {', '.join(settings.jwt_algorithms)} (secret {info['jwt_secret']}); anonymous "
         f"{'allowed' if settings.allow_anonymous else 'refused'}; rate limits {info['rate_limits']}; "
         f"trusted proxies {', '.join(info['trusted_proxies']) or 'none'}",

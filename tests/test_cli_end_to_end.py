@@ -84,6 +84,9 @@ def test_eval_uses_a_kept_scratch_database_never_the_live_index(tmp_path: Path, 
     qrels = tmp_path / "qrels.tsv"
     qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq3\td3\t1\n")
     live = make_database()  # the index a server would be using
+    from campus_search.db import migrate
+
+    migrate(live, model="all-MiniLM-L6-v2", dimension=384)
     env = {"DATABASE_URL": live, "DATA_DIR": str(tmp_path / "state"), "JWT_SECRET_KEY": TEST_SECRET}
     files = ["--queries", str(queries), "--qrels", str(qrels)]
     r = run(["eval", "--corpus", str(corpus), *files], env)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -350,3 +351,16 @@ def test_wheel_carries_the_keepalive_start_up_hook(tmp_path: Path) -> None:
     env = {"argv": ["/usr/bin/gunicorn", "--keepalive", "10", "--keepalive=5", "--bind", "x"]}
     exec(hook.replace("import sys; ", ""), {"sys": type("S", (), env)})  # the hook's one line, on a fake argv
     assert env["argv"][1:] == ["--keep-alive", "10", "--keep-alive=5", "--bind", "x"]
+
+
+def test_make_run_keeps_its_data_with_the_checkout() -> None:
+    """Two checkouts on one machine must not share one database: `make run` uses .data/ in the checkout
+    (git-ignored) unless DATA_DIR is given, and says so."""
+    env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
+    dry = subprocess.run(["make", "-n", "run"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert f'DATA_DIR="{ROOT}/.data" .venv/bin/campus-search serve --demo' in dry.stdout
+    assert f"make run: data in {ROOT}/.data" in dry.stdout
+    given = subprocess.run(["make", "-n", "run"], cwd=ROOT, env={**env, "DATA_DIR": "/srv/cs"},
+                           capture_output=True, text=True, check=True)
+    assert 'DATA_DIR="/srv/cs" .venv/bin/campus-search serve --demo' in given.stdout
+    assert ".data/" in (ROOT / ".gitignore").read_text().splitlines()
