@@ -364,3 +364,15 @@ def test_make_run_keeps_its_data_with_the_checkout() -> None:
                            capture_output=True, text=True, check=True)
     assert 'DATA_DIR="/srv/cs" .venv/bin/campus-search serve --demo' in given.stdout
     assert ".data/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_readme_command_table_names_ingest_demo_and_eval_live() -> None:
+    """The options a new operator needs first are in the README's command table, as `--help` has them."""
+    from campus_search.cli import build_parser
+
+    rows = {line.split("`")[1].split()[1]: line for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("| `campus-search ")}
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command, flag in (("ingest", "--demo"), ("eval", "--live"), ("loadtest", "--fail-under")):
+        assert flag in sub[command].format_help()
+        assert flag in rows[command], f"README's {command} row does not mention {flag}"
