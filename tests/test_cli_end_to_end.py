@@ -102,8 +102,8 @@ def test_eval_uses_a_kept_scratch_database_never_the_live_index(tmp_path: Path, 
     assert f"evaluating in scratch database {name} (created;" in r.stderr
     assert "3/3 100%" in r.stderr and "queries/s" in r.stderr  # query progress on stderr
     scratch = make_conninfo(live, dbname=name)  # beside the configured database, on the same server
-    assert documents_in(scratch) == 4
     assert documents_in(live) == 0  # the served index got nothing
+    assert documents_in(scratch) == 4
     # Kept: the second run finds the corpus ingested and only runs the queries.
     again = run(["eval", "--corpus", str(corpus), *files, "--fusion", "dense", "--quiet"], env)
     assert again.returncode == 0, again.stderr
