@@ -2,7 +2,8 @@
 
 When neither ``REDIS_URL`` nor ``REDIS_HOST`` is set, every process that needs the cache or the rate-limit
 counters calls :func:`ensure_embedded_redis`. The first one starts the server; the others (gunicorn
-workers inherit the master's URL; a CLI command run while the server runs) attach to it. So the result
+workers inherit the master's URL; any other process on the same DATA_DIR, a second server say) attach to
+it. (``campus-search ingest`` and ``eval`` read no cache and start none.) So the result
 cache, ``POST /api/admin/cache/clear`` and rate limits are exact across workers, as with a production Redis.
 
 Security: the server listens on a Unix socket only (``port 0``: no TCP listener at all), in
@@ -202,13 +203,6 @@ def ensure_embedded_redis(data_dir: str, binary: str | None = None) -> str:
     atexit.register(_deregister, entry, os.getpid())
     _registered[key] = url
     return url
-
-
-def stop_embedded_redis(data_dir: str) -> None:
-    """Forget this process's registration now (the keeper stops Redis if nobody else uses it)."""
-    key = str(Path(data_dir).resolve())
-    if _registered.pop(key, None) is not None:
-        (Path(key) / SUBDIR / "clients" / str(os.getpid())).unlink(missing_ok=True)
 
 
 def resolve(settings: Settings) -> tuple[str | None, str]:

@@ -150,7 +150,7 @@ def test_label_values_stay_bounded_under_random_input(client: Any, token: Any, d
     for marker in secrets_seen:
         assert marker not in text and marker.lower() not in text.lower()
 
-    endpoints = {rule.endpoint for rule in demo_app.url_map.iter_rules()} | {"unmatched"}
+    endpoints = {metrics.endpoint_label(rule.endpoint) for rule in demo_app.url_map.iter_rules()} | {"unmatched"}
     families = {f.name: f for f in text_string_to_metric_families(text)}
     seen: dict[str, set[str]] = {}  # "family.label" -> values
     for family in families.values():
