@@ -14,9 +14,9 @@ Lifetime: a small *keeper* process (``python -m campus_search.embedded_redis``, 
 session) starts ``redis-server`` as its child and watches the processes registered as users (one file
 per process under ``DATA_DIR/redis/clients``, naming its pid and start time, so a reused pid does not
 count). When none is left -- the server exited, cleanly or killed with SIGKILL -- the keeper stops
-Redis and exits; if the keeper itself is killed, the kernel stops Redis (``PR_SET_PDEATHSIG``). So it
-is stopped with the service and never left orphaned, and a CLI command that exits does not stop it
-under a running server.
+Redis and exits; if the keeper itself is killed, the kernel stops Redis (``PR_SET_PDEATHSIG``, Linux).
+So it is stopped with the service and never left orphaned, and another process that exits does not
+stop it under a running server.
 """
 
 from __future__ import annotations
