@@ -237,11 +237,15 @@ class Ingester:
         if total > self.limits.max_chars:
             raise IngestError(f"{where}: more than {self.limits.max_chars:,} characters of text "
                               "(MAX_DOCUMENT_CHARS); split the document or raise the limit")
-        sections = {b.section_title: shorten(b.section_title, MAX_SECTION_TITLE_CHARS)
+        title = shorten(doc.title, MAX_TITLE_CHARS)
+        # text without a heading has the document title as its section (parsers.ParsedDocument): it stays
+        # equal to the title, capped the same way, so the model does not read the title twice
+        sections = {b.section_title: title if b.section_title == doc.title
+                    else shorten(b.section_title, MAX_SECTION_TITLE_CHARS)
                     for b in doc.blocks if b.section_title and len(b.section_title) > MAX_SECTION_TITLE_CHARS}
         blocks = [dataclasses.replace(b, section_title=sections[b.section_title])
                   if b.section_title in sections else b for b in doc.blocks] if sections else doc.blocks
-        return dataclasses.replace(doc, title=shorten(doc.title, MAX_TITLE_CHARS), blocks=blocks)
+        return dataclasses.replace(doc, title=title, blocks=blocks)
 
     @staticmethod
     def _fail(report: IngestReport, message: str) -> None:

@@ -7,7 +7,8 @@
   means a binary or UTF-16 file; in a PDF, a damaged text layer.
 - **Titles** are labels, repeated in every search result: a document title is cut to
   :data:`MAX_TITLE_CHARS` characters and a section title to :data:`MAX_SECTION_TITLE_CHARS`, at a word
-  boundary, ending in "…". The text under them is kept whole.
+  boundary, ending in "…" (a section title that is the document title, as for text before the first
+  heading, is capped as the title). The text under them is kept whole.
 - **Document ids** are taken exactly as given, never trimmed or repaired: 1 to :data:`MAX_ID_CHARS`
   characters of Unicode text, without control characters (U+0000-U+001F, U+007F-U+009F), line or
   paragraph separators (U+2028, U+2029) or lone surrogates, and without whitespace at either end.
