@@ -153,6 +153,21 @@ class RedisBackend:
     def set(self, key: str, value: bytes, ttl: int) -> bool:
         return bool(self._run("set", lambda: self.client.set(key, value, ex=ttl), False))
 
+    # The write fence (replicas.py): the primary's WAL position after the latest search-visible write,
+    # kept at its maximum. An hour's TTL: a fence from an abandoned timeline (point-in-time recovery) or
+    # another cluster stops holding reads on the primary by then.
+    FENCE_TTL = 3600
+    _FENCE_MAX = ("local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
+                  "if tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end return 1")
+
+    def fence_get(self) -> int | None:
+        raw = self._run("get", lambda: self.client.get(f"{self.prefix}write-fence"))
+        return int(raw) if raw is not None and raw.isdigit() else None
+
+    def fence_advance(self, lsn: int) -> None:
+        self._run("set", lambda: self.client.eval(self._FENCE_MAX, 1, f"{self.prefix}write-fence", int(lsn),
+                                                  self.FENCE_TTL))
+
     def clear(self, namespaces: tuple[str, ...]) -> int:
         """UNLINK this service's keys in ``namespaces`` (SCAN by prefix; never FLUSHDB/FLUSHALL)."""
         if not self.breaker.allow():
@@ -275,6 +290,10 @@ class GenerationTracker:
         if self._value is not None and self.clock() - self._read_at < self.max_age:
             return self._value
         return self.refresh()
+
+    def invalidate(self) -> None:
+        """Make the next :meth:`current` read the tag afresh (a write this process knows of moved it)."""
+        self._read_at = float("-inf")
 
     def refresh(self) -> str:
         started = self.clock()  # age counts from before the read: conservative

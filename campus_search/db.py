@@ -1,4 +1,12 @@
-"""Database manager: connection pools (write + optional read replica) and versioned migrations."""
+"""Database manager: connection pools (the primary, and read replicas through :mod:`.replicas`), versioned
+migrations, and the statement timeout of searches.
+
+Timeouts are per transaction (``SET LOCAL statement_timeout``, :meth:`Database.search_settings`) at the
+start of each search's transaction, because a session ``SET`` does not stay with one client behind
+pgbouncer's transaction pooling. Writes (ingestion, audit) run without one, and migrations explicitly
+with none (``SET LOCAL statement_timeout = 0``), so a data-bearing migration on a large database is never
+cancelled by a role- or server-level default.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +19,11 @@ from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .config import Settings
 from .errors import ConfigError, ServiceUnavailable
+from .replicas import PRIMARY, PRIMARY_LSN_SQL, ReadRouter, Replica, ReplicaFailed, split_read_urls
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,8 @@ def migrate(dsn: str, *, model: str, dimension: int) -> int:
     # One transaction holding a transaction-scoped lock: a session lock would be taken and released on
     # different server connections behind pgbouncer in transaction pooling mode.
     with psycopg.connect(dsn, prepare_threshold=None) as conn, conn.transaction():
+        # No timeout: a backfill over a large table must finish, whatever the role's or server's default.
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
                             version integer PRIMARY KEY, name text NOT NULL,
@@ -67,7 +77,9 @@ def migrate(dsn: str, *, model: str, dimension: int) -> int:
 
 
 class Database:
-    """Pooled access to PostgreSQL. ``write`` for ingestion and audit, ``read`` for searches.
+    """Pooled access to PostgreSQL. Writes (ingestion, audit) on the primary; reads (searches) on a replica
+    chosen by :class:`~campus_search.replicas.ReadRouter` when ``DATABASE_READ_URL`` names any, else on
+    the primary.
 
     Pools are created closed; :meth:`open` opens them (after gunicorn forks, never before).
     """
@@ -75,57 +87,116 @@ class Database:
     def __init__(self, settings: Settings, dsn: str, read_dsn: str | None = None) -> None:
         self.settings = settings
         self.dsn = dsn
-        self.read_dsn = read_dsn or dsn
-        kwargs: dict[str, Any] = dict(
-            min_size=settings.db_pool_min_size,
-            max_size=settings.db_pool_max_size,
-            timeout=settings.db_pool_timeout,
-            configure=self._configure,
-            check=ConnectionPool.check_connection,
-            max_waiting=settings.db_pool_max_size * 20,
-            open=False,
-        )
-        self.write_pool = ConnectionPool(
-            dsn, name="write", kwargs={"prepare_threshold": prepare_threshold(settings, dsn)}, **kwargs)
-        self.read_pool = (ConnectionPool(self.read_dsn, name="read",
-                                         kwargs={"prepare_threshold": prepare_threshold(settings, self.read_dsn)},
-                                         **kwargs)
-                          if self.read_dsn != dsn else self.write_pool)
+        self.read_dsns = [u for u in split_read_urls(read_dsn) if u != dsn]
+        self.read_dsn = self.read_dsns[0] if self.read_dsns else dsn
+        #: Bumped by every search-visible write of this process (:meth:`bump_generation`).
+        self.write_epoch = 0
+        self._fenced: set[int] = set()
+        self.write_pool = self._pool(dsn, "write")
+        self.router: ReadRouter | None = None
+        if self.read_dsns:
+            replicas = [Replica(f"replica{i}", url, self._pool(url, f"read{i}", replica=True))
+                        for i, url in enumerate(self.read_dsns, 1)]
+            self.router = ReadRouter(self.write_pool, replicas, max_lag=settings.replica_max_lag_seconds,
+                                     check_seconds=settings.replica_check_seconds,
+                                     connect_timeout=settings.replica_connect_timeout, primary_dsn=dsn)
 
-    def _configure(self, conn: psycopg.Connection) -> None:
-        register_vector(conn)
-        conn.execute("SELECT set_config('statement_timeout', %s, false)",
-                     (str(self.settings.db_statement_timeout_ms),))
-        conn.commit()
+    def _pool(self, dsn: str, name: str, *, replica: bool = False) -> ConnectionPool:
+        timeout = self.settings.db_pool_timeout
+        if replica:  # a replica that cannot hand out a connection soon is skipped, not waited for
+            timeout = min(timeout, self.settings.replica_connect_timeout)
+        return ConnectionPool(
+            dsn, name=name, kwargs={"prepare_threshold": prepare_threshold(self.settings, dsn)},
+            min_size=self.settings.db_pool_min_size, max_size=self.settings.db_pool_max_size,
+            timeout=timeout, configure=_configure, check=ConnectionPool.check_connection,
+            max_waiting=self.settings.db_pool_max_size * 20, open=False)
+
+    def pools(self) -> list[ConnectionPool]:
+        return [self.write_pool] + ([r.pool for r in self.router.replicas] if self.router else [])
+
+    @property
+    def read_pool(self) -> ConnectionPool:
+        """The pool reads go to right now (a replica's, or the primary's)."""
+        replica = self.router.choose() if self.router else None
+        return replica.pool if replica is not None else self.write_pool
 
     def open(self, wait: bool = True) -> None:
-        for pool in {id(p): p for p in (self.write_pool, self.read_pool)}.values():
-            pool.open(wait=wait, timeout=max(self.settings.db_pool_timeout, 10.0))
+        self.write_pool.open(wait=wait, timeout=max(self.settings.db_pool_timeout, 10.0))
+        if self.router:
+            for replica in self.router.replicas:
+                replica.pool.open(wait=False)  # a replica that is down must not stop the server starting
+            self.router.start()
 
     def close(self) -> None:
-        for pool in {id(p): p for p in (self.write_pool, self.read_pool)}.values():
+        if self.router:
+            self.router.stop()
+        for pool in self.pools():
             pool.close()
+
+    def search_settings(self) -> str:
+        """``SET LOCAL`` statements that start every search transaction (its statement timeout)."""
+        return f"SET LOCAL statement_timeout = {int(self.settings.db_statement_timeout_ms)}"
 
     @contextmanager
     def connection(self, *, read: bool = False) -> Iterator[psycopg.Connection]:
         """A pooled connection in a transaction, committed on success. Pool exhaustion and lost
-        connections become ServiceUnavailable (503), never a hang or a stack trace."""
-        pool = self.read_pool if read else self.write_pool
+        connections become ServiceUnavailable (503), never a hang or a stack trace. ``read=True``: on
+        the node the read router chooses (a replica's failure raises ReplicaFailed, see replicas.py)."""
         try:
-            with pool.connection() as conn:
-                yield conn
+            if read and self.router is not None:
+                with self.router.connection() as (conn, _replica):
+                    yield conn
+                return
+            with self.write_pool.connection() as conn:
+                try:
+                    yield conn
+                except BaseException:
+                    self._fenced.discard(id(conn))
+                    raise
+                if id(conn) in self._fenced:
+                    self._fenced.discard(id(conn))
+                    self._record_fence(conn)
+        except ReplicaFailed:
+            raise
         except PoolTimeout as exc:
             raise ServiceUnavailable("database busy, try again shortly", headers={"Retry-After": "1"}) from exc
         except psycopg.OperationalError as exc:
-            log.warning("database unavailable: %s", exc.__class__.__name__)
+            log.warning("database unavailable: %s: %s", exc.__class__.__name__, exc)
             raise ServiceUnavailable("database unavailable", headers={"Retry-After": "5"}) from exc
 
+    def bump_generation(self, conn: psycopg.Connection) -> None:
+        """Move ``index_state.generation`` in the caller's write transaction: cached answers retire, and
+        once the transaction commits, the primary's WAL position becomes the write fence (replicas.py)."""
+        conn.execute("UPDATE index_state SET generation = generation + 1")
+        self.write_epoch += 1
+        if self.router is not None:
+            self._fenced.add(id(conn))
+
+    def _record_fence(self, conn: psycopg.Connection) -> None:
+        assert self.router is not None
+        conn.commit()  # the write is durable now; its commit record lies before the position read next
+        try:
+            row = conn.execute(PRIMARY_LSN_SQL).fetchone()
+            conn.commit()
+        except psycopg.Error as exc:  # committed all the same; replicas then serve it within the lag bound
+            log.warning("write fence not recorded: %s", exc.__class__.__name__)
+            return
+        if row and row[0] is not None:
+            self.router.fence.advance(int(row[0]))
+
     def stats(self) -> dict[str, Any]:
-        s = self.read_pool.get_stats()
+        pool = self.read_pool
+        s = pool.get_stats()
         size = s.get("pool_size", 0)
-        return {"pool_size": size, "pool_max": self.read_pool.max_size,
+        return {"pool_size": size, "pool_max": pool.max_size,
                 "active_connections": size - s.get("pool_available", 0),
                 "requests_waiting": s.get("requests_waiting", 0)}
+
+    def reads(self) -> dict[str, Any]:
+        """Which node serves reads, and each replica's state (for /health)."""
+        if self.router is None:
+            return {"node": PRIMARY, "replicas": []}
+        return self.router.describe()
 
     def generation(self) -> int:
         with self.connection(read=True) as conn:
@@ -133,24 +204,26 @@ class Database:
         return int(row[0]) if row else 0
 
 
+def _configure(conn: psycopg.Connection) -> None:
+    register_vector(conn)  # client-side only: no session state on the server (pgbouncer-safe)
+    conn.commit()
+
+
 def prepare_threshold(settings: Settings, dsn: str) -> int | None:
     """psycopg's ``prepare_threshold`` for connections to ``dsn`` (DB_PREPARE_THRESHOLD).
 
     pgbouncer in transaction pooling mode hands each transaction to any server connection, where a
-    statement prepared on another one does not exist; ``None`` turns preparation off.
+    statement prepared on another one does not exist; ``None`` turns preparation off. ``auto`` prepares
+    (after 5 executions, psycopg's default) only on the embedded cluster, which is certainly not behind a
+    pooler; a configured URL may lead to one whatever its name or port, so there preparation is off
+    unless DB_PREPARE_THRESHOLD gives a number (for a direct connection).
     """
     value = settings.db_prepare_threshold
     if value == "none":
         return None
     if value != "auto":
         return int(value)
-    try:
-        info = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return 5
-    if "pgbouncer" in str(info.get("host", "")).lower() or str(info.get("port", "")) == "6432":
-        return None
-    return 5  # psycopg's default
+    return 5 if settings.embedded_database and dsn not in split_read_urls(settings.database_read_url) else None
 
 
 def resolve_dsns(settings: Settings) -> tuple[str, str | None]:

@@ -1,7 +1,9 @@
 """Health checks: the full ``/health`` report (SPEC §1) and the cheap readiness probe.
 
 ``/health`` checks each dependency the way a search uses it -- the database (a pooled connection and
-a chunk count), the embedding model or server (one probe text), the cache, and an end-to-end search
+a chunk count, and which node serves reads), the read replicas when configured (state and lag; not
+required, since searches then read from the primary), the embedding model or server (one probe
+text), the cache, and an end-to-end search
 through :meth:`Services.run_search` as a superuser -- and reports each with ``healthy`` and
 ``response_time``. Results are reused for ``HEALTH_CACHE_SECONDS`` and concurrent checks wait for the
 one in progress, so however often probes arrive, dependencies see at most one check per process per
@@ -88,7 +90,16 @@ class HealthMonitor:
         chunks = int(self._pooled_query("SELECT count(*) FROM chunks"))
         stats = self.services.db.stats()
         return {"healthy": True, "chunk_count": chunks, "pool_size": stats.get("pool_size"),
-                "pool_max": stats.get("pool_max"), "active_connections": stats.get("active_connections")}
+                "pool_max": stats.get("pool_max"), "active_connections": stats.get("active_connections"),
+                "reads": self.services.db.reads()}
+
+    def _replicas(self) -> dict[str, Any]:
+        """Read replicas: each one's state and lag. Not required: searches read from the primary while
+        no replica is fit to (replicas.py), so a replica that is down or behind degrades the service."""
+        reads = self.services.ensure_open().db.reads()
+        fit = [r for r in reads["replicas"] if r["up"] and r["lag_seconds"] is not None
+               and r["lag_seconds"] <= r["lag_bound_seconds"]]
+        return {"healthy": len(fit) == len(reads["replicas"]), "required": False, **reads}
 
     def _embedding(self) -> dict[str, Any]:
         embedder = self.services.embedder
@@ -128,6 +139,9 @@ class HealthMonitor:
             "embedding_service": _timed(self._embedding, "embedding model unavailable"),
             "cache": _timed(self._cache, "cache unavailable"),
         }
+        if self.services.ensure_open().db.router is not None:
+            components["read_replicas"] = _timed(self._replicas, "read replicas unknown")
+            components["read_replicas"].setdefault("required", False)
         if database["healthy"]:
             components["search_functionality"] = _timed(lambda: self._search(database.get("chunk_count")),
                                                         "search failed")

@@ -179,7 +179,7 @@ class Ingester:
                 report.chunks_written += len(p.chunks)
             report.metadata_updated += len(meta_only)
             if meta_only or changed:
-                conn.execute("UPDATE index_state SET generation = generation + 1")
+                self.db.bump_generation(conn)
 
     def _prepare_chunks(self, pending: list[_Pending]) -> None:
         model = self.embedder.model_name
@@ -268,7 +268,7 @@ class Ingester:
             doc = ParsedDocument(external_id=external_id, title="", blocks=[], source=row[7])
             if meta != AccessMetadata(*row[1:7]):
                 self._update_metadata(conn, row[0], meta, doc)
-                conn.execute("UPDATE index_state SET generation = generation + 1")
+                self.db.bump_generation(conn)
         return meta
 
     def stale(self, source_prefix: str, keep_ids: Collection[str], keep_sources: Collection[str] = ()) -> list[str]:
@@ -293,5 +293,5 @@ class Ingester:
         with self.db.connection() as conn:
             n = conn.execute("DELETE FROM documents WHERE external_id = ANY(%s)", (ids,)).rowcount
             if n:
-                conn.execute("UPDATE index_state SET generation = generation + 1")
+                self.db.bump_generation(conn)
         return n

@@ -252,14 +252,16 @@ class Searcher:
         """Whether at least k chunks pass the rule and filters (cheap: stops counting at k)."""
         where, params = _where(user, filters)
         with self.db.connection(read=True) as conn:
+            conn.execute(self.db.search_settings())
             row = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM chunks c WHERE {where} LIMIT %(k)s) s",
                                {"k": k, **params}).fetchone()
         return bool(row and row[0] >= k)
 
     def _fetch(self, sql: str, params: Mapping[str, Any], k: int) -> list[tuple[Any, ...]]:
-        """Run a candidate query on a read connection, with this searcher's HNSW session settings."""
+        """Run a candidate query on a read connection, with the search timeout and this searcher's HNSW
+        settings, all ``SET LOCAL`` (they end with the transaction; pgbouncer-safe)."""
         with self.db.connection(read=True) as conn:
-            conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
+            conn.execute(f"{self.db.search_settings()}; SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
                          f"SET LOCAL hnsw.iterative_scan = {self.iterative_scan}")
             return conn.execute(sql, params).fetchall()
 

@@ -14,13 +14,14 @@ import threading
 import time
 
 from . import metrics
-from .cache import ResultCache, build_cache
+from .cache import RedisBackend, ResultCache, build_cache
 from .config import Settings
 from .db import Database, migrate, resolve_dsns
 from .embedding import Embedder, LocalMiniLM, get_embedder
 from .fusion import FusionConfig
 from .ingest import Ingester
 from .lexical import BM25
+from .replicas import ReplicaFailed
 from .search import Searcher, SearchOutcome, SearchParams
 from .security.roles import Principal
 
@@ -53,6 +54,7 @@ class Services:
         self.searcher: Searcher
         self.ingester: Ingester
         self.cache: ResultCache
+        self._seen = (0, 0)  # (write epoch, write fence) at the last search
 
     def _expected_dimension(self) -> int:
         if self.settings.embedding_provider == "local":
@@ -83,6 +85,10 @@ class Services:
                                                                                    self.settings.bm25_b))
             self.ingester = Ingester(self.db, embedder)
             self.cache = build_cache(self.settings, self.db, self.searcher)
+            if self.db.router is not None and isinstance(self.cache.backend, RedisBackend):
+                fence = self.db.router.fence  # shared by every process of every instance (replicas.py)
+                fence.shared_get, fence.shared_advance = self.cache.backend.fence_get, self.cache.backend.fence_advance
+            self._seen = (0, 0)
             self._pid = os.getpid()
             log.info("services open in pid %s", self._pid)
         return self
@@ -90,7 +96,22 @@ class Services:
     def run_search(self, user: Principal, params: SearchParams) -> SearchOutcome:
         """One search as the API runs it: cache-aside (cache.py), scoped to the caller's permissions."""
         self.ensure_open()
-        return self.cache.fetch(user, params, lambda: self.searcher.search(user, params))
+        router = self.db.router
+        if router is not None:
+            router.fence.sync()  # another process's write (replicas.py: read-your-writes)
+        seen = (self.db.write_epoch, router.fence.lsn if router else 0)
+        if seen != self._seen:  # a write since the last search: no cached answer from before it
+            self._seen = seen
+            self.cache.generation.invalidate()
+        attempts = 1 + (len(router.replicas) if router else 0)
+        for attempt in range(attempts):
+            try:
+                return self.cache.fetch(user, params, lambda: self.searcher.search(user, params))
+            except ReplicaFailed:
+                if attempt == attempts - 1:
+                    raise
+                log.info("search retried on the next node after a replica failed")
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -80,7 +80,8 @@ def test_app_talks_to_pgbouncer_without_prepared_statements(compose: dict[str, A
     for key in ("DATABASE_URL", "DATABASE_READ_URL"):
         url = substitute(env[key])
         assert "@pgbouncer:6432/" in url
-        assert prepare_threshold(Settings(data_dir="/x"), url.replace("<", "").replace(">", "")) is None
+        url = url.replace("<", "").replace(">", "")
+        assert prepare_threshold(Settings(data_dir="/x", database_url=url), url) is None
     pgb = pgbouncer_ini()
     for key in ("DATABASE_URL", "DATABASE_READ_URL"):
         assert env[key].rsplit("/", 1)[1] in pgb["databases"], f"{key} names a database pgbouncer lacks"
