@@ -4,7 +4,9 @@ Each simulated user is a thread with its own HTTP session and its own bearer tok
 configured HS256 secret as ``loadtest-NNN``, or one token given with ``--token``), sending
 ``POST /api/search`` with queries from a small built-in list (or a file) in turn. It talks only to the
 one URL it is given (default: this machine), and it is bounded: at most ``users x requests`` requests,
-and it stops at the deadline whatever is left.
+and it stops at the deadline whatever is left. ``--pause S`` makes each user wait S seconds between its
+searches (think time), so the offered rate stays near ``users / (S + latency)``: below nginx's per-address
+limit and the role's own, when the load comes from one address and a few tokens.
 
 Reported: success rate, average / p50 / p95 / max latency of successful requests, requests per second
 over the wall time, how many were rate limited (429), other failures by status, and how many answers
@@ -54,6 +56,7 @@ class LoadTestConfig:
     queries: Sequence[str] = DEFAULT_QUERIES
     max_results: int = 5
     distinct: bool = False  # make every query unique so the result cache cannot answer
+    pause: float = 0.0  # seconds each user waits between its searches (think time)
 
     def validate(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -66,6 +69,8 @@ class LoadTestConfig:
             raise ValueError(f"--duration must be between 0 and {MAX_DURATION:g} seconds")
         if not self.queries:
             raise ValueError("no queries to send")
+        if not 0 <= self.pause <= MAX_DURATION:
+            raise ValueError(f"--pause must be between 0 and {MAX_DURATION:g} seconds")
 
 
 @dataclass
@@ -103,6 +108,10 @@ def _user(cfg: LoadTestConfig, token: str, index: int, deadline: float, tally: _
                 if status.startswith("2"):
                     tally.latencies.append(elapsed)
                     tally.from_cache += int(cached)
+            if cfg.pause and n + 1 < cfg.requests_per_user:
+                if deadline - time.monotonic() <= cfg.pause:
+                    return  # the next search would start after the deadline
+                time.sleep(cfg.pause)
 
 
 def _json(response: requests.Response) -> dict[str, Any]:

@@ -72,6 +72,18 @@ def test_loadtest_against_nothing_fails_cleanly(cli_env: None, capsys: pytest.Ca
     assert "Success rate:       0.0%" in report
 
 
+def test_loadtest_pause_spaces_each_users_searches_within_the_deadline(cli_env: None,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """--pause: each user waits between its searches, and a pause that would end past the deadline ends
+    the user instead (so a paced run stays bounded)."""
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens: each request fails at once
+    code, _, r = run(capsys, "--url", url, "--users", "2", "--requests", "5", "--pause", "60", "--duration", "2")
+    assert r["requests"] == 2 and r["stopped_at_deadline"]  # one search each, then the pause would overrun
+    code, _, r = run(capsys, "--url", url, "--users", "2", "--requests", "3", "--pause", "0")
+    assert r["requests"] == 6 and not r["stopped_at_deadline"]
+    assert main(["loadtest", "--pause", "-1"]) == 2
+
+
 def test_loadtest_bounds_are_enforced(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["loadtest", "--users", "100000"]) == 2
     assert "--users must be" in capsys.readouterr().err
