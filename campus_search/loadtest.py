@@ -8,9 +8,11 @@ and it stops at the deadline whatever is left. ``--pause S`` makes each user wai
 searches (think time), so the offered rate stays near ``users / (S + latency)``: below nginx's per-address
 limit and the role's own, when the load comes from one address and a few tokens.
 
-Reported: success rate, average / p50 / p95 / max latency of successful requests, requests per second
-over the wall time, how many were rate limited (429), other failures by status, and how many answers
-came from the cache. A readable report first, then one JSON object on the last line.
+A request still running when the deadline comes is abandoned and reported as ``cut_at_deadline``, not
+as a failure (the server did nothing wrong). Reported: success rate, average / p50 / p95 / max latency
+of successful requests, requests per second over the wall time, how many were rate limited (429),
+other failures by status, and how many answers came from the cache. A readable report first, then one
+JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class _Tally:
     statuses: Counter[str] = field(default_factory=Counter)
     from_cache: int = 0
     sent: int = 0
+    cut: int = 0  # requests the deadline cut short (not counted as sent or failed)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -94,11 +97,17 @@ def _user(cfg: LoadTestConfig, token: str, index: int, deadline: float, tally: _
                 query = f"{query} (u{index} r{n})"
             body: dict[str, Any] = {"query": query, "config": {"max_results": cfg.max_results}}
             started = time.perf_counter()
+            limit = min(cfg.timeout, max(deadline - time.monotonic(), 0.1))
             try:
-                response = session.post(endpoint, json=body, timeout=min(cfg.timeout, max(deadline - time.monotonic(),
-                                                                                          0.1)))
+                response = session.post(endpoint, json=body, timeout=limit)
                 status = str(response.status_code)
                 cached = response.ok and bool(_json(response).get("from_cache"))
+            except requests.Timeout as exc:
+                if limit < cfg.timeout:  # the run's deadline, not the server, ended this request
+                    with tally.lock:
+                        tally.cut += 1
+                    return
+                status, cached = f"error:{exc.__class__.__name__}", False
             except requests.RequestException as exc:
                 status, cached = f"error:{exc.__class__.__name__}", False
             elapsed = time.perf_counter() - started
@@ -161,6 +170,7 @@ def run_loadtest(cfg: LoadTestConfig, tokens: Sequence[str]) -> dict[str, Any]:
         "requests_per_second": round(tally.sent / wall, 2) if wall > 0 else 0.0,
         "duration_s": round(wall, 3),
         "stopped_at_deadline": tally.sent < cfg.users * cfg.requests_per_user,
+        "cut_at_deadline": tally.cut,
     }
 
 

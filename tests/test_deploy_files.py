@@ -217,6 +217,11 @@ def test_nginx_terminates_tls_and_proxies_to_the_app() -> None:
         assert f"add_header {header} " in text
     assert re.search(r"client_max_body_size \d+[km];", text)
     assert re.search(r"return 308 https://", text)
+    # searches (read-only) are re-sent to another replica even after one died holding them (deploy/rehearse)
+    search = re.search(r"location = /api/search \{([^}]*)\}", text)
+    assert search and "non_idempotent" in search.group(1) and "proxy_pass http://campus_search_app;" in search.group(1)
+    rest = re.search(r"location / \{([^}]*)\}", text.split("listen 443", 1)[1])
+    assert rest and "non_idempotent" not in rest.group(1)  # admin POST/PATCH are never re-sent
 
 
 def test_no_private_key_is_committed() -> None:
