@@ -410,7 +410,14 @@ def verify(conn: psycopg.Connection, key: str, *, anchor: tuple[int, str] | None
     report = VerifyReport()
     prev, expected = GENESIS, 1
     columns = (*_FIELDS, "prev_hash", "hash")
-    with conn.transaction(), conn.cursor(name="audit_verify") as cur:
+    fresh = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction():
+        # One snapshot for the records and the chain head: a server appending meanwhile (deploy/rehearse
+        # verified under load) must not make the head look further on than the records read.
+        if fresh:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        head = conn.execute("SELECT seq, hash FROM audit_chain_head").fetchone()
+        cur = conn.cursor(name="audit_verify")
         cur.itersize = batch
         cur.execute(f"SELECT {', '.join(columns)} FROM audit_log ORDER BY seq")
         for row in cur:
@@ -429,8 +436,8 @@ def verify(conn: psycopg.Connection, key: str, *, anchor: tuple[int, str] | None
             if anchor and seq == anchor[0] and rec.hash != anchor[1]:
                 report.fail(seq, f"record {seq} differs from the anchor given (history rewritten)")
             prev, expected = str(rec.hash), seq + 1
+        cur.close()
         report.last_seq, report.last_hash = expected - 1, prev
-    head = conn.execute("SELECT seq, hash FROM audit_chain_head").fetchone()
     report.head_seq, report.head_hash = (int(head[0]), head[1]) if head else (0, GENESIS)
     if report.head_seq > report.last_seq:
         report.fail(report.last_seq + 1, f"records {report.last_seq + 1} to {report.head_seq} are missing at the "
