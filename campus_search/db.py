@@ -10,6 +10,7 @@ cancelled by a role- or server-level default.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -95,7 +96,8 @@ class Database:
         self.write_pool = self._pool(dsn, "write")
         self.router: ReadRouter | None = None
         if self.read_dsns:
-            replicas = [Replica(f"replica{i}", url, self._pool(url, f"read{i}", replica=True))
+            replicas = [Replica(f"replica{i}", url, self._pool(url, f"read{i}", replica=True),
+                                new_pool=functools.partial(self._pool, url, f"read{i}", replica=True))
                         for i, url in enumerate(self.read_dsns, 1)]
             self.router = ReadRouter(self.write_pool, replicas, max_lag=settings.replica_max_lag_seconds,
                                      check_seconds=settings.replica_check_seconds,

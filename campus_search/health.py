@@ -82,7 +82,16 @@ class HealthMonitor:
     def _pooled_query(self, sql: str) -> Any:
         """Run one statement on a pooled read connection, waiting at most ``HEALTH_TIMEOUT``."""
         db = self.services.ensure_open().db
-        with db.read_pool.connection(timeout=self.timeout) as conn:
+        pool = db.read_pool
+        try:
+            with pool.connection(timeout=self.timeout) as conn:
+                conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout * 1000)}")
+                return conn.execute(sql).fetchone()[0]
+        except Exception:
+            if pool is db.write_pool:
+                raise
+        # a replica that failed since its last probe: searches fall back to the primary, so does this check
+        with db.write_pool.connection(timeout=self.timeout) as conn:
             conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout * 1000)}")
             return conn.execute(sql).fetchone()[0]
 

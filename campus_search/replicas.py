@@ -134,6 +134,9 @@ class Replica:
     checked_at: float = 0.0
     error: str | None = "not probed yet"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Builds a fresh pool for this replica (see :meth:`ReadRouter._renew_pool`); None keeps the pool.
+    new_pool: Callable[[], ConnectionPool] | None = field(default=None, repr=False)
+    failed: bool = False  # failed since its pool was made
 
     def describe(self, max_lag: float, fence: int) -> dict[str, Any]:
         lag = None if self.lag_seconds is None or math.isinf(self.lag_seconds) else round(self.lag_seconds, 3)
@@ -236,6 +239,7 @@ class ReadRouter:
                 was_up = replica.up
                 replica.up, replica.error, replica.checked_at = False, "unreachable", time.time()
                 replica.lag_seconds = None
+                replica.failed = True
             if was_up:
                 log.warning("read replica %s unreachable (%s): searches read from the primary",
                             replica.name, exc.__class__.__name__)
@@ -250,6 +254,8 @@ class ReadRouter:
             replica.up, replica.error, replica.checked_at = True, None, time.time()
             replica.in_recovery, replica.lag_seconds = bool(in_recovery), lag
             replica.replay_lsn = replay_lsn or 0
+        if replica.failed:
+            self._renew_pool(replica)
         if not was_up:
             log.info("read replica %s answers (lag %s s)", replica.name, "unknown" if math.isinf(lag) else
                      round(lag, 3))
@@ -286,9 +292,20 @@ class ReadRouter:
             metrics.read_fallback(reason)
         return chosen
 
+    def _renew_pool(self, replica: Replica) -> None:
+        """A replica that answers again after failing: give it a fresh pool. The old pool's connections
+        are broken and its reconnection attempts back off (seconds), so searches sent to it would wait
+        for a connection and fall back again."""
+        replica.failed = False
+        if replica.new_pool is None:
+            return
+        old, replica.pool = replica.pool, replica.new_pool()
+        replica.pool.open(wait=False)
+        threading.Thread(target=old.close, name="replica-pool-close", daemon=True).start()
+
     def mark_down(self, replica: Replica, exc: BaseException) -> None:
         with replica.lock:
-            replica.up, replica.error = False, "failed under a request"
+            replica.up, replica.error, replica.failed = False, "failed under a request", True
         log.warning("read replica %s failed under a request (%s): reading from the next node until it "
                     "answers a probe", replica.name, exc.__class__.__name__)
         metrics.read_fallback("error")

@@ -227,6 +227,8 @@ def test_a_replica_stopped_between_probes_fails_no_search(database: tuple[str, s
         assert services.db.reads()["node"] == "replica1"
         before = _fallbacks("error")
         pair.replica.stop("fast")  # the probe (hourly here) has not noticed: the search itself must cope
+        health = services_health(services)  # and /health: the database check reads as searches do
+        assert health["components"]["database"]["healthy"] is True and health["overall_healthy"] is True
         assert "parking" in found(services, "car parking permit")
         assert "eduroam" in found(services, "eduroam wifi login")
         assert services.db.reads()["node"] == "primary"
@@ -242,7 +244,9 @@ def test_a_replica_stopped_between_probes_fails_no_search(database: tuple[str, s
         services.db.router.probe()
         assert services.db.reads()["node"] == "replica1"
         assert "parking" in found(services, "car parking permit")
-        assert 'vector_search_read_node{node="replica1"} 1.0' in metrics.render().decode()
+        text = metrics.render().decode()
+        # (and it stays there: the first search after the restart got a connection from a fresh pool)
+        assert 'vector_search_read_node{node="replica1"} 1.0' in text
     finally:
         services.close()
 
