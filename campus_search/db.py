@@ -110,8 +110,12 @@ class Database:
         return ConnectionPool(
             dsn, name=name, kwargs={"prepare_threshold": prepare_threshold(self.settings, dsn)},
             min_size=self.settings.db_pool_min_size, max_size=self.settings.db_pool_max_size,
-            timeout=timeout, configure=_configure, check=ConnectionPool.check_connection,
+            timeout=timeout, configure=self._configure, check=ConnectionPool.check_connection,
             max_waiting=self.settings.db_pool_max_size * 20, open=False)
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        register_vector(conn)  # client-side only: no session state on the server (pgbouncer-safe)
+        conn.commit()
 
     def pools(self) -> list[ConnectionPool]:
         return [self.write_pool] + ([r.pool for r in self.router.replicas] if self.router else [])
@@ -204,11 +208,6 @@ class Database:
         with self.connection(read=True) as conn:
             row = conn.execute("SELECT generation FROM index_state").fetchone()
         return int(row[0]) if row else 0
-
-
-def _configure(conn: psycopg.Connection) -> None:
-    register_vector(conn)  # client-side only: no session state on the server (pgbouncer-safe)
-    conn.commit()
 
 
 def prepare_threshold(settings: Settings, dsn: str) -> int | None:
