@@ -83,7 +83,7 @@ class Services:
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
                                                                                    self.settings.bm25_b))
-            self.ingester = Ingester(self.db, embedder)
+            self.ingester = Ingester(self.db, embedder, default_visibility=self.settings.default_visibility)
             self.cache = build_cache(self.settings, self.db, self.searcher)
             if self.db.router is not None and isinstance(self.cache.backend, RedisBackend):
                 fence = self.db.router.fence  # shared by every process of every instance (replicas.py)
