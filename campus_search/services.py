@@ -22,7 +22,7 @@ from .fusion import FusionConfig
 from .ingest import Ingester
 from .lexical import BM25
 from .replicas import ReplicaFailed
-from .search import Searcher, SearchOutcome, SearchParams
+from .search import Hit, Searcher, SearchOutcome, SearchParams
 from .security.roles import Principal
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,17 @@ class Services:
     def run_search(self, user: Principal, params: SearchParams) -> SearchOutcome:
         """One search as the API runs it: cache-aside (cache.py), scoped to the caller's permissions."""
         self.ensure_open()
+        show_bm25 = user.role.name in self.settings.scores_bm25_roles
+
+        def compute() -> list[Hit]:
+            hits = self.searcher.search(user, params)
+            if not show_bm25:
+                # BM25 uses corpus-wide statistics that count hidden chunks: not shown to this role
+                # (SCORES_BM25_ROLES). Dropped before caching; the role is part of the cache key.
+                for hit in hits:
+                    hit.bm25 = None
+            return hits
+
         router = self.db.router
         if router is not None:
             router.fence.sync()  # another process's write (replicas.py: read-your-writes)
@@ -106,7 +117,7 @@ class Services:
         attempts = 1 + (len(router.replicas) if router else 0)
         for attempt in range(attempts):
             try:
-                return self.cache.fetch(user, params, lambda: self.searcher.search(user, params))
+                return self.cache.fetch(user, params, compute)
             except ReplicaFailed:
                 if attempt == attempts - 1:
                     raise
