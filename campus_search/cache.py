@@ -45,6 +45,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import metrics
+from .breaker import CircuitBreaker
 from .config import Settings
 from .errors import ServiceUnavailable
 from .search import Hit, SearchOutcome, SearchParams, render_results
@@ -62,53 +63,6 @@ GENERATION_SQL = ("SELECT i.generation, i.xmin::text, current_database(), "
 
 def _count(operation: str, status: str) -> None:
     metrics.cache_op(operation, status)
-
-
-class CircuitBreaker:
-    """Closed until a failure; then open (skip Redis) for ``pause`` seconds; then half-open: exactly one
-    caller tries, and its success closes the circuit again while its failure re-opens it."""
-
-    def __init__(self, pause: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.pause = pause
-        self.clock = clock
-        self._open_until = 0.0  # 0 = closed
-        self._probing = False
-        self._lock = threading.Lock()
-        self.failures = 0
-        self.last_error: str | None = None
-
-    @property
-    def state(self) -> str:
-        if not self._open_until:
-            return "closed"
-        return "half-open" if self.clock() >= self._open_until else "open"
-
-    def allow(self) -> bool:
-        if not self._open_until:  # fast path, no lock
-            return True
-        with self._lock:
-            if not self._open_until:
-                return True
-            if self._probing or self.clock() < self._open_until:
-                return False
-            self._probing = True
-            return True
-
-    def success(self) -> None:
-        if self._open_until:
-            with self._lock:
-                if self._open_until:
-                    log.info("redis reachable again; cache resumed")
-                self._open_until, self._probing = 0.0, False
-
-    def failure(self, exc: BaseException) -> None:
-        with self._lock:
-            if not self._open_until:
-                log.warning("redis unavailable (%s); skipping it for %.1fs", exc.__class__.__name__, self.pause)
-            self._open_until = self.clock() + self.pause
-            self._probing = False
-            self.failures += 1
-            self.last_error = exc.__class__.__name__
 
 
 def redis_client(url: str, timeout: float) -> redis.Redis:
@@ -130,7 +84,7 @@ class RedisBackend:
 
     def __init__(self, url: str, *, timeout: float, pause: float, prefix: str) -> None:
         self.client = redis_client(url, timeout)
-        self.breaker = CircuitBreaker(pause)
+        self.breaker = CircuitBreaker(pause, name="redis")
         self.prefix = prefix
         self.skipped = 0  # calls not made because the circuit was open
 

@@ -102,6 +102,10 @@ FIELDS: tuple[Field, ...] = (
     F("max_query_chars", ("MAX_QUERY_CHARS",), 2000, "Longest accepted search query, in characters.", int),
     F("max_document_bytes", ("MAX_DOCUMENT_BYTES",), 20 * 1024 * 1024,
       "Largest document accepted by the admin document API (PUT /api/admin/documents/ID).", int),
+    F("request_read_timeout", ("REQUEST_READ_TIMEOUT",), 10.0,
+      "Seconds a client has to send a request's head and a body of up to MAX_REQUEST_BYTES before the "
+      "server answers 408 and disconnects; also the longest any later read of a larger body, or write of "
+      "a response, may stall (docs/operations.md, slow clients).", float),
     F("default_visibility", ("DEFAULT_VISIBILITY",), "department",
       "Visibility of a new document whose visibility no source states (CLI flags, folder and sidecar "
       "files, front matter, API metadata). `department` (the safe default) needs a department, so such a "
@@ -132,6 +136,9 @@ FIELDS: tuple[Field, ...] = (
     F("db_pool_max_size", ("DB_POOL_MAX_SIZE",), 10, "Most connections each process opens.", int),
     F("db_pool_timeout", ("DB_POOL_TIMEOUT",), 5.0,
       "Seconds a request waits for a pooled connection before answering 503.", float),
+    F("db_retry_after", ("DB_RETRY_AFTER",), 2.0,
+      "Circuit breaker: seconds requests fail at once with 503 \"database unavailable\" after the database "
+      "could not be reached, before one request tries it again.", float),
     F("db_statement_timeout_ms", ("DB_STATEMENT_TIMEOUT_MS",), 10000,
       "Statement timeout of each search transaction (SET LOCAL), in milliseconds. Writes and migrations run "
       "without one.", int),
@@ -303,6 +310,7 @@ class Settings:
     max_request_bytes: int = 64 * 1024
     max_query_chars: int = 2000
     max_document_bytes: int = 20 * 1024 * 1024
+    request_read_timeout: float = 10.0
     default_visibility: str = "department"
     database_url: str | None = None
     database_read_url: str | None = None
@@ -317,6 +325,7 @@ class Settings:
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10
     db_pool_timeout: float = 5.0
+    db_retry_after: float = 2.0
     db_statement_timeout_ms: int = 10000
     db_prepare_threshold: str = "auto"
     pg_bin_dir: str | None = None
@@ -493,6 +502,7 @@ def _validate(s: Settings) -> list[str]:
             problems.append(f"{name} must be positive (got {getattr(s, name)})")
 
     for name in ("port", "max_request_bytes", "max_query_chars", "db_pool_max_size", "db_pool_timeout",
+                 "request_read_timeout", "db_retry_after",
                  "db_statement_timeout_ms", "hnsw_ef_search", "cache_ttl_search", "jwt_token_ttl",
                  "max_results_per_query", "default_max_results", "embedding_timeout",
                  "embedding_batch_size", "embedding_threads", "replica_check_seconds",

@@ -20,8 +20,10 @@ from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool.pool import PoolConnection
 
+from .breaker import CircuitBreaker
 from .config import Settings
 from .errors import ConfigError, ServiceUnavailable
 from .replicas import PRIMARY, PRIMARY_LSN_SQL, ReadRouter, Replica, ReplicaFailed, split_read_urls
@@ -77,12 +79,78 @@ def migrate(dsn: str, *, model: str, dimension: int) -> int:
         return version
 
 
+#: SQLSTATEs that mean the server cannot be used right now (not that a statement failed):
+#: class 08 (connection exception), admin/crash shutdown, and "cannot connect now" (starting up).
+_DOWN_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+def server_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database server is down or unreachable, rather than that a statement
+    failed (a statement timeout, a lock wait, a constraint): only the former should trip the breaker."""
+    if isinstance(exc, (PoolTimeout, TooManyRequests)) or not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(_DOWN_STATES)
+
+
+class PoolGuard:
+    """A pool's circuit breaker. Connection attempts (the pool's own, in the background, and a request's)
+    report to it; while it is open, requests fail at once with 503 "database unavailable" instead of each
+    waiting ``DB_POOL_TIMEOUT`` for a server that is known to be down. After ``DB_RETRY_AFTER`` seconds one
+    request probes the server with a direct connection of its own (the pool may be between reconnection
+    attempts); when that works, the circuit closes and the pool refills at once.
+    """
+
+    def __init__(self, dsn: str, name: str, settings: Settings) -> None:
+        self.dsn = dsn
+        self.breaker = CircuitBreaker(settings.db_retry_after, name=f"database ({name} pool)",
+                                      consequence="requests fail at once with 503")
+        self.probe_timeout = max(1, round(min(settings.db_pool_timeout, settings.health_timeout)))
+        self.prepare = prepare_threshold(settings, dsn)
+        guard = self
+
+        class GuardedConnection(PoolConnection):
+            @classmethod
+            def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    conn = super().connect(*args, **kwargs)
+                except psycopg.OperationalError as exc:
+                    guard.breaker.failure(exc)
+                    raise
+                guard.breaker.success()
+                return conn
+
+        self.connection_class = GuardedConnection
+
+    def admit(self) -> None:
+        """Raise ServiceUnavailable unless the circuit is closed or this caller may probe the server."""
+        if not self.breaker.allow():
+            raise ServiceUnavailable("database unavailable", headers={"Retry-After": str(self.retry_after())})
+        if self.breaker.state == "closed":
+            return
+        try:  # half-open, and this caller is the one probe: a connection of its own, not a pool wait
+            psycopg.connect(self.dsn, connect_timeout=self.probe_timeout, prepare_threshold=self.prepare,
+                            autocommit=True).close()
+        except Exception as exc:
+            self.breaker.failure(exc)
+            raise ServiceUnavailable("database unavailable",
+                                     headers={"Retry-After": str(self.retry_after())}) from exc
+        self.breaker.success()
+
+    def retry_after(self) -> int:
+        return max(1, round(self.breaker.pause))
+
+
 class Database:
     """Pooled access to PostgreSQL. Writes (ingestion, audit) on the primary; reads (searches) on a replica
     chosen by :class:`~campus_search.replicas.ReadRouter` when ``DATABASE_READ_URL`` names any, else on
     the primary.
 
     Pools are created closed; :meth:`open` opens them (after gunicorn forks, never before).
+    Each pool has a :class:`PoolGuard` (circuit breaker); pools give up a reconnection attempt after
+    ``DB_RETRY_AFTER`` seconds (psycopg_pool's ``reconnect_timeout``, 5 minutes by default, during which
+    its back-off grows to a minute between attempts) and grow again as soon as a request needs them,
+    so a database that comes back is used within seconds.
     """
 
     def __init__(self, settings: Settings, dsn: str, read_dsn: str | None = None) -> None:
@@ -93,6 +161,7 @@ class Database:
         #: Bumped by every search-visible write of this process (:meth:`bump_generation`).
         self.write_epoch = 0
         self._fenced: set[int] = set()
+        self.guards: dict[str, PoolGuard] = {}
         self.write_pool = self._pool(dsn, "write")
         self.router: ReadRouter | None = None
         if self.read_dsns:
@@ -104,14 +173,26 @@ class Database:
                                      connect_timeout=settings.replica_connect_timeout, primary_dsn=dsn)
 
     def _pool(self, dsn: str, name: str, *, replica: bool = False) -> ConnectionPool:
-        timeout = self.settings.db_pool_timeout
-        if replica:  # a replica that cannot hand out a connection soon is skipped, not waited for
-            timeout = min(timeout, self.settings.replica_connect_timeout)
+        settings = self.settings
+        guard = self.guards[name] = PoolGuard(dsn, name, settings)
+        timeout = settings.db_pool_timeout
+        if replica:  # a replica that cannot hand out a connection soon is skipped (replicas.py), not waited for
+            timeout = min(timeout, settings.replica_connect_timeout)
         return ConnectionPool(
-            dsn, name=name, kwargs={"prepare_threshold": prepare_threshold(self.settings, dsn)},
-            min_size=self.settings.db_pool_min_size, max_size=self.settings.db_pool_max_size,
-            timeout=timeout, configure=self._configure, check=ConnectionPool.check_connection,
-            max_waiting=self.settings.db_pool_max_size * 20, open=False)
+            dsn, name=name, kwargs={"prepare_threshold": guard.prepare},
+            connection_class=guard.connection_class,
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+            timeout=timeout,
+            reconnect_timeout=max(settings.db_retry_after, 1.0),
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            max_waiting=settings.db_pool_max_size * 20,
+            open=False,
+        )
+
+    def guard(self, pool: ConnectionPool) -> PoolGuard:
+        return self.guards[pool.name]
 
     def _configure(self, conn: psycopg.Connection) -> None:
         register_vector(conn)  # client-side only: no session state on the server (pgbouncer-safe)
@@ -144,16 +225,32 @@ class Database:
         return f"SET LOCAL statement_timeout = {int(self.settings.db_statement_timeout_ms)}"
 
     @contextmanager
-    def connection(self, *, read: bool = False) -> Iterator[psycopg.Connection]:
+    def connection(self, *, read: bool = False, timeout: float | None = None) -> Iterator[psycopg.Connection]:
         """A pooled connection in a transaction, committed on success. Pool exhaustion and lost
-        connections become ServiceUnavailable (503), never a hang or a stack trace. ``read=True``: on
-        the node the read router chooses (a replica's failure raises ReplicaFailed, see replicas.py)."""
-        try:
-            if read and self.router is not None:
-                with self.router.connection() as (conn, _replica):
+        connections become ServiceUnavailable (503), never a hang or a stack trace: "database busy"
+        when every connection is in use, "database unavailable" when the server cannot be reached
+        (then at once, without waiting, until the circuit breaker lets a probe through).
+        ``timeout``: longest wait for a connection (default ``DB_POOL_TIMEOUT``). ``read=True``: on the
+        replica the read router chooses, if any (its failure raises ReplicaFailed, see replicas.py; the
+        router is that replica's breaker), else on the primary."""
+        replica = self.router.choose() if read and self.router is not None else None
+        if replica is not None and self.router is not None:
+            try:
+                with self.router.connection(replica) as (conn, _node):
                     yield conn
-                return
-            with self.write_pool.connection() as conn:
+            except ReplicaFailed:
+                raise
+            except (PoolTimeout, TooManyRequests) as exc:
+                raise ServiceUnavailable("database busy, try again shortly", headers={"Retry-After": "1"}) from exc
+            except psycopg.OperationalError as exc:
+                log.warning("database unavailable: %s", exc.__class__.__name__)
+                raise ServiceUnavailable("database unavailable", headers={"Retry-After": "5"}) from exc
+            return
+        pool = self.write_pool
+        guard = self.guard(pool)
+        guard.admit()
+        try:
+            with pool.connection(timeout=timeout) as conn:
                 try:
                     yield conn
                 except BaseException:
@@ -162,13 +259,17 @@ class Database:
                 if id(conn) in self._fenced:
                     self._fenced.discard(id(conn))
                     self._record_fence(conn)
-        except ReplicaFailed:
-            raise
-        except PoolTimeout as exc:
+        except (PoolTimeout, TooManyRequests) as exc:
+            if guard.breaker.state != "closed":  # no connection because the server is down, not busy
+                raise ServiceUnavailable("database unavailable",
+                                         headers={"Retry-After": str(guard.retry_after())}) from exc
             raise ServiceUnavailable("database busy, try again shortly", headers={"Retry-After": "1"}) from exc
         except psycopg.OperationalError as exc:
-            log.warning("database unavailable: %s: %s", exc.__class__.__name__, exc)
-            raise ServiceUnavailable("database unavailable", headers={"Retry-After": "5"}) from exc
+            if server_unreachable(exc):
+                guard.breaker.failure(exc)
+            log.warning("database unavailable: %s", exc.__class__.__name__)
+            raise ServiceUnavailable("database unavailable",
+                                     headers={"Retry-After": str(guard.retry_after())}) from exc
 
     def bump_generation(self, conn: psycopg.Connection) -> None:
         """Move ``index_state.generation`` in the caller's write transaction: cached answers retire, and

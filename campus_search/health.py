@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
+from .replicas import ReplicaFailed
 from .search import SearchParams
 from .security.roles import superuser
 
@@ -82,16 +83,14 @@ class HealthMonitor:
     def _pooled_query(self, sql: str) -> Any:
         """Run one statement on a pooled read connection, waiting at most ``HEALTH_TIMEOUT``."""
         db = self.services.ensure_open().db
-        pool = db.read_pool
+        # Through the pool's circuit breaker: while the database is known to be down this fails at once.
         try:
-            with pool.connection(timeout=self.timeout) as conn:
+            with db.connection(read=True, timeout=self.timeout) as conn:
                 conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout * 1000)}")
                 return conn.execute(sql).fetchone()[0]
-        except Exception:
-            if pool is db.write_pool:
-                raise
-        # a replica that failed since its last probe: searches fall back to the primary, so does this check
-        with db.write_pool.connection(timeout=self.timeout) as conn:
+        except ReplicaFailed:
+            pass  # a replica that failed since its last probe, now marked down: like searches, read elsewhere
+        with db.connection(read=True, timeout=self.timeout) as conn:
             conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout * 1000)}")
             return conn.execute(sql).fetchone()[0]
 

@@ -312,13 +312,13 @@ class ReadRouter:
         self._publish()
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[tuple[psycopg.Connection, Replica | None]]:
+    def connection(self, replica: Replica | None = None) -> Iterator[tuple[psycopg.Connection, Replica | None]]:
         """A pooled connection on the chosen node: ``(conn, replica or None for the primary)``.
 
         A replica that cannot hand out a connection in time is marked down and the primary is used at
         once. A failure of the replica during the caller's block raises :class:`ReplicaFailed` (after
         marking it down, unless it was a recovery conflict) so the caller can run the read again."""
-        replica = self.choose()
+        replica = replica or self.choose()
         if replica is not None:
             with contextlib.ExitStack() as stack:
                 try:
