@@ -88,6 +88,16 @@ def _chunk_hash(model: str, text: str) -> str:
 Progress = Callable[[int, IngestReport], None]
 
 
+def lock_index_for_writing(conn: Any) -> None:
+    """Take the writers' first lock (the ``lexical_stats`` row) in this transaction.
+
+    Lock order for every writer: the stats row, then document rows, then terms. Statements that write
+    chunks or documents take it by trigger (migrations 007 and 010); a writer that locks a document row
+    by ``SELECT ... FOR UPDATE`` must call this first, or it could hold the row while waiting for the
+    stats row held by a batch that wants the same document next (a deadlock)."""
+    conn.execute("SELECT 1 FROM lexical_stats FOR UPDATE")
+
+
 class Ingester:
     def __init__(self, db: Database, embedder: Embedder, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                  overlap: int = DEFAULT_OVERLAP) -> None:
@@ -259,6 +269,7 @@ class Ingester:
         """Change a stored document's access metadata in place (no re-embedding). Returns the new
         metadata, or None if there is no such document. Takes effect for the next search."""
         with self.db.connection() as conn:
+            lock_index_for_writing(conn)
             row = conn.execute(
                 "SELECT id, department, visibility, clearance_level, campus, priority, last_reviewed, source "
                 "FROM documents WHERE external_id = %s FOR UPDATE", (external_id,)).fetchone()
