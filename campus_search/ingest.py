@@ -86,6 +86,9 @@ def _chunk_hash(model: str, text: str) -> str:
 
 
 Progress = Callable[[int, IngestReport], None]
+#: Called last inside a write transaction (``audit.AdminChange.record_in``): the change's audit record
+#: commits with it, and an exception from it rolls the change back.
+AuditHook = Callable[[Any, Any], None]
 
 
 def lock_index_for_writing(conn: Any) -> None:
@@ -107,8 +110,10 @@ class Ingester:
         self.overlap = overlap
 
     def ingest(self, items: Iterable[ParsedDocument | IngestError],
-               defaults: AccessMetadata | None = None, *, progress: Progress | None = None) -> IngestReport:
-        """Ingest documents (metadata on each document wins over ``defaults``)."""
+               defaults: AccessMetadata | None = None, *, progress: Progress | None = None,
+               audit: AuditHook | None = None) -> IngestReport:
+        """Ingest documents (metadata on each document wins over ``defaults``). ``audit(conn, report)``
+        is called last in each batch's write transaction."""
         report = IngestReport()
         started = time.perf_counter()
         defaults = defaults or AccessMetadata()
@@ -131,12 +136,12 @@ class Ingester:
                 continue
             batch.append(_Pending(item, meta, _content_hash(item, self.embedder.model_name)))
             if len(batch) >= DOC_BATCH:
-                self._flush(batch, report)
+                self._flush(batch, report, audit)
                 batch = []
                 if progress:
                     progress(seen, report)
         if batch:
-            self._flush(batch, report)
+            self._flush(batch, report, audit)
         if progress:
             progress(seen, report)
         report.seconds = time.perf_counter() - started
@@ -148,7 +153,7 @@ class Ingester:
         report.errors.append(message)
         log.debug("skipped: %s", message)  # the caller reports IngestReport.errors
 
-    def _flush(self, batch: list[_Pending], report: IngestReport) -> None:
+    def _flush(self, batch: list[_Pending], report: IngestReport, audit: AuditHook | None = None) -> None:
         # A document repeated within one batch: the last occurrence wins.
         by_id = {p.doc.external_id: p for p in batch}
         batch = list(by_id.values())
@@ -190,6 +195,8 @@ class Ingester:
             report.metadata_updated += len(meta_only)
             if meta_only or changed:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+            if audit is not None:
+                audit(conn, report)
 
     def _prepare_chunks(self, pending: list[_Pending]) -> None:
         model = self.embedder.model_name
@@ -265,9 +272,11 @@ class Ingester:
             for i, (c, h) in enumerate(zip(p.chunks, p.chunk_hashes, strict=True)):
                 copy.write_row((doc_id, i, c.section_title, c.page_number, c.text, h, vectors[h], *params))
 
-    def update_metadata(self, external_id: str, overrides: Mapping[str, Any]) -> AccessMetadata | None:
+    def update_metadata(self, external_id: str, overrides: Mapping[str, Any], *,
+                        audit: AuditHook | None = None) -> AccessMetadata | None:
         """Change a stored document's access metadata in place (no re-embedding). Returns the new
-        metadata, or None if there is no such document. Takes effect for the next search."""
+        metadata, or None if there is no such document. Takes effect for the next search.
+        ``audit(conn, meta)`` is called last in the transaction when the document exists."""
         with self.db.connection() as conn:
             lock_index_for_writing(conn)
             row = conn.execute(
@@ -280,6 +289,8 @@ class Ingester:
             if meta != AccessMetadata(*row[1:7]):
                 self._update_metadata(conn, row[0], meta, doc)
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+            if audit is not None:
+                audit(conn, meta)
         return meta
 
     def stale(self, source_prefix: str, keep_ids: Collection[str], keep_sources: Collection[str] = ()) -> list[str]:
@@ -296,8 +307,9 @@ class Ingester:
         """Delete the :meth:`stale` documents under ``source_prefix``; returns how many went."""
         return self.delete(self.stale(source_prefix, keep_ids, keep_sources))
 
-    def delete(self, external_ids: Iterable[str]) -> int:
-        """Delete documents (and, by cascade, their chunks) in one transaction; returns how many."""
+    def delete(self, external_ids: Iterable[str], *, audit: AuditHook | None = None) -> int:
+        """Delete documents (and, by cascade, their chunks) in one transaction; returns how many.
+        ``audit(conn, n)`` is called last in the transaction when something was deleted."""
         ids = list(external_ids)
         if not ids:
             return 0
@@ -305,4 +317,6 @@ class Ingester:
             n = conn.execute("DELETE FROM documents WHERE external_id = ANY(%s)", (ids,)).rowcount
             if n:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+                if audit is not None:
+                    audit(conn, n)
         return n

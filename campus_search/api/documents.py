@@ -24,7 +24,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from ..audit import admin_action
+from ..audit import AdminChange, admin_change
 from ..errors import BadRequest, NotFound, PayloadTooLarge
 from ..metadata import FIELDS as META_FIELDS
 from ..metadata import AccessMetadata
@@ -42,11 +42,13 @@ UPSERT_KEYS = {"text", "format", "title", "metadata"}
 
 
 @contextlib.contextmanager
-def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """Audit an admin document change (success, or failure with its error code) through the audit
-    log's ``admin_action`` (campus_search/audit.py)."""
-    with admin_action(services, action, target=target, details=details) as info:
-        yield info
+def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]) -> Iterator[AdminChange]:
+    """Audit an admin document change through the audit log's ``admin_change`` (campus_search/audit.py):
+    the success record is written in the change's own transaction (``change.record_in`` handed to the
+    ingester), so the change and its record commit together or not at all; a failure is recorded with
+    its error code."""
+    with admin_change(services, action, target=target, details=details) as change:
+        yield change
 
 
 def _services() -> Any:
@@ -198,6 +200,11 @@ def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any]]:
     return doc, meta
 
 
+def _upsert_status(report: Any) -> str:
+    return ("added" if report.added else "updated" if report.updated else
+            "metadata_updated" if report.metadata_updated else "unchanged")
+
+
 @bp.put("/api/admin/documents/<path:doc_id>")
 def upsert_document(doc_id: str) -> Any:
     services = _services()
@@ -210,16 +217,18 @@ def upsert_document(doc_id: str) -> Any:
     meta = base.merged({**{k: v for k, v in doc.metadata.items() if k in META_FIELDS}, **given},
                        source="metadata")
     doc.metadata = meta.as_json()
-    with _audited(services, "document.upsert", doc_id, {"source": doc.source}) as info:
-        report = services.ingester.ingest([doc], meta)
+    with _audited(services, "document.upsert", doc_id, {"source": doc.source}) as change:
+
+        def audit(conn: Any, done: Any) -> None:
+            change.record_in(conn, status=_upsert_status(done), chunks_embedded=done.chunks_embedded)
+
+        report = services.ingester.ingest([doc], meta, audit=audit)
         if report.failed:
             from ..errors import IngestError
 
             raise IngestError(report.errors[0].replace(doc.source or "", doc_id, 1) if report.errors else
                               "document could not be ingested")
-        status = ("added" if report.added else "updated" if report.updated else
-                  "metadata_updated" if report.metadata_updated else "unchanged")
-        info.update(status=status, chunks_embedded=report.chunks_embedded)
+        status = _upsert_status(report)
     stored = _stored(services, doc_id) or {}
     body = {"document_id": doc_id, "status": status, "chunk_count": stored.get("chunk_count"),
             "chunks_embedded": report.chunks_embedded, "metadata": stored.get("metadata"),
@@ -235,8 +244,8 @@ def update_metadata(doc_id: str) -> Any:
     if not isinstance(body, dict) or set(body) != {"metadata"}:
         raise BadRequest("send {\"metadata\": {...}} (the fields to change)")
     given = _metadata(body["metadata"])
-    with _audited(services, "document.metadata", doc_id, {"changed": sorted(given)}):
-        meta = services.ingester.update_metadata(doc_id, given)
+    with _audited(services, "document.metadata", doc_id, {"changed": sorted(given)}) as change:
+        meta = services.ingester.update_metadata(doc_id, given, audit=lambda conn, _: change.record_in(conn))
         if meta is None:
             raise NotFound(f"no document {doc_id!r}")
     return jsonify({"document_id": doc_id, "status": "metadata_updated", "metadata": meta.as_json(),
@@ -247,7 +256,7 @@ def update_metadata(doc_id: str) -> Any:
 def delete_document(doc_id: str) -> Any:
     services = _services()
     doc_id = _doc_id(doc_id)
-    with _audited(services, "document.delete", doc_id, {}):
-        if services.ingester.delete([doc_id]) == 0:
+    with _audited(services, "document.delete", doc_id, {}) as change:
+        if services.ingester.delete([doc_id], audit=lambda conn, _: change.record_in(conn)) == 0:
             raise NotFound(f"no document {doc_id!r}")
     return jsonify({"document_id": doc_id, "deleted": True, "request_id": g.request_id})
