@@ -79,8 +79,11 @@ def canonical_json(value: Any) -> str | None:
 
 
 def normalise_query(query: str) -> str:
-    """The form of a query that is hashed: whitespace collapsed, case kept."""
-    return " ".join(query.split())
+    """The form of a query that is hashed: the search's own normalisation (querytext.py: NFC,
+    whitespace collapsed, case kept)."""
+    from .querytext import normalise_query as normalise
+
+    return normalise(query)
 
 
 @dataclass

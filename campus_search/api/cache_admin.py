@@ -17,7 +17,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify
 
-from ..audit import record_failure, record_admin_action
+from ..audit import record_admin_action, record_failure
 from ..security.auth import require_admin
 
 log = logging.getLogger(__name__)
