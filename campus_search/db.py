@@ -117,7 +117,7 @@ class Database:
         except PoolTimeout as exc:
             raise ServiceUnavailable("database busy, try again shortly", headers={"Retry-After": "1"}) from exc
         except psycopg.OperationalError as exc:
-            log.warning("database unavailable: %s", exc.__class__.__name__)
+            log.warning("database unavailable: %s: %s", exc.__class__.__name__, " ".join(str(exc).split())[:300])
             raise ServiceUnavailable("database unavailable", headers={"Retry-After": "5"}) from exc
 
     def stats(self) -> dict[str, Any]:

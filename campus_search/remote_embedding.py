@@ -148,7 +148,9 @@ class RemoteEmbedder:
 
     def _status_problem(self, response: requests.Response) -> str:
         status = response.status_code
-        log.info("embedding server %s answered %d: %.300s", self.endpoint, status, response.text)
+        # Never the body: servers echo the input texts (queries) in their errors, and logs carry no query text.
+        log.info("embedding server %s answered %d (%d bytes of %s)", self.endpoint, status, len(response.content),
+                 response.headers.get("Content-Type", "unknown type"))
         hint = {401: " (check EMBEDDING_API_KEY)", 403: " (check EMBEDDING_API_KEY)",
                 404: f" (is model {self.model_name!r} pulled/served, and EMBEDDING_URL the server's base URL?)",
                 413: " (lower EMBEDDING_BATCH_SIZE)"}.get(status, "")
