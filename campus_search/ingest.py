@@ -43,6 +43,7 @@ from .parsers import ParsedDocument
 log = logging.getLogger(__name__)
 
 DOC_BATCH = 64  # documents per embedding batch / transaction
+HEAD_SHARE = 4  # the title/section prefix takes at most 1/HEAD_SHARE of the model's window
 
 
 @dataclass
@@ -72,6 +73,7 @@ class _Pending:
     existing: tuple[Any, ...] | None = None
     chunks: list[Chunk] = field(default_factory=list)
     chunk_hashes: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # what the model reads per chunk
 
 
 def _content_hash(doc: ParsedDocument, model: str) -> str:
@@ -202,17 +204,44 @@ class Ingester:
         model = self.embedder.model_name
         window = int(getattr(self.embedder, "max_seq_length", MAX_SEQ_LENGTH)) - 2  # [CLS] ... [SEP]
         for p in pending:
-            title = p.doc.title
+            heads: dict[str | None, tuple[str, int]] = {}
 
-            def budget(section: str | None, title: str = title) -> int:
-                # The title/section prefix shares the model's window with the chunk text.
-                head = embedding_text(title, section, "").strip()
-                return window - self.embedder.count_tokens([head])[0] if head else window
+            def head(section: str | None, title: str = p.doc.title,
+                     heads: dict[str | None, tuple[str, int]] = heads) -> tuple[str, int]:
+                if section not in heads:
+                    heads[section] = self._head(title, section, window // HEAD_SHARE)
+                return heads[section]
+
+            def budget(section: str | None) -> int:
+                # The title/section prefix shares the model's window with the chunk text; it is capped at
+                # a share of the window, so a very long title or heading still leaves room for text.
+                return window - head(section)[1]
 
             p.chunks = chunk_blocks(p.doc.blocks, self.embedder.count_tokens, max_tokens=self.max_tokens,
                                     overlap=self.overlap, max_tokens_for=budget)
-            p.chunk_hashes = [_chunk_hash(model, embedding_text(p.doc.title, c.section_title, c.text))
-                              for c in p.chunks]
+            p.inputs = [f"{head(c.section_title)[0]}\n{c.text}" if head(c.section_title)[0] else c.text
+                        for c in p.chunks]
+            p.chunk_hashes = [_chunk_hash(model, text) for text in p.inputs]
+
+    def _head(self, title: str, section: str | None, cap: int) -> tuple[str, int]:
+        """The ``Title — Section`` prefix the model reads before a chunk (chunking.embedding_text), cut
+        between words to at most ``cap`` tokens, and its token count."""
+        text = embedding_text(title, section, "").strip()
+        if not text:
+            return "", 0
+        n = self.embedder.count_tokens([text])[0]
+        if n <= cap:
+            return text, n
+        words = text.split()
+        kept: list[str] = []
+        used = 0
+        for word, size in zip(words, self.embedder.count_tokens(words), strict=True):
+            if used + size > cap:
+                break
+            kept.append(word)
+            used += size
+        text = " ".join(kept)
+        return text, self.embedder.count_tokens([text])[0] if text else 0
 
     def _vectors_for(self, pending: list[_Pending], report: IngestReport) -> dict[str, np.ndarray]:
         """Embedding per chunk hash: stored ones reused, the rest embedded in one batch."""
@@ -225,9 +254,9 @@ class Ingester:
                 vectors[h] = np.asarray(emb.to_numpy() if hasattr(emb, "to_numpy") else emb, dtype=np.float32)
         todo: dict[str, str] = {}
         for p in pending:
-            for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
+            for text, h in zip(p.inputs, p.chunk_hashes, strict=True):
                 if h not in vectors:
-                    todo[h] = embedding_text(p.doc.title, c.section_title, c.text)
+                    todo[h] = text
         if todo:
             hashes = list(todo)
             embedded = self.embedder.embed([todo[h] for h in hashes])
