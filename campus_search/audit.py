@@ -14,9 +14,19 @@ point across threads, processes and replicas; batching means that lock and the f
 batch, not once per search, so auditing does not cap throughput under load, and a single request waits
 no longer than before.
 
+A record the database refuses fails only its own request (a refused batch is retried record by
+record); a request that gives up waiting (``WRITE_TIMEOUT``) before the writer took its record is
+answered 503 and the record is dropped, never written later as a success. ``Auditor.close`` (from
+``Services.close``) writes what is queued and stops the thread.
+
+Admin changes to the index write their record inside the change's own transaction
+(:func:`admin_change`, :meth:`Auditor.append_in`): the change and its record commit together or not at
+all.
+
 When a write fails (``AUDIT_FAILURE_MODE``): ``refuse`` (default) turns a successful search into a 503
-without results and makes admin actions fail with 503; requests that failed anyway keep their answer.
-In every mode the unwritten record goes to the error log, so nothing disappears silently.
+without results and makes admin actions fail with 503 (an admin change is then rolled back); requests
+that failed anyway keep their answer. In every mode the unwritten record goes to the error log, so
+nothing disappears silently.
 """
 
 from __future__ import annotations
