@@ -197,12 +197,13 @@ def _until(condition: Callable[[], bool]) -> None:
 def test_concurrent_first_use_gets_one_auditor(settings_factory: Any, services_factory: Any,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     services = services_factory(settings_factory())
-    second_asking = threading.Event()
+    first_building, second_asking = threading.Event(), threading.Event()
     built: list[Auditor] = []
     real_init = Auditor.__init__
     real_open = services.ensure_open
 
     def slow_init(self: Auditor, *args: Any, **kwargs: Any) -> None:
+        first_building.set()
         second_asking.wait(10)  # the first creation is still under way when the other thread asks
         real_init(self, *args, **kwargs)
         built.append(self)
@@ -218,7 +219,7 @@ def test_concurrent_first_use_gets_one_auditor(settings_factory: Any, services_f
     threads = [threading.Thread(target=lambda n=n: got.__setitem__(n, auditor_of(services)), name=n)
                for n in ("first", "second")]
     threads[0].start()
-    _until(lambda: len(built) == 0 and threads[0].is_alive())
+    assert first_building.wait(30)
     threads[1].start()
     for t in threads:
         t.join(30)
