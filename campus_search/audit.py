@@ -272,14 +272,14 @@ class Auditor:
                 self._write_batch(batch)
 
     def _write_batch(self, batch: list[_Pending]) -> None:
-        """Append a batch in one transaction. If the database refused it (a record it cannot store, as
-        opposed to the database being unreachable), each record is retried alone, so one bad record
-        fails only its own request."""
+        """Append a batch in one transaction. If that failed for a reason other than the database being
+        unreachable (a record the database refuses, or one that cannot even be hashed), each record is
+        retried alone, so one bad record fails only its own request."""
         try:
             self._append_batch([p.record for p in batch])
         except BaseException as exc:  # reported to the waiting requests; the thread carries on
-            retry = len(batch) > 1 and isinstance(exc, psycopg.Error) and not isinstance(
-                exc, psycopg.OperationalError)
+            # the database unreachable or saturated: every record would fail alike, so no retries
+            retry = len(batch) > 1 and not isinstance(exc, psycopg.OperationalError | ServiceUnavailable)
             if not retry:
                 for p in batch:
                     p.error = exc

@@ -258,17 +258,20 @@ def test_one_bad_record_fails_only_itself(settings_factory: Any, services_factor
         first = threading.Thread(target=append, args=(_record("good-1"),))
         first.start()
         _blocked_by(services.dsn, holder.info.backend_pid)
-        # three records queue up behind it and will be written as one batch
+        # four records queue up behind it and will be taken as one batch: two the database refuses or
+        # that cannot be hashed, two good ones
         rest = [threading.Thread(target=append, args=(r,)) for r in
-                (_record("good-2"), _record("bad", status=2 ** 40), _record("good-3"))]
+                (_record("good-2"), _record("bad", status=2 ** 40), _record("unhashable", role=object()),
+                 _record("good-3"))]
         for t in rest:
             t.start()
-        _until(lambda: auditor._queue.qsize() == 3)
+        _until(lambda: auditor._queue.qsize() == 4)
         holder.rollback()
     for t in [first, *rest]:
         t.join(60)
-    assert outcome["bad"] is not None
-    assert {k: v for k, v in outcome.items() if k != "bad"} == {"good-1": None, "good-2": None, "good-3": None}
+    assert outcome["bad"] is not None and outcome["unhashable"] is not None
+    assert {k: v for k, v in outcome.items() if k not in ("bad", "unhashable")} == {
+        "good-1": None, "good-2": None, "good-3": None}
     assert sorted(r["request_id"] for r in rows(services)) == ["good-1", "good-2", "good-3"]
     with psycopg.connect(services.dsn) as conn:
         assert verify(conn, services.settings.audit_hmac_key).ok
