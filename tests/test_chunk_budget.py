@@ -30,7 +30,7 @@ def test_long_title_and_heading_leave_room_for_text(settings_factory: Any, servi
         texts = [r[0] for r in conn.execute("SELECT text FROM chunks ORDER BY chunk_index")]
     assert " ".join(texts).count("Sentence") >= 25  # all the text is there
     # what the model reads per chunk (capped title and heading + text) fits its window
-    p = _Pending(doc, AccessMetadata(), _content_hash(doc, embedder.model_name))
+    p = _Pending(doc, {}, _content_hash(doc, embedder.model_name))
     services.ingester._prepare_chunks([p])
     sizes = embedder.count_tokens(p.inputs)
     assert len(sizes) == report.chunks_written and max(sizes) <= window

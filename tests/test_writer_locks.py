@@ -15,7 +15,6 @@ import pytest
 
 from campus_search.chunking import Block
 from campus_search.ingest import IngestReport, _content_hash, _Pending
-from campus_search.metadata import AccessMetadata
 from campus_search.parsers import ParsedDocument
 
 
@@ -24,7 +23,9 @@ def _doc(ext_id: str, text: str) -> ParsedDocument:
 
 
 def _prepared(ingester: Any, doc: ParsedDocument) -> tuple[_Pending, dict[str, Any]]:
-    pending = _Pending(doc, AccessMetadata(), _content_hash(doc, ingester.embedder.model_name))
+    """A batch's decision to replace the stored document ``doc`` (as Ingester._flush prepares it)."""
+    pending = _Pending(doc, {}, _content_hash(doc, ingester.embedder.model_name))
+    pending.existing = (doc.external_id,)  # it exists: _replace updates it in place
     ingester._prepare_chunks([pending])
     return pending, ingester._vectors_for([pending], IngestReport())
 
@@ -55,13 +56,14 @@ def test_batch_holding_statistics_and_admin_write_of_same_document_do_not_deadlo
     pa, va = _prepared(ingester, _doc("a", "Parking permits for staff and students, renewed yearly."))
     px, vx = _prepared(ingester, _doc("x", "Exam timetables are published in March."))
     errors: list[BaseException] = []
+    outcome: list[Any] = []
     with services.db.connection() as batch:  # the CLI batch's transaction
         batch.execute("SET deadlock_timeout = '100ms'")
         ingester._replace(batch, pa, va)  # document A's chunks: this transaction holds the statistics row
 
         def admin() -> None:
             try:
-                WRITERS[writer](ingester)
+                outcome.append(WRITERS[writer](ingester))
             except BaseException as exc:  # noqa: BLE001 - asserted below
                 errors.append(exc)
 
@@ -83,9 +85,13 @@ def test_batch_holding_statistics_and_admin_write_of_same_document_do_not_deadlo
         stats = conn.execute("SELECT chunks, total_length FROM lexical_stats").fetchone()
         expected = conn.execute("SELECT count(*), coalesce(sum(lexical_length), 0) FROM chunks").fetchone()
     assert stats == expected  # both writers' changes counted exactly once
-    # the admin write queued behind the batch, so it ran last and its effect is what remains
+    # the admin write queued behind the batch, so it ran last and its effect is what remains; a PUT
+    # decided on a read taken before the batch changed X, so it is refused loudly (never an overwrite
+    # of what it did not see)
     if writer == "put":
-        assert row is not None and "library fines" in row[1]
+        (report,) = outcome
+        assert report.failed == 1 and "another writer changed document 'x'" in report.errors[0], report.errors
+        assert row is not None and "March" in row[1]
     elif writer == "patch":
         assert row is not None and row[0] == 3 and "March" in row[1]
     else:
