@@ -65,7 +65,8 @@ def break_audit_writes(services: Any, broken: bool = True) -> None:
 
 def stored(services: Any, doc_id: str) -> tuple[Any, ...] | None:
     with psycopg.connect(services.dsn) as conn:
-        return conn.execute("SELECT d.clearance_level, (SELECT count(*) FROM chunks c WHERE c.document_id = d.id) "
+        return conn.execute("SELECT d.clearance_level, (SELECT string_agg(c.text, ' ' ORDER BY c.chunk_index) "
+                            "FROM chunks c WHERE c.document_id = d.id) "
                             "FROM documents d WHERE external_id = %s", (doc_id,)).fetchone()
 
 
@@ -78,12 +79,13 @@ def _search(client: Any, auth: str) -> dict[str, Any]:
     return r.get_json()
 
 
+API_DOC = "api-guide"  # a document the admin API owns (file-synced ones are changed through their file)
 ACTIONS: dict[str, Callable[[Any, dict[str, str]], Any]] = {
-    "put-new": lambda c, h: c.put("/api/admin/documents/new-guide",
-                                  json={"text": "# Parking\n\nPermits are renewed in August.", "format": "markdown"},
-                                  headers=h),
-    "put-changed": lambda c, h: c.put(f"/api/admin/documents/{DOC}", headers=h,
-                                      json={"text": "# Staff passwords\n\nCall the service desk.",
+    "put-new": lambda c, h: c.put("/api/admin/documents/new-guide", headers=h,
+                                  json={"text": "# Parking\n\nPermits are renewed in August.", "format": "markdown",
+                                        "metadata": {"visibility": "public"}}),
+    "put-changed": lambda c, h: c.put(f"/api/admin/documents/{API_DOC}", headers=h,
+                                      json={"text": "# Printing\n\nColour pages cost twenty pence.",
                                             "format": "markdown"}),
     "patch": lambda c, h: c.patch(f"/api/admin/documents/{DOC}", json={"metadata": {"clearance_level": 5}},
                                   headers=h),
@@ -98,20 +100,25 @@ def test_admin_change_does_not_happen_when_its_record_cannot_be_written(
     client, services = audited()
     admin = {"Authorization": token("it_administrator", sub="admin-1")}
     student = token("student", sub="s1")
+    created = client.put(f"/api/admin/documents/{API_DOC}", headers=admin,
+                         json={"text": "# Printing\n\nBlack and white pages cost five pence.", "format": "markdown",
+                               "metadata": {"visibility": "public"}})
+    assert created.status_code == 201, created.get_json()
     _search(client, student)  # a cached answer, for the cache clear
-    before = {d: stored(services, d) for d in (DOC, "new-guide")}
+    docs = (DOC, API_DOC, "new-guide")
+    before = {d: stored(services, d) for d in docs}
     break_audit_writes(services)
     with caplog.at_level(logging.ERROR, logger="campus_search.audit"):
         r = ACTIONS[action](client, admin)
     assert r.status_code == 503, r.get_json()
     assert r.get_json()["error"]["code"] == "audit_unavailable"
     # nothing changed: the 503 tells the truth
-    assert {d: stored(services, d) for d in (DOC, "new-guide")} == before
+    assert {d: stored(services, d) for d in docs} == before
     # not silent: the record of the refused change is in the error log
     assert any("audit record NOT stored" in rec.getMessage() and r.headers["X-Request-ID"] in rec.getMessage()
                for rec in caplog.records)
     break_audit_writes(services, broken=False)
-    assert rows(services, "kind = 'admin'") == []
+    assert [r["action"] for r in rows(services, "kind = 'admin'")] == ["document.upsert"]  # the setup's
     if action == "cache-clear":
         assert _search(client, student)["from_cache"] is True  # the cached answer is still there
     with psycopg.connect(services.dsn) as conn:
@@ -124,7 +131,9 @@ def test_admin_change_does_not_happen_when_its_record_cannot_be_written(
     assert (rec["kind"], rec["success"], rec["status"], rec["user_id"]) == ("admin", True, 200, "admin-1")
     if action.startswith("put"):
         assert json.loads(rec["details"])["status"] == r.get_json()["status"]
-    assert stored(services, DOC) != before[DOC] or action in ("put-new", "cache-clear")
+    after = {d: stored(services, d) for d in docs}
+    changed = {"put-new": "new-guide", "put-changed": API_DOC, "patch": DOC, "delete": DOC}.get(action)
+    assert [d for d in docs if after[d] != before[d]] == ([changed] if changed else [])
 
 
 def test_log_mode_applies_the_change_and_logs_the_record(audited: Any, token: Any,

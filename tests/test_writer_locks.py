@@ -52,7 +52,8 @@ def test_batch_holding_statistics_and_admin_write_of_same_document_do_not_deadlo
         settings_factory: Any, services_factory: Any, writer: str) -> None:
     services = services_factory(settings_factory())
     ingester = services.ingester
-    assert ingester.ingest([_doc("a", "Parking permits for staff."), _doc("x", "Exam timetables.")]).added == 2
+    assert ingester.ingest([_doc("a", "Parking permits for staff."), _doc("x", "Exam timetables.")],
+                           {"visibility": "public"}).added == 2
     pa, va = _prepared(ingester, _doc("a", "Parking permits for staff and students, renewed yearly."))
     px, vx = _prepared(ingester, _doc("x", "Exam timetables are published in March."))
     errors: list[BaseException] = []
