@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from .chunking import (
 from .db import Database
 from .embedding import MAX_SEQ_LENGTH, Embedder
 from .errors import BadRequest, CampusSearchError, IngestError
+from .lexical import compact as compact_lexical
 from .metadata import FIELDS as META_FIELDS
 from .metadata import AccessMetadata, Change, Resolution, check_keys, resolve
 from .parsers import ParsedDocument
@@ -66,6 +67,7 @@ class IngestReport:
     failed: int = 0
     chunks_written: int = 0
     chunks_embedded: int = 0
+    chunks_given: int = 0  # stored with a precomputed vector (``ingest --vectors``), not embedded here
     loosened: int = 0  # documents whose access was loosened, by an explicit act (audited)
     held_back: int = 0  # documents whose source asked for looser access: the stored access was kept
     defaulted: int = 0  # new documents that got DEFAULT_VISIBILITY because nobody stated one
@@ -157,16 +159,6 @@ Progress = Callable[[int, IngestReport], None]
 AuditHook = Callable[[Any, Any], None]
 
 
-def lock_index_for_writing(conn: Any) -> None:
-    """Take the writers' first lock (the ``lexical_stats`` row) in this transaction.
-
-    Lock order for every writer: the stats row, then document rows, then terms. Statements that write
-    chunks or documents take it by trigger (migrations 007 and 010); a writer that locks a document row
-    by ``SELECT ... FOR UPDATE`` must call this first, or it could hold the row while waiting for the
-    stats row held by a batch that wants the same document next (a deadlock)."""
-    conn.execute("SELECT 1 FROM lexical_stats FOR UPDATE")
-
-
 class Ingester:
     def __init__(self, db: Database, embedder: Embedder, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                  overlap: int = DEFAULT_OVERLAP, default_visibility: str = "department") -> None:
@@ -174,6 +166,8 @@ class Ingester:
         self.embedder = embedder
         self.max_tokens = max_tokens
         self.overlap = overlap
+        #: precomputed vectors by chunk hash (``campus-search ingest --vectors``, :mod:`.vectors`)
+        self.given_vectors: Mapping[str, np.ndarray] = {}
         self.default_visibility = default_visibility
 
     def ingest(self, items: Iterable[ParsedDocument | IngestError],
@@ -300,7 +294,6 @@ class Ingester:
             self._prepare_chunks(changed)
             vectors = self._vectors_for(changed, report)
         with self.db.connection() as conn:
-            lock_index_for_writing(conn)  # before _still_current locks document rows
             current = self._still_current(conn, [*moved, *meta_only, *changed], report)
             for p in moved:  # same content from another path (or an old relative path): keep prune exact
                 if id(p) in current:
@@ -330,6 +323,15 @@ class Ingester:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
             if audit is not None:
                 audit(conn, report)
+        if written:
+            self.compact()
+
+    def compact(self) -> None:
+        """Fold the lexical statistics deltas of committed writes (:func:`.lexical.compact`), in a short
+        transaction of its own after the write: writers only insert deltas, so they never queue on a shared
+        counter row, and this keeps the delta tables small."""
+        with self.db.connection() as conn:
+            compact_lexical(conn)
 
     def _still_current(self, conn: Any, pending: list[_Pending], report: IngestReport) -> set[int]:
         """Inside the write transaction: lock the stored rows this batch decided on and keep only the
@@ -408,7 +410,13 @@ class Ingester:
         todo: dict[str, str] = {}
         for p in pending:
             for text, h in zip(p.inputs, p.chunk_hashes, strict=True):
-                if h not in vectors:
+                if h in vectors:
+                    continue
+                given = self.given_vectors.get(h)
+                if given is not None:
+                    vectors[h] = given
+                    report.chunks_given += 1
+                else:
                     todo[h] = text
         if todo:
             hashes = list(todo)
@@ -418,6 +426,14 @@ class Ingester:
             vectors.update(zip(hashes, embedded, strict=True))
             report.chunks_embedded += len(hashes)
         return vectors
+
+    def chunk_inputs(self, docs: Iterable[ParsedDocument]) -> Iterator[tuple[str, str]]:
+        """``(chunk hash, exact text to embed)`` for every chunk ingestion would make of ``docs``, through
+        the same chunking (``campus-search chunks``: inputs for an embedding farm, :mod:`.vectors`)."""
+        for doc in docs:
+            p = _Pending(doc, {}, "")
+            self._prepare_chunks([p])
+            yield from zip(p.chunk_hashes, p.inputs, strict=True)
 
     @staticmethod
     def _meta_params(meta: AccessMetadata) -> tuple[Any, ...]:
@@ -471,7 +487,6 @@ class Ingester:
         what happened, or None if there is no such document. Takes effect for the next search.
         ``audit(conn, update)`` is called last in the transaction when the document exists."""
         with self.db.connection() as conn:
-            lock_index_for_writing(conn)
             row = conn.execute(
                 "SELECT id, department, visibility, clearance_level, campus, priority, last_reviewed, source, pinned "
                 "FROM documents WHERE external_id = %s FOR UPDATE", (external_id,)).fetchone()
@@ -522,4 +537,6 @@ class Ingester:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
                 if audit is not None:
                     audit(conn, n)
+        if n:
+            self.compact()
         return n

@@ -1,7 +1,9 @@
-"""Writers never deadlock: a batch that holds the index statistics row and then upserts document X,
-against an admin PUT / PATCH / DELETE of X (issue 11). The interleaving is forced step by step (the
-second writer is started only once the first holds the statistics row, and the first goes on only once
-the second is blocked behind it), so the test does not depend on timing."""
+"""Writers never deadlock: a batch that has written document A's chunks (its statistics changes
+included) and then writes document X, against an admin PUT / PATCH / DELETE of X (issue 11: the
+statistics row used to be taken after the document row by one writer and before it by the other).
+The batch follows Ingester._flush step by step (rows locked up front, then A, then X); the admin write
+is started only once the batch is inside its transaction, and the batch goes on only once the admin
+write is blocked behind it, so the test does not depend on timing."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 
 from campus_search.chunking import Block
 from campus_search.ingest import IngestReport, _content_hash, _Pending
+from campus_search.metadata import AccessMetadata
 from campus_search.parsers import ParsedDocument
 
 
@@ -25,7 +28,11 @@ def _doc(ext_id: str, text: str) -> ParsedDocument:
 def _prepared(ingester: Any, doc: ParsedDocument) -> tuple[_Pending, dict[str, Any]]:
     """A batch's decision to replace the stored document ``doc`` (as Ingester._flush prepares it)."""
     pending = _Pending(doc, {}, _content_hash(doc, ingester.embedder.model_name))
-    pending.existing = (doc.external_id,)  # it exists: _replace updates it in place
+    with ingester.db.connection() as conn:  # the row as the batch read it (Ingester._resolve)
+        pending.existing = conn.execute(
+            "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, priority, "
+            "last_reviewed, source, pinned FROM documents WHERE external_id = %s", (doc.external_id,)).fetchone()
+    pending.meta = AccessMetadata(*pending.existing[3:9])
     ingester._prepare_chunks([pending])
     return pending, ingester._vectors_for([pending], IngestReport())
 
@@ -60,7 +67,8 @@ def test_batch_holding_statistics_and_admin_write_of_same_document_do_not_deadlo
     outcome: list[Any] = []
     with services.db.connection() as batch:  # the CLI batch's transaction
         batch.execute("SET deadlock_timeout = '100ms'")
-        ingester._replace(batch, pa, va)  # document A's chunks: this transaction holds the statistics row
+        assert ingester._still_current(batch, [pa, px], IngestReport()) == {id(pa), id(px)}
+        ingester._replace(batch, pa, va)  # document A's chunks and their statistics
 
         def admin() -> None:
             try:

@@ -7,7 +7,7 @@
 -- a deadlock. Every statement that writes documents now takes the stats row first as well, before it
 -- locks any document row, so no writer ever holds a document row while waiting for the stats row.
 -- (A writer that locks documents with SELECT ... FOR UPDATE takes the stats row itself first:
--- ingest.lock_index_for_writing.)
+-- ingest.lock_index_for_writing.) Superseded by migration 013: writers no longer take the stats row.
 CREATE TRIGGER documents_lock_stats BEFORE INSERT OR UPDATE OR DELETE ON documents
     FOR EACH STATEMENT EXECUTE FUNCTION cs_chunks_lock_stats();
 CREATE TRIGGER documents_lock_stats_truncate BEFORE TRUNCATE ON documents
