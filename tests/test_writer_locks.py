@@ -91,7 +91,7 @@ def test_batch_holding_statistics_and_admin_write_of_same_document_do_not_deadlo
         row = conn.execute("SELECT d.clearance_level, string_agg(c.text, ' ') FROM documents d "
                            "JOIN chunks c ON c.document_id = d.id WHERE d.external_id = 'x' "
                            "GROUP BY d.clearance_level").fetchone()
-        stats = conn.execute("SELECT chunks, total_length FROM lexical_stats").fetchone()
+        stats = conn.execute("SELECT chunks, total_length FROM lexical_corpus").fetchone()  # base + deltas
         expected = conn.execute("SELECT count(*), coalesce(sum(lexical_length), 0) FROM chunks").fetchone()
     assert stats == expected  # both writers' changes counted exactly once
     # the admin write queued behind the batch, so it ran last and its effect is what remains; a PUT
