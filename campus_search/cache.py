@@ -1,7 +1,8 @@
 """Search-result cache (cache-aside) and the shared query-embedding cache.
 
-Redis when ``REDIS_URL``/``REDIS_HOST`` is configured (shared by every worker and replica); otherwise a
-bounded in-process LRU with TTL in each process. docs/caching-and-rate-limits.md is the long form.
+Redis (``REDIS_URL``/``REDIS_HOST``, or without them the embedded Redis under ``DATA_DIR``: see
+embedded_redis.py), shared by every worker and replica; with ``REDIS_URL=memory://`` a bounded
+in-process LRU with TTL in each process. docs/caching-and-rate-limits.md is the long form.
 
 A result key is the SHA-256 of everything that decides the answer:
 
@@ -44,6 +45,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import metrics
+from .breaker import CircuitBreaker
 from .config import Settings
 from .errors import ServiceUnavailable
 from .search import Hit, SearchOutcome, SearchParams, render_results
@@ -51,7 +53,7 @@ from .security.roles import Principal
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the stored layout changes (2: count + rendered results)
+FORMAT = 3  # bump when the stored layout changes (2: count + rendered results; 3: + who stored it)
 SEARCH_NS = "search"
 EMBEDDING_NS = "emb"
 #: One statement, so every part comes from the same snapshot.
@@ -61,53 +63,6 @@ GENERATION_SQL = ("SELECT i.generation, i.xmin::text, current_database(), "
 
 def _count(operation: str, status: str) -> None:
     metrics.cache_op(operation, status)
-
-
-class CircuitBreaker:
-    """Closed until a failure; then open (skip Redis) for ``pause`` seconds; then half-open: exactly one
-    caller tries, and its success closes the circuit again while its failure re-opens it."""
-
-    def __init__(self, pause: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.pause = pause
-        self.clock = clock
-        self._open_until = 0.0  # 0 = closed
-        self._probing = False
-        self._lock = threading.Lock()
-        self.failures = 0
-        self.last_error: str | None = None
-
-    @property
-    def state(self) -> str:
-        if not self._open_until:
-            return "closed"
-        return "half-open" if self.clock() >= self._open_until else "open"
-
-    def allow(self) -> bool:
-        if not self._open_until:  # fast path, no lock
-            return True
-        with self._lock:
-            if not self._open_until:
-                return True
-            if self._probing or self.clock() < self._open_until:
-                return False
-            self._probing = True
-            return True
-
-    def success(self) -> None:
-        if self._open_until:
-            with self._lock:
-                if self._open_until:
-                    log.info("redis reachable again; cache resumed")
-                self._open_until, self._probing = 0.0, False
-
-    def failure(self, exc: BaseException) -> None:
-        with self._lock:
-            if not self._open_until:
-                log.warning("redis unavailable (%s); skipping it for %.1fs", exc.__class__.__name__, self.pause)
-            self._open_until = self.clock() + self.pause
-            self._probing = False
-            self.failures += 1
-            self.last_error = exc.__class__.__name__
 
 
 def redis_client(url: str, timeout: float) -> redis.Redis:
@@ -127,9 +82,10 @@ class RedisBackend:
 
     kind = "redis"
 
-    def __init__(self, url: str, *, timeout: float, pause: float, prefix: str) -> None:
+    def __init__(self, url: str, *, timeout: float, pause: float, prefix: str, mode: str = "external") -> None:
+        self.mode = mode  # "external" (a configured server) or "embedded" (embedded_redis.py)
         self.client = redis_client(url, timeout)
-        self.breaker = CircuitBreaker(pause)
+        self.breaker = CircuitBreaker(pause, name="redis")
         self.prefix = prefix
         self.skipped = 0  # calls not made because the circuit was open
 
@@ -198,6 +154,7 @@ class LocalBackend:
     """In-process LRU with per-entry TTL, bounded by total size in bytes (one per process)."""
 
     kind = "memory"
+    mode = "in-process"
 
     def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
@@ -307,18 +264,28 @@ def _json_default(value: Any) -> Any:
 HIT_FIELDS = tuple(f.name for f in dataclasses.fields(Hit))
 
 
-def encode_results(hits: list[Hit]) -> bytes:
-    """What a result-cache entry holds: the count, a newline, the response's rendered ``results`` array."""
-    return f"{len(hits)}\n{render_results(hits)}".encode()
+def owner_tag(user: Principal) -> str:
+    """Who stored an entry, as a hash of the user id ('' for anonymous callers, who share one id): lets
+    a caller be told of a cache hit on their own earlier search only (docs/security.md)."""
+    if user.anonymous:
+        return ""
+    return hashlib.sha256(b"campus-search/cache-owner\x00" + user.user_id.encode()).hexdigest()[:32]
 
 
-def decode_results(raw: bytes) -> tuple[int, str] | None:
-    """(count, rendered results) of an entry, or None if it is unreadable (then it is a miss)."""
+def encode_results(hits: list[Hit], owner: str = "") -> bytes:
+    """What a result-cache entry holds: the count, a space, the owner tag, a newline, the response's
+    rendered ``results`` array."""
+    return f"{len(hits)} {owner}\n{render_results(hits)}".encode()
+
+
+def decode_results(raw: bytes) -> tuple[int, str, str] | None:
+    """(count, rendered results, owner tag) of an entry, or None if it is unreadable (then it is a miss)."""
     head, sep, body = raw.partition(b"\n")
-    if not sep or not head.isdigit() or not body.startswith(b"[") or not body.endswith(b"]"):
+    count, _, owner = head.partition(b" ")
+    if not sep or not count.isdigit() or not body.startswith(b"[") or not body.endswith(b"]"):
         return None
     try:
-        return int(head), body.decode()
+        return int(count), body.decode(), owner.decode("ascii")
     except UnicodeDecodeError:
         return None
 
@@ -334,7 +301,9 @@ class ResultCache:
         self.prefix = settings.redis_key_prefix
         self.enabled = settings.cache_enabled
         self.hits = self.misses = self.stores = 0
-        self._static = json.dumps({"format": FORMAT, "hit": HIT_FIELDS, "retrieval": retrieval or {}},
+        # SCORES_BM25_ROLES changes what an entry holds (scores.bm25 present or not) for a role
+        self._static = json.dumps({"format": FORMAT, "hit": HIT_FIELDS, "retrieval": retrieval or {},
+                                   "bm25_roles": sorted(settings.scores_bm25_roles)},
                                   sort_keys=True, default=str)
 
     def key(self, user: Principal, params: SearchParams, generation: str) -> str:
@@ -355,7 +324,9 @@ class ResultCache:
             if entry is not None:
                 self.hits += 1
                 _count("get", "hit")
-                return SearchOutcome([], from_cache=True, rendered=entry[1], count=entry[0])
+                owner = owner_tag(user)
+                return SearchOutcome([], from_cache=True, rendered=entry[1], count=entry[0],
+                                     stored_by_caller=bool(owner) and entry[2] == owner)
         self.misses += 1
         _count("get", "miss")
         before = self.generation.refresh()
@@ -363,7 +334,8 @@ class ResultCache:
         # Stored only if the generation did not move during the search: then the answer is exactly
         # generation ``before``'s. (If it moved, the next request computes and stores it.)
         if self.generation.refresh() == before and self.backend.set(
-                self.key(user, params, before), encode_results(hits), self.settings.cache_ttl_search):
+                self.key(user, params, before), encode_results(hits, owner_tag(user)),
+                self.settings.cache_ttl_search):
             self.stores += 1
             _count("set", "ok")
         return SearchOutcome(hits)
@@ -381,7 +353,7 @@ class ResultCache:
         run uncached, so ``required`` is False and ``status`` says ``degraded`` rather than down."""
         started = time.perf_counter()
         out = self.backend.health()
-        out.update(backend=self.backend.kind, enabled=self.enabled, required=False,
+        out.update(backend=self.backend.kind, mode=self.backend.mode, enabled=self.enabled, required=False,
                    status="ok" if out["healthy"] else "degraded",
                    response_time=round(time.perf_counter() - started, 4))
         return out
@@ -393,8 +365,8 @@ class ResultCache:
         if isinstance(self.backend, RedisBackend):
             process.update(skipped=self.backend.skipped, failures=self.backend.breaker.failures,
                            circuit=self.backend.breaker.state)
-        out: dict[str, Any] = {"backend": self.backend.kind, "used_memory": None, "connected_clients": None,
-                               "keyspace_hits": self.hits, "keyspace_misses": self.misses}
+        out: dict[str, Any] = {"backend": self.backend.kind, "mode": self.backend.mode, "used_memory": None,
+                               "connected_clients": None, "keyspace_hits": self.hits, "keyspace_misses": self.misses}
         out.update({k: v for k, v in self.backend.info().items() if v is not None})
         out["process"] = process
         return out
@@ -437,11 +409,13 @@ class TieredEmbeddingCache:
 def build_cache(settings: Settings, db: Any, searcher: Any) -> ResultCache:
     """The process's result cache; with Redis, also puts the shared layer under the searcher's
     query-embedding cache."""
-    url = settings.redis_dsn()
+    from .embedded_redis import resolve
+
+    url, mode = resolve(settings)
     backend: Backend
     if url:
         backend = RedisBackend(url, timeout=settings.redis_timeout, pause=settings.redis_retry_after,
-                               prefix=settings.redis_key_prefix)
+                               prefix=settings.redis_key_prefix, mode=mode)
         if settings.cache_enabled:
             embedder = searcher.embedder
             searcher.query_vectors = TieredEmbeddingCache(

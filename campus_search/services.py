@@ -22,7 +22,7 @@ from .embedding import Embedder, LocalMiniLM, get_embedder
 from .fusion import FusionConfig
 from .ingest import Ingester
 from .lexical import BM25
-from .search import Searcher, SearchOutcome, SearchParams
+from .search import Hit, Searcher, SearchOutcome, SearchParams
 from .security.roles import Principal
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,10 @@ class Services:
             self._embedder = get_embedder(self.settings)
         return self._embedder
 
-    def ensure_open(self) -> Services:
-        """Open pools and load the model in this process (idempotent, fork-aware)."""
+    def ensure_open(self, *, wait: bool = True) -> Services:
+        """Open pools and load the model in this process (idempotent, fork-aware). ``wait``: until the
+        pools hold their first connections (raising if the database cannot be reached); without it the
+        pools connect in the background and requests meanwhile get 503 "database unavailable"."""
         if self._pid == os.getpid():
             return self
         with self._lock:
@@ -78,7 +80,7 @@ class Services:
                 # inherited from a parent process: forget its objects without closing its sockets
                 self._embedder = None if self.settings.embedding_provider == "local" else self._embedder
             self.db = Database(self.settings, self.dsn, self.read_dsn)
-            self.db.open()
+            self.db.open(wait=wait)
             embedder = metrics.instrument_embedder(self.embedder, self.settings.embedding_provider)
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
@@ -92,7 +94,18 @@ class Services:
     def run_search(self, user: Principal, params: SearchParams) -> SearchOutcome:
         """One search as the API runs it: cache-aside (cache.py), scoped to the caller's permissions."""
         self.ensure_open()
-        return self.cache.fetch(user, params, lambda: self.searcher.search(user, params))
+        show_bm25 = user.role.name in self.settings.scores_bm25_roles
+
+        def compute() -> list[Hit]:
+            hits = self.searcher.search(user, params)
+            if not show_bm25:
+                # BM25 uses corpus-wide statistics that count hidden chunks: not shown to this role
+                # (SCORES_BM25_ROLES). Dropped before caching; the role is part of the cache key.
+                for hit in hits:
+                    hit.bm25 = None
+            return hits
+
+        return self.cache.fetch(user, params, compute)
 
     def close(self) -> None:
         if self._pid == os.getpid():
