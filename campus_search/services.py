@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from . import metrics
 from .cache import ResultCache, build_cache
@@ -53,6 +54,7 @@ class Services:
         self.searcher: Searcher
         self.ingester: Ingester
         self.cache: ResultCache
+        self.auditor: Any = None  # audit.auditor_of creates it on first use
 
     def _expected_dimension(self) -> int:
         if self.settings.embedding_provider == "local":
@@ -107,6 +109,10 @@ class Services:
 
     def close(self) -> None:
         if self._pid == os.getpid():
+            auditor = getattr(self, "auditor", None)
+            if auditor is not None:
+                auditor.close()  # its writer thread writes what is queued, then ends
+                self.auditor = None
             self.cache.close()
             self.db.close()
             self._pid = None
