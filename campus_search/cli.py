@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -157,9 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP API (gunicorn; embedded PostgreSQL if none configured)")
     p.add_argument("--host", help="bind address (env HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (env PORT, default 5100)")
-    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")),
-                   help="gunicorn worker processes (env WEB_CONCURRENCY, default 2)")
-    p.add_argument("--threads", type=int, default=2, help="threads per worker (default 2)")
+    p.add_argument("--workers", type=int, help="gunicorn worker processes (env WEB_CONCURRENCY, default 2)")
+    p.add_argument("--threads", type=int, help="threads per worker (default 2)")
     p.add_argument("--demo", action="store_true", help="ingest the bundled demo corpus first (idempotent)")
     p.set_defaults(func=cmd_serve)
 

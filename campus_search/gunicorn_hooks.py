@@ -133,6 +133,72 @@ def on_exit(server: Any) -> None:
         shutil.rmtree(created, ignore_errors=True)
 
 
-#: The hooks as gunicorn settings, for ``campus-search serve`` (gunicorn.conf.py names them itself).
+#: The hooks as gunicorn settings.
 HOOKS = {"when_ready": when_ready, "post_fork": post_fork, "worker_exit": worker_exit,
          "child_exit": child_exit, "on_exit": on_exit}
+
+#: The brief's production command's values (its flags repeat them; flags win over these).
+THREADS = 2
+TIMEOUT = 60
+KEEPALIVE = 10
+#: SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
+GRACEFUL_TIMEOUT = 30
+
+
+def json_logconfig() -> dict[str, Any]:
+    """gunicorn's own messages as JSON lines too, so a log pipeline reads one format. The root logger
+    gets no handler here: the app installs its own (:func:`campus_search.logs.configure_logging`)
+    once gunicorn has configured logging."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "campus_search.logs.JsonFormatter"}},
+        "handlers": {"error_console": handler, "console": dict(handler)},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+            # The app writes its own JSON access record per request (with request id and user).
+            "gunicorn.access": {"level": "WARNING", "handlers": ["console"], "propagate": False},
+        },
+        "root": {"level": "INFO", "handlers": []},
+    }
+
+
+def server_options(settings: Any, *, workers: int | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Every gunicorn setting this project chooses -- the one source for ``gunicorn.conf.py`` (the brief's
+    command) and ``campus-search serve``. ``HOST``/``PORT``/``WEB_CONCURRENCY``/``LOG_FORMAT`` come from
+    the settings (environment or ``CAMPUS_SEARCH_CONFIG`` file); ``workers``/``threads`` are serve's flags."""
+    from .logs import resolve_format
+
+    options: dict[str, Any] = {
+        "bind": [f"{settings.host}:{settings.port}"],
+        "workers": workers or settings.workers,
+        "worker_class": "gthread",
+        "threads": threads or THREADS,
+        "timeout": TIMEOUT,
+        "keepalive": KEEPALIVE,
+        "preload_app": True,  # the app (and migrations) once, in the master
+        "graceful_timeout": GRACEFUL_TIMEOUT,
+        # Heartbeat files on tmpfs: a worker never stalls on a slow disk just to say it is alive.
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+        # The app writes one access record per request (campus_search.access); gunicorn's own is off
+        # unless --access-logfile asks for it.
+        "accesslog": None,
+        "errorlog": "-",
+        **HOOKS,
+    }
+    if resolve_format(settings.log_format, settings.production) == "json":
+        options["logconfig_dict"] = json_logconfig()
+    return options
+
+
+def load_server_settings() -> Any:
+    """The settings gunicorn.conf.py sizes the server with; a configuration error ends the start-up with
+    the message (not a traceback inside gunicorn's config loader)."""
+    from .config import load_settings
+    from .errors import ConfigError
+
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"campus-search: {exc}") from None
