@@ -17,6 +17,7 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Any
@@ -94,18 +95,58 @@ def _drop_inherited_exit_handlers() -> None:
         atexit.unregister(cluster._cleanup)
 
 
+#: What stops a worker (gunicorn: SIGTERM graceful, SIGINT/SIGQUIT quick).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+
+
+def _stop_requests_since_fork(server: Any) -> list[int]:
+    """Stop signals that reached this worker before it had handlers of its own: until gunicorn's worker
+    installs them (after ``post_fork``), the master's inherited handler only queues a signal in the
+    worker's copy of the master's queue, where nobody would ever read it."""
+    queue = getattr(server, "SIG_QUEUE", None)
+    found: list[int] = []
+    while queue is not None:
+        try:
+            sig = queue.get_nowait() if hasattr(queue, "get_nowait") else queue.pop(0)
+        except (Exception, IndexError):  # queue.Empty / an empty list
+            break
+        if sig in STOP_SIGNALS:
+            found.append(sig)
+    return found
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    sys.exit(0)
+
+
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, just forked: open its own pools and load its own model now, so the first request is
-    not slow. A failure (database down) is logged and left to the first request to retry."""
+    not slow. A failure (database down) is logged and left to the first request to retry.
+
+    A stop signal (Ctrl-C to the process group, SIGTERM) that arrives meanwhile is honoured once the
+    services are open: the worker exits at once (it has no requests yet) instead of missing the signal
+    and being killed after ``graceful_timeout``."""
+    stop = _stop_requests_since_fork(server)
+
+    def remember(signum: int, frame: Any) -> None:
+        stop.append(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, remember)
+    stop += _stop_requests_since_fork(server)  # arrived between the first look and our handlers
     _drop_inherited_exit_handlers()
     services = _services(server)
-    if services is None:
-        return
-    try:
-        services.ensure_open()
-    except Exception as exc:
-        log.warning("worker %s could not open its services yet (%s); will retry on first use",
-                    os.getpid(), exc.__class__.__name__)
+    if services is not None and not stop:
+        try:
+            services.ensure_open()
+        except Exception as exc:
+            log.warning("worker %s could not open its services yet (%s); will retry on first use",
+                        os.getpid(), exc.__class__.__name__)
+    for sig in STOP_SIGNALS:  # until gunicorn's worker installs its own handlers
+        signal.signal(sig, _exit_now)
+    if stop:
+        log.info("worker %s: stop signal during start-up; exiting", os.getpid())
+        sys.exit(0)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
