@@ -141,22 +141,8 @@ def test_max_results_clamped_to_role_cap(client: Any, token: Any) -> None:
     assert r.get_json()["count"] == 20  # student cap
 
 
-def test_body_user_cannot_escalate(client: Any, token: Any) -> None:
-    auth = token("student", sub="s1")
-    # matching old-style user object: tolerated, but its role is ignored
-    ok = search(client, auth, {"query": "password reset instructions for staff",
-                               "user": {"user_id": "s1", "role": "admin", "department": "IT Services"},
-                               "config": {"max_results": 20}})
-    assert ok.status_code == 200
-    assert all(h["metadata"]["visibility"] == "public" for h in ok.get_json()["results"])
-    bad = search(client, auth, {"query": "x", "user": {"user_id": "admin1", "role": "admin"}})
-    assert bad.status_code == 403
-    assert bad.get_json()["error"]["code"] == "forbidden"
-
-
-def test_clearance_filter_above_own_is_forbidden(client: Any, token: Any) -> None:
-    r = search(client, token("student"), {"query": "x", "filters": {"clearance_level": 4}})
-    assert r.status_code == 403
+# A body `user` that differs from the token, and clearance filters above the caller's own: one test
+# each in test_security_policy.py (test_body_user_cannot_escalate, test_over_clearance_filter_is_403).
 
 
 @pytest.mark.parametrize("body,fragment", [
