@@ -51,7 +51,7 @@ def chunk_texts(ingester: Ingester, docs: list[ParsedDocument]) -> list[list[str
     """The embedding inputs ingestion will produce, grouped by ingestion batch."""
     batches = []
     for start in range(0, len(docs), DOC_BATCH):
-        pending = [_Pending(d, AccessMetadata(), _content_hash(d, ingester.embedder.model_name))
+        pending = [_Pending(d, {}, _content_hash(d, ingester.embedder.model_name))
                    for d in docs[start:start + DOC_BATCH]]
         ingester._prepare_chunks(pending)
         batches.append([embedding_text(p.doc.title, c.section_title, c.text) for p in pending for c in p.chunks])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -37,16 +38,20 @@ def demo_corpus_path() -> Path:
 
 
 def ingest_paths(services: Any, paths: Sequence[Path], defaults: Any, *, prune: bool = False,
-                 quiet: bool = False) -> Any:
+                 quiet: bool = False, allow_loosening: bool = False, guard: Any = None) -> Any:
     """Sync files, folders and .jsonl corpora (see :mod:`campus_search.sync`); returns the report.
-    Unless ``quiet``, a progress bar with rate and ETA goes to stderr."""
+    Unless ``quiet``, a progress bar with rate and ETA goes to stderr. ``DATA_DIR`` and the
+    configuration file are never read (``guard``, by default from ``services.settings``)."""
+    from .fileguard import Guard
     from .progress import ProgressBar
     from .sync import sync_paths
 
+    guard = guard or Guard.for_settings(services.settings)
     bar = None if quiet else ProgressBar()
     try:
-        return sync_paths(services.ingester, list(paths), defaults, prune=prune,
-                          progress=bar.update if bar else None, on_total=bar.set_total if bar else None)
+        return sync_paths(services.ingester, list(paths), defaults, prune=prune, allow_loosening=allow_loosening,
+                          guard=guard, progress=bar.update if bar else None,
+                          on_total=bar.set_total if bar else None)
     finally:
         if bar:
             bar.close()
@@ -96,22 +101,58 @@ def _ingest_demo_in_child(settings: Settings) -> int:
     return 0
 
 
+def _cli_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def audit_loosenings(services: Any, report: Any) -> None:
+    """One audit record per document whose access this run loosened (``--allow-loosening``), with
+    before and after. The actor is the operating-system user running the command, as ``cli:<user>``.
+    Raises AuditUnavailable if a record cannot be stored (AUDIT_FAILURE_MODE=refuse)."""
+    from .audit import record_admin_action
+    from .security.roles import superuser
+
+    actor = superuser(f"cli:{_cli_user()}")  # whoever can run the CLI against the database acts as admin
+    for change in report.access_changes:
+        record_admin_action(services, "ingest.loosen", target=change["document_id"],
+                            details={**change, "writer": "campus-search ingest --allow-loosening"}, principal=actor)
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from .metadata import AccessMetadata
+    from .fileguard import Guard
+    from .metadata import check_values
 
     settings = _settings()
-    defaults = AccessMetadata().merged({
-        "department": args.department, "visibility": args.visibility, "clearance_level": args.clearance,
-        "campus": args.campus, "priority": args.priority, "last_reviewed": args.last_reviewed,
-    }, source="command line")
+    flags = {"department": args.department, "visibility": args.visibility, "clearance_level": args.clearance,
+             "campus": args.campus, "priority": args.priority, "last_reviewed": args.last_reviewed}
+    defaults = {k: v for k, v in flags.items() if v is not None}  # only what was stated
+    check_values(defaults, source="command line")
     paths = [Path(p) for p in (args.paths or [])]
     if args.demo:
         paths.append(demo_corpus_path())
     if not paths:
         raise ConfigError("give at least one PATH (or --demo)")
     services = _services(settings, ingest=True)
+    audit_problem = None
     try:
-        report = ingest_paths(services, paths, defaults, prune=args.prune, quiet=args.quiet)
+        if args.vectors:
+            from .vectors import load_vectors
+
+            services.ingester.given_vectors = load_vectors(
+                Path(args.vectors), model=services.embedder.model_name, dimension=services.embedder.dimension)
+            print(f"vectors: {len(services.ingester.given_vectors)} precomputed embeddings from {args.vectors}",
+                  file=sys.stderr)
+        report = ingest_paths(services, paths, defaults, prune=args.prune, quiet=args.quiet,
+                              allow_loosening=args.allow_loosening, guard=Guard.for_settings(settings))
+        try:
+            audit_loosenings(services, report)
+        except CampusSearchError as exc:
+            audit_problem = exc.message
     finally:
         services.close()
     summary = report.as_dict()
@@ -120,11 +161,52 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     summary["chunks_per_second"] = round(report.chunks_written / report.seconds, 2) if report.seconds else 0.0
     for err in report.errors:  # the one place problems are shown (the ingester only logs them at debug)
         print(f"skipped: {err}" if not err.endswith("could not be read)") else err, file=sys.stderr)
+    for note in report.notes:  # not failures, but never silent: held back, pinned, defaults, links
+        print(f"note: {note}", file=sys.stderr)
     from .progress import summary as human_summary
 
     print(human_summary(report), file=sys.stderr)
+    if audit_problem:
+        print(f"campus-search: the loosening(s) above were applied but could not be audited: {audit_problem}",
+              file=sys.stderr)
     print(json.dumps(summary))
-    return 0 if report.failed == 0 else 3
+    return 0 if report.failed == 0 and not audit_problem else 3
+
+
+def cmd_chunks(args: argparse.Namespace) -> int:
+    """Export the exact inputs an embedding farm must embed (see :mod:`campus_search.vectors`)."""
+    from .embedding import get_embedder
+    from .fileguard import Guard
+    from .ingest import Ingester
+    from .sync import documents
+    from .vectors import write_inputs
+
+    settings = _settings()
+    embedder = get_embedder(settings)
+    ingester = Ingester(None, embedder)  # type: ignore[arg-type]  # chunking only: no database
+    failed = 0
+
+    def docs() -> Any:
+        nonlocal failed
+        for item in documents([Path(p) for p in args.paths], Guard.for_settings(settings)):
+            if isinstance(item, CampusSearchError):
+                failed += 1
+                print(f"skipped: {item.message}", file=sys.stderr)
+                continue
+            yield item
+
+    def write(out: Any) -> int:
+        return write_inputs(out, ingester.chunk_inputs(docs()), model=embedder.model_name,
+                            dimension=embedder.dimension)
+
+    if args.output and args.output != "-":
+        with open(args.output, "w", encoding="utf-8") as out:
+            n = write(out)
+    else:
+        n = write(sys.stdout)
+    print(f"chunks: {n} distinct chunk inputs for model {embedder.model_name} ({embedder.dimension} dimensions)"
+          f", {failed} files skipped", file=sys.stderr)
+    return 0 if failed == 0 else 3
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -188,20 +270,46 @@ def build_parser() -> argparse.ArgumentParser:
                     "Idempotent and incremental: unchanged documents are skipped, changed ones re-embed only "
                     "their changed chunks, metadata-only changes apply without re-embedding. Metadata: these "
                     "flags < .campus-search.yaml in the folder (nearest wins) < FILE.meta.yaml sidecar < YAML "
-                    "front matter. Bad files are reported and skipped (exit status 3). See docs/ingestion.md.")
+                    "front matter. A field nobody states keeps its stored value; a new document whose "
+                    "visibility nobody states gets DEFAULT_VISIBILITY (shipped: department, which needs a "
+                    "department). A run never loosens a stored document's access (department -> public, "
+                    "another department, lower clearance) unless --allow-loosening is given: the stored "
+                    "access is kept and reported ('held back'). Symbolic links inside folders are not "
+                    "followed; links out of the folder, FIFOs and devices are refused; DATA_DIR is never "
+                    "read. Bad files, unknown metadata keys and colliding ids are reported and skipped "
+                    "(exit status 3). See docs/ingestion.md.")
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--prune", action="store_true",
                    help="sync: also delete documents that came from under a given folder (or .jsonl file) but "
                         "are no longer there")
     p.add_argument("--demo", action="store_true", help="also ingest the bundled demo corpus")
-    p.add_argument("--department", help="default department")
-    p.add_argument("--visibility", choices=("public", "department"), help="default visibility")
-    p.add_argument("--clearance", type=int, choices=range(1, 6), metavar="N", help="default clearance 1-5")
-    p.add_argument("--campus", help="default campus")
-    p.add_argument("--priority", type=int, choices=range(1, 6), metavar="N", help="default priority 1-5")
-    p.add_argument("--last-reviewed", help="default last_reviewed (ISO 8601)")
+    p.add_argument("--allow-loosening", action="store_true",
+                   help="let this run loosen stored access where the sources say so (visibility department -> "
+                        "public, another department, lower clearance); each loosening is reported and audited. "
+                        "Fields an admin pinned through the API stay pinned")
+    p.add_argument("--department", help="department for every document (files' own metadata wins)")
+    p.add_argument("--visibility", choices=("public", "department"),
+                   help="visibility for every document (files' own metadata wins)")
+    p.add_argument("--clearance", type=int, choices=range(1, 6), metavar="N",
+                   help="clearance 1-5 for every document (files' own metadata wins)")
+    p.add_argument("--campus", help="campus for every document")
+    p.add_argument("--priority", type=int, choices=range(1, 6), metavar="N", help="priority 1-5 for every document")
+    p.add_argument("--last-reviewed", help="last_reviewed (ISO 8601) for every document")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--vectors", metavar="FILE",
+                   help="precomputed embeddings (.jsonl or .npz) for the chunk inputs `campus-search chunks` "
+                        "exported; chunks without one are embedded here (docs/ingestion.md)")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "chunks", help="export the chunk inputs to embed elsewhere (for ingest --vectors)",
+        description="Parse and chunk PATHs exactly as `ingest` would and write one JSON line per distinct "
+                    "chunk, {\"hash\", \"input\"}, after a header naming the model and dimension. Embed each "
+                    "input with that model elsewhere (a GPU job, an embedding server) and give the vectors "
+                    "back with `campus-search ingest PATH... --vectors FILE`. Nothing is written to the index.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("-o", "--output", help="output file (default: standard output)")
+    p.set_defaults(func=cmd_chunks)
 
     p = sub.add_parser("token", help="print a signed HS256 token for local use")
     p.add_argument("--sub", required=True, help="user id")

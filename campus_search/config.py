@@ -58,6 +58,13 @@ def _json_object(raw: str) -> dict[str, Any]:
     return value
 
 
+def _visibility(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("public", "department"):
+        raise ValueError(f"expected 'public' or 'department', got {raw!r}")
+    return value
+
+
 def _mapping(raw: str) -> dict[str, str]:
     """``a=b,c=d`` -> {"a": "b", "c": "d"}."""
     out: dict[str, str] = {}
@@ -98,6 +105,11 @@ FIELDS: tuple[Field, ...] = (
     F("max_query_chars", ("MAX_QUERY_CHARS",), 2000, "Longest accepted search query, in characters.", int),
     F("max_document_bytes", ("MAX_DOCUMENT_BYTES",), 20 * 1024 * 1024,
       "Largest document accepted by the admin document API (PUT /api/admin/documents/ID).", int),
+    F("default_visibility", ("DEFAULT_VISIBILITY",), "department",
+      "Visibility of a new document whose visibility no source states (CLI flags, folder and sidecar "
+      "files, front matter, API metadata). `department` (the safe default) needs a department, so such a "
+      "document without one is refused; `public` restores the old open default. See docs/ingestion.md.",
+      _visibility),
     # --- database
     F("database_url", ("DATABASE_URL",), None,
       "PostgreSQL URL for writes (and reads unless DATABASE_READ_URL is set). If neither this nor DB_HOST "
@@ -275,6 +287,7 @@ class Settings:
     max_request_bytes: int = 64 * 1024
     max_query_chars: int = 2000
     max_document_bytes: int = 20 * 1024 * 1024
+    default_visibility: str = "department"
     database_url: str | None = None
     database_read_url: str | None = None
     db_host: str | None = None

@@ -1,7 +1,7 @@
 """Health checks: the full ``/health`` report (SPEC §1) and the cheap readiness probe.
 
 ``/health`` checks each dependency the way a search uses it -- the database (a pooled connection and
-the exact chunk count the index triggers maintain, one row, no scan), the embedding model or server
+the exact chunk count the index triggers maintain, no scan), the embedding model or server
 (one probe text), the cache, and an end-to-end search through :meth:`Services.run_search` as a
 superuser -- and reports each with ``healthy`` and
 ``response_time``. Results are reused for ``HEALTH_CACHE_SECONDS`` and concurrent checks wait for the
@@ -88,8 +88,9 @@ class HealthMonitor:
 
     def _database(self) -> dict[str, Any]:
         # The exact chunk count the chunk triggers maintain in the same transaction as every chunk change
-        # (lexical_stats, migration 003): one row read, where count(*) scanned the whole index each check.
-        chunks = int(self._pooled_query("SELECT chunks FROM lexical_stats"))
+        # (lexical_corpus: the statistics row plus the writers' not yet compacted deltas, migrations 003
+        # and 013): a few rows read, where count(*) scanned the whole index on every check.
+        chunks = int(self._pooled_query("SELECT chunks FROM lexical_corpus"))
         stats = self.services.db.stats()
         return {"healthy": True, "chunk_count": chunks, "pool_size": stats.get("pool_size"),
                 "pool_max": stats.get("pool_max"), "active_connections": stats.get("active_connections")}

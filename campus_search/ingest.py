@@ -8,6 +8,14 @@ Per document, by content hash:
   so a search sees the old version or the new one, never a mixture.
 Every change bumps ``index_state.generation``, which is part of every cache key.
 
+Access metadata follows the one rule of :func:`campus_search.metadata.resolve` (SPEC §2 "How access
+metadata changes"): fields no source states keep their stored value, a loosening applies only with
+``allow_loosening`` (else the stored access is kept and the document is reported as held back),
+fields an admin pinned through the API only tighten, and a new document whose visibility nobody
+states gets ``DEFAULT_VISIBILITY``. A document belongs to its source: an id whose stored document
+came from another file (that still exists) or from the API is refused, never overwritten, and so is
+the second of two files that claim one id in a run.
+
 Chunks are written in exactly three places: :meth:`Ingester._replace` (new or changed content),
 :meth:`Ingester._update_metadata` (access metadata copied onto chunks) and :meth:`Ingester.delete`
 (which :meth:`Ingester.prune` uses). Folder sync (walking, ``--prune`` scopes) is in :mod:`.sync`.
@@ -18,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +45,10 @@ from .chunking import (
 )
 from .db import Database
 from .embedding import MAX_SEQ_LENGTH, Embedder
-from .errors import BadRequest, IngestError
+from .errors import BadRequest, CampusSearchError, IngestError
+from .lexical import compact as compact_lexical
 from .metadata import FIELDS as META_FIELDS
-from .metadata import AccessMetadata
+from .metadata import AccessMetadata, Change, Resolution, check_keys, resolve
 from .parsers import ParsedDocument
 
 log = logging.getLogger(__name__)
@@ -55,23 +66,78 @@ class IngestReport:
     failed: int = 0
     chunks_written: int = 0
     chunks_embedded: int = 0
+    chunks_given: int = 0  # stored with a precomputed vector (``ingest --vectors``), not embedded here
+    loosened: int = 0  # documents whose access was loosened, by an explicit act (audited)
+    held_back: int = 0  # documents whose source asked for looser access: the stored access was kept
+    defaulted: int = 0  # new documents that got DEFAULT_VISIBILITY because nobody stated one
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # reported, not failures (held back, pinned, defaults)
+    access_changes: list[dict[str, Any]] = field(default_factory=list)  # loosenings applied: before/after
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "errors"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("errors", "notes", "access_changes")}
         out["errors"] = self.errors[:50]
+        out["notes"] = self.notes[:50]
+        out["access_changes"] = self.access_changes[:50]
         return out
 
 
 @dataclass
 class _Pending:
     doc: ParsedDocument
-    meta: AccessMetadata
+    given: dict[str, Any]  # metadata its sources state
     content_hash: str
+    meta: AccessMetadata = field(default_factory=AccessMetadata)  # resolved against what is stored
     existing: tuple[Any, ...] | None = None
     chunks: list[Chunk] = field(default_factory=list)
     chunk_hashes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MetadataUpdate:
+    """What :meth:`Ingester.update_metadata` did (for the API response and the audit record)."""
+
+    before: AccessMetadata
+    after: AccessMetadata
+    loosened: list[Change]
+    pinned: list[str]
+
+
+class LooseningRefused(CampusSearchError):
+    """A write would loosen access without an explicit act (``"allow_loosening": true``)."""
+
+    status = 409
+    code = "loosening_refused"
+
+
+_JSONL_SOURCE = re.compile(r"^(.*\.jsonl):\d+$", re.I)
+
+
+def _owner(source: str) -> str:
+    m = _JSONL_SOURCE.match(source)
+    return m.group(1) if m else source
+
+
+def same_owner(stored: str | None, new: str | None) -> bool:
+    """Whether a write from ``new`` may replace the document stored from ``stored``: the same file (or
+    corpus file), the API for an API document, or a file that no longer exists (a moved file keeping
+    its ``id:``). Documents without a recorded source (older rows, programmatic callers) are open."""
+    if stored is None or new is None:
+        return True
+    if stored.startswith("api:") or new.startswith("api:"):
+        return stored.startswith("api:") and new.startswith("api:")
+    old = _owner(stored)
+    return old == _owner(new) or not os.path.lexists(old)
+
+
+def stated(defaults: Mapping[str, Any] | AccessMetadata | None) -> dict[str, Any]:
+    """Defaults as the fields they state. An :class:`AccessMetadata` states every field that has a value."""
+    if defaults is None:
+        return {}
+    if isinstance(defaults, AccessMetadata):
+        return defaults.stated()
+    return dict(defaults)
 
 
 def _content_hash(doc: ParsedDocument, model: str) -> str:
@@ -90,18 +156,25 @@ Progress = Callable[[int, IngestReport], None]
 
 class Ingester:
     def __init__(self, db: Database, embedder: Embedder, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 overlap: int = DEFAULT_OVERLAP) -> None:
+                 overlap: int = DEFAULT_OVERLAP, default_visibility: str = "department") -> None:
         self.db = db
         self.embedder = embedder
         self.max_tokens = max_tokens
         self.overlap = overlap
+        #: precomputed vectors by chunk hash (``campus-search ingest --vectors``, :mod:`.vectors`)
+        self.given_vectors: Mapping[str, np.ndarray] = {}
+        self.default_visibility = default_visibility
 
     def ingest(self, items: Iterable[ParsedDocument | IngestError],
-               defaults: AccessMetadata | None = None, *, progress: Progress | None = None) -> IngestReport:
-        """Ingest documents (metadata on each document wins over ``defaults``)."""
+               defaults: Mapping[str, Any] | AccessMetadata | None = None, *, allow_loosening: bool = False,
+               respect_pins: bool = True, progress: Progress | None = None) -> IngestReport:
+        """Ingest documents. ``defaults`` are fields stated for every document (the CLI flags); a
+        document's own metadata wins over them, and both are resolved against what is stored
+        (:func:`~campus_search.metadata.resolve`). ``allow_loosening`` is the explicit act that lets
+        a write loosen access; ``respect_pins=False`` only for the API, which owns the pins."""
         report = IngestReport()
         started = time.perf_counter()
-        defaults = defaults or AccessMetadata()
+        base = stated(defaults)
         batch: list[_Pending] = []
         seen = 0
         for item in items:
@@ -110,23 +183,20 @@ class Ingester:
                 self._fail(report, item.message)
                 continue
             try:
-                unknown = sorted(set(item.metadata) - set(META_FIELDS))
-                if unknown:
-                    log.debug("%s: ignoring unknown metadata %s", item.source, unknown)
-                meta = defaults.merged(item.metadata, source=item.source or item.external_id)
+                check_keys(item.metadata, META_FIELDS, item.source or item.external_id)
                 if not item.blocks:
                     raise IngestError(f"{item.source or item.external_id}: no text found")
             except (BadRequest, IngestError) as exc:
                 self._fail(report, exc.message)
                 continue
-            batch.append(_Pending(item, meta, _content_hash(item, self.embedder.model_name)))
+            batch.append(_Pending(item, {**base, **item.metadata}, _content_hash(item, self.embedder.model_name)))
             if len(batch) >= DOC_BATCH:
-                self._flush(batch, report)
+                self._flush(batch, report, allow_loosening, respect_pins)
                 batch = []
                 if progress:
                     progress(seen, report)
         if batch:
-            self._flush(batch, report)
+            self._flush(batch, report, allow_loosening, respect_pins)
         if progress:
             progress(seen, report)
         report.seconds = time.perf_counter() - started
@@ -138,17 +208,70 @@ class Ingester:
         report.errors.append(message)
         log.debug("skipped: %s", message)  # the caller reports IngestReport.errors
 
-    def _flush(self, batch: list[_Pending], report: IngestReport) -> None:
-        # A document repeated within one batch: the last occurrence wins.
-        by_id = {p.doc.external_id: p for p in batch}
-        batch = list(by_id.values())
+    def _resolve(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool,
+                 respect_pins: bool) -> list[_Pending]:
+        """Identity and access checks against the stored rows; returns the documents to write."""
         with self.db.connection() as conn:
             rows = conn.execute(
                 "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, "
-                "priority, last_reviewed, source FROM documents WHERE external_id = ANY(%s)",
-                (list(by_id),)).fetchall()
-        for row in rows:
-            by_id[row[0]].existing = row
+                "priority, last_reviewed, source, pinned FROM documents WHERE external_id = ANY(%s)",
+                (list({p.doc.external_id for p in batch}),)).fetchall()
+        stored = {row[0]: row for row in rows}
+        claimed: dict[str, _Pending] = {}
+        out: list[_Pending] = []
+        for p in batch:
+            doc_id, where = p.doc.external_id, p.doc.source or p.doc.external_id
+            row = stored.get(doc_id)
+            if row is not None and not same_owner(row[9], p.doc.source):
+                self._fail(report, f"{where}: refused: id {doc_id!r} belongs to the document from {row[9]}; a "
+                                   f"file cannot replace another source's document (give it its own id:, or "
+                                   f"ingest the common parent folder so relative paths differ)")
+                continue
+            if doc_id in claimed:
+                self._fail(report, f"{where}: refused: id {doc_id!r} is also the id of "
+                                   f"{claimed[doc_id].doc.source or doc_id} in this run; ids must be unique "
+                                   f"(give it its own id:, or ingest the common parent folder)")
+                continue
+            try:
+                res = resolve(AccessMetadata(*row[3:9]) if row else None, p.given, allow_loosening=allow_loosening,
+                              pinned=(row[10] or ()) if row and respect_pins else (),
+                              default_visibility=self.default_visibility, source=where)
+            except BadRequest as exc:
+                self._fail(report, exc.message)
+                continue
+            claimed[doc_id] = p
+            p.meta, p.existing = res.meta, row
+            self._note(report, p, res)
+            out.append(p)
+        return out
+
+    @staticmethod
+    def _note(report: IngestReport, p: _Pending, res: Resolution) -> None:
+        where = p.doc.source or p.doc.external_id
+        if res.defaults:
+            report.defaulted += 1
+            report.notes.append(f"{where}: new document, nobody stated its visibility: "
+                                f"{res.defaults['visibility']!r} applied (DEFAULT_VISIBILITY)")
+        if res.pinned:
+            report.notes.append(f"{where}: kept (pinned by an admin through the API): "
+                                + ", ".join(f"{c.field} {c.before!r} (source says {c.after!r})" for c in res.pinned))
+        if res.held_back:
+            report.held_back += 1
+            report.notes.append(f"{where}: held back, access not loosened: "
+                                + ", ".join(f"{c.field} stays {c.before!r} (source says {c.after!r})"
+                                            for c in res.held_back) + "; re-run with --allow-loosening to apply")
+        if res.loosened and res.before is not None:
+            report.loosened += 1
+            report.access_changes.append({
+                "document_id": p.doc.external_id, "source": p.doc.source,
+                "before": res.before.as_json(), "after": res.meta.as_json(),
+                "loosened": [c.as_json() for c in res.loosened]})
+            report.notes.append(f"{where}: access loosened (--allow-loosening): "
+                                + ", ".join(str(c) for c in res.loosened))
+
+    def _flush(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool = False,
+               respect_pins: bool = True) -> None:
+        batch = self._resolve(batch, report, allow_loosening, respect_pins)
         unchanged: list[_Pending] = []
         meta_only: list[_Pending] = []
         changed: list[_Pending] = []
@@ -164,22 +287,64 @@ class Ingester:
             self._prepare_chunks(changed)
             vectors = self._vectors_for(changed, report)
         with self.db.connection() as conn:
+            current = self._still_current(conn, [*moved, *meta_only, *changed], report)
             for p in moved:  # same content from another path (or an old relative path): keep prune exact
-                assert p.existing is not None
-                conn.execute("UPDATE documents SET source = %s WHERE id = %s", (p.doc.source, p.existing[1]))
+                if id(p) in current:
+                    assert p.existing is not None
+                    conn.execute("UPDATE documents SET source = %s WHERE id = %s", (p.doc.source, p.existing[1]))
+            meta_only = [p for p in meta_only if id(p) in current]
             for p in meta_only:
                 assert p.existing is not None
                 self._update_metadata(conn, p.existing[1], p.meta, p.doc)
+            written = False
             for p in changed:
-                self._replace(conn, p, vectors)
+                if id(p) not in current:
+                    continue  # reported by _still_current
+                if not self._replace(conn, p, vectors):
+                    self._fail(report, f"{p.doc.source or p.doc.external_id}: another writer changed document "
+                                       f"{p.doc.external_id!r} while this run was writing it; nothing written, "
+                                       f"run again")
+                    continue
+                written = True
                 if p.existing is None:
                     report.added += 1
                 else:
                     report.updated += 1
                 report.chunks_written += len(p.chunks)
             report.metadata_updated += len(meta_only)
-            if meta_only or changed:
+            if meta_only or written:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+        if written:
+            self.compact()
+
+    def compact(self) -> None:
+        """Fold the lexical statistics deltas of committed writes (:func:`.lexical.compact`), in a short
+        transaction of its own after the write: writers only insert deltas, so they never queue on a shared
+        counter row, and this keeps the delta tables small."""
+        with self.db.connection() as conn:
+            compact_lexical(conn)
+
+    def _still_current(self, conn: Any, pending: list[_Pending], report: IngestReport) -> set[int]:
+        """Inside the write transaction: lock the stored rows this batch decided on and keep only the
+        documents whose row is exactly as it was read (``id()`` of each :class:`_Pending` kept). A row
+        another writer changed meanwhile (a PATCH, a pin, another sync) is not overwritten with a
+        decision taken on a stale read: that document fails for this run, loudly. New documents are
+        kept here; :meth:`_replace` refuses them if someone created the id meanwhile."""
+        ids = sorted({p.existing[1] for p in pending if p.existing is not None})
+        fresh = {}
+        if ids:
+            fresh = {row[1]: tuple(row) for row in conn.execute(
+                "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, priority, "
+                "last_reviewed, source, pinned FROM documents WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                (ids,)).fetchall()}
+        keep: set[int] = set()
+        for p in pending:
+            if p.existing is None or fresh.get(p.existing[1]) == tuple(p.existing):
+                keep.add(id(p))
+            else:
+                self._fail(report, f"{p.doc.source or p.doc.external_id}: another writer changed document "
+                                   f"{p.doc.external_id!r} while this run was reading it; nothing written, run again")
+        return keep
 
     def _prepare_chunks(self, pending: list[_Pending]) -> None:
         model = self.embedder.model_name
@@ -209,7 +374,13 @@ class Ingester:
         todo: dict[str, str] = {}
         for p in pending:
             for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
-                if h not in vectors:
+                if h in vectors:
+                    continue
+                given = self.given_vectors.get(h)
+                if given is not None:
+                    vectors[h] = given
+                    report.chunks_given += 1
+                else:
                     todo[h] = embedding_text(p.doc.title, c.section_title, c.text)
         if todo:
             hashes = list(todo)
@@ -219,6 +390,15 @@ class Ingester:
             vectors.update(zip(hashes, embedded, strict=True))
             report.chunks_embedded += len(hashes)
         return vectors
+
+    def chunk_inputs(self, docs: Iterable[ParsedDocument]) -> Iterator[tuple[str, str]]:
+        """``(chunk hash, exact text to embed)`` for every chunk ingestion would make of ``docs``, through
+        the same chunking (``campus-search chunks``: inputs for an embedding farm, :mod:`.vectors`)."""
+        for doc in docs:
+            p = _Pending(doc, {}, "")
+            self._prepare_chunks([p])
+            for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
+                yield h, embedding_text(doc.title, c.section_title, c.text)
 
     @staticmethod
     def _meta_params(meta: AccessMetadata) -> tuple[Any, ...]:
@@ -234,17 +414,24 @@ class Ingester:
             "UPDATE chunks SET department=%s, visibility=%s, clearance_level=%s, campus=%s, priority=%s, "
             "last_reviewed=%s WHERE document_id=%s", (*params, doc_id))
 
-    def _replace(self, conn: Any, p: _Pending, vectors: Mapping[str, np.ndarray]) -> None:
+    def _replace(self, conn: Any, p: _Pending, vectors: Mapping[str, np.ndarray]) -> bool:
+        """Write a new or changed document and its chunks. A document that was new when read but
+        whose id another writer created meanwhile is not written (returns False): never an overwrite."""
         params = self._meta_params(p.meta)
-        doc_id = conn.execute(
+        on_conflict = ("DO NOTHING" if p.existing is None else
+                       "DO UPDATE SET title=EXCLUDED.title, source=EXCLUDED.source, "
+                       "content_hash=EXCLUDED.content_hash, department=EXCLUDED.department, "
+                       "visibility=EXCLUDED.visibility, clearance_level=EXCLUDED.clearance_level, "
+                       "campus=EXCLUDED.campus, priority=EXCLUDED.priority, last_reviewed=EXCLUDED.last_reviewed, "
+                       "updated_at=now()")
+        row = conn.execute(
             "INSERT INTO documents (external_id, title, source, content_hash, department, visibility, "
             "clearance_level, campus, priority, last_reviewed) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-            "ON CONFLICT (external_id) DO UPDATE SET title=EXCLUDED.title, source=EXCLUDED.source, "
-            "content_hash=EXCLUDED.content_hash, department=EXCLUDED.department, "
-            "visibility=EXCLUDED.visibility, clearance_level=EXCLUDED.clearance_level, "
-            "campus=EXCLUDED.campus, priority=EXCLUDED.priority, last_reviewed=EXCLUDED.last_reviewed, "
-            "updated_at=now() RETURNING id",
-            (p.doc.external_id, p.doc.title, p.doc.source, p.content_hash, *params)).fetchone()[0]
+            f"ON CONFLICT (external_id) {on_conflict} RETURNING id",
+            (p.doc.external_id, p.doc.title, p.doc.source, p.content_hash, *params)).fetchone()
+        if row is None:
+            return False
+        doc_id = row[0]
         conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
         with conn.cursor().copy(
                 "COPY chunks (document_id, chunk_index, section_title, page_number, text, content_hash, "
@@ -254,22 +441,36 @@ class Ingester:
                             "text", "int2", "timestamp"])
             for i, (c, h) in enumerate(zip(p.chunks, p.chunk_hashes, strict=True)):
                 copy.write_row((doc_id, i, c.section_title, c.page_number, c.text, h, vectors[h], *params))
+        return True
 
-    def update_metadata(self, external_id: str, overrides: Mapping[str, Any]) -> AccessMetadata | None:
-        """Change a stored document's access metadata in place (no re-embedding). Returns the new
-        metadata, or None if there is no such document. Takes effect for the next search."""
+    def update_metadata(self, external_id: str, overrides: Mapping[str, Any], *, allow_loosening: bool = False,
+                        unpin: Collection[str] = ()) -> MetadataUpdate | None:
+        """Change a stored document's access metadata in place (no re-embedding): the admin API's
+        PATCH. Fields given replace (``None`` clears), the rest stay; a loosening raises
+        :class:`LooseningRefused` unless ``allow_loosening``. The fields given become *pinned*: file
+        writers (sync) change them afterwards only to tighten, until ``unpin`` names them. Returns
+        what happened, or None if there is no such document. Takes effect for the next search."""
         with self.db.connection() as conn:
             row = conn.execute(
-                "SELECT id, department, visibility, clearance_level, campus, priority, last_reviewed, source "
+                "SELECT id, department, visibility, clearance_level, campus, priority, last_reviewed, source, pinned "
                 "FROM documents WHERE external_id = %s FOR UPDATE", (external_id,)).fetchone()
             if row is None:
                 return None
-            meta = AccessMetadata(*row[1:7]).merged(overrides, source="metadata")
+            before = AccessMetadata(*row[1:7])
+            res = resolve(before, overrides, allow_loosening=True, source="metadata")
+            if res.loosened and not allow_loosening:
+                raise LooseningRefused(
+                    "this change loosens access (" + "; ".join(str(c) for c in res.loosened)
+                    + "); send \"allow_loosening\": true to confirm",
+                    details={"loosened": [c.as_json() for c in res.loosened]})
+            pinned = sorted((set(row[8] or ()) | {k for k in overrides if k in META_FIELDS}) - set(unpin))
             doc = ParsedDocument(external_id=external_id, title="", blocks=[], source=row[7])
-            if meta != AccessMetadata(*row[1:7]):
-                self._update_metadata(conn, row[0], meta, doc)
+            if res.meta != before:
+                self._update_metadata(conn, row[0], res.meta, doc)
                 conn.execute("UPDATE index_state SET generation = generation + 1")
-        return meta
+            if pinned != sorted(row[8] or ()):
+                conn.execute("UPDATE documents SET pinned = %s WHERE id = %s", (pinned, row[0]))
+        return MetadataUpdate(before, res.meta, res.loosened, pinned)
 
     def stale(self, source_prefix: str, keep_ids: Collection[str], keep_sources: Collection[str] = ()) -> list[str]:
         """External ids of documents whose source starts with ``source_prefix`` (a synced folder +
@@ -294,4 +495,6 @@ class Ingester:
             n = conn.execute("DELETE FROM documents WHERE external_id = ANY(%s)", (ids,)).rowcount
             if n:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+        if n:
+            self.compact()
         return n

@@ -4,7 +4,10 @@ Markdown and plain text here; PDF, DOCX and HTML in :mod:`.formats`. Each format
 registered by suffix (:data:`PARSERS` for paths, :data:`BYTE_PARSERS` for uploaded bytes).
 Metadata comes, most specific last (later wins): CLI defaults, ``.campus-search.yaml`` in the folder
 and its parents (nearest wins), a sidecar ``<file>.meta.yaml``, YAML front matter (Markdown, text).
-A document's ``source`` is the file's absolute path, which is what ``--prune`` compares against.
+Each may hold only the keys :mod:`.metadata` allows for it (a misspelt key fails the file, with a
+"did you mean"). A document's ``source`` is the file's absolute path, which is what ``--prune``
+compares against. Files are read through :mod:`.fileguard` (no links out, no special files, never
+``DATA_DIR``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import yaml
 
 from .chunking import Block
 from .errors import IngestError
+from .fileguard import Guard, Listing, Reader, list_folder
 from .formats import BYTE_PARSERS as _RICH
 from .metadata import FIELDS as META_FIELDS
+from .metadata import FILE_KEYS, FOLDER_KEYS, JSONL_KEYS, check_keys
 
 FOLDER_DEFAULTS = ".campus-search.yaml"
 SIDECAR_SUFFIX = ".meta.yaml"
@@ -136,17 +141,6 @@ def _decode(data: bytes, where: str) -> str:
         raise IngestError(f"{where}: not UTF-8 text") from None
 
 
-def _read_text(path: Path) -> str:
-    return _decode(_read_bytes(path), str(path))
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
-
-
 Parsed = tuple[str, list[Block], dict[str, Any]]
 BytesParser = Callable[[bytes, str, str], Parsed]
 
@@ -173,7 +167,7 @@ BYTE_PARSERS: dict[str, BytesParser] = {
 
 
 def _path_parser(parser: BytesParser) -> Callable[[Path], Parsed]:
-    return lambda path: parser(_read_bytes(path), str(path), _title_from_name(path))
+    return lambda path: parser(Guard().reader(None).read(path), str(path), _title_from_name(path))
 
 
 PARSERS: dict[str, Callable[[Path], Parsed]] = {suffix: _path_parser(p) for suffix, p in BYTE_PARSERS.items()}
@@ -188,6 +182,7 @@ def parse_bytes(data: bytes, filename: str, *, external_id: str, metadata: Mappi
         raise IngestError(f"{filename}: unsupported file type {name.suffix or '(none)'}; supported: "
                           f"{', '.join(sorted(BYTE_PARSERS))}")
     title, blocks, meta = parser(data, filename, _title_from_name(name))
+    check_keys(meta, FILE_KEYS, f"{filename}: front matter", IngestError)
     meta.update(metadata or {})
     title = str(meta.pop("title", None) or title)
     meta.pop("id", None)
@@ -199,53 +194,75 @@ def _title_from_name(path: Path) -> str:
     return re.sub(r"[-_]+", " ", path.stem).strip().capitalize() or path.name
 
 
-def folder_defaults(path: Path, root: Path) -> dict[str, Any]:
+def folder_defaults(path: Path, root: Path, reader: Reader | None = None) -> dict[str, Any]:
     """Merged ``.campus-search.yaml`` from ``root`` down to the file's folder (nearest wins)."""
+    reader = reader or Guard().reader(None)
     merged: dict[str, Any] = {}
     folders = [path.parent]
     while folders[-1] != root and root in folders[-1].parents:
         folders.append(folders[-1].parent)
     for folder in reversed(folders):
         candidate = folder / FOLDER_DEFAULTS
-        if candidate.is_file():
-            merged.update(_load_yaml_mapping(_read_text(candidate), str(candidate)))
+        if reader.exists(candidate):
+            data = _load_yaml_mapping(_decode(reader.read(candidate), str(candidate)), str(candidate))
+            check_keys(data, FOLDER_KEYS, str(candidate), IngestError)
+            merged.update(data)
     return merged
 
 
-def parse_file(path: Path, root: Path) -> ParsedDocument:
-    parser = PARSERS.get(path.suffix.lower())
+def parse_file(path: Path, root: Path, reader: Reader | None = None) -> ParsedDocument:
+    """Parse one file found under ``root`` (metadata layered as the module docstring says). Every
+    byte is read through ``reader`` (:mod:`.fileguard`); without one, only regular files are read."""
+    reader = reader or Guard().reader(None)
+    parser = BYTE_PARSERS.get(path.suffix.lower())
     if parser is None:
         raise IngestError(f"{path}: unsupported file type {path.suffix or '(none)'}")
-    title, blocks, meta = parser(path)
-    merged = folder_defaults(path, root)
+    title, blocks, meta = parser(reader.read(path), str(path), _title_from_name(path))
+    check_keys(meta, FILE_KEYS, f"{path}: front matter", IngestError)
+    merged = folder_defaults(path, root, reader)
     sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
-    if sidecar.is_file():
-        merged.update(_load_yaml_mapping(_read_text(sidecar), str(sidecar)))
+    if reader.exists(sidecar):
+        data = _load_yaml_mapping(_decode(reader.read(sidecar), str(sidecar)), str(sidecar))
+        check_keys(data, FILE_KEYS, str(sidecar), IngestError)
+        merged.update(data)
     merged.update(meta)
     title = str(merged.pop("title", None) or title)
     rel = path.relative_to(root) if root != path else Path(path.name)
-    external_id = str(merged.pop("id", None) or rel.as_posix())
+    stated_id = merged.pop("id", None)
+    if stated_id is not None and (not isinstance(stated_id, str | int) or isinstance(stated_id, bool)
+                                  or not str(stated_id).strip() or len(str(stated_id)) > 500):
+        raise IngestError(f"{path}: id must be a non-empty string of at most 500 characters")
+    external_id = str(stated_id).strip() if stated_id is not None else rel.as_posix()
     return ParsedDocument(external_id=external_id, title=title, blocks=blocks, metadata=merged,
                           source=str(path.resolve()))
 
 
-def discover(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
-    """(file, root) pairs for every supported file under ``paths``, sorted, hidden files skipped."""
+def _skipped_name(name: str) -> bool:
+    # hidden files and folders, and Office lock files (~$name.docx) are never documents
+    return name.startswith((".", "~$"))
+
+
+def _is_document(path: Path) -> bool:
+    return (path.name not in SKIP_NAMES and not path.name.endswith(SIDECAR_SUFFIX)
+            and path.suffix.lower() in PARSERS)
+
+
+def list_documents(root: Path, guard: Guard | None = None) -> Listing:
+    """The :class:`~campus_search.fileguard.Listing` of the documents under the folder ``root``."""
+    return list_folder(root, guard or Guard(), _is_document, _skipped_name)
+
+
+def discover(paths: list[Path], guard: Guard | None = None) -> Iterator[tuple[Path, Path]]:
+    """(file, root) pairs for every supported file under ``paths``, sorted, hidden files skipped.
+    Links and special files are not yielded (:func:`list_documents` reports them)."""
     for given in paths:
         if given.is_file():
             yield given, given.parent
             continue
         if not given.is_dir():
             raise IngestError(f"{given}: no such file or directory")
-        for path in sorted(given.rglob("*")):
-            rel_parts = path.relative_to(given).parts
-            # hidden files and folders, and Office lock files (~$name.docx) are never documents
-            if any(p.startswith((".", "~$")) for p in rel_parts) or not path.is_file():
-                continue
-            if path.name in SKIP_NAMES or path.name.endswith(SIDECAR_SUFFIX):
-                continue
-            if path.suffix.lower() in PARSERS:
-                yield path, given
+        for path in list_documents(given, guard).files:
+            yield path, given
 
 
 def read_jsonl(path: Path) -> Iterator[ParsedDocument | IngestError]:
@@ -268,6 +285,11 @@ def read_jsonl(path: Path) -> Iterator[ParsedDocument | IngestError]:
                 continue
             if not isinstance(record, Mapping) or "_id" not in record:
                 yield IngestError(f"{path}:{lineno}: each line needs an \"_id\"")
+                continue
+            try:
+                check_keys(record, JSONL_KEYS, f"{path}:{lineno}", IngestError)
+            except IngestError as exc:
+                yield exc
                 continue
             text = str(record.get("text") or "")
             title = str(record.get("title") or "").strip()

@@ -82,7 +82,13 @@ def summary(report: Any) -> str:
     changed = report.added + report.updated
     rate = f"{changed / secs:,.1f} docs/s, {report.chunks_written / secs:,.1f} chunks/s" if secs > 0 else "-"
     meta = f" ({report.metadata_updated} metadata only)" if report.metadata_updated else ""
+    access = [f"{n} {what}" for n, what in (
+        (getattr(report, "loosened", 0), "loosened (audited)"),
+        (getattr(report, "held_back", 0), "held back (access kept; --allow-loosening to apply)"),
+        (getattr(report, "defaulted", 0), "given DEFAULT_VISIBILITY")) if n]
     return (f"ingest: {report.added} added, {report.updated + report.metadata_updated} updated{meta}, "
             f"{report.unchanged} unchanged, {report.deleted} deleted, {report.failed} failed — "
-            f"{report.chunks_written} chunks written, {report.chunks_embedded} embedded in "
-            f"{_duration(secs) if secs >= 1 else f'{secs:.2f}s'} ({rate})")
+            f"{report.chunks_written} chunks written, {report.chunks_embedded} embedded"
+            f"{f', {report.chunks_given} with given vectors' if getattr(report, 'chunks_given', 0) else ''} in "
+            f"{_duration(secs) if secs >= 1 else f'{secs:.2f}s'} ({rate})"
+            + (f"; access: {', '.join(access)}" if access else ""))

@@ -81,7 +81,7 @@ class Services:
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
                                                                                    self.settings.bm25_b))
-            self.ingester = Ingester(self.db, embedder)
+            self.ingester = Ingester(self.db, embedder, default_visibility=self.settings.default_visibility)
             self.cache = build_cache(self.settings, self.db, self.searcher)
             self._pid = os.getpid()
             log.info("services open in pid %s", self._pid)

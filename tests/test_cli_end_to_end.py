@@ -33,11 +33,12 @@ def folder(tmp_path: Path) -> Path:
 
 def test_embedded_database_keeps_data_across_restarts(tmp_path: Path, folder: Path) -> None:
     env = {"DATA_DIR": str(tmp_path / "state"), "DATABASE_URL": "", "DB_HOST": ""}
-    first = run(["ingest", str(folder), "--quiet"], env)
+    # parking.txt states no department: public must be said (DEFAULT_VISIBILITY is department)
+    first = run(["ingest", str(folder), "--quiet", "--visibility", "public"], env)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout.strip().splitlines()[-1])["added"] == 2
     # each CLI process started the embedded cluster and stopped it on exit; a new process finds the data
-    again = run(["ingest", str(folder), "--quiet"], env)
+    again = run(["ingest", str(folder), "--quiet"], env)  # no flags: the stored access stays
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     assert summary["unchanged"] == 2 and summary["chunks_embedded"] == 0

@@ -26,7 +26,9 @@ def app_env(settings_factory: Any, embedder: Any) -> Iterator[tuple[Any, Any]]:
     from campus_search.app import create_app
     from campus_search.services import Services
 
-    settings = settings_factory(max_document_bytes=200_000, rate_limits_enabled=False)
+    # documents nobody restricts are public here, as before DEFAULT_VISIBILITY existed
+    # (tests/test_access_writes.py covers the shipped default, department)
+    settings = settings_factory(max_document_bytes=200_000, rate_limits_enabled=False, default_visibility="public")
     services = Services(settings, embedder=embedder).ensure_open()
     app = create_app(settings, services=services)
     app.config["TESTING"] = True
@@ -88,7 +90,7 @@ def test_patch_metadata_only(app_env: Any, admin: dict[str, str]) -> None:
     with services.db.connection(read=True) as conn:  # copied onto every chunk for the pre-filter
         assert {r[0] for r in conn.execute("SELECT clearance_level FROM chunks")} == {4}
 
-    for bad, message in [({"metadata": {"colour": "red"}}, "unknown metadata fields ['colour']"),
+    for bad, message in [({"metadata": {"colour": "red"}}, "unknown metadata key 'colour'"),
                          ({"metadata": {"clearance_level": 9}}, "clearance_level must be between 1 and 5"),
                          ({"metadata": {"visibility": "department"}}, "needs a department"),
                          ({"clearance_level": 2}, "send {\"metadata\""), ([1], "send {\"metadata\"")]:

@@ -51,7 +51,9 @@ def counting(embedder: Any) -> CountingEmbedder:
 
 @pytest.fixture
 def services(settings_factory: Callable[..., Any], counting: CountingEmbedder) -> Iterator[Services]:
-    s = Services(settings_factory(), embedder=counting).ensure_open()
+    # these tests are about sync mechanics: documents nobody restricts are public, as before
+    # DEFAULT_VISIBILITY existed (tests/test_access_writes.py covers the shipped default)
+    s = Services(settings_factory(default_visibility="public"), embedder=counting).ensure_open()
     yield s
     s.close()
 

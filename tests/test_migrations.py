@@ -101,6 +101,6 @@ def test_backfills_bring_a_populated_schema_002_database_up_to_date(make_databas
                             {"qtext": "printing credit"}).fetchall()
         assert hits and {h[0] for h in hits} <= {p[1] for p in postings if p[4] <= 1}
         conn.execute("DELETE FROM documents WHERE external_id = 'hr'")
-        after = conn.execute("SELECT chunks, total_length FROM lexical_stats").fetchone()
+        after = conn.execute("SELECT chunks, total_length FROM lexical_corpus").fetchone()
         real = conn.execute("SELECT count(*), sum(lexical_length) FROM chunks").fetchone()
     assert after == real

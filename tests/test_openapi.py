@@ -165,7 +165,7 @@ def test_admin_answers_match_the_schemas(writable_client: Any, token: Any, spec:
     assert same["status"] == "unchanged"
     upload = c.put("/api/admin/documents/notes.txt", headers=admin, content_type="multipart/form-data",
                    data={"file": (io.BytesIO(b"Library opening hours in summer."), "notes.txt"),
-                         "metadata": json.dumps({"priority": 4})})
+                         "metadata": json.dumps({"priority": 4, "visibility": "public"})})
     assert check(spec, registry, "PUT", path, upload)["status"] == "added"
     check(spec, registry, "PUT", path, c.put("/api/admin/documents/x", headers=admin, json={"text": ""}))
     check(spec, registry, "PUT", path, c.put("/api/admin/documents/x", json={"text": "t"}))
@@ -179,7 +179,15 @@ def test_admin_answers_match_the_schemas(writable_client: Any, token: Any, spec:
                                              headers={"Authorization": token("academic")}))
     patched = check(spec, registry, "PATCH", path, c.patch("/api/admin/documents/estates/parking.md", headers=admin,
                                                            json={"metadata": {"priority": 5}}))
-    assert patched["metadata"]["priority"] == 5
+    assert patched["metadata"]["priority"] == 5 and patched["pinned"] == ["priority"]
+    refused = c.patch("/api/admin/documents/estates/parking.md", headers=admin,
+                      json={"metadata": {"visibility": "public"}})
+    assert check(spec, registry, "PATCH", path, refused)["error"]["code"] == "loosening_refused"
+    loosened = check(spec, registry, "PATCH", path, c.patch(
+        "/api/admin/documents/estates/parking.md", headers=admin,
+        json={"metadata": {"visibility": "public", "campus": None}, "allow_loosening": True, "unpin": ["priority"]}))
+    assert loosened["loosened"][0] == {"field": "visibility", "before": "department", "after": "public"}
+    assert loosened["pinned"] == ["campus", "visibility"]
     check(spec, registry, "PATCH", path, c.patch("/api/admin/documents/missing", headers=admin,
                                                  json={"metadata": {"priority": 5}}))
     found = check(spec, registry, "POST", "/api/search",

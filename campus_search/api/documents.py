@@ -1,17 +1,26 @@
 """Admin document management (admin role only; every change audited).
 
 - ``GET    /api/admin/documents``        list: ``?limit=&offset=&department=&q=`` (title or id contains q)
-- ``GET    /api/admin/documents/<id>``   one document: metadata, chunk count, sections, pages
-- ``PUT    /api/admin/documents/<id>``   upsert: JSON ``{"text", "format", "title", "metadata"}`` or
-  multipart ``file`` (PDF, DOCX, HTML, Markdown, text) + optional ``metadata`` (a JSON object) and ``title``
-- ``PATCH  /api/admin/documents/<id>``   metadata only ``{"metadata": {...}}``: no re-embedding
+- ``GET    /api/admin/documents/<id>``   one document: metadata, pinned fields, chunk count, sections, pages
+- ``PUT    /api/admin/documents/<id>``   upsert: JSON ``{"text", "format", "title", "metadata",
+  "allow_loosening"}`` or multipart ``file`` (PDF, DOCX, HTML, Markdown, text) + optional ``metadata``
+  (a JSON object), ``title`` and ``allow_loosening``
+- ``PATCH  /api/admin/documents/<id>``   metadata only ``{"metadata": {...}, "allow_loosening", "unpin"}``
 - ``DELETE /api/admin/documents/<id>``   delete the document and its chunks
 
 Upserts go through the same :class:`Ingester` as ``campus-search ingest``: unchanged content is not
-re-embedded, changed content re-embeds only new chunks, and the swap is one transaction. Metadata
-given replaces only the fields given; for an existing document the others keep their stored values
-(so re-uploading a restricted document without metadata never makes it public), for a new one they
-take the defaults (public, clearance 1, priority 3). Upload size: ``MAX_DOCUMENT_BYTES``.
+re-embedded, changed content re-embeds only new chunks, and the swap is one transaction.
+
+Access metadata follows :func:`campus_search.metadata.resolve` (SPEC §2): metadata given replaces
+only the fields given (``null`` clears campus, last_reviewed, or department while public); for an
+existing document the others keep their stored values. A change that loosens access is refused with
+409 ``loosening_refused`` unless the request says ``"allow_loosening": true``; an uploaded file's own
+front matter can tighten an existing document but never loosen it (held back, reported in
+``held_back``), whatever the request says. A new document whose visibility nobody states gets
+``DEFAULT_VISIBILITY`` (reported in ``defaults_applied``). ``PATCH`` pins the fields it sets, so a sync
+from the document's source file cannot undo them (it may only tighten them) until ``"unpin"`` releases
+them. ``PUT`` cannot replace a document that ``campus-search ingest`` owns (409 ``source_conflict``).
+Upload size: ``MAX_DOCUMENT_BYTES``.
 """
 
 from __future__ import annotations
@@ -25,9 +34,10 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify, request
 
 from ..audit import admin_action
-from ..errors import BadRequest, NotFound, PayloadTooLarge
+from ..errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
+from ..ingest import LooseningRefused
 from ..metadata import FIELDS as META_FIELDS
-from ..metadata import AccessMetadata
+from ..metadata import AccessMetadata, check_keys, check_values, loosenings, resolve
 from ..parsers import BYTE_PARSERS, parse_bytes
 from ..security.auth import require_admin
 
@@ -38,7 +48,13 @@ bp = Blueprint("documents", __name__)
 FORMATS = {"markdown": "inline.md", "text": "inline.txt", "html": "inline.html"}
 MAX_ID_CHARS = 500
 LIST_PARAMS = {"limit", "offset", "department", "q"}
-UPSERT_KEYS = {"text", "format", "title", "metadata"}
+UPSERT_KEYS = {"text", "format", "title", "metadata", "allow_loosening"}
+PATCH_KEYS = {"metadata", "allow_loosening", "unpin"}
+
+
+class SourceConflict(CampusSearchError):
+    status = 409
+    code = "source_conflict"
 
 
 @contextlib.contextmanager
@@ -72,11 +88,19 @@ def _metadata(raw: Any) -> dict[str, Any]:
             raise BadRequest("metadata must be a JSON object") from None
     if not isinstance(raw, dict):
         raise BadRequest("metadata must be a JSON object")
-    unknown = sorted(set(raw) - set(META_FIELDS))
-    if unknown:
-        raise BadRequest(f"unknown metadata fields {unknown}; allowed: {list(META_FIELDS)}")
-    AccessMetadata().merged(raw, source="metadata")  # validate now: a 400 that names the field
+    check_keys(raw, META_FIELDS, "metadata")
+    check_values(raw, source="metadata")  # validate now: a 400 that names the field
     return raw
+
+
+def _flag(raw: Any, name: str) -> bool:
+    if raw is None:
+        return False
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):  # multipart form field
+        return raw.strip().lower() == "true"
+    raise BadRequest(f"{name} must be true or false")
 
 
 def _stored(services: Any, doc_id: str) -> dict[str, Any] | None:
@@ -87,13 +111,14 @@ def _stored(services: Any, doc_id: str) -> dict[str, Any] | None:
             "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id), "
             "(SELECT array_agg(DISTINCT c.section_title) FILTER (WHERE c.section_title IS NOT NULL) "
             " FROM chunks c WHERE c.document_id = d.id), "
-            "(SELECT max(c.page_number) FROM chunks c WHERE c.document_id = d.id) "
+            "(SELECT max(c.page_number) FROM chunks c WHERE c.document_id = d.id), d.pinned "
             "FROM documents d WHERE d.external_id = %s", (doc_id,)).fetchone()
     if row is None:
         return None
     out = _row_json(row[:12])
     out["sections"] = sorted(row[12] or [])
     out["last_page"] = row[13]
+    out["pinned"] = sorted(row[14] or [])
     return out
 
 
@@ -161,16 +186,17 @@ def _upload_limit(services: Any) -> int:
     return limit
 
 
-def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any]]:
-    """(ParsedDocument, metadata given) from a JSON or multipart body."""
+def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any], bool]:
+    """(ParsedDocument, metadata given, allow_loosening) from a JSON or multipart body."""
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("file")
         if upload is None or not upload.filename:
             raise BadRequest("multipart upload needs a 'file' field with a filename")
-        extra = sorted(set(request.form) - {"metadata", "title"})
+        extra = sorted(set(request.form) - {"metadata", "title", "allow_loosening"})
         if extra:
-            raise BadRequest(f"unknown form fields {extra}; allowed: file, metadata, title")
+            raise BadRequest(f"unknown form fields {extra}; allowed: file, metadata, title, allow_loosening")
         meta = _metadata(request.form.get("metadata"))
+        allow = _flag(request.form.get("allow_loosening"), "allow_loosening")
         data, filename, title = upload.read(), upload.filename, request.form.get("title")
     else:
         body = request.get_json(silent=True)
@@ -186,6 +212,7 @@ def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any]]:
         if fmt not in FORMATS:
             raise BadRequest(f"format must be one of {sorted(FORMATS)}")
         meta = _metadata(body.get("metadata"))
+        allow = _flag(body.get("allow_loosening"), "allow_loosening")
         data, filename = text.encode("utf-8"), FORMATS[fmt]
     if title is not None and (not isinstance(title, str) or not title.strip() or len(title) > 500):
         raise BadRequest("title must be a non-empty string of at most 500 characters")
@@ -195,7 +222,13 @@ def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any]]:
     doc = parse_bytes(data, filename, external_id=doc_id, metadata={}, source=f"api:{filename}")
     if title:
         doc.title = title.strip()
-    return doc, meta
+    return doc, meta, allow
+
+
+def _loosening_refused(changes: list[Any]) -> LooseningRefused:
+    return LooseningRefused("this change loosens access (" + "; ".join(str(c) for c in changes)
+                            + "); send \"allow_loosening\": true to confirm",
+                            details={"loosened": [c.as_json() for c in changes]})
 
 
 @bp.put("/api/admin/documents/<path:doc_id>")
@@ -203,15 +236,32 @@ def upsert_document(doc_id: str) -> Any:
     services = _services()
     doc_id = _doc_id(doc_id)
     _upload_limit(services)
-    doc, given = _parse_upload(doc_id)
+    doc, given, allow = _parse_upload(doc_id)
     existing = _stored(services, doc_id)
-    base = AccessMetadata().merged(existing["metadata"]) if existing else AccessMetadata()
-    # front matter in an uploaded Markdown file counts as given, below the request's own metadata
-    meta = base.merged({**{k: v for k, v in doc.metadata.items() if k in META_FIELDS}, **given},
-                       source="metadata")
+    if existing and not str(existing["source"] or "api:").startswith("api:"):
+        raise SourceConflict(f"document {doc_id!r} is kept in sync from {existing['source']} by campus-search "
+                             f"ingest: change that file, or PATCH its metadata")
+    front = {k: v for k, v in doc.metadata.items() if k in META_FIELDS}
+    outcome: dict[str, Any] = {"loosened": [], "held_back": [], "defaults_applied": {}}
+    if existing is None:
+        # a new document: its front matter counts as stated, below the request's own metadata
+        res = resolve(None, {**front, **given}, default_visibility=services.settings.default_visibility)
+        meta, outcome["defaults_applied"] = res.meta, res.defaults
+    else:
+        before = AccessMetadata().merged(existing["metadata"])
+        # the file's own front matter may tighten, never loosen; only the request may, when it says so
+        from_file = resolve(before, front)
+        meta = resolve(from_file.meta, given, allow_loosening=True).meta
+        loosened = loosenings(before, meta)
+        if loosened and not allow:
+            raise _loosening_refused(loosened)
+        outcome.update(loosened=[c.as_json() for c in loosened],
+                       held_back=[c.as_json() for c in from_file.held_back])
     doc.metadata = meta.as_json()
-    with _audited(services, "document.upsert", doc_id, {"source": doc.source}) as info:
-        report = services.ingester.ingest([doc], meta)
+    details = {"source": doc.source, **({"before": existing["metadata"], "after": meta.as_json()} if existing
+                                        else {}), **{k: v for k, v in outcome.items() if v}}
+    with _audited(services, "document.upsert", doc_id, details) as info:
+        report = services.ingester.ingest([doc], allow_loosening=allow, respect_pins=False)
         if report.failed:
             from ..errors import IngestError
 
@@ -222,7 +272,7 @@ def upsert_document(doc_id: str) -> Any:
         info.update(status=status, chunks_embedded=report.chunks_embedded)
     stored = _stored(services, doc_id) or {}
     body = {"document_id": doc_id, "status": status, "chunk_count": stored.get("chunk_count"),
-            "chunks_embedded": report.chunks_embedded, "metadata": stored.get("metadata"),
+            "chunks_embedded": report.chunks_embedded, "metadata": stored.get("metadata"), **outcome,
             "request_id": g.request_id}
     return jsonify(body), 201 if status == "added" else 200
 
@@ -232,14 +282,26 @@ def update_metadata(doc_id: str) -> Any:
     services = _services()
     doc_id = _doc_id(doc_id)
     body = request.get_json(silent=True)
-    if not isinstance(body, dict) or set(body) != {"metadata"}:
-        raise BadRequest("send {\"metadata\": {...}} (the fields to change)")
-    given = _metadata(body["metadata"])
-    with _audited(services, "document.metadata", doc_id, {"changed": sorted(given)}):
-        meta = services.ingester.update_metadata(doc_id, given)
-        if meta is None:
+    if not isinstance(body, dict) or not set(body) & {"metadata", "unpin"} or set(body) - PATCH_KEYS:
+        raise BadRequest("send {\"metadata\": {...}} (the fields to change), optionally \"allow_loosening\": true "
+                         "and \"unpin\": [fields]")
+    given = _metadata(body.get("metadata"))
+    allow = _flag(body.get("allow_loosening"), "allow_loosening")
+    unpin = body.get("unpin") or []
+    if not isinstance(unpin, list) or not all(isinstance(f, str) for f in unpin):
+        raise BadRequest("unpin must be a list of metadata field names")
+    check_keys({f: None for f in unpin}, META_FIELDS, "unpin")
+    if set(unpin) & set(given):
+        raise BadRequest(f"fields both set and unpinned: {sorted(set(unpin) & set(given))}")
+    details: dict[str, Any] = {"changed": sorted(given), "allow_loosening": allow, "unpin": sorted(unpin)}
+    with _audited(services, "document.metadata", doc_id, details) as info:
+        update = services.ingester.update_metadata(doc_id, given, allow_loosening=allow, unpin=unpin)
+        if update is None:
             raise NotFound(f"no document {doc_id!r}")
-    return jsonify({"document_id": doc_id, "status": "metadata_updated", "metadata": meta.as_json(),
+        info.update(before=update.before.as_json(), after=update.after.as_json(), pinned=update.pinned,
+                    loosened=[c.as_json() for c in update.loosened])
+    return jsonify({"document_id": doc_id, "status": "metadata_updated", "metadata": update.after.as_json(),
+                    "loosened": [c.as_json() for c in update.loosened], "pinned": update.pinned,
                     "request_id": g.request_id})
 
 
