@@ -149,6 +149,15 @@ def post_fork(server: Any, worker: Any) -> None:
         sys.exit(0)
 
 
+def worker_int(worker: Any) -> None:
+    """Worker, quick stop under way (SIGINT/SIGQUIT; gunicorn raises SystemExit right after this hook).
+    Ctrl-C reaches every process of the group and the master then sends each worker SIGQUIT as well: a
+    second stop signal would interrupt the exit half-way (before ``worker_exit`` closes the pools), so
+    further ones are ignored. The master still kills a worker that does not finish in time."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def worker_exit(server: Any, worker: Any) -> None:
     """Worker, after its last in-flight request: close its pools so PostgreSQL sees clean goodbyes."""
     services = _services(server)
@@ -175,7 +184,7 @@ def on_exit(server: Any) -> None:
 
 
 #: The hooks as gunicorn settings.
-HOOKS = {"when_ready": when_ready, "post_fork": post_fork, "worker_exit": worker_exit,
+HOOKS = {"when_ready": when_ready, "post_fork": post_fork, "worker_int": worker_int, "worker_exit": worker_exit,
          "child_exit": child_exit, "on_exit": on_exit}
 
 #: The brief's production command's values (its flags repeat them; flags win over these).
