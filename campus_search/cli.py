@@ -210,9 +210,12 @@ def cmd_chunks(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .security.auth import mint_token
+    from .security.auth import mint_token, token_role_claim
 
     settings = _settings()
+    note = token_role_claim(settings, args.role)[1]
+    if note:
+        print(note, file=sys.stderr)
     print(mint_token(settings, sub=args.sub, role=args.role, departments=args.department or [],
                      campus=args.campus, ttl=args.ttl))
     return 0
@@ -314,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("token", help="print a signed HS256 token for local use")
     p.add_argument("--sub", required=True, help="user id")
     p.add_argument("--role", required=True,
-                   help=f"role ({', '.join(ROLE_NAMES)}) or an SSO role name from ROLE_MAPPING")
+                   help=f"role ({', '.join(ROLE_NAMES)}) or an SSO role value from ROLE_MAPPING; the token "
+                        "carries the SSO value ROLE_MAPPING maps to that role, since the server honours "
+                        "nothing else (a value nothing maps is minted with a warning: the server treats it "
+                        "as a student)")
     p.add_argument("--department", action="append", help="department (repeat for several)")
     p.add_argument("--campus", help="campus")
     p.add_argument("--ttl", type=int, help="lifetime in seconds (default JWT_TOKEN_TTL)")

@@ -157,6 +157,37 @@ def test_lexical_path_obeys_visibility(small: Any) -> None:
     assert small.searcher.search(staff_it, params)[0].document_id == "secret"
 
 
+def test_stale_postings_copy_never_surfaces_a_hidden_chunk(small: Any, token: Any) -> None:
+    """Defence in depth: the postings' copies of the access columns are made to lie (as a disabled trigger
+    or a hand edit would leave them), claiming the restricted playbook is public at clearance 1. The
+    chunk row still says IT Services, clearance 3, so nobody else may see it -- by either path."""
+    from campus_search.app import create_app
+
+    query = "ZR-9042 data breach playbook"
+    with small.db.connection() as conn:
+        stale = conn.execute(
+            "UPDATE lexical_postings p SET visibility = 'public', clearance_level = 1, department = NULL "
+            "FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "WHERE p.chunk_id = c.id AND d.external_id = 'secret'").rowcount
+    assert stale > 0
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    staff_other = Principal("t1", DEFAULT_ROLES["staff"], departments=("Library",))
+    params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
+    vector = small.searcher.embed_query(query)
+    for user in (student, staff_other):
+        assert all(h.document_id != "secret" for h in small.searcher.search(user, params))
+        candidates = small.searcher.hybrid_candidates(user, vector, query, {}, 40)
+        assert candidates and all(h.document_id != "secret" for h in candidates)
+    client = create_app(small.settings, services=small).test_client()
+    r = client.post("/api/search", json={"query": query, "config": {"similarity_threshold": -1}},
+                    headers={"Authorization": token("student")})
+    assert r.status_code == 200 and r.get_json()["count"] > 0
+    assert all(h["document_id"] != "secret" for h in r.get_json()["results"])
+    # the rightful reader still finds it first
+    staff_it = Principal("t2", DEFAULT_ROLES["staff"], departments=("IT Services",))
+    assert small.searcher.search(staff_it, params)[0].document_id == "secret"
+
+
 def test_metadata_change_applies_to_lexical_path_at_once(small: Any) -> None:
     query = "XQ-7731 replacement EASE token"
     student = Principal("s1", DEFAULT_ROLES["student"])
