@@ -155,7 +155,13 @@ def worker_int(worker: Any) -> None:
     second stop signal would interrupt the exit half-way (before ``worker_exit`` closes the pools), so
     further ones are ignored. The master still kills a worker that does not finish in time."""
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        # A Python no-op, not SIG_IGN: a signal already caught for the old handler would otherwise be
+        # reported as "OSError: Signal 3 ignored due to race condition".
+        signal.signal(sig, _ignore)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """Stop signal while already stopping: nothing to do."""
 
 
 def worker_exit(server: Any, worker: Any) -> None:
