@@ -85,6 +85,8 @@ class _FakeArbiter:
         outer = self
 
         class Services:
+            settings = None  # post_fork's slow-client guard falls back to its defaults
+
             def ensure_open(self) -> None:
                 outer.opened = True
 
