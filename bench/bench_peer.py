@@ -242,11 +242,89 @@ def peer_recall(base: str, cid: str, ids: list[str], matrix: np.ndarray, queries
     return round(hits / (k * len(queries)), 4)
 
 
+# ---------------------------------------------------------------- where the CPU goes
+
+TICK = os.sysconf("SC_CLK_TCK")
+BUCKETS = (  # py-spy stack keyword -> bucket; the first match from the top of this list wins
+    ("embedding (ONNX, tokenizer)", ("embedding.py", "onnxruntime")),
+    ("audit", ("audit.py",)),
+    ("SQL (psycopg, pool)", ("psycopg", "db.py")),
+    ("JWT / auth", ("jwt", "security/auth.py")),
+    ("metrics / logs", ("prometheus_client", "metrics.py", "logs.py", "logging/")),
+    ("JSON", ("json/", "jsonify")),
+    ("chroma client (requests)", ("requests/", "urllib3", "http/client.py")),
+    ("gunicorn / socket I/O", ("gunicorn/",)),
+)
+
+
+def processes() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) for every process we can read."""
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+    return table
+
+
+def machine_busy() -> float:
+    """CPU seconds every core together spent busy since boot (/proc/stat)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / TICK  # all but idle and iowait
+
+
+def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
+    table = processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[str, float] = {}
+    for name, root in roots.items():
+        stack, total = [root], 0.0
+        while stack:
+            pid = stack.pop()
+            total += table.get(pid, (0, 0.0))[1]
+            stack.extend(children.get(pid, ()))
+        out[name] = total
+    import resource
+
+    out["load generator (wrk)"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime + \
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+    out["machine"] = machine_busy()
+    return out
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests_done: float) -> dict[str, float]:
+    """CPU milliseconds per request of each process group; 'other processes' is the rest of the machine."""
+    per = {name: round(1000 * (after[name] - before[name]) / max(requests_done, 1), 2) for name in before}
+    per["other processes"] = round(per.pop("machine") - sum(per.values()), 2)
+    return per
+
+
+def summarise_profile(raw: Path) -> dict[str, float]:
+    """Share of a py-spy ``--format raw`` profile (collapsed stacks, active threads only) per bucket."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        bucket = next((name for name, keys in BUCKETS if any(k in stack for k in keys)), "other Python")
+        counts[bucket] = counts.get(bucket, 0) + int(n)
+    return {name: round(100 * n / max(total, 1), 1) for name, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
 # ---------------------------------------------------------------- measurement
 
 
-def sequential(servers: dict[str, str], token: str, queries: list[str], n: int) -> dict[str, list[float]]:
-    """Concurrency 1: one keep-alive connection per server; the servers take turns, request by request."""
+def sequential(servers: dict[str, str], token: str, queries: list[str], n: int,
+               returned: dict[str, int]) -> dict[str, list[float]]:
+    """Concurrency 1: one keep-alive connection per server; the servers take turns, request by request.
+    ``returned`` counts the results each server gave back."""
     sessions = {name: requests.Session() for name in servers}
     latencies: dict[str, list[float]] = {name: [] for name in servers}
     headers = {"Authorization": f"Bearer {token}"}
@@ -256,9 +334,10 @@ def sequential(servers: dict[str, str], token: str, queries: list[str], n: int) 
             started = time.perf_counter()
             r = sessions[name].post(url + "/api/search", json=body, headers=headers, timeout=60)
             elapsed = (time.perf_counter() - started) * 1000
-            if r.status_code != 200 or len(r.json()["results"]) != 10:
+            if r.status_code != 200 or not isinstance(r.json().get("results"), list):
                 raise SystemExit(f"{name}: search failed: {r.status_code} {r.text[:300]}")
             latencies[name].append(elapsed)
+            returned[name] = returned.get(name, 0) + len(r.json()["results"])
     return latencies
 
 
@@ -298,6 +377,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true", help="measure Campus Search alone")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy (installed into --chroma-venv when missing) samples each server's workers during "
+                         "its first concurrent round; the share of Python time per part is reported")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed for the concurrent run: apt-get install -y wrk")
@@ -335,6 +417,8 @@ def main() -> int:
                                           start_new_session=True))
         servers["ours"] = f"http://127.0.0.1:{port}"
         wait_http(servers["ours"] + "/health/ready", procs[-1], logs / "ours.log")
+        roots = {"ours gunicorn": procs[-1].pid,
+                 "postgres": int((data_dir / "data/pgdata/postmaster.pid").read_text().split()[0])}
 
         binary = None if args.skip_peer else chroma_binary(Path(args.chroma_venv))
         if binary is not None:
@@ -343,11 +427,18 @@ def main() -> int:
                 procs.append(subprocess.Popen([str(binary), "run", "--host", "127.0.0.1", "--port", str(chroma_port),
                                                "--path", str(data_dir / "chroma")], env=env, stdout=log,
                                               stderr=subprocess.STDOUT, start_new_session=True))
+            roots["chroma"] = procs[-1].pid
             chroma = f"http://127.0.0.1:{chroma_port}"
             wait_http(f"{chroma}/api/v2/heartbeat", procs[-1], logs / "chroma.log")
             version = requests.get(f"{chroma}/api/v2/version", timeout=10).json()
             cid = load_chroma(chroma, ids, texts, matrix)
-            result["chroma_version"] = version
+            result["chroma_api_version"] = version
+            result["chromadb_package"] = subprocess.run(
+                [str(Path(args.chroma_venv) / "bin/python"), "-c",
+                 "import importlib.metadata as m; print(m.version('chromadb'))"],
+                capture_output=True, text=True).stdout.strip()
+            if args.profile and not (Path(args.chroma_venv) / "bin/py-spy").exists():
+                subprocess.run([str(Path(args.chroma_venv) / "bin/pip"), "install", "-q", "py-spy"], check=False)
             result["peer_recall_at_10_vs_exact"] = peer_recall(chroma, cid, ids, matrix, queries[:100])
             peer_port = free_port()
             with (logs / "peer.log").open("wb") as log:
@@ -355,6 +446,7 @@ def main() -> int:
                     gunicorn_command(peer_port, "peer_app:create_app()", args.workers, args.threads),
                     cwd=ROOT / "bench", env={**env, "PEER_CHROMA_URL": chroma, "PEER_COLLECTION_ID": cid},
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            roots["peer gunicorn"] = procs[-1].pid
             servers["peer"] = f"http://127.0.0.1:{peer_port}"
             wait_http(servers["peer"] + "/health", procs[-1], logs / "peer.log")
 
@@ -369,27 +461,48 @@ def main() -> int:
             run_wrk(url, token, qfile.name, lua.name, args.concurrency, 4, f"w{name[0]}")
 
         say(f"concurrency 1: {args.sequential} requests per server, taking turns ...")
-        c1 = sequential(servers, token, queries, args.sequential)
+        returned: dict[str, int] = {}
+        c1 = sequential(servers, token, queries, args.sequential, returned)
         order = [name for r in range(args.rounds) for name in (list(servers) if r % 2 == 0 else list(servers)[::-1])]
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+        profiles: dict[str, Path] = {}
         for i, name in enumerate(order):
             say(f"concurrency {args.concurrency}: {name}, round {len(rounds[name]) + 1} ({args.duration} s) ...")
-            rounds[name].append(run_wrk(servers[name], token, qfile.name, lua.name, args.concurrency, args.duration,
-                                        f"r{i}{name[0]}"))
+            spy = None
+            if args.profile and name not in profiles and (Path(args.chroma_venv) / "bin/py-spy").exists():
+                profiles[name] = logs / f"{name}.pyspy.txt"
+                spy = subprocess.Popen([str(Path(args.chroma_venv) / "bin/py-spy"), "record", "--pid",
+                                        str(roots[f"{name} gunicorn"]), "--subprocesses", "--nonblocking",
+                                        "--rate", "200", "--duration", str(args.duration), "--format", "raw",
+                                        "-o", str(profiles[name])],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            before = cpu_snapshot(roots)
+            figures = run_wrk(servers[name], token, qfile.name, lua.name, args.concurrency, args.duration,
+                              f"r{i}{name[0]}")
+            figures["cpu_ms_per_request"] = cpu_per_request(before, cpu_snapshot(roots),  # type: ignore[assignment]
+                                                            figures.get("requests", 0))
+            rounds[name].append(figures)
+            if spy is not None:
+                spy.wait(timeout=120)
         for name in servers:
             ordered = sorted(c1[name])
             total = sum(r.get("requests", 0) for r in rounds[name])
             seconds = sum(r["seconds"] for r in rounds[name])
             result[name] = {
                 "c1_median_ms": round(statistics.median(ordered), 2), "c1_p95_ms": pct(ordered, 0.95),
-                "c1_requests": len(ordered),
+                "c1_requests": len(ordered), "c1_mean_results": round(returned[name] / len(ordered), 2),
                 f"c{args.concurrency}_requests_per_s": round(total / seconds, 1),
                 f"c{args.concurrency}_p50_ms": round(statistics.median(r["p50_ms"] for r in rounds[name]), 1),
                 f"c{args.concurrency}_p90_ms": round(statistics.median(r["p90_ms"] for r in rounds[name]), 1),
                 f"c{args.concurrency}_p99_ms": round(statistics.median(r["p99_ms"] for r in rounds[name]), 1),
                 f"c{args.concurrency}_errors": sum(r.get("errors", 0) for r in rounds[name]),
+                "cpu_ms_per_request": {k: round(statistics.mean(r["cpu_ms_per_request"][k]  # type: ignore[index]
+                                                                for r in rounds[name]), 2)
+                                       for k in rounds[name][0]["cpu_ms_per_request"]},  # type: ignore[attr-defined]
                 "rounds": rounds[name],
             }
+            if name in profiles and profiles[name].exists():
+                result[name]["python_profile_percent"] = summarise_profile(profiles[name])
         result["load_after"] = os.getloadavg()[0]
     finally:
         for p in reversed(procs):
@@ -407,6 +520,14 @@ def main() -> int:
         r = result[name]
         print(f"{name:<8}{r['c1_median_ms']:>11}{r['c1_p95_ms']:>11}{r[f'c{c}_requests_per_s']:>12}"
               f"{r[f'c{c}_p50_ms']:>12}{r[f'c{c}_p90_ms']:>12}{r[f'c{c}_p99_ms']:>12}{r[f'c{c}_errors']:>8}")
+    print(f"\nCPU ms per request at concurrency {c} (mean of rounds; 'other processes' = the rest of the machine)")
+    groups = sorted({k for name in servers for k in result[name]["cpu_ms_per_request"]})
+    print(f"{'':<8}" + "".join(f"{g[:22]:>24}" for g in groups))
+    for name in servers:
+        print(f"{name:<8}" + "".join(f"{result[name]['cpu_ms_per_request'].get(g, 0.0):>24}" for g in groups))
+    for name in servers:
+        if "python_profile_percent" in result[name]:
+            print(f"{name}: share of the workers' active Python samples: {result[name]['python_profile_percent']}")
     if "peer" in servers:
         ours, peer = result["ours"], result["peer"]
         result["throughput_ours_over_peer"] = round(ours[f"c{c}_requests_per_s"] / peer[f"c{c}_requests_per_s"], 2)
