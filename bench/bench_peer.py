@@ -304,13 +304,14 @@ def cpu_per_request(before: dict[str, float], after: dict[str, float], requests_
     return per
 
 
-def summarise_profile(raw: Path) -> dict[str, float]:
-    """Share of a py-spy ``--format raw`` profile (collapsed stacks, active threads only) per bucket."""
+def summarise_profile(raw: Path, within: str = "") -> dict[str, float]:
+    """Share of a py-spy ``--format raw`` profile (collapsed stacks) per bucket; with ``within``, only
+    the stacks that contain it (e.g. ``flask/app.py``: time inside a request)."""
     counts: dict[str, int] = {}
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
+        if not n.isdigit() or within not in stack:
             continue
         total += int(n)
         bucket = next((name for name, keys in BUCKETS if any(k in stack for k in keys)), "other Python")
@@ -462,7 +463,22 @@ def main() -> int:
 
         say(f"concurrency 1: {args.sequential} requests per server, taking turns ...")
         returned: dict[str, int] = {}
+        spies = []
+        if args.profile and (Path(args.chroma_venv) / "bin/py-spy").exists():
+            # wall-clock: --idle keeps the samples of a request thread waiting on PostgreSQL, Chroma or a flush
+            for name in servers:
+                spies.append((name, subprocess.Popen(
+                    [str(Path(args.chroma_venv) / "bin/py-spy"), "record", "--pid", str(roots[f"{name} gunicorn"]),
+                     "--subprocesses", "--nonblocking", "--idle", "--rate", "200", "--format", "raw",
+                     "-o", str(logs / f"{name}.c1.pyspy.txt")], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)))
         c1 = sequential(servers, token, queries, args.sequential, returned)
+        for name, sampler in spies:
+            sampler.send_signal(signal.SIGINT)
+            sampler.wait(timeout=120)
+            if (logs / f"{name}.c1.pyspy.txt").exists():
+                result.setdefault("c1_wall_profile_percent", {})[name] = summarise_profile(
+                    logs / f"{name}.c1.pyspy.txt", within="flask/app.py")
         order = [name for r in range(args.rounds) for name in (list(servers) if r % 2 == 0 else list(servers)[::-1])]
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
         profiles: dict[str, Path] = {}
@@ -525,6 +541,8 @@ def main() -> int:
     print(f"{'':<8}" + "".join(f"{g[:22]:>24}" for g in groups))
     for name in servers:
         print(f"{name:<8}" + "".join(f"{result[name]['cpu_ms_per_request'].get(g, 0.0):>24}" for g in groups))
+    for name, shares in result.get("c1_wall_profile_percent", {}).items():
+        print(f"{name}: concurrency 1, share of wall time inside a request: {shares}")
     for name in servers:
         if "python_profile_percent" in result[name]:
             print(f"{name}: share of the workers' active Python samples: {result[name]['python_profile_percent']}")
