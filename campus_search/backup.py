@@ -210,6 +210,75 @@ def prune_backups(folder: Path, keep: int) -> list[Path]:
 
 # --- restore ------------------------------------------------------------------------------------
 
+# What a restore may replace. A restore drops every object of its database that no extension owns,
+# so it runs only on an empty database or one holding Campus Search's own objects and nothing else:
+# a mistyped --database-url must never empty another application's database.
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def campus_search_objects() -> tuple[frozenset[str], frozenset[str]]:
+    """(table names, function names) that Campus Search's migrations create in schema ``public``."""
+    from .db import _migrations
+
+    sql = "\n".join(text for _, _, text in _migrations())
+    tables = {t.lower() for t in re.findall(
+        r"CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(?:public\.)?(\w+)", sql, re.I)}
+    functions = {f.lower() for f in re.findall(
+        r"CREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+(?:public\.)?(\w+)", sql, re.I)}
+    return frozenset(tables | {"schema_migrations"}), frozenset(functions)
+
+
+def _objects_sql(exclude_ours: bool) -> str:
+    """SQL listing (kind, name) of the database's own objects -- schemas, tables, views, functions --
+    leaving out the catalogs and everything an extension owns; with ``exclude_ours``, also Campus
+    Search's own (what is left is somebody else's)."""
+    tables, functions = campus_search_objects()
+    assert all(_IDENT.match(n) for n in tables | functions)  # literal SQL below
+    ours_t = "ARRAY[" + ",".join(f"'{t}'" for t in sorted(tables)) + "]::text[]"
+    ours_f = "ARRAY[" + ",".join(f"'{f}'" for f in sorted(functions)) + "]::text[]"
+    not_ours_t = f"AND NOT (n.nspname = 'public' AND c.relname::text = ANY ({ours_t}))" if exclude_ours else ""
+    not_ours_f = f"AND NOT (n.nspname = 'public' AND p.proname::text = ANY ({ours_f}))" if exclude_ours else ""
+    own = r"n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'"
+    return f"""
+        SELECT 'schema' AS kind, format('%I', n.nspname) AS name FROM pg_namespace n
+         WHERE {own} AND n.nspname <> 'public'
+           AND NOT EXISTS (SELECT 1 FROM pg_extension e WHERE e.extnamespace = n.oid)
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_namespace'::regclass
+                              AND d.objid = n.oid AND d.deptype = 'e')
+        UNION ALL
+        SELECT CASE c.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view'
+                              WHEN 'f' THEN 'foreign table' ELSE 'table' END,
+               format('%I.%I', n.nspname, c.relname)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE {own} AND c.relkind IN ('r', 'p', 'v', 'm', 'f') {not_ours_t}
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                              AND d.objid = c.oid AND d.deptype = 'e')
+        UNION ALL
+        SELECT 'function', format('%I.%I', n.nspname, p.proname)
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE {own} {not_ours_f}
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                              AND d.objid = p.oid AND d.deptype = 'e')"""
+
+
+def inventory(dsn: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(every object of the database, those that are not Campus Search's), each as sorted (kind, name)."""
+    with psycopg.connect(dsn, prepare_threshold=None) as conn:
+        everything = sorted(set(conn.execute(_objects_sql(exclude_ours=False)).fetchall()))
+        foreign = sorted(set(conn.execute(_objects_sql(exclude_ours=True)).fetchall()))
+    return everything, foreign
+
+
+def _refuse_foreign(dsn: str, foreign: list[tuple[str, str]]) -> None:
+    dbname = conninfo_to_dict(dsn).get("dbname") or "?"
+    shown = ", ".join(f"{kind} {name}" for kind, name in foreign[:5])
+    more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+    raise BackupError(f"database {dbname!r} is not a Campus Search database: it holds {shown}{more}. A restore "
+                      "replaces everything in its database, so it runs only on an empty database or one that "
+                      "holds Campus Search's objects alone; check --database-url / DATABASE_URL "
+                      "(nothing was changed)")
+
+
 # Runs first, in the restore's transaction: locks every application table at once (retrying for at
 # most a minute while searches hold them), then drops every object that is not part of an extension.
 # The `vector` extension stays, with its type OIDs.
@@ -230,6 +299,11 @@ BEGIN
      WHERE n.nspname = ANY (app_schemas) AND c.relkind IN ('r', 'p')
        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                                                   AND d.objid = c.oid AND d.deptype = 'e');
+    -- The same check as before the safety backup, again inside this transaction: nothing that is not
+    -- Campus Search's may be dropped, whatever appeared in the database meanwhile.
+    IF EXISTS (/*FOREIGN_OBJECTS*/) THEN
+        RAISE EXCEPTION 'the database holds objects that are not Campus Search''s; nothing was changed';
+    END IF;
     -- All or nothing, never waiting while holding some: a search holding one table and waiting for
     -- another would otherwise deadlock with us. Searches arriving once we hold them wait for the commit.
     started := clock_timestamp();
@@ -297,13 +371,14 @@ def check_archive(path: Path) -> None:
         raise BackupError(f"{path} is not a pg_dump custom-format archive (made by campus-search backup)")
 
 
-def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False,
-            safety_backup: bool = True) -> RestoreResult:
+def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False) -> RestoreResult:
     """Replace the database at ``dsn`` with the archive at ``path`` (see the module docstring).
 
-    A database that holds documents is replaced only with ``replace``, and is first backed up itself
-    to DATA_DIR/backups (unless ``safety_backup`` is off): that keeps its audit log, which the restore
-    replaces with the archive's, and makes the restore undoable.
+    Only an empty database or a Campus Search database (its own tables and functions, nothing else) is
+    replaced; any other is refused before anything is touched, and checked again inside the restore's
+    transaction. A database that holds documents is replaced only with ``replace``. A database that
+    holds anything at all is first backed up itself, beside the archive: that keeps its audit log,
+    which the restore replaces with the archive's, and makes the restore undoable.
     """
     from .db import migrate
     from .services import MODEL_DIMENSIONS
@@ -311,6 +386,9 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False,
     started = time.perf_counter()
     check_archive(path)
     bindir = pg_bin_dir(settings, server_major(dsn))
+    existing, foreign = inventory(dsn)
+    if foreign:
+        _refuse_foreign(dsn, foreign)
     documents_before, _, generation_before = _counts(dsn)
     if documents_before and not replace:
         raise BackupError(f"the database holds {documents_before} documents; pass --yes to replace them "
@@ -319,7 +397,7 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False,
     _check_model(settings, archive_index_state(bindir, path, env))
     # Beside the archive being restored, not under DATA_DIR: a restore run in a throwaway container
     # (docs/runbook.md) must not lose the replaced database with the container.
-    safety = backup(settings, dsn, path.parent).path if documents_before and safety_backup else None
+    safety = backup(settings, dsn, path.parent).path if existing else None
     listing = _run([str(bindir / "pg_restore"), "--list", str(path)], env, "pg_restore --list").stdout
     # COMMENT ON EXTENSION needs the extension's owner; the comment is the extension's own anyway.
     wanted = "\n".join(ln for ln in listing.splitlines() if " COMMENT - EXTENSION " not in ln)
@@ -336,7 +414,8 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False,
             assert producer.stdout is not None
             consumer = subprocess.run(
                 [str(bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
-                 "-c", PRELUDE, "-f", "-", "-c", epilogue, f"--dbname={conninfo}"],
+                 "-c", PRELUDE.replace("/*FOREIGN_OBJECTS*/", _objects_sql(exclude_ours=True)), "-f", "-",
+                 "-c", epilogue, f"--dbname={conninfo}"],
                 stdin=producer.stdout, capture_output=True, text=True, env=env)
         producer_err = err_file.read_text(encoding="utf-8", errors="replace")
     # psql first: when it stops early (a lock timeout, a bad statement) pg_restore only sees a broken pipe

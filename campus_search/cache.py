@@ -52,7 +52,7 @@ from .security.roles import Principal
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the stored layout changes (2: count + rendered results)
+FORMAT = 3  # bump when the stored layout changes (2: count + rendered results; 3: + who stored it)
 SEARCH_NS = "search"
 EMBEDDING_NS = "emb"
 #: One statement, so every part comes from the same snapshot.
@@ -312,18 +312,28 @@ def _json_default(value: Any) -> Any:
 HIT_FIELDS = tuple(f.name for f in dataclasses.fields(Hit))
 
 
-def encode_results(hits: list[Hit]) -> bytes:
-    """What a result-cache entry holds: the count, a newline, the response's rendered ``results`` array."""
-    return f"{len(hits)}\n{render_results(hits)}".encode()
+def owner_tag(user: Principal) -> str:
+    """Who stored an entry, as a hash of the user id ('' for anonymous callers, who share one id): lets
+    a caller be told of a cache hit on their own earlier search only (docs/security.md)."""
+    if user.anonymous:
+        return ""
+    return hashlib.sha256(b"campus-search/cache-owner\x00" + user.user_id.encode()).hexdigest()[:32]
 
 
-def decode_results(raw: bytes) -> tuple[int, str] | None:
-    """(count, rendered results) of an entry, or None if it is unreadable (then it is a miss)."""
+def encode_results(hits: list[Hit], owner: str = "") -> bytes:
+    """What a result-cache entry holds: the count, a space, the owner tag, a newline, the response's
+    rendered ``results`` array."""
+    return f"{len(hits)} {owner}\n{render_results(hits)}".encode()
+
+
+def decode_results(raw: bytes) -> tuple[int, str, str] | None:
+    """(count, rendered results, owner tag) of an entry, or None if it is unreadable (then it is a miss)."""
     head, sep, body = raw.partition(b"\n")
-    if not sep or not head.isdigit() or not body.startswith(b"[") or not body.endswith(b"]"):
+    count, _, owner = head.partition(b" ")
+    if not sep or not count.isdigit() or not body.startswith(b"[") or not body.endswith(b"]"):
         return None
     try:
-        return int(head), body.decode()
+        return int(count), body.decode(), owner.decode("ascii")
     except UnicodeDecodeError:
         return None
 
@@ -339,7 +349,9 @@ class ResultCache:
         self.prefix = settings.redis_key_prefix
         self.enabled = settings.cache_enabled
         self.hits = self.misses = self.stores = 0
-        self._static = json.dumps({"format": FORMAT, "hit": HIT_FIELDS, "retrieval": retrieval or {}},
+        # SCORES_BM25_ROLES changes what an entry holds (scores.bm25 present or not) for a role
+        self._static = json.dumps({"format": FORMAT, "hit": HIT_FIELDS, "retrieval": retrieval or {},
+                                   "bm25_roles": sorted(settings.scores_bm25_roles)},
                                   sort_keys=True, default=str)
 
     def key(self, user: Principal, params: SearchParams, generation: str) -> str:
@@ -360,7 +372,9 @@ class ResultCache:
             if entry is not None:
                 self.hits += 1
                 _count("get", "hit")
-                return SearchOutcome([], from_cache=True, rendered=entry[1], count=entry[0])
+                owner = owner_tag(user)
+                return SearchOutcome([], from_cache=True, rendered=entry[1], count=entry[0],
+                                     stored_by_caller=bool(owner) and entry[2] == owner)
         self.misses += 1
         _count("get", "miss")
         before = self.generation.refresh()
@@ -368,7 +382,8 @@ class ResultCache:
         # Stored only if the generation did not move during the search: then the answer is exactly
         # generation ``before``'s. (If it moved, the next request computes and stores it.)
         if self.generation.refresh() == before and self.backend.set(
-                self.key(user, params, before), encode_results(hits), self.settings.cache_ttl_search):
+                self.key(user, params, before), encode_results(hits, owner_tag(user)),
+                self.settings.cache_ttl_search):
             self.stores += 1
             _count("set", "ok")
         return SearchOutcome(hits)

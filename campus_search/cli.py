@@ -119,6 +119,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     services = _services(settings, ingest=True)
     audit_problem = None
     try:
+        if args.vectors:
+            from .vectors import load_vectors
+
+            services.ingester.given_vectors = load_vectors(
+                Path(args.vectors), model=services.embedder.model_name, dimension=services.embedder.dimension)
+            print(f"vectors: {len(services.ingester.given_vectors)} precomputed embeddings from {args.vectors}",
+                  file=sys.stderr)
         report = ingest_paths(services, paths, defaults, prune=args.prune, quiet=args.quiet,
                               allow_loosening=args.allow_loosening, guard=Guard.for_settings(settings))
         try:
@@ -145,10 +152,49 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 and not audit_problem else 3
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    from .security.auth import mint_token
+def cmd_chunks(args: argparse.Namespace) -> int:
+    """Export the exact inputs an embedding farm must embed (see :mod:`campus_search.vectors`)."""
+    from .embedding import get_embedder
+    from .fileguard import Guard
+    from .ingest import Ingester
+    from .sync import documents
+    from .vectors import write_inputs
 
     settings = _settings()
+    embedder = get_embedder(settings)
+    ingester = Ingester(None, embedder)  # type: ignore[arg-type]  # chunking only: no database
+    failed = 0
+
+    def docs() -> Any:
+        nonlocal failed
+        for item in documents([Path(p) for p in args.paths], Guard.for_settings(settings)):
+            if isinstance(item, CampusSearchError):
+                failed += 1
+                print(f"skipped: {item.message}", file=sys.stderr)
+                continue
+            yield item
+
+    def write(out: Any) -> int:
+        return write_inputs(out, ingester.chunk_inputs(docs()), model=embedder.model_name,
+                            dimension=embedder.dimension)
+
+    if args.output and args.output != "-":
+        with open(args.output, "w", encoding="utf-8") as out:
+            n = write(out)
+    else:
+        n = write(sys.stdout)
+    print(f"chunks: {n} distinct chunk inputs for model {embedder.model_name} ({embedder.dimension} dimensions)"
+          f", {failed} files skipped", file=sys.stderr)
+    return 0 if failed == 0 else 3
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .security.auth import mint_token, token_role_claim
+
+    settings = _settings()
+    note = token_role_claim(settings, args.role)[1]
+    if note:
+        print(note, file=sys.stderr)
     print(mint_token(settings, sub=args.sub, role=args.role, departments=args.department or [],
                      campus=args.campus, ttl=args.ttl))
     return 0
@@ -233,12 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, choices=range(1, 6), metavar="N", help="priority 1-5 for every document")
     p.add_argument("--last-reviewed", help="last_reviewed (ISO 8601) for every document")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--vectors", metavar="FILE",
+                   help="precomputed embeddings (.jsonl or .npz) for the chunk inputs `campus-search chunks` "
+                        "exported; chunks without one are embedded here (docs/ingestion.md)")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "chunks", help="export the chunk inputs to embed elsewhere (for ingest --vectors)",
+        description="Parse and chunk PATHs exactly as `ingest` would and write one JSON line per distinct "
+                    "chunk, {\"hash\", \"input\"}, after a header naming the model and dimension. Embed each "
+                    "input with that model elsewhere (a GPU job, an embedding server) and give the vectors "
+                    "back with `campus-search ingest PATH... --vectors FILE`. Nothing is written to the index.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("-o", "--output", help="output file (default: standard output)")
+    p.set_defaults(func=cmd_chunks)
 
     p = sub.add_parser("token", help="print a signed HS256 token for local use")
     p.add_argument("--sub", required=True, help="user id")
     p.add_argument("--role", required=True,
-                   help=f"role ({', '.join(ROLE_NAMES)}) or an SSO role name from ROLE_MAPPING")
+                   help=f"role ({', '.join(ROLE_NAMES)}) or an SSO role value from ROLE_MAPPING; the token "
+                        "carries the SSO value ROLE_MAPPING maps to that role, since the server honours "
+                        "nothing else (a value nothing maps is minted with a warning: the server treats it "
+                        "as a student)")
     p.add_argument("--department", action="append", help="department (repeat for several)")
     p.add_argument("--campus", help="campus")
     p.add_argument("--ttl", type=int, help="lifetime in seconds (default JWT_TOKEN_TTL)")

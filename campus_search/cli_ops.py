@@ -41,8 +41,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .backup import restore
 
     settings = load_settings()
-    result = restore(settings, _dsn(settings, args.database_url), Path(args.file), replace=args.yes,
-                     safety_backup=not args.no_safety_backup)
+    result = restore(settings, _dsn(settings, args.database_url), Path(args.file), replace=args.yes)
     if result.safety_backup:
         print(f"the replaced database was saved first: {result.safety_backup}", file=sys.stderr)
     print(f"restored {result.path}: {result.documents} documents, {result.chunks} chunks (replaced "
@@ -104,13 +103,14 @@ def add_ops_commands(sub: Any) -> None:
                        description="Restore a backup made by `campus-search backup` into the configured database "
                                    "in a single transaction: running servers keep answering from the old index "
                                    "until it commits, then from the restored one; cached results are "
-                                   "invalidated. Pending migrations are applied afterwards. A database that "
-                                   "holds documents is backed up first (its audit log included).")
+                                   "invalidated. Pending migrations are applied afterwards. Only an empty "
+                                   "database or a Campus Search one is replaced: a database holding anything "
+                                   "else (another application's tables) is refused, nothing changed. A "
+                                   "database that holds anything is backed up first, beside FILE (its audit "
+                                   "log included).")
     p.add_argument("file", help="a .dump file written by `campus-search backup`")
     p.add_argument("--yes", action="store_true", help="replace a database that already holds documents (it is "
-                                                      "backed up to DATA_DIR/backups first)")
-    p.add_argument("--no-safety-backup", action="store_true",
-                   help="with --yes: do not back up the database being replaced (its audit log is then lost)")
+                                                      "backed up first, beside FILE)")
     p.add_argument("--database-url", help="restore into this database instead of the configured one")
     p.set_defaults(func=cmd_restore)
 

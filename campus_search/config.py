@@ -142,6 +142,10 @@ FIELDS: tuple[Field, ...] = (
     F("redis_port", ("REDIS_PORT",), 6379, "Seed-compatible: Redis port.", int),
     F("cache_ttl_search", ("CACHE_TTL_SEARCH",), 900, "Seconds a search result stays cached.", int),
     F("cache_enabled", ("CACHE_ENABLED",), True, "Cache search results (docs/caching-and-rate-limits.md).", _bool),
+    F("from_cache_roles", ("FROM_CACHE_ROLES",), ("admin",),
+      "Roles told truthfully whether any answer came from the result cache. Everyone else sees "
+      "`from_cache: true` only for an answer their own earlier search stored, never for one another "
+      "person's search did (docs/security.md); empty = nobody.", _list),
     F("cache_ttl_embedding", ("CACHE_TTL_EMBEDDING",), 86400, "Seconds a query embedding stays in Redis.", int),
     F("cache_generation_check", ("CACHE_GENERATION_CHECK",), 1.0,
       "Seconds a process reuses the index generation it last read before reading it again: the longest a "
@@ -174,8 +178,10 @@ FIELDS: tuple[Field, ...] = (
     F("claim_campus", ("JWT_CAMPUS_CLAIM",), "campus", "Claim holding the user's campus."),
     F("role_mapping", ("ROLE_MAPPING",),
       {"student": "student", "academic_staff": "academic", "professional_services": "staff",
-       "it_administrator": "admin", "staff": "staff", "academic": "academic", "admin": "admin"},
-      "SSO role name -> role, as `sso=role,...`. Unknown names map to `student`.", _mapping),
+       "it_administrator": "admin"},
+      "SSO role value -> role, as `sso=role,...`. The only way a claim gets a role: any other value, even "
+      "one equal to a role's name, is `student`. `campus-search token --role staff` mints the value that "
+      "maps to staff (docs/security.md).", _mapping),
     F("roles_json", ("ROLES_JSON",), {},
       "Role table overrides as JSON, merged over the SPEC §2 defaults per role: "
       "`{\"staff\": {\"max_results\": 80}}`; fields clearance, per_minute, per_hour, max_results, "
@@ -234,6 +240,10 @@ FIELDS: tuple[Field, ...] = (
     F("rrf_k", ("RRF_K",), 60, "Rank constant of reciprocal rank fusion.", int),
     F("bm25_k1", ("BM25_K1",), 0.9, "BM25 term-frequency saturation k1.", float),
     F("bm25_b", ("BM25_B",), 0.4, "BM25 length normalisation b (0-1).", float),
+    F("scores_bm25_roles", ("SCORES_BM25_ROLES",), ("admin",),
+      "Roles whose results carry `scores.bm25`. BM25 uses corpus-wide term statistics that include "
+      "documents the caller cannot see, so other roles do not get the raw score (docs/ranking.md); "
+      "empty = nobody.", _list),
     # --- embeddings
     F("embedding_provider", ("EMBEDDING_PROVIDER",), "local",
       "`local` (in-process all-MiniLM-L6-v2, ONNX int8), `ollama` or `openai` (any /v1/embeddings server)."),
@@ -303,6 +313,7 @@ class Settings:
     redis_port: int = 6379
     cache_ttl_search: int = 900
     cache_enabled: bool = True
+    from_cache_roles: tuple[str, ...] = ("admin",)
     cache_ttl_embedding: int = 86400
     cache_generation_check: float = 1.0
     cache_local_max_mb: int = 64
@@ -347,6 +358,7 @@ class Settings:
     rrf_k: int = 60
     bm25_k1: float = 0.9
     bm25_b: float = 0.4
+    scores_bm25_roles: tuple[str, ...] = ("admin",)
     embedding_provider: str = "local"
     embedding_url: str | None = None
     embedding_model: str = "all-MiniLM-L6-v2"
@@ -550,6 +562,10 @@ def _validate_security(s: Settings) -> list[str]:
     bad_roles = sorted({r for r in s.role_mapping.values() if r not in roles})
     if bad_roles:
         problems.append(f"ROLE_MAPPING maps to unknown roles {bad_roles}; roles are {roles}")
+    for name, listed in (("SCORES_BM25_ROLES", s.scores_bm25_roles), ("FROM_CACHE_ROLES", s.from_cache_roles)):
+        unknown = sorted(set(listed) - {*roles, "anonymous"})
+        if unknown:
+            problems.append(f"{name} names unknown roles {unknown}; roles are {[*roles, 'anonymous']}")
     for name, value in (("TRUSTED_PROXIES", s.trusted_proxies), ("IDENTITY_PROXIES", s.identity_proxies)):
         try:
             parse_networks(tuple(value))

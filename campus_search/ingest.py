@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from .chunking import (
 from .db import Database
 from .embedding import MAX_SEQ_LENGTH, Embedder
 from .errors import BadRequest, CampusSearchError, IngestError
+from .lexical import compact as compact_lexical
 from .metadata import FIELDS as META_FIELDS
 from .metadata import AccessMetadata, Change, Resolution, check_keys, resolve
 from .parsers import ParsedDocument
@@ -65,6 +66,7 @@ class IngestReport:
     failed: int = 0
     chunks_written: int = 0
     chunks_embedded: int = 0
+    chunks_given: int = 0  # stored with a precomputed vector (``ingest --vectors``), not embedded here
     loosened: int = 0  # documents whose access was loosened, by an explicit act (audited)
     held_back: int = 0  # documents whose source asked for looser access: the stored access was kept
     defaulted: int = 0  # new documents that got DEFAULT_VISIBILITY because nobody stated one
@@ -159,6 +161,8 @@ class Ingester:
         self.embedder = embedder
         self.max_tokens = max_tokens
         self.overlap = overlap
+        #: precomputed vectors by chunk hash (``campus-search ingest --vectors``, :mod:`.vectors`)
+        self.given_vectors: Mapping[str, np.ndarray] = {}
         self.default_visibility = default_visibility
 
     def ingest(self, items: Iterable[ParsedDocument | IngestError],
@@ -310,6 +314,15 @@ class Ingester:
             report.metadata_updated += len(meta_only)
             if meta_only or written:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+        if written:
+            self.compact()
+
+    def compact(self) -> None:
+        """Fold the lexical statistics deltas of committed writes (:func:`.lexical.compact`), in a short
+        transaction of its own after the write: writers only insert deltas, so they never queue on a shared
+        counter row, and this keeps the delta tables small."""
+        with self.db.connection() as conn:
+            compact_lexical(conn)
 
     def _still_current(self, conn: Any, pending: list[_Pending], report: IngestReport) -> set[int]:
         """Inside the write transaction: lock the stored rows this batch decided on and keep only the
@@ -361,7 +374,13 @@ class Ingester:
         todo: dict[str, str] = {}
         for p in pending:
             for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
-                if h not in vectors:
+                if h in vectors:
+                    continue
+                given = self.given_vectors.get(h)
+                if given is not None:
+                    vectors[h] = given
+                    report.chunks_given += 1
+                else:
                     todo[h] = embedding_text(p.doc.title, c.section_title, c.text)
         if todo:
             hashes = list(todo)
@@ -371,6 +390,15 @@ class Ingester:
             vectors.update(zip(hashes, embedded, strict=True))
             report.chunks_embedded += len(hashes)
         return vectors
+
+    def chunk_inputs(self, docs: Iterable[ParsedDocument]) -> Iterator[tuple[str, str]]:
+        """``(chunk hash, exact text to embed)`` for every chunk ingestion would make of ``docs``, through
+        the same chunking (``campus-search chunks``: inputs for an embedding farm, :mod:`.vectors`)."""
+        for doc in docs:
+            p = _Pending(doc, {}, "")
+            self._prepare_chunks([p])
+            for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
+                yield h, embedding_text(doc.title, c.section_title, c.text)
 
     @staticmethod
     def _meta_params(meta: AccessMetadata) -> tuple[Any, ...]:
@@ -467,4 +495,6 @@ class Ingester:
             n = conn.execute("DELETE FROM documents WHERE external_id = ANY(%s)", (ids,)).rowcount
             if n:
                 conn.execute("UPDATE index_state SET generation = generation + 1")
+        if n:
+            self.compact()
         return n

@@ -5,7 +5,8 @@
     idf(t)     = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
 
 Terms are PostgreSQL full-text lexemes (``english``: stemmed, stop words removed) of the chunk's
-document title, section title and text. N, df and avglen are corpus-wide and exact (kept by triggers).
+document title, section title and text. N, df and avglen are corpus-wide and exact: base tables plus the
+delta rows writers insert (migration 013), folded by :func:`compact` without changing any sum.
 Candidates are restricted by the same visibility predicate and filters as dense retrieval before the
 top-k cut, so a restricted user still gets a full page.
 """
@@ -13,6 +14,7 @@ top-k cut, so a restricted user still gets a full page.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_K1 = 0.9
 DEFAULT_B = 0.4
@@ -32,17 +34,22 @@ class BM25:
         Postings are fetched per query term through the (term, chunk_id) primary key (the LATERAL join
         makes that the only plan), so the cost grows with the postings of the query's terms, not with
         the corpus. Corpus statistics are single-row scalar subqueries, evaluated once."""
-        n = "(SELECT greatest(chunks, 1)::float8 FROM lexical_stats)"
-        avgdl = "(SELECT greatest(total_length, 1)::float8 / greatest(chunks, 1) FROM lexical_stats)"
+        n = "(SELECT greatest(chunks, 1)::float8 FROM lexical_corpus)"
+        avgdl = "(SELECT greatest(total_length, 1)::float8 / greatest(chunks, 1) FROM lexical_corpus)"
         # float8 literals: a bare 0.4 is numeric in PostgreSQL, and numeric arithmetic per posting is slow
         k1, b = f"{self.k1:.6f}::float8", f"{self.b:.6f}::float8"
         return f"""
         lex_query AS (
             SELECT u.lexeme AS term, coalesce(array_length(u.positions, 1), 1) AS qtf
             FROM unnest(to_tsvector('english'::regconfig, %(qtext)s)) u),
+        lex_df AS MATERIALIZED (
+            SELECT q.term, q.qtf,
+                   coalesce((SELECT t.df FROM lexical_terms t WHERE t.term = q.term), 0)
+                   + coalesce((SELECT sum(d.delta) FROM lexical_term_deltas d WHERE d.term = q.term), 0) AS df
+            FROM lex_query q),
         lex_weights AS MATERIALIZED (
-            SELECT t.term, q.qtf * ln(1 + ({n} - t.df + 0.5::float8) / (t.df + 0.5::float8)) AS w
-            FROM lex_query q JOIN lexical_terms t ON t.term = q.term),
+            SELECT t.term, t.qtf * ln(1 + ({n} - t.df + 0.5::float8) / (t.df + 0.5::float8)) AS w
+            FROM lex_df t WHERE t.df > 0),
         lex_scores AS MATERIALIZED (
             SELECT p.chunk_id,
                    sum(w.w * p.tf * ({k1} + 1) / (p.tf + {k1} * (1 - {b} + {b} * p.dl / {avgdl}))) AS score
@@ -50,3 +57,11 @@ class BM25:
             CROSS JOIN LATERAL (SELECT p.chunk_id, p.tf, p.dl FROM lexical_postings p
                                 WHERE p.term = w.term AND {where}) p
             GROUP BY p.chunk_id)"""
+
+
+def compact(conn: Any) -> int:
+    """Fold the statistics deltas writers left into the base tables (migration 013), in ``conn``'s
+    transaction. Returns the number of terms folded, or -1 when another compactor holds the lock (its
+    work covers these deltas or the next call will). Sums are unchanged, so searches never notice."""
+    row = conn.execute("SELECT cs_lexical_compact()").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0

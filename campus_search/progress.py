@@ -88,6 +88,7 @@ def summary(report: Any) -> str:
         (getattr(report, "defaulted", 0), "given DEFAULT_VISIBILITY")) if n]
     return (f"ingest: {report.added} added, {report.updated + report.metadata_updated} updated{meta}, "
             f"{report.unchanged} unchanged, {report.deleted} deleted, {report.failed} failed — "
-            f"{report.chunks_written} chunks written, {report.chunks_embedded} embedded in "
+            f"{report.chunks_written} chunks written, {report.chunks_embedded} embedded"
+            f"{f', {report.chunks_given} with given vectors' if getattr(report, 'chunks_given', 0) else ''} in "
             f"{_duration(secs) if secs >= 1 else f'{secs:.2f}s'} ({rate})"
             + (f"; access: {', '.join(access)}" if access else ""))

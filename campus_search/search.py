@@ -98,6 +98,8 @@ class SearchOutcome:
     from_cache: bool = False
     rendered: str | None = None
     count: int = -1
+    #: a cache hit on an entry this same caller's earlier search stored (what non-admins may be told)
+    stored_by_caller: bool = False
 
     def __post_init__(self) -> None:
         if self.count < 0:
@@ -266,7 +268,9 @@ class Searcher:
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
                           k: int, *, exact: bool = False) -> list[Hit]:
         """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
-        exact cosine and BM25 score, fused into ``relevance`` (fusion.py). One statement, one round trip."""
+        exact cosine and BM25 score, fused into ``relevance`` (fusion.py). One statement, one round trip.
+        The rule is checked on the postings' copies before the BM25 cut and again on the chunk rows
+        that are returned."""
         where, params = _where(user, filters)
         where_p, _ = _where(user, filters, alias="p")  # same rule and filters, on the postings' copies
         sql = (f"WITH dense AS MATERIALIZED ("
@@ -278,7 +282,11 @@ class Searcher:
                f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, coalesce(ls.score, 0) AS bm25, "
                f"  c.id IN (SELECT id FROM dense) AS in_dense, c.id IN (SELECT id FROM lex_top) AS in_lex "
                f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
-               f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id")
+               f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id "
+               # Defence in depth: the lexical list was cut on the postings' copies of the access columns;
+               # the rule is applied once more to the chunk row itself, so a stale copy (a trigger
+               # disabled, a hand-edited table) can never surface a hidden chunk.
+               f"WHERE {where}")
         rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params}, k)
         cos = [float(r[12]) for r in rows]
         bm25 = [float(r[13]) for r in rows]

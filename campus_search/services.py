@@ -21,7 +21,7 @@ from .embedding import Embedder, LocalMiniLM, get_embedder
 from .fusion import FusionConfig
 from .ingest import Ingester
 from .lexical import BM25
-from .search import Searcher, SearchOutcome, SearchParams
+from .search import Hit, Searcher, SearchOutcome, SearchParams
 from .security.roles import Principal
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,18 @@ class Services:
     def run_search(self, user: Principal, params: SearchParams) -> SearchOutcome:
         """One search as the API runs it: cache-aside (cache.py), scoped to the caller's permissions."""
         self.ensure_open()
-        return self.cache.fetch(user, params, lambda: self.searcher.search(user, params))
+        show_bm25 = user.role.name in self.settings.scores_bm25_roles
+
+        def compute() -> list[Hit]:
+            hits = self.searcher.search(user, params)
+            if not show_bm25:
+                # BM25 uses corpus-wide statistics that count hidden chunks: not shown to this role
+                # (SCORES_BM25_ROLES). Dropped before caching; the role is part of the cache key.
+                for hit in hits:
+                    hit.bm25 = None
+            return hits
+
+        return self.cache.fetch(user, params, compute)
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -123,6 +123,13 @@ def _items(scope: _Scope, guard: Guard) -> Iterator[ParsedDocument | CampusSearc
         yield doc
 
 
+def documents(paths: Sequence[Path], guard: Guard | None = None) -> Iterator[ParsedDocument | CampusSearchError]:
+    """Every document ``paths`` yield, parsed and guarded as ingestion would (problems as errors)."""
+    guard = guard or Guard()
+    for path in paths:
+        yield from _items(_scope(path), guard)
+
+
 def _source_of(file: Path) -> str:
     """The ``source`` a document from ``file`` was stored with (its folder resolved, not the file:
     a file refused because it became a link keeps the document it was before)."""

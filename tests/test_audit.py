@@ -144,7 +144,7 @@ def test_admin_actions_are_recorded(audited: Any, token: Any) -> None:
     with app.test_request_context("/api/admin/documents/x", method="DELETE"):
         from flask import g
 
-        g.principal = principal_from_claims({"sub": "root2", "role": "admin"}, services.settings)
+        g.principal = principal_from_claims({"sub": "root2", "role": "it_administrator"}, services.settings)
         with admin_action(services, "document.delete", target="doc-1") as details:
             details["chunks_deleted"] = 3
         with pytest.raises(NotFound), admin_action(services, "document.delete", target="doc-2"):

@@ -172,6 +172,106 @@ def test_restore_under_a_running_server_is_atomic_and_invalidates_the_cache(
     assert counts(undo)[:2] == (documents, chunks)
 
 
+FOREIGN_APP = """
+    CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL);
+    CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers, total numeric);
+    CREATE VIEW big_orders AS SELECT * FROM orders WHERE total > 100;
+    CREATE FUNCTION order_total(int) RETURNS numeric LANGUAGE sql AS 'SELECT total FROM orders WHERE id = $1';
+    CREATE SCHEMA billing;
+    CREATE TABLE billing.invoices (id int);
+    INSERT INTO customers (name) VALUES ('Ada'), ('Grace');
+    INSERT INTO orders (customer_id, total) VALUES (1, 250), (2, 40);
+"""
+
+
+def foreign_state(dsn: str) -> list[Any]:
+    with psycopg.connect(dsn) as conn:
+        return [conn.execute("SELECT count(*) FROM customers").fetchone(),
+                conn.execute("SELECT count(*) FROM orders").fetchone(),
+                conn.execute("SELECT count(*) FROM big_orders").fetchone(),
+                conn.execute("SELECT order_total(1)").fetchone(),
+                conn.execute("SELECT count(*) FROM billing.invoices").fetchone()]
+
+
+def test_restore_refuses_another_applications_database(
+        demo_backup: Path, make_database: Callable[[], str], cli_env: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped --database-url names another application's database: refused with or without --yes,
+    before any safety backup or lock, and every table, row, view and function of it is still there."""
+    other = make_database()
+    with psycopg.connect(other) as conn:
+        conn.execute(FOREIGN_APP)
+    before = foreign_state(other)
+    for extra in ((), ("--yes",)):
+        code, _, err = run_cli(capsys, "restore", str(demo_backup), "--database-url", other, *extra)
+        assert code == 2, err
+        assert "is not a Campus Search database" in err and "table public.customers" in err
+        assert "nothing was changed" in err and "Traceback" not in err
+        assert foreign_state(other) == before
+    dbname = str(psycopg.conninfo.conninfo_to_dict(other)["dbname"])
+    assert not [p for p in demo_backup.parent.glob("*.dump") if dbname in p.name]  # refused before any backup
+    # A Campus Search database that also holds somebody else's table is refused just the same.
+    mixed = make_database()
+    assert run_cli(capsys, "restore", str(demo_backup), "--database-url", mixed)[0] == 0
+    with psycopg.connect(mixed) as conn:
+        conn.execute("CREATE TABLE payroll (employee text, salary numeric); INSERT INTO payroll VALUES ('x', 1)")
+        docs = conn.execute("SELECT count(*) FROM documents").fetchone()
+    code, _, err = run_cli(capsys, "restore", str(demo_backup), "--database-url", mixed, "--yes")
+    assert code == 2 and "table public.payroll" in err
+    with psycopg.connect(mixed) as conn:
+        assert conn.execute("SELECT count(*) FROM payroll").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM documents").fetchone() == docs
+
+
+def test_restore_transaction_itself_refuses_foreign_objects(
+        demo_backup: Path, make_database: Callable[[], str], cli_env: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The check is repeated inside the restore's transaction (an object created between the first check
+    and the restore, here simulated by blinding the first check): rolled back, nothing dropped."""
+    import campus_search.backup as backup_module
+
+    other = make_database()
+    with psycopg.connect(other) as conn:
+        conn.execute(FOREIGN_APP)
+    before = foreign_state(other)
+    real = backup_module.inventory
+    monkeypatch.setattr(backup_module, "inventory", lambda dsn: (real(dsn)[0], []))
+    code, _, err = run_cli(capsys, "restore", str(demo_backup), "--database-url", other, "--yes")
+    assert code == 2 and "not Campus Search's" in err and "rolled back" in err
+    assert foreign_state(other) == before
+
+
+def test_restore_always_saves_a_database_that_holds_anything(
+        demo_backup: Path, make_database: Callable[[], str], services_factory: Any, cli_env: Path,
+        token: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Campus Search database without documents still holds its audit log: saved before it is replaced.
+    An empty database holds nothing to save."""
+    from campus_search.app import create_app
+
+    target = make_database()
+    settings = make_settings(target, cli_env)
+    services = services_factory(settings)  # migrated, no documents
+    r = create_app(settings, services=services).test_client().post(
+        "/api/search", json={"query": "anything"}, headers={"Authorization": token("student", sub="audited")})
+    assert r.status_code == 200 and counts(target)[0] == 0
+    services.close()
+
+    def audited(dsn: str) -> Any:
+        with psycopg.connect(dsn) as conn:
+            return conn.execute("SELECT count(*) FROM audit_log WHERE user_id = 'audited'").fetchone()
+
+    assert audited(target) == (1,)
+    code, result, err = run_cli(capsys, "restore", str(demo_backup), "--database-url", target)
+    assert code == 0, err
+    safety = Path(result["safety_backup"])
+    assert safety.exists() and NAME_RE.match(safety.name) and "saved first" in err
+    undo = make_database()
+    assert run_cli(capsys, "restore", str(safety), "--database-url", undo)[0] == 0
+    assert audited(undo) == (1,)
+    code, result, _ = run_cli(capsys, "restore", str(demo_backup), "--database-url", make_database())
+    assert code == 0 and result["safety_backup"] is None
+
+
 def test_backup_keep_prunes_older_backups(tmp_path: Path) -> None:
     import datetime as dt
 

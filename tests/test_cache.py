@@ -4,6 +4,7 @@ cache clear touches only this service's keys."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -98,7 +99,7 @@ def test_repeated_query_is_served_from_redis(cached_app: Any, token: Any, redis_
 
 
 def test_less_access_never_gets_a_result_cached_for_more(cached_app: Any, token: Any) -> None:
-    _, client = cached_app()
+    services, client = cached_app()
     callers = [  # most access first, so every later caller could only be wrongly served from cache
         ("admin", token("admin", sub="a1"), DEFAULT_ROLES["admin"], ()),
         ("academic", token("academic", sub="ac1"), DEFAULT_ROLES["academic"], ()),
@@ -124,9 +125,12 @@ def test_less_access_never_gets_a_result_cached_for_more(cached_app: Any, token:
     assert seen["student"] == {"wifi-public", "exams"}
 
     # Equal scope shares entries: another IT staff member, and a student whatever department they name.
+    # (Served from cache, but not told so: another person's search stored those entries.)
+    hits = services.cache.hits
     same_scope = search(client, token("staff", sub="st9", departments=["IT Services"]))
-    assert same_scope["from_cache"] is True and ids(same_scope) == seen["staff-it"]
-    assert search(client, token("student", sub="s2"))["from_cache"] is True
+    assert services.cache.hits == hits + 1 and ids(same_scope) == seen["staff-it"]
+    assert search(client, token("student", sub="s2"))["from_cache"] is False
+    assert services.cache.hits == hits + 2
     # The campus changes combined_score, so it is part of the key.
     kb = search(client, token("staff", sub="st1", departments=["IT Services"], campus="King's Buildings"))
     assert kb["from_cache"] is False
@@ -220,3 +224,58 @@ def test_cache_disabled_never_claims_a_hit(cached_app: Any, token: Any, redis_se
     auth = token("student")
     assert [search(client, auth)["from_cache"] for _ in range(3)] == [False, False, False]
     assert not redis_server.client().keys(redis_prefix + "*")
+
+
+def test_from_cache_tells_non_admins_only_of_their_own_searches(cached_app: Any, token: Any) -> None:
+    """Issue 16: ``from_cache: true`` on a student's first search would tell them that somebody in the
+    same permission scope searched these exact words within CACHE_TTL_SEARCH. Non-admins are told only
+    of hits on their own earlier searches; admins (FROM_CACHE_ROLES) of every hit; the audit record
+    keeps the truth for everyone."""
+    services, client = cached_app()
+    body = {**QUERY, "query": "counselling appointment for anxiety"}
+    first, again = token("student", sub="s1"), token("student", sub="s2")
+    assert search(client, first, body)["from_cache"] is False
+    assert search(client, first, body)["from_cache"] is True  # their own earlier search
+    hits = services.cache.hits
+    other = client.post("/api/search", json=body, headers={"Authorization": again})
+    assert other.status_code == 200 and other.get_json()["from_cache"] is False
+    assert services.cache.hits == hits + 1  # it was a hit: only the disclosure differs
+    assert search(client, again, body)["from_cache"] is False  # still s1's entry
+    with services.db.connection() as conn:
+        (details,) = conn.execute("SELECT details FROM audit_log WHERE request_id = %s",
+                                  (other.headers["X-Request-ID"],)).fetchone()
+    assert json.loads(details)["from_cache"] is True
+    # admins are told of every hit, including one another admin's search stored
+    assert search(client, token("admin", sub="a1"), body)["from_cache"] is False
+    assert search(client, token("admin", sub="a2"), body)["from_cache"] is True
+    # anonymous callers share one user id, so no entry is ever "their own"
+    _, anon = cached_app(allow_anonymous=True)
+    anon_body = {**QUERY, "query": "anonymous cache disclosure check"}
+    flags = [anon.post("/api/search", json=anon_body).get_json()["from_cache"] for _ in range(2)]
+    assert flags == [False, False]
+
+
+def test_from_cache_roles_is_configurable(cached_app: Any, token: Any) -> None:
+    _, client = cached_app(from_cache_roles=("student",))
+    body = {**QUERY, "query": "exam timetable publication"}
+    assert search(client, token("student", sub="s1"), body)["from_cache"] is False
+    assert search(client, token("student", sub="s2"), body)["from_cache"] is True
+    _, nobody = cached_app(from_cache_roles=())
+    assert search(nobody, token("admin", sub="a1"), body)["from_cache"] is False
+    assert search(nobody, token("admin", sub="a2"), body)["from_cache"] is False
+    assert search(nobody, token("admin", sub="a2"), body)["from_cache"] is False  # a1 stored it
+    assert search(nobody, token("admin", sub="a1"), body)["from_cache"] is True
+
+
+def test_scores_bm25_setting_is_part_of_the_cache_key(cached_app: Any, services_factory: Any, token: Any) -> None:
+    """Two deployments of one index and one Redis that disagree on SCORES_BM25_ROLES never serve each
+    other's entries: one holds scores.bm25 for students, the other must not (and the reverse)."""
+    services, hidden = cached_app()
+    shown_settings = dataclasses.replace(services.settings, scores_bm25_roles=("admin", "student"))
+    shown = create_app(shown_settings, services=services_factory(shown_settings)).test_client()
+    auth = token("student", sub="s1")
+    first = search(hidden, auth)
+    assert first["count"] > 0 and not any("bm25" in h["scores"] for h in first["results"])
+    assert search(hidden, auth)["from_cache"] is True  # stored, and this caller's own
+    other = search(shown, auth)
+    assert other["from_cache"] is False and all("bm25" in h["scores"] for h in other["results"])

@@ -91,10 +91,10 @@ def test_entries_hold_count_and_rendered_results_and_garbage_is_a_miss() -> None
     hit = Hit(chunk_id=7, document_id="d", document_title="T", section_title=None, text="é 中\n\"q\"",
               page_number=3, metadata={"priority": 4}, similarity=0.1234567890123, relevance=0.5,
               combined_score=0.61)
-    count, rendered = decode_results(encode_results([hit, hit])) or (None, None)
-    assert count == 2 and json.loads(rendered) == [hit.as_json(), hit.as_json()]
-    assert decode_results(encode_results([])) == (0, "[]")
-    for garbage in (b"not json", b"2\n{}", b"x\n[]", b"[1]", b"3\n[\xff]"):
+    count, rendered, owner = decode_results(encode_results([hit, hit], "ab12")) or (None, None, None)
+    assert count == 2 and json.loads(rendered) == [hit.as_json(), hit.as_json()] and owner == "ab12"
+    assert decode_results(encode_results([])) == (0, "[]", "")
+    for garbage in (b"not json", b"2\n{}", b"x\n[]", b"[1]", b"3\n[\xff]", b"2 \xff\n[]"):
         assert decode_results(garbage) is None
 
 

@@ -145,6 +145,18 @@ def test_requirements_prod_pins_every_dependency() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {req.specifier}"
 
 
+def test_the_customers_packages_are_declared_and_pinned() -> None:
+    """SPEC §0's design card: each package the customer chose is a runtime dependency, pinned."""
+    chosen = {"flask", "flask-limiter", "flask-jwt-extended", "psycopg", "psycopg-pool", "pgvector", "redis",
+              "prometheus-client", "requests", "gunicorn"}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.sub(r"[-_.]+", "-", Requirement(dep).name).lower() for dep in project["dependencies"]}
+    assert chosen <= declared, f"not declared: {sorted(chosen - declared)}"
+    pinned = {re.sub(r"[-_.]+", "-", line.split("==", 1)[0]).lower()
+              for line in (ROOT / "requirements-prod.txt").read_text().splitlines() if "==" in line}
+    assert chosen <= pinned, f"not pinned: {sorted(chosen - pinned)}"
+
+
 # --- pgbouncer ---------------------------------------------------------------------------------------
 
 def pgbouncer_ini() -> configparser.ConfigParser:

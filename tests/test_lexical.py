@@ -49,9 +49,9 @@ def _stats_consistent(services: Any) -> None:
     with services.db.connection() as conn:
         expected_df = dict(conn.execute(
             "SELECT u.lexeme, count(*) FROM chunks c, unnest(c.lexical) u GROUP BY u.lexeme").fetchall())
-        stored_df = dict(conn.execute("SELECT term, df FROM lexical_terms").fetchall())
+        stored_df = dict(conn.execute("SELECT term, df FROM lexical_df").fetchall())
         n, total = conn.execute("SELECT count(*), coalesce(sum(lexical_length), 0) FROM chunks").fetchone()
-        stats = conn.execute("SELECT chunks, total_length FROM lexical_stats").fetchone()
+        stats = conn.execute("SELECT chunks, total_length FROM lexical_corpus").fetchone()
         postings = conn.execute("SELECT count(*) FROM lexical_postings").fetchone()[0]
         expected_postings = conn.execute("SELECT count(*) FROM chunks c, unnest(c.lexical) u").fetchone()[0]
         # every posting carries exactly its chunk's current access and filter columns
@@ -93,17 +93,21 @@ def _python_bm25(services: Any, query: str, k1: float, b: float) -> dict[int, fl
     return scores
 
 
-@pytest.mark.parametrize("k1,b", [(0.9, 0.4), (1.2, 0.75)])
-def test_sql_bm25_equals_reference(small: Any, k1: float, b: float) -> None:
-    query = "renew library loans before the due date to avoid fines"
-    expected = _python_bm25(small, query, k1, b)
-    searcher = small.searcher
+def _scores_match_reference(services: Any, query: str, k1: float = 0.9, b: float = 0.4) -> None:
+    expected = _python_bm25(services, query, k1, b)
+    assert expected
+    searcher = services.searcher
     searcher.bm25 = BM25(k1, b)
     hits = searcher.hybrid_candidates(superuser(), searcher.embed_query(query), query, {}, 10)
     got = {h.chunk_id: h.bm25 for h in hits if h.bm25}
     assert got.keys() == expected.keys()
     for cid, score in expected.items():
         assert got[cid] == pytest.approx(score, rel=1e-9)
+
+
+@pytest.mark.parametrize("k1,b", [(0.9, 0.4), (1.2, 0.75)])
+def test_sql_bm25_equals_reference(small: Any, k1: float, b: float) -> None:
+    _scores_match_reference(small, "renew library loans before the due date to avoid fines", k1, b)
 
 
 def test_exact_term_found_by_lexical_when_dense_misses(small: Any) -> None:
@@ -129,6 +133,37 @@ def test_lexical_path_obeys_visibility(small: Any) -> None:
     params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
     for user in (student, staff_other):
         assert all(h.document_id != "secret" for h in small.searcher.search(user, params))
+    assert small.searcher.search(staff_it, params)[0].document_id == "secret"
+
+
+def test_stale_postings_copy_never_surfaces_a_hidden_chunk(small: Any, token: Any) -> None:
+    """Defence in depth: the postings' copies of the access columns are made to lie (as a disabled trigger
+    or a hand edit would leave them), claiming the restricted playbook is public at clearance 1. The
+    chunk row still says IT Services, clearance 3, so nobody else may see it -- by either path."""
+    from campus_search.app import create_app
+
+    query = "ZR-9042 data breach playbook"
+    with small.db.connection() as conn:
+        stale = conn.execute(
+            "UPDATE lexical_postings p SET visibility = 'public', clearance_level = 1, department = NULL "
+            "FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "WHERE p.chunk_id = c.id AND d.external_id = 'secret'").rowcount
+    assert stale > 0
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    staff_other = Principal("t1", DEFAULT_ROLES["staff"], departments=("Library",))
+    params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
+    vector = small.searcher.embed_query(query)
+    for user in (student, staff_other):
+        assert all(h.document_id != "secret" for h in small.searcher.search(user, params))
+        candidates = small.searcher.hybrid_candidates(user, vector, query, {}, 40)
+        assert candidates and all(h.document_id != "secret" for h in candidates)
+    client = create_app(small.settings, services=small).test_client()
+    r = client.post("/api/search", json={"query": query, "config": {"similarity_threshold": -1}},
+                    headers={"Authorization": token("student")})
+    assert r.status_code == 200 and r.get_json()["count"] > 0
+    assert all(h["document_id"] != "secret" for h in r.get_json()["results"])
+    # the rightful reader still finds it first
+    staff_it = Principal("t2", DEFAULT_ROLES["staff"], departments=("IT Services",))
     assert small.searcher.search(staff_it, params)[0].document_id == "secret"
 
 
@@ -174,7 +209,7 @@ def test_statistics_exact_after_add_change_delete(small: Any) -> None:
     assert ingester.delete(["ease", "new"]) == 2
     _stats_consistent(small)
     with small.db.connection() as conn:
-        assert conn.execute("SELECT count(*) FROM lexical_terms WHERE term = 'xq-7731'").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM lexical_df WHERE term = 'xq-7731'").fetchone()[0] == 0
     # an in-place text edit by any writer keeps postings right too
     with small.db.connection() as conn:
         conn.execute("UPDATE chunks SET text = text || ' Quantum cryptography seminar.' "
@@ -183,8 +218,8 @@ def test_statistics_exact_after_add_change_delete(small: Any) -> None:
 
 
 def test_concurrent_writers_do_not_deadlock(small: Any) -> None:
-    """Two transactions each writing several documents with overlapping terms (as two ingests do): the
-    second waits for the first at its first chunk statement instead of crossing locks with it."""
+    """Two transactions each writing several documents with overlapping terms (as two ingests do) never
+    cross locks on the statistics (they only insert deltas, migration 013)."""
     import threading
 
     import psycopg
@@ -226,4 +261,71 @@ def test_concurrent_writers_do_not_deadlock(small: Any) -> None:
     finally:
         a.close()
         b.close()
+    _stats_consistent(small)
+
+
+def _writer(dsn: str) -> Any:
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    conn = psycopg.connect(dsn)
+    register_vector(conn)
+    conn.execute("SET lock_timeout = '3s'")  # a writer that had to queue fails here instead of hanging
+    return conn
+
+
+def _add(conn: Any, vector: Any, ext: str, text: str) -> None:
+    doc = conn.execute("INSERT INTO documents (external_id, title, content_hash) VALUES (%s, %s, 'h') "
+                       "RETURNING id", (ext, ext)).fetchone()[0]
+    conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding, visibility, "
+                 "clearance_level, priority) VALUES (%s, 0, %s, 'h', %s, 'public', 1, 3)", (doc, text, vector))
+
+
+def test_concurrent_writers_run_side_by_side(small: Any) -> None:
+    """Scale-out ingestion: while one writer's transaction is open with chunks that share terms with
+    another's, the other writes, deletes and commits without waiting (no shared counter row), and the
+    statistics are exact after both, before and after compaction."""
+    from campus_search.lexical import compact
+
+    vector = small.embedder.embed(["x"])[0]
+    a, b = _writer(small.dsn), _writer(small.dsn)
+    try:
+        _add(a, vector, "a1", "EASE account activation apples bananas")  # A holds its transaction open
+        _add(b, vector, "b1", "EASE account renewal apples cherries")    # same terms: no wait
+        b.execute("DELETE FROM documents WHERE external_id = 'library'")  # a delete too
+        b.commit()
+        with small.db.connection() as conn:  # a compactor does not wait for A either
+            assert compact(conn) > 0
+        a.commit()
+    finally:
+        a.close()
+        b.close()
+    _stats_consistent(small)
+    with small.db.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM lexical_term_deltas").fetchone()[0] > 0  # A's, not folded yet
+    _scores_match_reference(small, "EASE account apples renewal")  # search reads base + deltas
+    with small.db.connection() as conn:
+        compact(conn)
+        assert conn.execute("SELECT count(*) FROM lexical_term_deltas").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM lexical_stats_deltas").fetchone()[0] == 0
+    _stats_consistent(small)
+
+
+def test_compaction_is_skipped_while_another_runs_and_changes_no_sum(small: Any) -> None:
+    import psycopg
+
+    from campus_search.lexical import compact
+
+    small.ingester.ingest([_doc("new", "Printing", "Print from any University printer.")], AccessMetadata())
+    with small.db.connection() as conn:  # leave deltas behind, as an interrupted compaction would
+        conn.execute("INSERT INTO lexical_term_deltas VALUES ('printer', 0)")
+    with psycopg.connect(small.dsn) as other:
+        other.execute("SELECT pg_advisory_xact_lock(7450114)")  # a compactor at work elsewhere
+        with small.db.connection() as conn:
+            assert compact(conn) == -1
+        other.rollback()
+    _stats_consistent(small)
+    with small.db.connection() as conn:
+        assert compact(conn) >= 0
+        assert conn.execute("SELECT count(*) FROM lexical_term_deltas").fetchone()[0] == 0
     _stats_consistent(small)

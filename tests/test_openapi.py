@@ -49,6 +49,11 @@ def check(spec: dict[str, Any], registry: Registry, method: str, path: str, resp
         name = documented["$ref"].rsplit("/", 1)[1]
         documented = spec["components"]["responses"][name]
         where = ("components", "responses", name)
+    for name, header in documented.get("headers", {}).items():  # string-valued headers: the value itself
+        value = response.headers.get(name)
+        assert value is not None or not header.get("required"), f"{method} {path} {status}: no {name} header"
+        if value is not None and header["schema"].get("type") == "string":
+            assert not list(Draft202012Validator(header["schema"]).iter_errors(value)), (name, value)
     body = response.get_json()
     schema_ref = {"$ref": f"{BASE}#/{pointer(*where, 'content', 'application/json', 'schema')}"}
     errors = sorted(Draft202012Validator(schema_ref, registry=registry).iter_errors(body), key=str)
@@ -120,6 +125,8 @@ def test_search_and_operations_answers_match_the_schemas(client: Any, token: Any
     check(spec, registry, "POST", "/api/search", post({"query": ""}, staff))
     check(spec, registry, "POST", "/api/search", post({"query": "x", "filters": {"colour": "red"}}, staff))
     check(spec, registry, "POST", "/api/search", post({"query": "x"}))
+    for bad in ("Bearer a.b.c", "bearer " + token("staff", extra={"exp": 1}).removeprefix("Bearer ")):
+        check(spec, registry, "POST", "/api/search", post({"query": "x"}, bad))
     check(spec, registry, "POST", "/api/search", post({"query": "x", "filters": {"clearance_level": 5}}, staff))
     big = client.post("/api/search", data=b'{"query": "' + b"a" * 200_000 + b'"}',
                       headers={"Authorization": staff, "Content-Type": "application/json"})

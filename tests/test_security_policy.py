@@ -86,7 +86,10 @@ def test_role_table_defaults_overrides_and_validation() -> None:
     roles = build_roles()
     mapping = {"it_administrator": "admin"}
     assert map_role("it_administrator", mapping, roles).name == "admin"
-    assert map_role("staff", mapping, roles).name == "staff"  # a role's own name
+    # a role's own name is not an SSO value: only ROLE_MAPPING gives a role (issue 10)
+    for name in ("staff", "academic", "admin"):
+        assert map_role(name, mapping, roles).name == "student"
+    assert map_role("staff", {"staff": "staff"}, roles).name == "staff"  # unless the mapping says so
     assert map_role("anonymous", mapping, roles).name == "student"  # never from a claim
     assert map_role(["student", "it_administrator"], mapping, roles).name == "admin"
     assert map_role(None, mapping, roles).name == "student"
@@ -124,6 +127,35 @@ def test_configured_role_caps_apply_to_searches(demo_services: Any, data_dir: An
                    for h in visitor["results"])
     finally:
         services.close()
+
+
+def test_bm25_scores_only_for_configured_roles(client: Any, demo_services: Any, data_dir: Any, token: Any) -> None:
+    """scores.bm25 comes from corpus-wide statistics that count hidden chunks (docs/ranking.md): by
+    default only admins see it, cached answers included; SCORES_BM25_ROLES widens or empties that."""
+    body = {"query": "password reset instructions", "config": {"max_results": 5, "similarity_threshold": -1}}
+
+    def bm25_shown(c: Any, auth: str) -> list[bool]:
+        r = search(c, auth, body)
+        assert r.status_code == 200 and r.get_json()["count"] > 0
+        assert all("relevance" in h["scores"] for h in r.get_json()["results"])
+        return ["bm25" in h["scores"] for h in r.get_json()["results"]]
+
+    for _ in range(2):  # computed, then from the cache: the same answer
+        assert not any(bm25_shown(client, token("student", sub="bm25-s")))
+        assert not any(bm25_shown(client, token("professional_services", sub="bm25-t", departments=["IT Services"])))
+        assert all(bm25_shown(client, token("admin", sub="bm25-a")))
+    settings = make_settings(demo_services.settings.database_url, data_dir, scores_bm25_roles=("student",))
+    services = Services(settings, embedder=demo_services.embedder).ensure_open()
+    try:
+        c = create_app(settings, services=services).test_client()
+        assert all(bm25_shown(c, token("student", sub="bm25-s2")))
+        assert not any(bm25_shown(c, token("admin", sub="bm25-a2")))
+    finally:
+        services.close()
+    with pytest.raises(ConfigError, match="SCORES_BM25_ROLES"):
+        load_settings({"DATA_DIR": str(data_dir), "JWT_SECRET_KEY": TEST_SECRET, "SCORES_BM25_ROLES": "admn"})
+    with pytest.raises(ConfigError, match="FROM_CACHE_ROLES"):
+        load_settings({"DATA_DIR": str(data_dir), "JWT_SECRET_KEY": TEST_SECRET, "FROM_CACHE_ROLES": "root"})
 
 
 # --- client input never widens access --------------------------------------------------------------

@@ -1,7 +1,8 @@
 """``GET /api/admin/explain`` — can this user see this document, and why? (admin only)
 
 ``?document_id=ID&role=ROLE[&sub=ID][&department=D ...][&campus=C]`` describes a user the way a token
-would (``role`` may be an SSO role name: it goes through ROLE_MAPPING like a token's claim). The
+would (``role`` is an SSO role value, which goes through ROLE_MAPPING like a token's claim, or a role's
+own name, which an admin may give directly here although a token's claim cannot). The
 answer gives the decision of the plain-Python rule with its reasons, and the count of the document's
 chunks that the SQL predicate used by retrieval lets through -- the two must agree. Every call is
 audited: asking what someone may see is itself an admin action.
@@ -27,14 +28,13 @@ def _role(claim: str, settings: Any) -> tuple[Any, str]:
     roles = role_table(settings.roles_json)
     if claim == "anonymous":
         return roles["anonymous"], "anonymous (no token)"
-    role = map_role(claim, settings.role_mapping, roles)
     if claim in settings.role_mapping:
-        how = f"SSO role {claim!r} maps to {role.name} (ROLE_MAPPING)"
-    elif claim in roles:
-        how = f"role {claim!r}"
-    else:
-        how = f"SSO role {claim!r} is not in ROLE_MAPPING: least-privileged role {role.name}"
-    return role, how
+        role = map_role(claim, settings.role_mapping, roles)
+        return role, f"SSO role {claim!r} maps to {role.name} (ROLE_MAPPING)"
+    if claim in roles:  # the admin names a role directly (a token's claim never does: see map_role)
+        return roles[claim], f"role {claim!r}"
+    role = map_role(claim, settings.role_mapping, roles)
+    return role, f"SSO role {claim!r} is not in ROLE_MAPPING: least-privileged role {role.name}"
 
 
 @bp.get("/api/admin/explain")

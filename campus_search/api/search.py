@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, g, request
 
 from ..audit import audit_search_response
 from ..errors import BadRequest, Forbidden, PayloadTooLarge
-from ..search import SearchParams, validate_filters
+from ..search import SearchOutcome, SearchParams, validate_filters
 from ..security.auth import authenticate
 from ..security.roles import Principal
 
@@ -82,6 +82,16 @@ def parse_search_request(data: dict[str, Any], user: Principal) -> SearchParams:
                         similarity_threshold=float(threshold))
 
 
+def disclosed_from_cache(outcome: SearchOutcome, user: Principal, roles: tuple[str, ...]) -> bool:
+    """What the caller is told in ``from_cache``. A hit on an entry somebody else's search stored would
+    tell the caller that someone in the same permission scope searched these exact words recently, so
+    only FROM_CACHE_ROLES (admins by default) learn of every hit; anyone else learns only of hits on
+    their own earlier searches. The audit record keeps the truth."""
+    if not outcome.from_cache:
+        return False
+    return outcome.stored_by_caller or user.role.name in roles
+
+
 @bp.post("/api/search")
 def search_documents() -> Any:
     started = time.perf_counter()
@@ -93,7 +103,7 @@ def search_documents() -> Any:
         "count": outcome.count,
         "query": params.query,
         "response_time": round(time.perf_counter() - started, 4),
-        "from_cache": outcome.from_cache,
+        "from_cache": disclosed_from_cache(outcome, user, services.settings.from_cache_roles),
         "request_id": g.request_id,
         "user_id": user.user_id,
         "timestamp": round(time.time(), 3),

@@ -1,9 +1,21 @@
 """Authentication: bearer JWT -> :class:`Principal`.
 
-Verification is flask-jwt-extended's (PyJWT underneath): algorithms pinned from configuration,
-``exp`` required, ``iss``/``aud`` checked when configured, a small leeway for clock skew. HS* tokens
-are checked with ``JWT_SECRET_KEY``; RS*/ES* tokens with the SSO provider's JWKS (see ``jwks.py``).
-Identity never comes from the request body.
+Verification is flask-jwt-extended's, PyJWT underneath (:func:`verify_token` calls its
+``decode_token``): the token's algorithm must be one of ``JWT_ALGORITHMS`` (pinned), ``iss``/``aud``
+are checked when configured, with a small leeway for clock skew, and ``sub`` must be a string. HS*
+tokens are checked with ``JWT_SECRET_KEY``; RS*/ES* tokens with the SSO provider's JWKS (see
+``jwks.py``), chosen per token by the extension's ``decode_key_loader``. On the verified claims this
+module adds what the extension does not require: ``exp`` present and numeric, ``sub`` not blank, an
+access token. The ``Authorization`` header is read here, in one place, with the scheme matched
+case-insensitively (RFC 7235), so ``bearer`` and ``Bearer`` are the same on every request (the
+extension's own header reader compares the scheme case-sensitively). Identity never comes from the
+request body.
+
+A refused token is a 401 whose ``WWW-Authenticate`` follows RFC 6750: no ``error`` attribute when the
+request carried no bearer token at all (3.1), else ``error="invalid_token"`` with an
+``error_description`` naming the class of problem (expired, signature, audience, issuer, malformed ...)
+and the same words in the JSON message. The descriptions come from a fixed list keyed by exception
+class: never a claim value, the expected audience or issuer, or the library's own exception text.
 
 Behind a Shibboleth or OIDC proxy, identity may instead come from headers that proxy sets
 (``PROXY_USER_HEADER`` and friends) -- believed only when the request's TCP peer is one of
@@ -23,24 +35,81 @@ from typing import Any
 
 import jwt
 from flask import Flask, current_app, g, request
-from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
-from flask_jwt_extended.exceptions import JWTExtendedException
+from flask_jwt_extended import JWTManager, decode_token
+from flask_jwt_extended.exceptions import JWTDecodeError, JWTExtendedException
 
 from ..config import Settings
 from ..errors import Forbidden, Unauthorized
 from ..proxies import from_identity_proxy
-from .roles import Principal, map_role, role_table
+from .roles import Principal, map_role, role_table, sso_value_for
 
 log = logging.getLogger(__name__)
 
+REALM = "campus-search"
+TOKEN_REQUIRED = "a bearer token is required"
+#: (error class, description), most specific first: InvalidSignatureError is a DecodeError, and PyJWT
+#: checks the signature before any claim, so a claim problem is only ever reported for a token whose
+#: signature verified. flask-jwt-extended lets PyJWT's errors through unwrapped.
+_DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "the token has expired"),
+    (jwt.ImmatureSignatureError, "the token is not valid yet"),
+    (jwt.InvalidSignatureError, "the token signature does not verify"),
+    (jwt.InvalidAudienceError, "the token was issued for another audience"),
+    (jwt.InvalidIssuerError, "the token was issued by an issuer this service does not accept"),
+    (jwt.InvalidAlgorithmError, "the token signing algorithm is not accepted"),
+    (jwt.InvalidKeyError, "the token signing key is not known to this service"),
+    (jwt.exceptions.InvalidSubjectError, "the token subject (sub) is invalid"),
+    (jwt.exceptions.InvalidIssuedAtError, "the token issue time (iat) is invalid"),
+    (jwt.DecodeError, "the token is malformed"),
+)
+
+
+class InvalidToken(Unauthorized):
+    """A bearer token was presented and refused (RFC 6750 ``invalid_token``)."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description, headers=challenge("invalid_token", description))
+        self.description = description
+
+
+def challenge(error: str | None = None, description: str | None = None) -> dict[str, str]:
+    """The ``WWW-Authenticate`` header of a 401 (RFC 6750 3). ``description`` comes from this module's
+    fixed texts, which hold none of the characters the quoted-string syntax forbids."""
+    value = f'Bearer realm="{REALM}"'
+    if error:
+        value += f', error="{error}"'
+        if description:
+            value += f', error_description="{description}"'
+    return {"WWW-Authenticate": value}
+
+
+def token_required() -> Unauthorized:
+    """401 for a request without a bearer token: no error code (RFC 6750 3.1)."""
+    return Unauthorized(TOKEN_REQUIRED, headers=challenge())
+
+
+def describe_rejection(exc: Exception) -> str:
+    """A fixed, safe description of why flask-jwt-extended (or PyJWT under it) refused a token."""
+    if isinstance(exc, jwt.MissingRequiredClaimError) and exc.claim in ("exp", "sub", "iss", "aud"):
+        return f"the token lacks the required {exc.claim} claim"
+    if isinstance(exc, JWTDecodeError) and str(exc) == "Missing claim: sub":  # the extension's identity check
+        return "the token lacks the required sub claim"
+    for cls, text in _DESCRIPTIONS:
+        if isinstance(exc, cls):
+            return text
+    return "the token is invalid"
+
 
 def init_auth(app: Flask, settings: Settings) -> JWTManager:
+    """flask-jwt-extended configured from ``settings``, its key chosen per token (``JWT_SECRET_KEY`` or
+    the SSO provider's JWKS), and the per-process verified-token cache."""
     app.config.update(
         JWT_SECRET_KEY=settings.jwt_secret_key,
         JWT_ALGORITHM=settings.jwt_algorithms[0],
         JWT_DECODE_ALGORITHMS=list(settings.jwt_algorithms),
         JWT_TOKEN_LOCATION=["headers"],
         JWT_IDENTITY_CLAIM="sub",
+        JWT_VERIFY_SUB=True,  # sub must be a string (PyJWT); not blank is checked in verify_token
         JWT_DECODE_LEEWAY=settings.jwt_leeway,
         JWT_DECODE_AUDIENCE=settings.jwt_audience,
         JWT_DECODE_ISSUER=settings.jwt_issuer,
@@ -59,20 +128,40 @@ def init_auth(app: Flask, settings: Settings) -> JWTManager:
 
     @manager.decode_key_loader
     def _key(header: Mapping[str, Any], _claims: Mapping[str, Any]) -> Any:
+        # the algorithm is checked before a key is chosen: `none` and HS/RS confusion never get a key
         alg = header.get("alg")
         if alg not in settings.jwt_algorithms:
             raise jwt.InvalidAlgorithmError("algorithm not allowed")
         if str(alg).startswith("HS"):
+            if not settings.jwt_secret_key:
+                raise jwt.InvalidKeyError("no JWT_SECRET_KEY configured")
             return settings.jwt_secret_key
         if jwks is None:
             raise jwt.InvalidKeyError("no JWKS configured")
-        return jwks.key_for(header.get("kid"), alg)
-
-    @manager.token_verification_loader
-    def _require_exp(_header: Mapping[str, Any], claims: Mapping[str, Any]) -> bool:
-        return isinstance(claims.get("exp"), int | float)
+        return jwks.key_for(header.get("kid"), alg)  # ServiceUnavailable (503) if never obtained
 
     return manager
+
+
+def verify_token(token: str) -> dict[str, Any]:
+    """The claims of a valid access token, verified by flask-jwt-extended in the current app; raises
+    :class:`InvalidToken` saying what is wrong (or ServiceUnavailable when the SSO provider's keys were
+    never obtained)."""
+    try:
+        claims: dict[str, Any] = decode_token(token)
+    except (JWTExtendedException, jwt.PyJWTError) as exc:
+        raise InvalidToken(describe_rejection(exc)) from None
+    if "exp" not in claims:  # the extension verifies exp only when present
+        raise InvalidToken("the token lacks the required exp claim")
+    exp = claims["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise InvalidToken("the token is malformed")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub.strip():
+        raise InvalidToken("the token has an empty subject (sub)")
+    if claims.get("type", "access") != "access":
+        raise InvalidToken("the token is not an access token")
+    return claims
 
 
 def principal_from_claims(claims: Mapping[str, Any], settings: Settings) -> Principal:
@@ -163,9 +252,11 @@ class VerifiedTokens:
                 self._entries.popitem(last=False)
 
 
-def _bearer(header: str) -> str | None:
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; the scheme is case-insensitive (RFC 7235
+    2.1). None when the header is absent or uses another scheme."""
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
 
 
 def authenticate(settings: Settings) -> Principal:
@@ -174,31 +265,52 @@ def authenticate(settings: Settings) -> Principal:
     carries no Authorization header at all (a bad token is a 401 even then)."""
     if "principal" in g:
         return g.principal
+    if "auth_error" in g:  # already refused (the rate limiter asks first): same answer, one log line
+        raise g.auth_error
     principal = principal_from_proxy(settings)
     if principal is None and settings.allow_anonymous and "Authorization" not in request.headers:
         principal = anonymous_principal(settings)
     if principal is None:
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if not token:
+            g.auth_error = token_required()
+            raise g.auth_error  # an everyday event (probes, first requests): not logged
         verified: VerifiedTokens | None = current_app.extensions.get("campus_search.verified_tokens")
-        token = _bearer(request.headers.get("Authorization", ""))
-        principal = verified.get(token) if verified is not None and token else None
+        principal = verified.get(token) if verified is not None else None
         if principal is None:
             try:
-                verify_jwt_in_request()
-            except (JWTExtendedException, jwt.PyJWTError) as exc:
-                log.info("rejected token: %s", exc.__class__.__name__)
-                raise Unauthorized("missing, invalid or expired bearer token",
-                                   headers={"WWW-Authenticate": 'Bearer realm="campus-search"'}) from None
-            claims = get_jwt()
+                claims = verify_token(token)
+            except InvalidToken as exc:
+                log.info("rejected token: %s", exc.description)
+                g.auth_error = exc
+                raise
             principal = principal_from_claims(claims, settings)
-            if verified is not None and token:
+            if verified is not None:
                 verified.put(token, principal, claims.get("exp"))
     g.principal = principal
     return principal
 
 
+def token_role_claim(settings: Settings, role: str) -> tuple[str, str | None]:
+    """(the role claim a locally minted token carries, a note for the person minting it).
+
+    The server gives a role only through ROLE_MAPPING, so a token asked for as ``staff`` carries the SSO
+    value that ROLE_MAPPING maps to staff (``professional_services`` by default) and is honoured exactly
+    like the provider's own tokens. A value that nothing maps is minted as given, with a warning: the
+    server will treat it as a student."""
+    claim = sso_value_for(role, settings.role_mapping)
+    if claim is None:
+        return role, (f"warning: {role!r} is neither a key of ROLE_MAPPING nor a role it maps to; the server "
+                      "will treat this token as a student")
+    if claim != role:
+        return claim, f"role {role}: the token carries the SSO role {claim!r} (ROLE_MAPPING {claim}={role})"
+    return claim, None
+
+
 def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable[str] = (),
                campus: str | None = None, ttl: int | None = None, extra: Mapping[str, Any] | None = None) -> str:
-    """An HS256 token for local use (``campus-search token``, tests)."""
+    """An HS256 token for local use (``campus-search token``, tests). ``role`` is a role name or an SSO
+    role value; the token carries the SSO value (:func:`token_role_claim`)."""
     if not settings.jwt_secret_key:
         raise Unauthorized("no JWT_SECRET_KEY configured")
     alg = next((a for a in settings.jwt_algorithms if a.startswith("HS")), None)
@@ -206,7 +318,8 @@ def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable
         raise Unauthorized("JWT_ALGORITHMS accepts no HS* algorithm; tokens come from the SSO provider")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "iat": now, "nbf": now, "exp": now + int(ttl or settings.jwt_token_ttl),
-                              "jti": uuid.uuid4().hex, "type": "access", settings.claim_role: role}
+                              "jti": uuid.uuid4().hex, "type": "access",
+                              settings.claim_role: token_role_claim(settings, role)[0]}
     depts = list(departments)
     if depts:
         claims[settings.claim_departments] = depts

@@ -146,19 +146,29 @@ def superuser(user_id: str = "system") -> Principal:
 
 
 def map_role(sso_role: Any, mapping: Mapping[str, str], roles: Mapping[str, Role] = DEFAULT_ROLES) -> Role:
-    """SSO role claim -> Role, through ``mapping`` (ROLE_MAPPING); a configured role's own name maps
-    to itself. Unknown or malformed values get the least-privileged role (student); ``anonymous``
-    is never reachable from a claim."""
+    """SSO role claim -> Role, through ``mapping`` (ROLE_MAPPING) only. A value that is not a key of the
+    mapping gets the least-privileged role (student), even when it happens to equal a role's name: an
+    identity provider that sends ``admin`` for some unrelated group must not make its members admins.
+    Malformed values get student too; ``anonymous`` is never reachable from a claim."""
     if isinstance(sso_role, list | tuple):
         # Several roles: the most privileged one that is known wins.
         candidates = [map_role(r, mapping, roles) for r in sso_role[:50]]
         return max(candidates, key=lambda r: r.clearance, default=roles["student"])
     if not isinstance(sso_role, str):
         return roles["student"]
-    name = mapping.get(sso_role) or sso_role
-    if name == "anonymous":
+    name = mapping.get(sso_role)
+    if name is None or name == "anonymous":
         return roles["student"]
     return roles.get(name, roles["student"])
+
+
+def sso_value_for(role: str, mapping: Mapping[str, str]) -> str | None:
+    """The SSO role value a locally minted token must carry to be given ``role``: ``role`` itself when
+    it is a key of ``mapping``, else the first key that maps to it; None when no key does (the server
+    would then treat the token as a student)."""
+    if role in mapping:
+        return role
+    return next((sso for sso, name in mapping.items() if name == role), None)
 
 
 def is_visible(chunk: Mapping[str, Any], user: Principal) -> bool:

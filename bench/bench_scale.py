@@ -1,0 +1,428 @@
+"""Campus Search at scale: a deterministic synthetic corpus of N chunks, loaded and searched.
+
+    .venv/bin/python bench/bench_scale.py --chunks 100000 [--data-dir DIR] [--queries 100]
+
+The corpus is generated from SciFact (../shared/data/scifact or SCIFACT_DIR) so that it behaves like
+real data on both retrieval paths:
+
+- text: each chunk recombines 3-5 sentences of one SciFact abstract (its *topic*) with 1-2 sentences of
+  another, so term statistics (document frequencies, lengths, a long tail of rare terms and very common
+  ones) are those of prose, and a query's terms match many chunks at every size;
+- vectors: ``normalise(0.75 v_topic + 0.25 v_other + noise)`` where ``v`` are real all-MiniLM-L6-v2
+  vectors of the source abstracts (embedded once with the shipped model and kept in the data dir), so
+  the HNSW graph sees the clustered geometry of real embeddings, not uniform noise;
+- access metadata: documents of 5 chunks; departments skewed as in ``bench_permissions.py``, 4 % public,
+  clearance 1-5 — a student sees ~1 %, a member of a 4 % department ~6 %, an admin everything.
+
+It reports, in one run: the database-side load rate (COPY through the same triggers as ingestion,
+postings and statistics included; vectors given, nothing embedded) with the HNSW index built after the
+bulk load (its build time separately) and an incremental batch with the index in place; disk per chunk
+(table, HNSW, lexical postings); RSS of PostgreSQL and of this process (a worker's search path);
+dense, lexical and hybrid latency p50/p95/p99 at concurrency 1 and 8 for admin, a 4 %-department staff
+member and a student, through ``Searcher`` with precomputed query vectors (the engine's figure, not the
+model's); dense recall@10 against an exact allowed-only scan; and the time for a metadata change of
+``--change-chunks`` chunks (one department's visibility) to be visible in search. Everything runs on
+127.0.0.1 (an embedded PostgreSQL under --data-dir). Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SCIFACT = next((p for p in (Path(os.environ.get("SCIFACT_DIR", "")),
+                            ROOT.parent / "shared/data/scifact")
+                if (p / "corpus.jsonl").is_file()), Path("/work/shared/data/scifact"))
+SECRET = "bench-secret-" + "x" * 40
+DEPARTMENTS = [("Medicine", 35), ("Informatics", 25), ("Library", 15), ("Estates", 10), ("Human Resources", 8),
+               ("Finance", 4), ("Vet School", 2), ("Chaplaincy", 1)]
+CAMPUSES = ("Central Campus", "King's Buildings", "Easter Bush", "Western General")
+CHUNKS_PER_DOC = 5
+SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def postgres_rss_mb(data_dir: Path) -> float:
+    """RSS of the cluster under ``data_dir``: its postmaster and every child (shared buffers are counted
+    once per process that touched them, so this overstates; it is the sum ``top`` shows)."""
+    pidfile = next(data_dir.rglob("postmaster.pid"), None)
+    if pidfile is None:
+        return 0.0
+    master = int(pidfile.read_text().split()[0])
+    total = rss_mb(master)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                total += rss_mb(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+class Material:
+    """SciFact abstracts split into sentences, with one real model vector per abstract."""
+
+    def __init__(self, data_dir: Path, embed: Callable[[list[str]], np.ndarray], limit: int) -> None:
+        docs = []
+        with (SCIFACT / "corpus.jsonl").open(encoding="utf-8") as fh:
+            for line in fh:
+                d = json.loads(line)
+                sentences = [s.strip() for s in SENTENCE.split(d["text"]) if len(s.strip()) > 20]
+                if len(sentences) >= 3:
+                    docs.append((d["title"], sentences))
+                if len(docs) == limit:
+                    break
+        self.titles = [t for t, _ in docs]
+        self.sentences = [s for _, s in docs]
+        cache = data_dir / f"scifact-vectors-{len(docs)}.npy"
+        if cache.exists():
+            self.vectors = np.load(cache)
+        else:
+            started = time.perf_counter()
+            texts = [f"{t}\n{' '.join(s)}" for t, s in docs]
+            self.vectors = np.vstack([embed(texts[i:i + 64]) for i in range(0, len(texts), 64)]).astype(np.float32)
+            np.save(cache, self.vectors)
+            print(f"embedded {len(texts)} source abstracts in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+
+
+def _weighted(rng: np.random.Generator, choices: list[tuple[Any, int]]) -> Any:
+    weights = np.array([w for _, w in choices], dtype=float)
+    return choices[int(rng.choice(len(choices), p=weights / weights.sum()))][0]
+
+
+def generate(material: Material, start_doc: int, n_docs: int, seed: int = 7):
+    """Documents ``start_doc .. start_doc + n_docs``: (external_id, title, metadata, [(text, vector)])."""
+    n_src = len(material.titles)
+    for d in range(start_doc, start_doc + n_docs):
+        rng = np.random.default_rng((seed, d))
+        topic = int(rng.integers(n_src))
+        meta = {"department": _weighted(rng, DEPARTMENTS),
+                "visibility": "public" if rng.random() < 0.04 else "department",
+                "clearance_level": _weighted(rng, [(1, 15), (2, 15), (3, 30), (4, 25), (5, 15)]),
+                "campus": CAMPUSES[int(rng.integers(4))], "priority": int(rng.integers(1, 6))}
+        chunks = []
+        for _ in range(CHUNKS_PER_DOC):
+            other = int(rng.integers(n_src))
+            own = material.sentences[topic]
+            take = int(rng.integers(3, 6))
+            first = int(rng.integers(max(1, len(own) - take + 1)))
+            extra = material.sentences[other]
+            pick = [own[(first + i) % len(own)] for i in range(take)]
+            pick += [extra[int(j)] for j in rng.choice(len(extra), size=min(len(extra), int(rng.integers(1, 3))),
+                                                       replace=False)]
+            noise = rng.standard_normal(material.vectors.shape[1]).astype(np.float32)
+            v = 0.75 * material.vectors[topic] + 0.25 * material.vectors[other] + 0.35 * noise / np.sqrt(len(noise))
+            chunks.append((" ".join(pick), v / np.linalg.norm(v)))
+        yield f"scale-{d:07d}", material.titles[topic], meta, chunks
+
+
+def load(conn_factory: Callable[[], Any], material: Material, start_doc: int, n_docs: int, batch_docs: int,
+         progress: bool = True) -> float:
+    """COPY documents and chunks (the ingestion path's statements; triggers keep postings and statistics)
+    in transactions of ``batch_docs`` documents. Returns seconds spent in the database."""
+    from campus_search.lexical import compact
+
+    db_seconds = 0.0
+    done = 0
+    total_started = time.perf_counter()
+    while done < n_docs:
+        n = min(batch_docs, n_docs - done)
+        docs = list(generate(material, start_doc + done, n))
+        started = time.perf_counter()
+        with conn_factory() as conn:
+            with conn.cursor().copy(
+                    "COPY documents (external_id, title, source, content_hash, department, visibility, "
+                    "clearance_level, campus, priority) FROM STDIN") as copy:
+                for ext, title, meta, _ in docs:
+                    copy.write_row((ext, title, "bench_scale", ext, meta["department"], meta["visibility"],
+                                    meta["clearance_level"], meta["campus"], meta["priority"]))
+            ids = dict(conn.execute("SELECT external_id, id FROM documents WHERE external_id = ANY(%s)",
+                                    ([d[0] for d in docs],)).fetchall())
+            with conn.cursor().copy(
+                    "COPY chunks (document_id, chunk_index, section_title, page_number, text, content_hash, "
+                    "embedding, department, visibility, clearance_level, campus, priority, last_reviewed) "
+                    "FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "int4", "text", "int4", "text", "text", "vector", "text", "text", "int2",
+                                "text", "int2", "timestamp"])
+                for ext, _, meta, chunks in docs:
+                    for i, (text, vector) in enumerate(chunks):
+                        copy.write_row((ids[ext], i, None, None, text, f"{ext}:{i}", vector, meta["department"],
+                                        meta["visibility"], meta["clearance_level"], meta["campus"],
+                                        meta["priority"], None))
+            conn.execute("UPDATE index_state SET generation = generation + 1")
+        with conn_factory() as conn:
+            compact(conn)  # fold the statistics deltas, as ingestion does after each batch
+        db_seconds += time.perf_counter() - started
+        done += n
+        if progress:
+            elapsed = time.perf_counter() - total_started
+            print(f"\r  loaded {done * CHUNKS_PER_DOC:,} chunks, {done * CHUNKS_PER_DOC / db_seconds:,.0f} "
+                  f"chunks/s in the database, ETA {elapsed / done * (n_docs - done):.0f}s   ",
+                  end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return db_seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunks", type=int, default=100_000, help="corpus size in chunks (default 100000)")
+    ap.add_argument("--queries", type=int, default=100, help="queries per principal and mode (default 100)")
+    ap.add_argument("--change-chunks", type=int, default=0,
+                    help="chunks moved by the metadata-change test (default: 5%% of the corpus, 50000 at 1M)")
+    ap.add_argument("--source-docs", type=int, default=3000, help="SciFact abstracts used as material")
+    ap.add_argument("--batch-docs", type=int, default=500, help="documents per load transaction")
+    ap.add_argument("--data-dir", default=None, help="embedded PostgreSQL; kept, so a re-run skips the load "
+                    "(default: a folder per size under the temp dir)")
+    args = ap.parse_args()
+    data_dir = Path(args.data_dir or Path(tempfile.gettempdir()) / f"campus-search-bench-scale-{args.chunks}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(DATA_DIR=str(data_dir), JWT_SECRET_KEY=SECRET, AUDIT_HMAC_KEY=SECRET + "audit",
+                      CACHE_ENABLED="false", RATE_LIMITS_ENABLED="false", DB_POOL_MAX_SIZE="10",
+                      DB_STATEMENT_TIMEOUT_MS="3600000")  # bulk statements run longer than a search may
+    os.environ.pop("DATABASE_URL", None)
+
+    from campus_search.config import load_settings
+    from campus_search.fusion import FusionConfig
+    from campus_search.search import Searcher, SearchParams, _where
+    from campus_search.security.auth import principal_from_claims
+    from campus_search.services import Services
+
+    settings = load_settings()
+    services = Services(settings).ensure_open()
+    db = services.db
+    material = Material(data_dir, services.embedder.embed, args.source_docs)
+    n_docs = args.chunks // CHUNKS_PER_DOC
+    result: dict[str, Any] = {"chunks_target": args.chunks}
+
+    with db.connection() as conn:
+        have = conn.execute("SELECT count(*) FROM documents WHERE source = 'bench_scale'").fetchone()[0]
+    increment_docs = min(1000, max(100, n_docs // 100))  # the incremental batch, loaded with the index in place
+    bulk_docs = n_docs - increment_docs
+    with db.connection() as conn:
+        indexed = conn.execute("SELECT to_regclass('chunks_embedding_hnsw') IS NOT NULL").fetchone()[0]
+    if have < n_docs:
+        # a fresh corpus, or the rest of an interrupted bulk load (the index is built after it)
+        if have and indexed:
+            raise SystemExit(f"{data_dir} holds a partial corpus with its index built: use a new --data-dir")
+        print(f"loading {args.chunks:,} chunks from document {have:,} (HNSW index dropped for the bulk load, "
+              "built after)", file=sys.stderr)
+        with db.connection() as conn:
+            conn.execute("DROP INDEX IF EXISTS chunks_embedding_hnsw")
+        bulk = max(0, bulk_docs - have)
+        result["load_seconds"] = load(db.connection, material, have, bulk, args.batch_docs) if bulk else 0.0
+        result["load_chunks_per_s"] = round(bulk * CHUNKS_PER_DOC / result["load_seconds"]) if bulk else None
+        started = time.perf_counter()
+        with db.connection() as conn:
+            conn.execute("SET LOCAL maintenance_work_mem = '2GB'")
+            conn.execute("CREATE INDEX chunks_embedding_hnsw ON chunks USING hnsw (embedding vector_cosine_ops) "
+                         "WITH (m = 16, ef_construction = 64)")
+        result["hnsw_build_seconds"] = round(time.perf_counter() - started, 1)
+        start = max(have, bulk_docs)
+        seconds = load(db.connection, material, start, n_docs - start, 200, progress=False)
+        result["incremental_chunks_per_s_with_index"] = round((n_docs - start) * CHUNKS_PER_DOC / seconds)
+        import psycopg
+
+        with psycopg.connect(services.dsn, autocommit=True) as conn:
+            for table in ("chunks", "lexical_postings", "lexical_terms", "documents"):
+                conn.execute(f"VACUUM ANALYZE {table}")
+        print(f"load {result['load_chunks_per_s']} chunks/s, HNSW {result['hnsw_build_seconds']}s, incremental "
+              f"{result['incremental_chunks_per_s_with_index']} chunks/s", file=sys.stderr)
+    else:
+        print(f"corpus present ({have:,} documents): load figures are from the run that built it", file=sys.stderr)
+
+    with db.connection() as conn:
+        total = conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        postings = conn.execute("SELECT count(*) FROM lexical_postings").fetchone()[0]
+        sizes = dict(conn.execute(
+            "SELECT 'chunks_table', pg_table_size('chunks') UNION ALL "
+            "SELECT 'hnsw', pg_relation_size('chunks_embedding_hnsw') UNION ALL "
+            "SELECT 'chunks_other_indexes', pg_indexes_size('chunks') - pg_relation_size('chunks_embedding_hnsw') "
+            "UNION ALL SELECT 'postings', pg_total_relation_size('lexical_postings') UNION ALL "
+            "SELECT 'terms', pg_total_relation_size('lexical_terms') UNION ALL "
+            "SELECT 'documents', pg_total_relation_size('documents') UNION ALL "
+            "SELECT 'database', pg_database_size(current_database())").fetchall())
+    result.update(chunks=total, postings=postings,
+                  bytes_per_chunk={k: round(v / total) for k, v in sizes.items()},
+                  database_gb=round(sizes["database"] / 2**30, 2))
+
+    # principals: admin, staff of a 4 % department, student (public, clearance 2)
+    principals = {
+        "admin": principal_from_claims({"sub": "admin", "role": "admin"}, settings),
+        "staff:Finance": principal_from_claims({"sub": "s", "role": "staff", "departments": ["Finance"]}, settings),
+        "student": principal_from_claims({"sub": "u", "role": "student"}, settings),
+    }
+    share = {}
+    with db.connection() as conn:
+        for label, user in principals.items():
+            where, params = _where(user, {})
+            share[label] = round(conn.execute(f"SELECT count(*) FROM chunks c WHERE {where}", params)
+                                 .fetchone()[0] / total, 4)
+    result["visible_share"] = share
+
+    lines = (SCIFACT / "queries-train.jsonl").read_text(encoding="utf-8").splitlines()
+    queries = [json.loads(line)["text"] for line in lines if line.strip()][:args.queries]
+    qcache = data_dir / f"query-vectors-{len(queries)}.npy"
+    if qcache.exists():
+        qvecs = np.load(qcache)
+    else:
+        qvecs = services.embedder.embed(queries)
+        np.save(qcache, qvecs)
+    searchers = {mode: Searcher(db, services.embedder, ef_search=settings.hnsw_ef_search,
+                                fusion=FusionConfig(method=mode if mode != "hybrid" else "convex"))
+                 for mode in ("dense", "hybrid")}
+    for s in searchers.values():
+        for q, v in zip(queries, qvecs, strict=True):
+            s.query_vectors.put(" ".join(q.split()), np.asarray(v, dtype=np.float32))
+    bm25 = searchers["hybrid"].bm25
+
+    def lexical(user: Any, q: str) -> int:
+        where_p, params = _where(user, {}, alias="p")
+        sql = (f"WITH {bm25.scored_cte(where_p)} SELECT s.chunk_id FROM lex_scores s "
+               f"ORDER BY s.score DESC, s.chunk_id LIMIT 40")
+        with db.connection(read=True) as conn:
+            return len(conn.execute(sql, {"qtext": q, **params}).fetchall())
+
+    def run(mode: str, user: Any, q: str) -> int:
+        if mode == "lexical":
+            return lexical(user, q)
+        return len(searchers[mode].search(user, SearchParams(q, {}, 10, 0.0)))
+
+    latency: dict[str, Any] = {}
+    for mode in ("dense", "lexical", "hybrid"):
+        for label, user in principals.items():
+            for q in queries[:3]:
+                run(mode, user, q)  # warm the plans and the cache of this mode
+            times = []
+            for q in queries:
+                t = time.perf_counter()
+                run(mode, user, q)
+                times.append((time.perf_counter() - t) * 1000)
+            # concurrency 8: threads on the pool, each its share of the queries
+            conc: list[float] = []
+            lock = threading.Lock()
+
+            def worker(part: list[str], user: Any = user, mode: str = mode, conc: list[float] = conc,
+                       lock: threading.Lock = lock) -> None:
+                for q in part:
+                    t = time.perf_counter()
+                    run(mode, user, q)
+                    with lock:
+                        conc.append((time.perf_counter() - t) * 1000)
+
+            threads = [threading.Thread(target=worker, args=(queries[i::8],)) for i in range(8)]
+            t0 = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall = time.perf_counter() - t0
+            latency[f"{mode}/{label}"] = {
+                "c1_p50": round(statistics.median(times), 1), "c1_p95": round(pct(times, .95), 1),
+                "c1_p99": round(pct(times, .99), 1), "c8_p50": round(statistics.median(conc), 1),
+                "c8_p95": round(pct(conc, .95), 1), "c8_p99": round(pct(conc, .99), 1),
+                "c8_per_s": round(len(conc) / wall, 1)}
+            print(f"  {mode:8} {label:14} c1 p50 {latency[f'{mode}/{label}']['c1_p50']:7} p95 "
+                  f"{latency[f'{mode}/{label}']['c1_p95']:7}  c8 p95 {latency[f'{mode}/{label}']['c8_p95']:7} "
+                  f"{latency[f'{mode}/{label}']['c8_per_s']:6}/s", file=sys.stderr)
+    result["latency_ms"] = latency
+
+    # dense recall@10 against an exact allowed-only scan
+    recall = {}
+    for label, user in principals.items():
+        got = []
+        for v in qvecs[:50]:
+            approx = [h.chunk_id for h in searchers["dense"].dense_candidates(user, v, {}, 10)]
+            exact = [h.chunk_id for h in searchers["dense"].dense_candidates(user, v, {}, 10, exact=True)]
+            got.append(len(set(approx) & set(exact)) / max(1, len(exact)))
+        recall[label] = round(statistics.mean(got), 4)
+    result["dense_recall_at_10"] = recall
+
+    # a metadata change moving --change-chunks chunks (one department's documents become public), timed
+    # from the start of the change until a principal who could not see them finds one
+    change = args.change_chunks or max(CHUNKS_PER_DOC, total // 20)
+    with db.connection() as conn:
+        doc_ids = [r[0] for r in conn.execute(
+            "SELECT id FROM documents WHERE source = 'bench_scale' AND department = 'Medicine' AND "
+            "visibility = 'department' AND clearance_level <= 2 ORDER BY id LIMIT %s",
+            (change // CHUNKS_PER_DOC,)).fetchall()]
+        probe_text, probe_vec = conn.execute(
+            "SELECT text, embedding FROM chunks WHERE document_id = %s AND chunk_index = 0", (doc_ids[-1],)).fetchone()
+    probe_vec = np.asarray(probe_vec.to_numpy() if hasattr(probe_vec, "to_numpy") else probe_vec, dtype=np.float32)
+    student = principals["student"]
+    target_doc = None
+    with db.connection() as conn:
+        target_doc = conn.execute("SELECT external_id FROM documents WHERE id = %s", (doc_ids[-1],)).fetchone()[0]
+    assert target_doc not in {h.document_id for h in searchers["dense"].dense_candidates(student, probe_vec, {}, 10)}
+    started = time.perf_counter()
+    with db.connection() as conn:
+        moved = conn.execute("UPDATE chunks SET visibility = 'public' WHERE document_id = ANY(%s)", (doc_ids,)).rowcount
+        conn.execute("UPDATE documents SET visibility = 'public', updated_at = now() WHERE id = ANY(%s)", (doc_ids,))
+        conn.execute("UPDATE index_state SET generation = generation + 1")
+    committed = time.perf_counter() - started
+    while True:
+        if target_doc in {h.document_id for h in searchers["dense"].dense_candidates(student, probe_vec, {}, 10)}:
+            break
+        if time.perf_counter() - started > 120:
+            raise SystemExit("metadata change not visible after 120 s")
+        time.sleep(0.05)
+    visible_after = time.perf_counter() - started
+    with db.connection() as conn:  # put it back, so a re-run measures the same change
+        conn.execute("UPDATE chunks SET visibility = 'department' WHERE document_id = ANY(%s)", (doc_ids,))
+        conn.execute("UPDATE documents SET visibility = 'department' WHERE id = ANY(%s)", (doc_ids,))
+        conn.execute("UPDATE index_state SET generation = generation + 1")
+    result["metadata_change"] = {"chunks": moved, "commit_seconds": round(committed, 2),
+                                 "visible_after_seconds": round(visible_after, 2)}
+    del probe_text
+
+    result["rss_mb"] = {"postgres_all_processes": round(postgres_rss_mb(data_dir)),
+                        "this_process": round(rss_mb(os.getpid()))}
+    services.close()
+
+    print(f"\n{total:,} chunks, {postings:,} postings, database {result['database_gb']} GB")
+    print("bytes per chunk: " + ", ".join(f"{k} {v}" for k, v in result["bytes_per_chunk"].items()))
+    print("visible share: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()))
+    print(f"\n{'mode/principal':24} {'c1 p50':>7} {'p95':>7} {'p99':>7} {'c8 p50':>7} {'p95':>7} {'req/s':>7}")
+    for key, row in latency.items():
+        print(f"{key:24} {row['c1_p50']:>7} {row['c1_p95']:>7} {row['c1_p99']:>7} {row['c8_p50']:>7} "
+              f"{row['c8_p95']:>7} {row['c8_per_s']:>7}")
+    print(f"\ndense recall@10 vs exact: {recall}")
+    print(f"metadata change: {result['metadata_change']}")
+    print(f"RSS: {result['rss_mb']}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
