@@ -19,8 +19,13 @@ $(STAMP):
 
 install: $(STAMP)
 
+# make run keeps its data with the checkout (.data/, git-ignored) unless DATA_DIR says otherwise, so two
+# checkouts on one machine never share a database; the banner's "Data dir" line says where it is.
+RUN_DATA_DIR := $(if $(DATA_DIR),$(DATA_DIR),$(CURDIR)/.data)
+
 run: install
-	$(VENV)/bin/campus-search serve --demo
+	@echo "make run: data in $(RUN_DATA_DIR)"
+	DATA_DIR="$(RUN_DATA_DIR)" $(VENV)/bin/campus-search serve --demo
 
 # Programs of the production stack that some tests use when present (a real pgbouncer in transaction
 # mode, `nginx -t` on nginx/nginx.conf). Best effort: only as root with apt; otherwise those tests skip.

@@ -124,7 +124,9 @@ def main() -> int:
     env = {**os.environ, "SEARCH_FUSION": args.fusion, "CACHE_ENABLED": "true" if args.cached else "false",
            "RATE_LIMITS_ENABLED": "false",
            "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
-    env.pop("REDIS_URL", None)
+    # In-process caches, as the figures in bench/README.md were measured (before the embedded Redis became
+    # the default without REDIS_URL); bench_cache.py measures the cache through a real Redis.
+    env["REDIS_URL"] = "memory://"
     gunicorn = [str(Path(sys.executable).parent / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers",
                 str(args.workers), "--worker-class", "gthread", "--threads", str(args.threads), "--timeout", "60",
                 "--keepalive", "10", "--preload", "production_system:create_production_app"]

@@ -1,7 +1,8 @@
 """Search-result cache (cache-aside) and the shared query-embedding cache.
 
-Redis when ``REDIS_URL``/``REDIS_HOST`` is configured (shared by every worker and replica); otherwise a
-bounded in-process LRU with TTL in each process. docs/caching-and-rate-limits.md is the long form.
+Redis (``REDIS_URL``/``REDIS_HOST``, or without them the embedded Redis under ``DATA_DIR``: see
+embedded_redis.py), shared by every worker and replica; with ``REDIS_URL=memory://`` a bounded
+in-process LRU with TTL in each process. docs/caching-and-rate-limits.md is the long form.
 
 A result key is the SHA-256 of everything that decides the answer:
 
@@ -45,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import metrics
+from .breaker import CircuitBreaker
 from .config import Settings
 from .errors import ServiceUnavailable
 from .search import Hit, SearchOutcome, SearchParams, render_results
@@ -64,53 +66,6 @@ def _count(operation: str, status: str) -> None:
     metrics.cache_op(operation, status)
 
 
-class CircuitBreaker:
-    """Closed until a failure; then open (skip Redis) for ``pause`` seconds; then half-open: exactly one
-    caller tries, and its success closes the circuit again while its failure re-opens it."""
-
-    def __init__(self, pause: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.pause = pause
-        self.clock = clock
-        self._open_until = 0.0  # 0 = closed
-        self._probing = False
-        self._lock = threading.Lock()
-        self.failures = 0
-        self.last_error: str | None = None
-
-    @property
-    def state(self) -> str:
-        if not self._open_until:
-            return "closed"
-        return "half-open" if self.clock() >= self._open_until else "open"
-
-    def allow(self) -> bool:
-        if not self._open_until:  # fast path, no lock
-            return True
-        with self._lock:
-            if not self._open_until:
-                return True
-            if self._probing or self.clock() < self._open_until:
-                return False
-            self._probing = True
-            return True
-
-    def success(self) -> None:
-        if self._open_until:
-            with self._lock:
-                if self._open_until:
-                    log.info("redis reachable again; cache resumed")
-                self._open_until, self._probing = 0.0, False
-
-    def failure(self, exc: BaseException) -> None:
-        with self._lock:
-            if not self._open_until:
-                log.warning("redis unavailable (%s); skipping it for %.1fs", exc.__class__.__name__, self.pause)
-            self._open_until = self.clock() + self.pause
-            self._probing = False
-            self.failures += 1
-            self.last_error = exc.__class__.__name__
-
-
 def redis_client(url: str, timeout: float) -> redis.Redis:
     """A client that fails fast: short timeouts, and one immediate retry only for a dropped connection
     (a pooled socket that died with a restarted server), never for a timeout."""
@@ -128,9 +83,10 @@ class RedisBackend:
 
     kind = "redis"
 
-    def __init__(self, url: str, *, timeout: float, pause: float, prefix: str) -> None:
+    def __init__(self, url: str, *, timeout: float, pause: float, prefix: str, mode: str = "external") -> None:
+        self.mode = mode  # "external" (a configured server) or "embedded" (embedded_redis.py)
         self.client = redis_client(url, timeout)
-        self.breaker = CircuitBreaker(pause)
+        self.breaker = CircuitBreaker(pause, name="redis")
         self.prefix = prefix
         self.skipped = 0  # calls not made because the circuit was open
 
@@ -199,6 +155,7 @@ class LocalBackend:
     """In-process LRU with per-entry TTL, bounded by total size in bytes (one per process)."""
 
     kind = "memory"
+    mode = "in-process"
 
     def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
@@ -401,7 +358,7 @@ class ResultCache:
         run uncached, so ``required`` is False and ``status`` says ``degraded`` rather than down."""
         started = time.perf_counter()
         out = self.backend.health()
-        out.update(backend=self.backend.kind, enabled=self.enabled, required=False,
+        out.update(backend=self.backend.kind, mode=self.backend.mode, enabled=self.enabled, required=False,
                    status="ok" if out["healthy"] else "degraded",
                    response_time=round(time.perf_counter() - started, 4))
         return out
@@ -413,8 +370,8 @@ class ResultCache:
         if isinstance(self.backend, RedisBackend):
             process.update(skipped=self.backend.skipped, failures=self.backend.breaker.failures,
                            circuit=self.backend.breaker.state)
-        out: dict[str, Any] = {"backend": self.backend.kind, "used_memory": None, "connected_clients": None,
-                               "keyspace_hits": self.hits, "keyspace_misses": self.misses}
+        out: dict[str, Any] = {"backend": self.backend.kind, "mode": self.backend.mode, "used_memory": None,
+                               "connected_clients": None, "keyspace_hits": self.hits, "keyspace_misses": self.misses}
         out.update({k: v for k, v in self.backend.info().items() if v is not None})
         out["process"] = process
         return out
@@ -457,11 +414,13 @@ class TieredEmbeddingCache:
 def build_cache(settings: Settings, db: Any, searcher: Any) -> ResultCache:
     """The process's result cache; with Redis, also puts the shared layer under the searcher's
     query-embedding cache."""
-    url = settings.redis_dsn()
+    from .embedded_redis import resolve
+
+    url, mode = resolve(settings)
     backend: Backend
     if url:
         backend = RedisBackend(url, timeout=settings.redis_timeout, pause=settings.redis_retry_after,
-                               prefix=settings.redis_key_prefix)
+                               prefix=settings.redis_key_prefix, mode=mode)
         if settings.cache_enabled:
             embedder = searcher.embedder
             searcher.query_vectors = TieredEmbeddingCache(

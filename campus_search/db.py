@@ -12,8 +12,10 @@ from typing import Any
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool.pool import PoolConnection
 
+from .breaker import CircuitBreaker
 from .config import Settings
 from .errors import ConfigError, ServiceUnavailable
 
@@ -66,31 +68,104 @@ def migrate(dsn: str, *, model: str, dimension: int) -> int:
         return version
 
 
+#: SQLSTATEs that mean the server cannot be used right now (not that a statement failed):
+#: class 08 (connection exception), admin/crash shutdown, and "cannot connect now" (starting up).
+_DOWN_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+def server_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database server is down or unreachable, rather than that a statement
+    failed (a statement timeout, a lock wait, a constraint): only the former should trip the breaker."""
+    if isinstance(exc, (PoolTimeout, TooManyRequests)) or not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(_DOWN_STATES)
+
+
+class PoolGuard:
+    """A pool's circuit breaker. Connection attempts (the pool's own, in the background, and a request's)
+    report to it; while it is open, requests fail at once with 503 "database unavailable" instead of each
+    waiting ``DB_POOL_TIMEOUT`` for a server that is known to be down. After ``DB_RETRY_AFTER`` seconds one
+    request probes the server with a direct connection of its own (the pool may be between reconnection
+    attempts); when that works, the circuit closes and the pool refills at once.
+    """
+
+    def __init__(self, dsn: str, name: str, settings: Settings) -> None:
+        self.dsn = dsn
+        self.breaker = CircuitBreaker(settings.db_retry_after, name=f"database ({name} pool)",
+                                      consequence="requests fail at once with 503")
+        self.probe_timeout = max(1, round(min(settings.db_pool_timeout, settings.health_timeout)))
+        self.prepare = prepare_threshold(settings, dsn)
+        guard = self
+
+        class GuardedConnection(PoolConnection):
+            @classmethod
+            def connect(cls, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    conn = super().connect(*args, **kwargs)
+                except psycopg.OperationalError as exc:
+                    guard.breaker.failure(exc)
+                    raise
+                guard.breaker.success()
+                return conn
+
+        self.connection_class = GuardedConnection
+
+    def admit(self) -> None:
+        """Raise ServiceUnavailable unless the circuit is closed or this caller may probe the server."""
+        if not self.breaker.allow():
+            raise ServiceUnavailable("database unavailable", headers={"Retry-After": str(self.retry_after())})
+        if self.breaker.state == "closed":
+            return
+        try:  # half-open, and this caller is the one probe: a connection of its own, not a pool wait
+            psycopg.connect(self.dsn, connect_timeout=self.probe_timeout, prepare_threshold=self.prepare,
+                            autocommit=True).close()
+        except Exception as exc:
+            self.breaker.failure(exc)
+            raise ServiceUnavailable("database unavailable",
+                                     headers={"Retry-After": str(self.retry_after())}) from exc
+        self.breaker.success()
+
+    def retry_after(self) -> int:
+        return max(1, round(self.breaker.pause))
+
+
 class Database:
     """Pooled access to PostgreSQL. ``write`` for ingestion and audit, ``read`` for searches.
 
     Pools are created closed; :meth:`open` opens them (after gunicorn forks, never before).
+    Each pool has a :class:`PoolGuard` (circuit breaker); pools give up a reconnection attempt after
+    ``DB_RETRY_AFTER`` seconds (psycopg_pool's ``reconnect_timeout``, 5 minutes by default, during which
+    its back-off grows to a minute between attempts) and grow again as soon as a request needs them,
+    so a database that comes back is used within seconds.
     """
 
     def __init__(self, settings: Settings, dsn: str, read_dsn: str | None = None) -> None:
         self.settings = settings
         self.dsn = dsn
         self.read_dsn = read_dsn or dsn
-        kwargs: dict[str, Any] = dict(
+        self.guards: dict[str, PoolGuard] = {}
+        self.write_pool = self._pool(dsn, "write")
+        self.read_pool = self._pool(self.read_dsn, "read") if self.read_dsn != dsn else self.write_pool
+
+    def _pool(self, dsn: str, name: str) -> ConnectionPool:
+        settings = self.settings
+        guard = self.guards[name] = PoolGuard(dsn, name, settings)
+        return ConnectionPool(
+            dsn, name=name, kwargs={"prepare_threshold": guard.prepare},
+            connection_class=guard.connection_class,
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
             timeout=settings.db_pool_timeout,
+            reconnect_timeout=max(settings.db_retry_after, 1.0),
             configure=self._configure,
             check=ConnectionPool.check_connection,
             max_waiting=settings.db_pool_max_size * 20,
             open=False,
         )
-        self.write_pool = ConnectionPool(
-            dsn, name="write", kwargs={"prepare_threshold": prepare_threshold(settings, dsn)}, **kwargs)
-        self.read_pool = (ConnectionPool(self.read_dsn, name="read",
-                                         kwargs={"prepare_threshold": prepare_threshold(settings, self.read_dsn)},
-                                         **kwargs)
-                          if self.read_dsn != dsn else self.write_pool)
+
+    def guard(self, pool: ConnectionPool) -> PoolGuard:
+        return self.guards[pool.name]
 
     def _configure(self, conn: psycopg.Connection) -> None:
         register_vector(conn)
@@ -107,18 +182,29 @@ class Database:
             pool.close()
 
     @contextmanager
-    def connection(self, *, read: bool = False) -> Iterator[psycopg.Connection]:
+    def connection(self, *, read: bool = False, timeout: float | None = None) -> Iterator[psycopg.Connection]:
         """A pooled connection in a transaction, committed on success. Pool exhaustion and lost
-        connections become ServiceUnavailable (503), never a hang or a stack trace."""
+        connections become ServiceUnavailable (503), never a hang or a stack trace: "database busy"
+        when every connection is in use, "database unavailable" when the server cannot be reached
+        (then at once, without waiting, until the circuit breaker lets a probe through).
+        ``timeout``: longest wait for a connection (default ``DB_POOL_TIMEOUT``)."""
         pool = self.read_pool if read else self.write_pool
+        guard = self.guard(pool)
+        guard.admit()
         try:
-            with pool.connection() as conn:
+            with pool.connection(timeout=timeout) as conn:
                 yield conn
-        except PoolTimeout as exc:
+        except (PoolTimeout, TooManyRequests) as exc:
+            if guard.breaker.state != "closed":  # no connection because the server is down, not busy
+                raise ServiceUnavailable("database unavailable",
+                                         headers={"Retry-After": str(guard.retry_after())}) from exc
             raise ServiceUnavailable("database busy, try again shortly", headers={"Retry-After": "1"}) from exc
         except psycopg.OperationalError as exc:
+            if server_unreachable(exc):
+                guard.breaker.failure(exc)
             log.warning("database unavailable: %s", exc.__class__.__name__)
-            raise ServiceUnavailable("database unavailable", headers={"Retry-After": "5"}) from exc
+            raise ServiceUnavailable("database unavailable",
+                                     headers={"Retry-After": str(guard.retry_after())}) from exc
 
     def stats(self) -> dict[str, Any]:
         s = self.read_pool.get_stats()

@@ -94,18 +94,32 @@ def _drop_inherited_exit_handlers() -> None:
         atexit.unregister(cluster._cleanup)
 
 
+def _harden(worker: Any, settings: Any) -> None:
+    """Make the just-forked gthread worker read requests without tying up a thread (slow and idle
+    clients) and answer gunicorn's own errors in JSON; see campus_search/gunicorn_worker.py."""
+    from .gunicorn_worker import adopt
+
+    adopt(worker, read_timeout=getattr(settings, "request_read_timeout", 10.0),
+          body_limit=getattr(settings, "max_request_bytes", 64 * 1024))
+
+
 def post_fork(server: Any, worker: Any) -> None:
-    """Worker, just forked: open its own pools and load its own model now, so the first request is
-    not slow. A failure (database down) is logged and left to the first request to retry."""
+    """Worker, just forked: guard it against slow clients (:func:`_harden`), open its own pools
+    and load its own model now, so the first request is not slow. With the database down it
+    logs that and serves anyway, the pools reconnecting in the background."""
     _drop_inherited_exit_handlers()
     services = _services(server)
+    _harden(worker, services.settings if services is not None else None)
     if services is None:
         return
     try:
         services.ensure_open()
     except Exception as exc:
-        log.warning("worker %s could not open its services yet (%s); will retry on first use",
-                    os.getpid(), exc.__class__.__name__)
+        # Serve anyway: the pools keep connecting in the background (requests get 503 "database
+        # unavailable" meanwhile) -- never a request blocked on opening them.
+        log.warning("worker %s could not reach the database yet (%s); serving, and reconnecting in the "
+                    "background", os.getpid(), exc.__class__.__name__)
+        services.ensure_open(wait=False)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -80,7 +80,8 @@ class HealthMonitor:
     def _pooled_query(self, sql: str) -> Any:
         """Run one statement on a pooled read connection, waiting at most ``HEALTH_TIMEOUT``."""
         db = self.services.ensure_open().db
-        with db.read_pool.connection(timeout=self.timeout) as conn:
+        # Through the pool's circuit breaker: while the database is known to be down this fails at once.
+        with db.connection(read=True, timeout=self.timeout) as conn:
             conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout * 1000)}")
             return conn.execute(sql).fetchone()[0]
 

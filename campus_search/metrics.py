@@ -1,8 +1,9 @@
 """Prometheus metrics (SPEC §1): every name starts with ``vector_search_``, every label value is bounded.
 
 Label values never carry a raw query, a user id or other free text: methods, roles, cache operations
-and statuses come from small fixed sets (anything else becomes ``other``), endpoints are Flask endpoint
-names (defined by the code; unmatched URLs are ``unmatched``), and departments are only those of a
+and statuses come from small fixed sets (anything else becomes ``other``), endpoints are the view names
+of Flask endpoints without their blueprint (``search_documents``, ``health_check``: the names the brief's
+queries use; defined by the code; unmatched URLs are ``unmatched``), and departments are only those of a
 known set (``METRICS_DEPARTMENTS`` or the departments of the indexed documents), else ``other``.
 
 Several gunicorn workers: prometheus-client's multiprocess mode. ``PROMETHEUS_MULTIPROC_DIR`` must be
@@ -183,8 +184,14 @@ class DepartmentLabels:
 
 # ---- recording
 
+def endpoint_label(endpoint: str | None) -> str:
+    """``search.search_documents`` -> ``search_documents``: the view name, as the brief's dashboards query it
+    (a test keeps view names unique across blueprints)."""
+    return endpoint.rsplit(".", 1)[-1] if endpoint else "unmatched"
+
+
 def observe_request(method: str, endpoint: str | None, status: int, seconds: float) -> None:
-    name = endpoint or "unmatched"
+    name = endpoint_label(endpoint)
     REQUESTS.labels(method_label(method), name, str(int(status))).inc()
     DURATION.labels(name).observe(max(0.0, seconds))
 

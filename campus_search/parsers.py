@@ -35,11 +35,19 @@ SKIP_NAMES = {"README.md", FOLDER_DEFAULTS}
 
 @dataclass
 class ParsedDocument:
+    """A parsed document. Every block has a section title: the nearest heading above its text, or -- for
+    text before the first heading, a plain-text file without headings, a BEIR record -- the document's
+    title, the heading a reader sees above that text (docs/ingestion.md)."""
+
     external_id: str
     title: str
     blocks: list[Block]
     metadata: dict[str, Any] = field(default_factory=dict)  # raw; validated by metadata.validate
     source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.title:
+            self.blocks = [b if b.section_title else Block(b.text, self.title, b.page_number) for b in self.blocks]
 
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
@@ -127,10 +135,22 @@ def paragraph_blocks(text: str) -> list[Block]:
     return [Block(" ".join(p.split())) for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
+#: A plain-text file's first line is its heading when it stands alone (a blank line after it), is short and
+#: does not end like a sentence: "Parking permits" above the text, not "Staff permits are renewed in August."
+_TEXT_HEADING = re.compile(r"\A[^\n]{1,100}\Z")
+
+
 def parse_text(text: str, *, fallback_title: str) -> tuple[str, list[Block], dict[str, Any]]:
+    """Paragraphs; a heading-like first line is the title and the section of the text below it (and stays
+    searchable as that section even when metadata gives another title); else the file name is the title."""
     meta, body = split_front_matter(text)
-    title = meta.pop("title", None) or fallback_title
     blocks = paragraph_blocks(body)
+    first = re.split(r"\n\s*\n", body.strip(), maxsplit=1)[0].strip()
+    heading = None
+    if len(blocks) > 1 and _TEXT_HEADING.match(first) and not first.endswith((".", ",", ";", ":", "!", "?")):
+        heading = " ".join(first.split())
+        blocks = [Block(b.text, heading, b.page_number) for b in blocks[1:]]
+    title = meta.pop("title", None) or heading or fallback_title
     return str(title), blocks, meta
 
 

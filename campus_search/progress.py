@@ -28,8 +28,10 @@ class ProgressBar:
     once the number of documents is known, :meth:`update` as they are done, :meth:`close` at the end.
     """
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, unit: str = "documents", rate_unit: str = "docs") -> None:
         self.stream = stream or sys.stderr
+        self.unit = unit
+        self.rate_unit = rate_unit
         self.tty = self.stream.isatty()
         self.total: int | None = None
         self.started = time.perf_counter()
@@ -49,15 +51,17 @@ class ProgressBar:
             filled = int(frac * BAR_WIDTH)
             parts.append(f"[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {done:,}/{self.total:,} {frac:4.0%}")
         else:
-            parts.append(f"{done:,} documents")
-        parts.append(f"{rate:,.1f} docs/s")
+            parts.append(f"{done:,} {self.unit}")
+        parts.append(f"{rate:,.1f} {self.rate_unit}/s")
         if self.total and rate > 0 and done < self.total:
             parts.append(f"ETA {_duration((self.total - done) / rate)}")
+        if report is None:
+            return "  ".join(parts)
         counts = (f"added {report.added}, updated {report.updated + report.metadata_updated}, "
                   f"unchanged {report.unchanged}, failed {report.failed}")
         return "  ".join(parts) + " | " + counts
 
-    def update(self, done: int, report: Any) -> None:
+    def update(self, done: int, report: Any = None) -> None:
         now = time.perf_counter()
         if not self.tty and now - self._last_line < LOG_EVERY and done != self.total:
             return

@@ -5,9 +5,10 @@
   (:func:`campus_search.proxies.client_ip`: ``X-Forwarded-For`` only from ``TRUSTED_PROXIES``).
 - **How much**: the caller's role's ``per_minute`` and ``per_hour`` together (``RATE_LIMIT_PER_MINUTE``
   overrides every role's per-minute figure), one budget across the ``/api/`` endpoints.
-- **Where**: Redis (``REDIS_URL``; keys under ``REDIS_KEY_PREFIX`` + ``rl:``). Each hit is one atomic
-  server-side increment, so counts are exact across gunicorn workers and app replicas. Without Redis,
-  in memory per process (a single-process demo is exact; N workers allow up to N times the limit).
+- **Where**: Redis (``REDIS_URL``, or the embedded Redis under ``DATA_DIR`` when none is configured;
+  keys under ``REDIS_KEY_PREFIX`` + ``rl:``). Each hit is one atomic server-side increment, so counts are
+  exact across gunicorn workers and app replicas. With ``REDIS_URL=memory://``, in memory per process
+  (a single-process demo is exact; N workers allow up to N times the limit).
 - **Answer**: 429 in the one error shape with ``Retry-After``; every limited response carries the
   IETF ``RateLimit-Policy`` and ``RateLimit`` fields (draft-ietf-httpapi-ratelimit-headers), e.g.
   ``RateLimit-Policy: "per-minute";q=30;w=60, "per-hour";q=500;w=3600`` and
@@ -96,9 +97,13 @@ def _window(limit: RequestLimit) -> tuple[int, int]:
 
 def storage_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     """flask-limiter storage URI and options: Redis with short timeouts, or memory://."""
-    url = settings.redis_dsn()
+    from .embedded_redis import resolve
+
+    url, _ = resolve(settings)
     if not url:
         return "memory://", {}
+    if url.startswith("unix://"):  # the embedded Redis's socket; limits spells the scheme redis+unix
+        url = "redis+unix://" + url.removeprefix("unix://")
     return url, {"key_prefix": settings.redis_key_prefix + "rl", "wrap_exceptions": True,
                  "socket_timeout": settings.redis_timeout, "socket_connect_timeout": settings.redis_timeout,
                  "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))}

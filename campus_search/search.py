@@ -147,13 +147,23 @@ def validate_filters(raw: Any, user: Principal) -> dict[str, Any]:
     return out
 
 
+#: Filters on names people type ("It services", "king's buildings") match whatever the letter case. They
+#: only narrow: the visibility rule (security.roles.visible_sql) still compares the token's departments
+#: with the document's exactly, so a filter's spelling can never widen what anyone sees.
+CASE_INSENSITIVE_FILTERS = frozenset({"department", "campus"})
+
+
 def filter_sql(filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[str, Any]]:
     clauses, params = [], {}
     ops = {"department": "=", "campus": "=", "visibility": "=", "min_priority": ">=",
            "clearance_level": "<=", "last_reviewed_after": ">="}
     columns = {"min_priority": "priority", "last_reviewed_after": "last_reviewed"}
     for name, value in filters.items():
-        clauses.append(f"{alias}.{columns.get(name, name)} {ops[name]} %(f_{name})s")
+        column = f"{alias}.{columns.get(name, name)}"
+        if name in CASE_INSENSITIVE_FILTERS:
+            clauses.append(f"lower({column}) = lower(%(f_{name})s)")
+        else:
+            clauses.append(f"{column} {ops[name]} %(f_{name})s")
         params[f"f_{name}"] = value
     return " AND ".join(clauses), params
 

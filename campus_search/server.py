@@ -8,7 +8,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .config import Settings, redact_url
+from .config import Settings
+from .embedded_redis import describe as describe_cache
 
 
 class _Gunicorn(BaseApplication):
@@ -68,14 +69,14 @@ def summary(settings: Settings, *, workers: int, threads: int, bind: str | None 
         "listening": bind or f"{s.host}:{s.port}", "workers": workers, "threads": threads, "env": s.env,
         "database": database, "read_replica": public.get("database_read_url"),
         "pool": f"{s.db_pool_min_size}-{s.db_pool_max_size} per worker",
-        "cache": "Redis " + redact_url(s.redis_dsn() or "") if s.redis_dsn() else "in-process",
+        "cache": describe_cache(s),
         "cache_ttl_search": s.cache_ttl_search,
         "jwt_algorithms": list(s.jwt_algorithms), "jwt_secret": public.get("jwt_secret_key"),
         "oidc_jwks_url": s.oidc_jwks_url, "anonymous": s.allow_anonymous,
         "rate_limits": "on" if s.rate_limits_enabled else "off",
         "trusted_proxies": list(getattr(s, "trusted_proxies", ()) or ()),
         "embedding": f"{s.embedding_provider} {s.embedding_model}",
-        "log_format": _log_format(s), "metrics_dir": metrics_dir,
+        "log_format": _log_format(s), "metrics_dir": metrics_dir, "data_dir": s.data_dir,
     }
 
 
@@ -96,6 +97,7 @@ def banner(settings: Settings, workers: int, threads: int, *, app: Any = None, *
         f"Database:    {info['database']}; pool {info['pool']}"
         + (f"; reads from {info['read_replica']}" if info["read_replica"] else ""),
         f"Cache:       {info['cache']}; search TTL {settings.cache_ttl_search}s",
+        f"Data dir:    {settings.data_dir} (set DATA_DIR to move it)",
         f"Security:    JWT {', '.join(settings.jwt_algorithms)} (secret {info['jwt_secret']}); anonymous "
         f"{'allowed' if settings.allow_anonymous else 'refused'}; rate limits {info['rate_limits']}; "
         f"trusted proxies {', '.join(info['trusted_proxies']) or 'none'}",

@@ -65,8 +65,10 @@ class Services:
             self._embedder = get_embedder(self.settings)
         return self._embedder
 
-    def ensure_open(self) -> Services:
-        """Open pools and load the model in this process (idempotent, fork-aware)."""
+    def ensure_open(self, *, wait: bool = True) -> Services:
+        """Open pools and load the model in this process (idempotent, fork-aware). ``wait``: until the
+        pools hold their first connections (raising if the database cannot be reached); without it the
+        pools connect in the background and requests meanwhile get 503 "database unavailable"."""
         if self._pid == os.getpid():
             return self
         with self._lock:
@@ -76,7 +78,7 @@ class Services:
                 # inherited from a parent process: forget its objects without closing its sockets
                 self._embedder = None if self.settings.embedding_provider == "local" else self._embedder
             self.db = Database(self.settings, self.dsn, self.read_dsn)
-            self.db.open()
+            self.db.open(wait=wait)
             embedder = metrics.instrument_embedder(self.embedder, self.settings.embedding_provider)
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,

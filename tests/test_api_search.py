@@ -98,7 +98,32 @@ def test_max_results_clamped_to_role_cap(client: Any, token: Any) -> None:
     r = search(client, token("student"), {"query": "university", "config": {"max_results": 500,
                                                                               "similarity_threshold": -1}})
     assert r.status_code == 200
-    assert r.get_json()["count"] == 20  # student cap
+    body = r.get_json()
+    assert body["count"] == 20  # student cap
+    # said out loud: the value used, the one asked for, and that it was cut
+    assert body["applied"] == {"max_results": 20, "requested_max_results": 500, "max_results_cap": 20,
+                               "clamped": True, "similarity_threshold": -1.0}
+    within = search(client, token("student"), {"query": "university", "config": {"max_results": 5}}).get_json()
+    assert within["applied"]["max_results"] == 5 and within["applied"]["clamped"] is False
+    default = search(client, token("staff"), {"query": "university"}).get_json()["applied"]
+    assert default == {"max_results": 10, "requested_max_results": None, "max_results_cap": 50, "clamped": False,
+                       "similarity_threshold": 0.2}
+
+
+def test_department_and_campus_filters_ignore_letter_case(client: Any, token: Any) -> None:
+    query = {"query": "password reset instructions for staff", "config": {"max_results": 5}}
+    auth = token("staff", departments=["IT Services"], campus="King's Buildings")
+    exact = search(client, auth, {**query, "filters": {"department": "IT Services", "campus": "King's Buildings"}})
+    typed = search(client, auth, {**query, "filters": {"department": "It services", "campus": "king's BUILDINGS"}})
+    assert typed.status_code == 200
+    assert typed.get_json()["count"] > 0
+    assert [h["text"] for h in typed.get_json()["results"]] == [h["text"] for h in exact.get_json()["results"]]
+    assert typed.get_json()["results"][0]["document_title"] == STAFF_GUIDE
+    # The permission rule stays exact: a token whose department is spelt differently from the documents'
+    # sees no department-restricted content, whatever the filter says.
+    other = search(client, token("staff", departments=["it services"]), {**query, "filters": {
+        "department": "IT Services"}}).get_json()["results"]
+    assert other and all(h["metadata"]["visibility"] == "public" for h in other)
 
 
 def test_body_user_cannot_escalate(client: Any, token: Any) -> None:
@@ -120,7 +145,8 @@ def test_clearance_filter_above_own_is_forbidden(client: Any, token: Any) -> Non
 
 
 @pytest.mark.parametrize("body,fragment", [
-    ({}, "query must be a string"),
+    ({}, "query is required"),
+    ({"query": None, "config": {"max_results": 3}}, "query is required"),
     ({"query": ""}, "must not be empty"),
     ({"query": "   "}, "must not be empty"),
     ({"query": 42}, "query must be a string"),

@@ -75,6 +75,20 @@ def demo_backup(demo_services: Any, tmp_path_factory: pytest.TempPathFactory) ->
     return dump
 
 
+def test_backup_output_that_does_not_exist_is_a_folder(demo_services: Any, cli_env: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    folder = cli_env / "nightly" / "backups"  # neither exists yet, and no trailing slash
+    code, result, err = run_cli(capsys, "backup", "--database-url", demo_services.dsn, "--output", str(folder))
+    assert code == 0, err
+    (dump,) = folder.iterdir()  # a folder holding a named backup, not a file called "backups"
+    assert NAME_RE.match(dump.name) and result["path"] == str(dump)
+    assert folder.stat().st_mode & 0o077 == 0
+    named = cli_env / "elsewhere" / "before-upgrade.dump"  # a .dump name is a file name
+    code, result, err = run_cli(capsys, "backup", "--database-url", demo_services.dsn, "--output", str(named))
+    assert code == 0, err
+    assert named.is_file() and result["path"] == str(named)
+
+
 def test_backup_file_is_named_with_a_timestamp_and_private(demo_backup: Path, demo_services: Any) -> None:
     assert NAME_RE.match(demo_backup.name), demo_backup.name
     assert demo_backup.read_bytes()[:5] == b"PGDMP"

@@ -133,9 +133,11 @@ def principal_pool(rng: random.Random) -> list[tuple[Principal, dict[str, Any]]]
     out: list[tuple[Principal, dict[str, Any]]] = [
         (Principal("anon", ROLES["anonymous"]), {}),
         (Principal("stu", ROLES["student"], ("Medicine",)), {}),
-        (Principal("stu2", ROLES["student"]), {"campus": "Easter Bush"}),
+        (Principal("stu2", ROLES["student"]), {"campus": "easter BUSH"}),  # filters ignore letter case
         (Principal("chap", ROLES["staff"], ("Chaplaincy",)), {"visibility": "department"}),
-        (Principal("chap2", ROLES["staff"], ("Chaplaincy",)), {"department": "Chaplaincy"}),
+        (Principal("chap2", ROLES["staff"], ("Chaplaincy",)), {"department": "chaplaincy"}),
+        # a filter's spelling never widens the rule: the token's department must match exactly
+        (Principal("chap3", ROLES["staff"], ("chaplaincy",)), {"department": "Chaplaincy"}),
         (Principal("vet", ROLES["staff"], ("Vet School",)), {"min_priority": 4}),
         (Principal("hr", ROLES["staff"], ("Human Resources",)), {"clearance_level": 1}),
         (Principal("nodept", ROLES["staff"]), {}),
@@ -162,7 +164,8 @@ def principal_pool(rng: random.Random) -> list[tuple[Principal, dict[str, Any]]]
 
 def passes_filters(m: dict[str, Any], filters: dict[str, Any]) -> bool:
     """Plain-Python reference of the client filters (search.filter_sql)."""
-    checks = {"department": lambda v: m["department"] == v, "campus": lambda v: m["campus"] == v,
+    checks = {"department": lambda v: (m["department"] or "").lower() == v.lower(),
+              "campus": lambda v: (m["campus"] or "").lower() == v.lower(),
               "visibility": lambda v: m["visibility"] == v, "min_priority": lambda v: m["priority"] >= v,
               "clearance_level": lambda v: m["clearance_level"] <= v,
               "last_reviewed_after": lambda v: m["last_reviewed"] is not None and m["last_reviewed"] >= v}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -236,29 +237,106 @@ def test_no_private_key_is_committed() -> None:
     assert "*" in (ROOT / "nginx" / "certs" / ".gitignore").read_text().split()
 
 
-@pytest.mark.skipif(not shutil.which("nginx") or not shutil.which("openssl"), reason="nginx/openssl not installed")
-def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
-    """``nginx -t`` on the real file, adapted only where this machine differs from the container:
-    certificates from make-dev-cert.sh, `app` -> 127.0.0.1, and directives newer than the local nginx
-    (`resolve` needs 1.27.3, `http2 on` 1.25.1) dropped when the local one is older."""
+NGINX_MISSING = not shutil.which("nginx") or not shutil.which("openssl")
+
+
+def adapted_nginx_conf(tmp_path: Path, upstream: str = "127.0.0.1:5100") -> Path:
+    """The real nginx.conf, adapted only where this machine differs from the container: certificates from
+    make-dev-cert.sh, `app` -> ``upstream``, logs and pid under ``tmp_path``, and directives newer than
+    the local nginx (`resolve` needs 1.27.3, `http2 on` 1.25.1) dropped when the local one is older."""
     work = tmp_path / "nginx"
     shutil.copytree(ROOT / "nginx", work, ignore=shutil.ignore_patterns("certs"))
     subprocess.run(["sh", str(work / "make-dev-cert.sh"), "test.local"], check=True, capture_output=True)
     version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
     major, minor, patch = (int(x) for x in re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version).groups())  # type: ignore[union-attr]
     text = (work / "nginx.conf").read_text()
-    text = text.replace("/etc/nginx/certs/", f"{work}/certs/").replace("server app:5100", "server 127.0.0.1:5100")
+    text = text.replace("/etc/nginx/certs/", f"{work}/certs/").replace("server app:5100", f"server {upstream}")
     if (major, minor, patch) < (1, 27, 3):
         text = text.replace(" resolve max_fails", " max_fails")
     if (major, minor, patch) < (1, 25, 1):
         text = text.replace("        http2 on;\n", "")
     text = text.replace("access_log /dev/stdout main;", f"access_log {tmp_path}/access.log main;")
+    text = text.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;")
     conf = work / "nginx.conf"
     conf.write_text(text)
-    proc = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(work), "-g", f"error_log {tmp_path}/e.log;"],
-                          capture_output=True, text=True)
+    return conf
+
+
+@pytest.mark.skipif(NGINX_MISSING, reason="nginx/openssl not installed")
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    """``nginx -t`` on the real file (adapted as above)."""
+    conf = adapted_nginx_conf(tmp_path)
+    proc = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(conf.parent), "-g",
+                           f"error_log {tmp_path}/e.log;"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "test is successful" in proc.stderr
+
+
+@pytest.mark.skipif(NGINX_MISSING, reason="nginx/openssl not installed")
+def test_nginx_answers_what_it_refuses_itself_in_json(tmp_path: Path) -> None:
+    """The real nginx.conf running on loopback (HTTPS on a free port, the app's address a closed port):
+    an oversize URL, header or body, /metrics and an unreachable app are answered in the API's JSON
+    error shape, never nginx's HTML pages."""
+    import json
+    import socket
+    import ssl
+    import time
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    https_port, closed_port = free_port(), free_port()
+    conf = adapted_nginx_conf(tmp_path, upstream=f"127.0.0.1:{closed_port}")
+    text = conf.read_text().replace("listen [::]:80;", "").replace("listen [::]:443 ssl;", "")
+    text = text.replace("listen 80;", f"listen 127.0.0.1:{free_port()};")
+    conf.write_text(text.replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"))
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(conf.parent), "-g",
+                             f"daemon off; error_log {tmp_path}/e.log;"], stderr=subprocess.DEVNULL)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+
+    def exchange(raw: bytes) -> tuple[int, str, dict]:
+        with socket.create_connection(("127.0.0.1", https_port), timeout=10) as plain, \
+                context.wrap_socket(plain, server_hostname="test.local") as sock:
+            sock.sendall(raw)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        content_type = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                             if line.lower().startswith(b"content-type:")), "")
+        return status, content_type, json.loads(body)
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", https_port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "e.log").read_text()
+                time.sleep(0.1)
+        cases = [
+            (b"GET /health/live?q=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414, "request_uri_too_long"),
+            (b"GET /health/live HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + b"x" * 10000 + b"\r\n\r\n",
+             400, "bad_request"),
+            (b"POST /api/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 2000000\r\nConnection: close\r\n\r\n{}", 413, "payload_too_large"),
+            (b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 404, "not_found"),
+            # the app is down: nginx's 502 keeps its status, with the JSON body
+            (b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 502, "service_unavailable"),
+        ]
+        for raw, status, code in cases:
+            got, content_type, body = exchange(raw)
+            assert (got, content_type) == (status, "application/json"), (raw[:60], got, body)
+            assert body["error"]["code"] == code and body["error"]["message"]
+            assert len(body["error"]["request_id"]) == 32  # nginx's $request_id, also sent to the app
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 # --- Prometheus, alerts, Grafana -----------------------------------------------------------------------
@@ -362,3 +440,28 @@ def test_wheel_carries_the_keepalive_start_up_hook(tmp_path: Path) -> None:
     env = {"argv": ["/usr/bin/gunicorn", "--keepalive", "10", "--keepalive=5", "--bind", "x"]}
     exec(hook.replace("import sys; ", ""), {"sys": type("S", (), env)})  # the hook's one line, on a fake argv
     assert env["argv"][1:] == ["--keep-alive", "10", "--keep-alive=5", "--bind", "x"]
+
+
+def test_make_run_keeps_its_data_with_the_checkout() -> None:
+    """Two checkouts on one machine must not share one database: `make run` uses .data/ in the checkout
+    (git-ignored) unless DATA_DIR is given, and says so."""
+    env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
+    dry = subprocess.run(["make", "-n", "run"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert f'DATA_DIR="{ROOT}/.data" .venv/bin/campus-search serve --demo' in dry.stdout
+    assert f"make run: data in {ROOT}/.data" in dry.stdout
+    given = subprocess.run(["make", "-n", "run"], cwd=ROOT, env={**env, "DATA_DIR": "/srv/cs"},
+                           capture_output=True, text=True, check=True)
+    assert 'DATA_DIR="/srv/cs" .venv/bin/campus-search serve --demo' in given.stdout
+    assert ".data/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_readme_command_table_names_ingest_demo_and_eval_live() -> None:
+    """The options a new operator needs first are in the README's command table, as `--help` has them."""
+    from campus_search.cli import build_parser
+
+    rows = {line.split("`")[1].split()[1]: line for line in (ROOT / "README.md").read_text().splitlines()
+            if line.startswith("| `campus-search ")}
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command, flag in (("ingest", "--demo"), ("eval", "--live"), ("loadtest", "--fail-under")):
+        assert flag in sub[command].format_help()
+        assert flag in rows[command], f"README's {command} row does not mention {flag}"

@@ -135,6 +135,7 @@ def test_bad_uploads_are_4xx_and_change_nothing(app_env: Any, admin: dict[str, s
           "content_type": "multipart/form-data"}, 400, "unknown form fields"),
         ({"json": {"text": ""}}, 400, "text must be a non-empty string"),
         ({"json": {"text": "x", "format": "rtf"}}, 400, "format must be one of"),
+        ({"json": {"text": "x", "format": {}}}, 400, "format must be one of"),  # schemathesis found a 500
         ({"json": {"text": "x", "owner": "me"}}, 400, "unknown fields ['owner']"),
         ({"json": {"text": "x", "metadata": {"priority": "high"}}}, 400, "priority must be an integer"),
         ({"data": "not json", "content_type": "application/json"}, 400, "send a JSON object"),

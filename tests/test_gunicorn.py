@@ -58,7 +58,7 @@ class Server:
     installs (``campus_search_gunicorn_keepalive.pth``, see setup.py) makes that spelling work.
     """
 
-    def __init__(self, dsn: str, tmp: Path) -> None:
+    def __init__(self, dsn: str, tmp: Path, **extra_env: str) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.metrics_dir = tmp / "metrics"
@@ -69,6 +69,7 @@ class Server:
                    JWT_SECRET_KEY=TEST_SECRET, AUDIT_HMAC_KEY="audit-" + "k" * 40, DB_POOL_MIN_SIZE="1",
                    DB_POOL_MAX_SIZE="4", DB_STATEMENT_TIMEOUT_MS="120000",
                    PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
+        env.update(extra_env)
         self.stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
             [GUNICORN, "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--worker-class", "gthread",
@@ -138,7 +139,7 @@ def totals(text: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             key = s.name
-            if s.name == "vector_search_requests_total" and s.labels.get("endpoint") == "search.search_documents":
+            if s.name == "vector_search_requests_total" and s.labels.get("endpoint") == "search_documents":
                 out["search_requests"] = out.get("search_requests", 0.0) + s.value
             out[key] = out.get(key, 0.0) + s.value
     return out

@@ -99,3 +99,14 @@ def test_progress_bar_shows_rate_and_eta() -> None:
     assert "5.0 docs/s" in line and "ETA 30s" in line and "added 40" in line and "unchanged 10" in line
     assert stream.text.endswith("\n")
     assert sys.stderr is not stream
+
+
+def test_progress_bar_for_eval_queries_shows_rate_and_eta() -> None:
+    stream = FakeTTY()
+    bar = ProgressBar(stream, unit="queries", rate_unit="queries")  # type: ignore[arg-type]
+    bar.set_total(300)
+    bar.started -= 20.0
+    bar.update(100)  # campus-search eval: no ingest report, only the count
+    line = stream.text.split("\r\x1b[K")[-1]
+    assert line.startswith("[########----------------] 100/300  33%")
+    assert "5.0 queries/s" in line and "ETA 40s" in line and "|" not in line

@@ -40,8 +40,10 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, dict[str, Any]]:
     code = main(["loadtest", *argv])
-    out = capsys.readouterr().out
-    *report, last = out.strip().splitlines()
+    captured = capsys.readouterr()
+    *report, last = captured.out.strip().splitlines()
+    if code:
+        assert captured.err.startswith("campus-search loadtest: ")  # says why it exits non-zero
     return code, "\n".join(report), json.loads(last)
 
 
@@ -55,6 +57,8 @@ def test_loadtest_reports_the_brief_figures_and_rate_limiting(
     assert r["rate_limited"] == 5 * (4 - PER_MINUTE)
     assert r["statuses"] == {"200": 15, "429": 5}
     assert r["success_rate"] == 75.0
+    assert r["failed"] == 0 and r["failures"] == {}  # rate limiting is not a failure, in the JSON and the text
+    assert "Failed:             none" in report
     assert code == 1  # below --fail-under 90
     assert 0 < r["p50_s"] <= r["p95_s"] <= r["max_s"]
     assert 0 < r["avg_s"] <= r["max_s"]
@@ -69,7 +73,29 @@ def test_loadtest_against_nothing_fails_cleanly(cli_env: None, capsys: pytest.Ca
     assert code == 1
     assert r["requests"] == 4 and r["successful"] == 0 and r["success_rate"] == 0.0
     assert r["statuses"] == {"error:ConnectionError": 4}
+    assert r["failed"] == 4 and r["failures"] == {"error:ConnectionError": 4}
+    assert r["requests_per_second"] == 0.0 and r["successful_per_second"] == 0.0  # nothing answered
     assert "Success rate:       0.0%" in report
+    assert "Failed:             4 (error:ConnectionError: 4)" in report
+    assert "Requests/second:    0.00 answered" in report
+
+
+def test_loadtest_exits_nonzero_when_some_requests_fail_but_not_for_rate_limiting(
+        server: str, cli_env: None, token: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queries = tmp_path / "queries.txt"
+    queries.write_text("library opening hours\n" + "x" * 3000 + "\n")  # the second is too long: a 400
+    auth = token("staff", sub="loadtest-mixed")
+    code, report, r = run(capsys, "--url", server, "--users", "1", "--requests", "2", "--token", auth,
+                          "--queries", str(queries))
+    assert r["statuses"] == {"200": 1, "400": 1}
+    assert r["failed"] == 1 and r["failures"] == {"400": 1} and r["rate_limited"] == 0
+    assert "Failed:             1 (400: 1)" in report
+    assert code == 1
+    # Only rate limited (3 a minute, a 4th is refused): the server doing its job, exit 0.
+    code, report, r = run(capsys, "--url", server, "--users", "1", "--requests", "4",
+                          "--token", token("staff", sub="loadtest-limited"))
+    assert r["statuses"] == {"200": 3, "429": 1} and r["failed"] == 0 and r["rate_limited"] == 1
+    assert code == 0
 
 
 def test_loadtest_bounds_are_enforced(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:

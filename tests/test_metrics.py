@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from campus_search import metrics
 
-SEARCH = "search.search_documents"
+SEARCH = "search_documents"  # the brief's label value (BRIEF.md, grafana/, prometheus/alerts.yml)
 
 #: family name (as the parser reports it: counters without ``_total``) -> type
 EXPECTED = {
@@ -89,7 +89,7 @@ def test_values_move_with_requests(client: Any, token: Any) -> None:
     assert delta("vector_search_requests_total", method="POST", endpoint=SEARCH, status="200") == 4
     assert delta("vector_search_requests_total", method="POST", endpoint=SEARCH, status="401") == 1
     # the first scrape itself was counted after it answered
-    assert delta("vector_search_requests_total", method="GET", endpoint="ops.metrics", status="200") == 1
+    assert delta("vector_search_requests_total", method="GET", endpoint="metrics", status="200") == 1
     assert delta("vector_search_request_duration_seconds_count", endpoint=SEARCH) == 5
     assert delta("vector_search_request_duration_seconds_sum", endpoint=SEARCH) > 0
     assert delta("vector_search_queries_total", user_role="staff", department="IT Services") == 4
@@ -150,7 +150,7 @@ def test_label_values_stay_bounded_under_random_input(client: Any, token: Any, d
     for marker in secrets_seen:
         assert marker not in text and marker.lower() not in text.lower()
 
-    endpoints = {rule.endpoint for rule in demo_app.url_map.iter_rules()} | {"unmatched"}
+    endpoints = {metrics.endpoint_label(rule.endpoint) for rule in demo_app.url_map.iter_rules()} | {"unmatched"}
     families = {f.name: f for f in text_string_to_metric_families(text)}
     seen: dict[str, set[str]] = {}  # "family.label" -> values
     for family in families.values():
@@ -175,3 +175,15 @@ def test_label_values_stay_bounded_under_random_input(client: Any, token: Any, d
     assert "other" in departments  # the random department claims all landed here
     for name, values in seen.items():
         assert len(values) <= metrics.MAX_DEPARTMENT_LABELS + 2 or name.endswith(".endpoint"), name
+
+
+def test_endpoint_labels_are_the_briefs_view_names_and_unique(demo_app: Any, client: Any) -> None:
+    endpoints = {rule.endpoint for rule in demo_app.url_map.iter_rules() if rule.endpoint != "static"}
+    labels = {metrics.endpoint_label(e) for e in endpoints}
+    assert len(labels) == len(endpoints), "two blueprints have a view of the same name: labels would merge"
+    assert {"search_documents", "health_check", "metrics"} <= labels  # BRIEF.md's sample output
+    assert metrics.endpoint_label(None) == "unmatched"
+    client.get("/health/live")
+    families = scrape(client)
+    assert value(families, "vector_search_requests_total", method="GET", endpoint="liveness", status="200") >= 1
+    assert value(families, "vector_search_requests_total", endpoint="ops.liveness") == 0

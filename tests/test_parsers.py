@@ -37,12 +37,47 @@ def test_pdf_text_per_page_with_sections_from_bookmarks(tmp_path: Path) -> None:
     assert sum(1 for b in doc.blocks if b.text == LONG) == 2
 
 
-def test_pdf_without_bookmarks_has_pages_and_no_sections(tmp_path: Path) -> None:
+def test_pdf_without_bookmarks_has_pages_and_the_title_as_section(tmp_path: Path) -> None:
     pdf = write_pdf(tmp_path / "notice.pdf", [["First page text here."], ["Second page text here."]])
     doc = parse_file(pdf, tmp_path)
     assert doc.title == "Notice"
     assert [(b.text, b.section_title, b.page_number) for b in doc.blocks] == [
-        ("First page text here.", None, 1), ("Second page text here.", None, 2)]
+        ("First page text here.", "Notice", 1), ("Second page text here.", "Notice", 2)]
+
+
+def test_text_before_the_first_heading_is_under_the_title(tmp_path: Path) -> None:
+    """What a reader sees above a passage: the nearest heading, else the document's title -- never nothing."""
+    md = tmp_path / "leave.md"
+    md.write_text("# Annual Leave\n\nThis policy applies to all staff.\n\n## Carry-over\n\nUp to five days.\n")
+    assert [(b.text, b.section_title) for b in parse_file(md, tmp_path).blocks] == [
+        ("This policy applies to all staff.", "Annual Leave"), ("Up to five days.", "Carry-over")]
+    page = tmp_path / "rooms.html"
+    page.write_text("<html><body><main><h1>Room booking</h1><p>Book through the portal.</p><h2>Cancelling</h2>"
+                    "<p>Cancel a day ahead.</p></main></body></html>", encoding="utf-8")
+    assert [(b.text, b.section_title) for b in parse_file(page, tmp_path).blocks] == [
+        ("Book through the portal.", "Room booking"), ("Cancel a day ahead.", "Cancelling")]
+
+
+def test_plain_text_title_is_its_heading_line_else_its_file_name(tmp_path: Path) -> None:
+    headed = tmp_path / "parking.txt"
+    headed.write_text("Parking permits\n\nStaff parking permits are renewed every August.\n\nApply online.\n")
+    doc = parse_file(headed, tmp_path)
+    assert doc.title == "Parking permits"  # the line a reader sees at the top, not the file name
+    assert [(b.text, b.section_title) for b in doc.blocks] == [
+        ("Staff parking permits are renewed every August.", "Parking permits"), ("Apply online.", "Parking permits")]
+    prose = tmp_path / "bike_storage.txt"
+    prose.write_text("Bikes may be stored in the racks by the library.\n\nThe racks are checked nightly.\n")
+    doc = parse_file(prose, tmp_path)
+    assert doc.title == "Bike storage"  # the first line is a sentence, not a heading: the file name
+    assert [(b.text, b.section_title) for b in doc.blocks] == [
+        ("Bikes may be stored in the racks by the library.", "Bike storage"),
+        ("The racks are checked nightly.", "Bike storage")]
+    named = parse_bytes(b"Parking permits\n\nRenewed in August.", "p.txt", external_id="p",
+                        metadata={"title": "Parking"})
+    assert named.title == "Parking"  # metadata wins; the heading line is kept as the section, not lost
+    assert [(b.text, b.section_title) for b in named.blocks] == [("Renewed in August.", "Parking permits")]
+    only = parse_bytes(b"Just one line", "memo.txt", external_id="m")
+    assert only.title == "Memo" and [(b.text, b.section_title) for b in only.blocks] == [("Just one line", "Memo")]
 
 
 def test_pdf_headings_from_font_size_when_there_are_no_bookmarks(tmp_path: Path) -> None:

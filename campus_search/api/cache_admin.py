@@ -1,9 +1,11 @@
 """``POST /api/admin/cache/clear`` (SPEC §1): drop this service's cached results. Admin only, audited.
 
 Deletes the keys under ``REDIS_KEY_PREFIX`` in the result and query-embedding namespaces, by SCAN and
-UNLINK (never FLUSHDB/FLUSHALL: the Redis may be shared). Rate-limit counters stay. Without Redis the
-cache lives in each process, so the clear reaches only the worker that handled the request; index
-changes need no clear in either case (the index generation is part of every key).
+UNLINK (never FLUSHDB/FLUSHALL: the Redis may be shared). Rate-limit counters stay. The embedded Redis
+(the default without ``REDIS_URL``) is shared by every worker, so the clear reaches them all; only with
+``REDIS_URL=memory://`` does the cache live in each process, and then the clear reaches only the worker
+that handled the request (``"scope": "process"``). Index changes need no clear in any case (the index
+generation is part of every key).
 """
 
 from __future__ import annotations
@@ -30,5 +32,6 @@ def clear_cache() -> Any:
         details["keys_removed"] = removed = cache.clear()
     log.info("cache cleared by admin %s: %d keys", admin.user_id, removed)
     return jsonify({"cleared": True, "keys_removed": removed, "backend": cache.backend.kind,
+                    "mode": cache.backend.mode,
                     "scope": "process" if cache.backend.kind == "memory" else "service",
                     "request_id": g.request_id})

@@ -209,7 +209,7 @@ def _parse_upload(doc_id: str) -> tuple[Any, dict[str, Any], bool]:
         text, fmt, title = body.get("text"), body.get("format", "markdown"), body.get("title")
         if not isinstance(text, str) or not text.strip():
             raise BadRequest("text must be a non-empty string")
-        if fmt not in FORMATS:
+        if not isinstance(fmt, str) or fmt not in FORMATS:  # {"format": {}} is not a format (nor a 500)
             raise BadRequest(f"format must be one of {sorted(FORMATS)}")
         meta = _metadata(body.get("metadata"))
         allow = _flag(body.get("allow_loosening"), "allow_loosening")

@@ -46,6 +46,8 @@ def parse_search_request(data: dict[str, Any], user: Principal) -> SearchParams:
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(unknown)}", details={"allowed": sorted(TOP_LEVEL)})
     query = data.get("query")
+    if query is None:
+        raise BadRequest("query is required")
     if not isinstance(query, str):
         raise BadRequest("query must be a string")
     query = query.strip()
@@ -69,15 +71,21 @@ def parse_search_request(data: dict[str, Any], user: Principal) -> SearchParams:
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
         raise BadRequest(f"unknown config fields: {', '.join(unknown)}", details={"allowed": sorted(CONFIG_KEYS)})
-    max_results = config.get("max_results", settings.default_max_results)
+    requested = config.get("max_results")
+    max_results = settings.default_max_results if requested is None else requested
     if isinstance(max_results, bool) or not isinstance(max_results, int) or max_results < 1:
         raise BadRequest("config.max_results must be a positive integer")
-    max_results = min(max_results, user.role.max_results, settings.max_results_per_query)
+    cap = min(user.role.max_results, settings.max_results_per_query)
+    # Said out loud, not silently: the response's "applied" reports the value used and whether it was cut.
+    g.search_applied = {"max_results": min(max_results, cap), "requested_max_results": requested,
+                        "max_results_cap": cap, "clamped": max_results > cap}
+    max_results = min(max_results, cap)
     threshold = config.get("similarity_threshold", settings.similarity_threshold)
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold) \
             or not -1.0 <= threshold <= 1.0:
         raise BadRequest("config.similarity_threshold must be a number between -1 and 1")
     filters = validate_filters(data.get("filters"), user)
+    g.search_applied["similarity_threshold"] = float(threshold)
     return SearchParams(query=query, filters=filters, max_results=max_results,
                         similarity_threshold=float(threshold))
 
@@ -104,6 +112,7 @@ def search_documents() -> Any:
         "query": params.query,
         "response_time": round(time.perf_counter() - started, 4),
         "from_cache": disclosed_from_cache(outcome, user, services.settings.from_cache_roles),
+        "applied": g.search_applied,
         "request_id": g.request_id,
         "user_id": user.user_id,
         "timestamp": round(time.time(), 3),

@@ -1,0 +1,174 @@
+"""The brief's gunicorn command on loopback, bound directly (no nginx in front), against hostile clients.
+
+Slow senders (half a request line, half a head, half a body), silent connections, clients that never
+read or close, and more connections than a worker takes must not keep ``/health/live`` (or anyone) from
+being answered; requests gunicorn refuses before Flask sees them (a URL over 4094 bytes, a 100 KB
+header) are answered in the API's JSON error shape, not an HTML page.
+
+Bounded: a few hundred sockets at most, every wait has a timeout, the server has a short
+REQUEST_READ_TIMEOUT and a small per-worker connection limit (``GUNICORN_CMD_ARGS``, which gunicorn
+reads besides the command line).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+from test_gunicorn import Server, served_dsn  # noqa: F401  (a fixture, used by name)
+
+READ_TIMEOUT = 3  # REQUEST_READ_TIMEOUT of the server under test, seconds
+CONNECTIONS = 60  # gunicorn's worker_connections per worker (default 1000), kept small to reach it
+PROBE_TIMEOUT = 2.0  # a probe that takes longer than this counts as not answered
+
+
+@pytest.fixture(scope="module")
+def server(served_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # noqa: F811
+    srv = Server(served_dsn, tmp_path_factory.mktemp("slow-clients"), REQUEST_READ_TIMEOUT=str(READ_TIMEOUT),
+                 GUNICORN_CMD_ARGS=f"--worker-connections {CONNECTIONS}")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def connect(srv: Server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=PROBE_TIMEOUT)
+    return sock
+
+
+def exchange(srv: Server, raw: bytes, timeout: float = PROBE_TIMEOUT) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` on a new connection and read the answer until the server closes it."""
+    with connect(srv) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(raw)
+        return parse(read_all(sock))
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def probe(srv: Server) -> int:
+    """GET /health/live on a fresh connection; its status, or 0 if not answered within PROBE_TIMEOUT."""
+    try:
+        status, _, body = exchange(srv, b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    except OSError:
+        return 0
+    assert json.loads(body)["alive"] is True
+    return status
+
+
+def assert_json_error(response: tuple[int, dict[str, str], bytes], status: int, code: str) -> None:
+    got, headers, body = response
+    assert got == status, body[:300]
+    assert headers["content-type"] == "application/json" and b"<html" not in body.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["message"]
+    assert error["request_id"].startswith("req_") and headers["x-request-id"] == error["request_id"]
+
+
+def test_slow_and_silent_clients_do_not_starve_the_server(server: Server) -> None:
+    """More half-sent requests than the server has threads (2 workers x 2), clients that never read
+    their answer nor close, and silent connections: /health/live still answers at once, and the slow
+    senders get a 408 once REQUEST_READ_TIMEOUT has passed."""
+    with ExitStack() as stack:
+        def opened() -> socket.socket:
+            return stack.enter_context(connect(server))
+
+        slow = []
+        for _ in range(8):  # the issue's case: half a request line each
+            sock = opened()
+            sock.sendall(b"GET /health/live HTT")
+            slow.append(sock)
+        for _ in range(4):  # a whole request line, then headers that never end
+            sock = opened()
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            slow.append(sock)
+        for _ in range(4):  # a search whose body never finishes arriving
+            sock = opened()
+            sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"query\": ")
+            slow.append(sock)
+        for _ in range(8):  # a complete request, then never read the answer nor close
+            opened().sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        silent = [opened() for _ in range(30)]
+        time.sleep(0.5)  # let the workers take them all
+
+        assert [probe(server) for _ in range(5)] == [200] * 5
+
+        # Each slow sender is answered 408 and disconnected, READ_TIMEOUT after it connected.
+        for sock in slow:
+            sock.settimeout(READ_TIMEOUT + 5)
+            assert_json_error(parse(read_all(sock)), 408, "request_timeout")
+        for sock in silent:  # nothing sent, nothing answered: just closed
+            sock.settimeout(READ_TIMEOUT + 5)
+            assert read_all(sock) == b""
+
+
+def test_more_connections_than_a_worker_takes(server: Server) -> None:
+    """Twice the server's connection capacity in silent sockets: the longest-waiting ones are dropped
+    to make room, so a new client is still served (without it, both workers stop accepting)."""
+    with ExitStack() as stack:
+        for _ in range(2 * 2 * CONNECTIONS):
+            stack.enter_context(connect(server))
+        time.sleep(0.5)
+        assert [probe(server) for _ in range(5)] == [200] * 5
+
+
+def test_requests_refused_outside_flask_are_json(server: Server) -> None:
+    long_url = b"/health/live?q=" + b"a" * 5000  # over gunicorn's limit_request_line (4094)
+    assert_json_error(exchange(server, b"GET " + long_url + b" HTTP/1.1\r\nHost: t\r\n\r\n"),
+                      414, "request_uri_too_long")
+    # A request line far longer still is refused as soon as the limit is passed, without its end.
+    with connect(server) as sock:
+        sock.sendall(b"GET /health/live?q=" + b"a" * 200_000)
+        assert_json_error(parse(read_all(sock)), 414, "request_uri_too_long")
+
+    token = b"Bearer " + b"x" * 100_000  # over limit_request_field_size (8190)
+    assert_json_error(exchange(server, b"POST /api/search HTTP/1.1\r\nHost: t\r\nAuthorization: " + token
+                               + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"),
+                      431, "request_header_fields_too_large")
+    assert_json_error(exchange(server, b"GET /health/live HTTP/1.1\r\nHost: t\r\nBad Header: x\r\n\r\n"),
+                      400, "bad_request")
+    assert_json_error(exchange(server, b"\x16\x03\x01 not http\r\n\r\n"), 400, "bad_request")
+    text = server.log_text()
+    assert "xxxxxxxxxx" not in text  # the token's text is not echoed into the logs
+    assert probe(server) == 200
+
+
+def test_keep_alive_and_pipelined_requests_still_work(server: Server) -> None:
+    """Requests read by the event loop: several on one connection, pipelined, and a small body sent in
+    pieces, are all answered."""
+    with connect(server) as sock:
+        sock.settimeout(10)
+        request = b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n"
+        sock.sendall(request * 3 + b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = read_all(sock)
+    assert data.count(b"HTTP/1.1 200 OK") == 4 and data.count(b'"alive":true') == 4
+    with connect(server) as sock:
+        sock.settimeout(10)
+        body = b'{"query": "library"}'
+        sock.sendall(b"POST /api/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:5])
+        time.sleep(0.3)
+        sock.sendall(body[5:])
+        status, _, answer = parse(read_all(sock))
+    assert status == 401 and json.loads(answer)["error"]["code"] == "unauthorized"  # no token: the app answered
