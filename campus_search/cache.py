@@ -35,7 +35,6 @@ import json
 import logging
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -269,10 +268,6 @@ def read_generation(db: Any) -> str:
     return f"{sysid}:{database}:{generation}:{xmin}"
 
 
-def normalise_query(query: str) -> str:
-    return " ".join(unicodedata.normalize("NFC", query).split())
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return {"$dt": value.isoformat()}
@@ -332,7 +327,7 @@ class ResultCache:
 
     def key(self, user: Principal, params: SearchParams, generation: str) -> str:
         fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-        fields["query"] = normalise_query(params.query)
+        # params.query is normalised already (SearchParams): the key is the text the search runs on
         fields["filters"] = dict(sorted(dict(params.filters).items()))
         payload = {"params": fields, "role": user.role.name, "scope": user.scope_key(), "campus": user.campus,
                    "generation": generation, "static": self._static}

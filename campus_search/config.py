@@ -91,8 +91,11 @@ FIELDS: tuple[Field, ...] = (
     # --- service
     F("env", ("FLASK_ENV", "CAMPUS_SEARCH_ENV"), "development",
       "`production` refuses default or missing secrets and logs JSON; anything else is development."),
-    F("host", ("HOST",), "127.0.0.1", "Address `campus-search serve` binds to."),
-    F("port", ("PORT",), 5100, "Port `campus-search serve` listens on.", int),
+    F("host", ("HOST",), "127.0.0.1", "Address the server binds to (`campus-search serve` and gunicorn.conf.py; a "
+      "`--bind` flag wins)."),
+    F("port", ("PORT",), 5100, "Port the server listens on (as HOST).", int),
+    F("workers", ("WEB_CONCURRENCY",), 2, "gunicorn worker processes (`campus-search serve` and gunicorn.conf.py; "
+      "a `--workers` flag wins).", int),
     F("data_dir", ("DATA_DIR",), None,
       "Local state: embedded PostgreSQL, generated development secrets. Default "
       "`$XDG_DATA_HOME/campus-search` (`~/.local/share/campus-search`)."),
@@ -309,6 +312,7 @@ class Settings:
     env: str = "development"
     host: str = "127.0.0.1"
     port: int = 5100
+    workers: int = 2
     data_dir: str = ""
     cors_origins: tuple[str, ...] = ()
     max_request_bytes: int = 64 * 1024
@@ -479,8 +483,16 @@ def _read_config_file(path: str) -> dict[str, str]:
         if "=" not in line:
             raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
         key, value = line.split("=", 1)
-        values[key.strip()] = value.strip().strip('"').strip("'")
+        values[key.strip()] = _unquote(value.strip())
     return values
+
+
+def _unquote(value: str) -> str:
+    """One matching pair of surrounding quotes is removed (``"a b"`` -> ``a b``); anything else is kept
+    as written, so a secret that begins or ends with a quote character is not mangled."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -519,7 +531,7 @@ def _validate(s: Settings) -> list[str]:
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be positive (got {getattr(s, name)})")
 
-    for name in ("port", "max_request_bytes", "max_query_chars", "db_pool_max_size", "db_pool_timeout",
+    for name in ("port", "workers", "max_request_bytes", "max_query_chars", "db_pool_max_size", "db_pool_timeout",
                  "request_read_timeout", "db_retry_after",
                  "db_statement_timeout_ms", "hnsw_ef_search", "cache_ttl_search", "jwt_token_ttl",
                  "max_results_per_query", "default_max_results", "embedding_timeout",

@@ -267,7 +267,7 @@ class Database:
         except psycopg.OperationalError as exc:
             if server_unreachable(exc):
                 guard.breaker.failure(exc)
-            log.warning("database unavailable: %s", exc.__class__.__name__)
+            log.warning("database unavailable: %s: %s", exc.__class__.__name__, " ".join(str(exc).split())[:300])
             raise ServiceUnavailable("database unavailable",
                                      headers={"Retry-After": str(guard.retry_after())}) from exc
 

@@ -34,6 +34,7 @@ from .errors import BadRequest, Forbidden
 from .fusion import FusionConfig, fuse
 from .lexical import BM25
 from .metadata import parse_datetime
+from .querytext import normalise_query
 from .security.roles import CAMPUS_BONUS, Principal, visible_sql
 
 FILTERS = ("department", "campus", "min_priority", "clearance_level", "visibility", "last_reviewed_after")
@@ -45,10 +46,16 @@ CANDIDATE_FLOOR = 40  # candidates fetched beyond max_results so business terms 
 
 @dataclass(frozen=True)
 class SearchParams:
+    """One search. ``query`` is normalised here, once (querytext.py), for every caller: the cache key
+    and retrieval both use this form."""
+
     query: str
     filters: Mapping[str, Any] = field(default_factory=dict)
     max_results: int = 10
     similarity_threshold: float = 0.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "query", normalise_query(self.query))
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from . import metrics
 from .cache import RedisBackend, ResultCache, build_cache
@@ -55,6 +56,7 @@ class Services:
         self.ingester: Ingester
         self.cache: ResultCache
         self._seen = (0, 0)  # (write epoch, write fence) at the last search
+        self.auditor: Any = None  # audit.auditor_of creates it on first use
 
     def _expected_dimension(self) -> int:
         if self.settings.embedding_provider == "local":
@@ -128,6 +130,10 @@ class Services:
 
     def close(self) -> None:
         if self._pid == os.getpid():
+            auditor = getattr(self, "auditor", None)
+            if auditor is not None:
+                auditor.close()  # its writer thread writes what is queued, then ends
+                self.auditor = None
             self.cache.close()
             self.db.close()
             self._pid = None
