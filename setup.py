@@ -2,7 +2,8 @@
 
 ``campus_search_gunicorn_keepalive.pth`` lets the customer's production command run as written: the
 brief spells gunicorn's ``--keep-alive`` option ``--keepalive``, which gunicorn rejects. The hook rewrites
-that one argument, and only when the running program is ``gunicorn``; it imports nothing.
+that one argument, and only when the running program is gunicorn (its ``gunicorn`` script or
+``python -m gunicorn``); it imports nothing.
 """
 
 from pathlib import Path

@@ -30,7 +30,6 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from campus_search.chunking import embedding_text  # noqa: E402
 from campus_search.config import load_settings  # noqa: E402
 from campus_search.embedding import LocalMiniLM, ingest_threads  # noqa: E402
 from campus_search.ingest import DOC_BATCH, Ingester, _content_hash, _Pending  # noqa: E402
@@ -54,7 +53,7 @@ def chunk_texts(ingester: Ingester, docs: list[ParsedDocument]) -> list[list[str
         pending = [_Pending(d, {}, _content_hash(d, ingester.embedder.model_name))
                    for d in docs[start:start + DOC_BATCH]]
         ingester._prepare_chunks(pending)
-        batches.append([embedding_text(p.doc.title, c.section_title, c.text) for p in pending for c in p.chunks])
+        batches.append([text for p in pending for text in p.inputs])
     return batches
 
 

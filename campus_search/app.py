@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.register_blueprint(explain_api.bp)
     metrics.init_app(app, services)
     logs.init_app(app)
-    ops.init_app(app)
+    ops.init_app(app, settings)
     app.register_blueprint(admin_stats.bp)
     app.register_blueprint(cache_admin.bp)
     init_rate_limits(app, settings)  # after the hooks above: 429s get a request id, metrics and logs

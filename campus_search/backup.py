@@ -217,12 +217,14 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 def campus_search_objects() -> tuple[frozenset[str], frozenset[str]]:
-    """(table names, function names) that Campus Search's migrations create in schema ``public``."""
+    """(relation names -- tables and views --, function names) that Campus Search's migrations create in
+    schema ``public``."""
     from .db import _migrations
 
     sql = "\n".join(text for _, _, text in _migrations())
     tables = {t.lower() for t in re.findall(
-        r"CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(?:public\.)?(\w+)", sql, re.I)}
+        r"CREATE\s+(?:OR\s+REPLACE\s+)?(?:UNLOGGED\s+|MATERIALIZED\s+)?(?:TABLE|VIEW)\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+        r"(?:public\.)?(\w+)", sql, re.I)}
     functions = {f.lower() for f in re.findall(
         r"CREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+(?:public\.)?(\w+)", sql, re.I)}
     return frozenset(tables | {"schema_migrations"}), frozenset(functions)

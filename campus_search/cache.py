@@ -35,7 +35,6 @@ import json
 import logging
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -108,6 +107,21 @@ class RedisBackend:
 
     def set(self, key: str, value: bytes, ttl: int) -> bool:
         return bool(self._run("set", lambda: self.client.set(key, value, ex=ttl), False))
+
+    # The write fence (replicas.py): the primary's WAL position after the latest search-visible write,
+    # kept at its maximum. An hour's TTL: a fence from an abandoned timeline (point-in-time recovery) or
+    # another cluster stops holding reads on the primary by then.
+    FENCE_TTL = 3600
+    _FENCE_MAX = ("local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
+                  "if tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end return 1")
+
+    def fence_get(self) -> int | None:
+        raw = self._run("get", lambda: self.client.get(f"{self.prefix}write-fence"))
+        return int(raw) if raw is not None and raw.isdigit() else None
+
+    def fence_advance(self, lsn: int) -> None:
+        self._run("set", lambda: self.client.eval(self._FENCE_MAX, 1, f"{self.prefix}write-fence", int(lsn),
+                                                  self.FENCE_TTL))
 
     def clear(self, namespaces: tuple[str, ...]) -> int:
         """UNLINK this service's keys in ``namespaces`` (SCAN by prefix; never FLUSHDB/FLUSHALL)."""
@@ -233,6 +247,10 @@ class GenerationTracker:
             return self._value
         return self.refresh()
 
+    def invalidate(self) -> None:
+        """Make the next :meth:`current` read the tag afresh (a write this process knows of moved it)."""
+        self._read_at = float("-inf")
+
     def refresh(self) -> str:
         started = self.clock()  # age counts from before the read: conservative
         value = self._read()
@@ -248,10 +266,6 @@ def read_generation(db: Any) -> str:
         return "none"
     generation, xmin, database, sysid = row
     return f"{sysid}:{database}:{generation}:{xmin}"
-
-
-def normalise_query(query: str) -> str:
-    return " ".join(unicodedata.normalize("NFC", query).split())
 
 
 def _json_default(value: Any) -> Any:
@@ -313,7 +327,7 @@ class ResultCache:
 
     def key(self, user: Principal, params: SearchParams, generation: str) -> str:
         fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-        fields["query"] = normalise_query(params.query)
+        # params.query is normalised already (SearchParams): the key is the text the search runs on
         fields["filters"] = dict(sorted(dict(params.filters).items()))
         payload = {"params": fields, "role": user.role.name, "scope": user.scope_key(), "campus": user.campus,
                    "generation": generation, "static": self._static}

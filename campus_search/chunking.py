@@ -14,7 +14,9 @@ The rules, in order:
    that paragraph, up to ``overlap`` tokens, so a passage cut at the boundary is still found whole.
    A chunk that ends at a paragraph boundary needs no overlap.
 5. A sentence longer than ``max_tokens`` is cut between words, never inside a word.
-6. A chunk keeps its section title; its page is the page its text starts on.
+6. A chunk never crosses a page boundary either (a new page starts a new chunk, like a heading), so
+   its page number is the page where all of its text is: a search result cites the page a reader
+   finds the passage on. A chunk keeps its section title.
 
 Chunk text joins sentences with a space and paragraphs with a newline.
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_TOKENS = 200
 DEFAULT_OVERLAP = 32
-CHUNKER_VERSION = "2"  # part of content hashes: a chunking change re-chunks everything once
+CHUNKER_VERSION = "3"  # part of content hashes: a chunking change re-chunks everything once
 
 _SENTENCE = re.compile(r"(?<=[.!?;:])\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
 _SPACE = re.compile(r"[ \t\r\f\v]+")
@@ -97,10 +99,10 @@ def chunk_blocks(blocks: Sequence[Block], count: TokenCounter, *, max_tokens: in
     sizes = count([u[0] for u in units])
     chunks: list[Chunk] = []
     section_start = 0
-    while section_start < len(units):
-        section = units[section_start][2]
+    while section_start < len(units):  # one run of units with the same section and page at a time
+        section, page_of_run = units[section_start][2], units[section_start][1]
         end = section_start
-        while end < len(units) and units[end][2] == section:
+        while end < len(units) and units[end][2] == section and units[end][1] == page_of_run:
             end += 1
         limit = max_tokens if max_tokens_for is None else max(1, min(max_tokens, max_tokens_for(section)))
         items: list[_Item] = []

@@ -71,18 +71,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
     settings = settings.replace(host=args.host or settings.host, port=args.port or settings.port)
     if args.demo:
-        services = _services(settings, ingest=True)
-        from .metadata import AccessMetadata
-
-        report = ingest_paths(services, [demo_corpus_path()], AccessMetadata(), quiet=True)
-        print(f"demo corpus: {report.added} added, {report.updated} updated, {report.unchanged} unchanged",
-              file=sys.stderr)
-        services.close()
-        del services
-        from .embedding import forget_embedders
-
-        forget_embedders()  # the master does not serve; each worker loads its own single-threaded model
+        code = _ingest_demo_in_child(settings)
+        if code:
+            return code
     return serve(settings, workers=args.workers, threads=args.threads)
+
+
+def _ingest_demo_in_child(settings: Settings) -> int:
+    """``serve --demo``: ingest the demo corpus in a child process, never in the server's master.
+
+    Loading onnxruntime starts a process-wide native thread that a forked worker does not have; at a
+    worker's exit onnxruntime's exit-time destructors then wait on or join that missing thread, and the
+    worker hangs or aborts (``terminate called after throwing an instance of 'std::system_error'``,
+    ``Worker was sent SIGABRT!``). So the master never imports onnxruntime: each worker loads its own
+    model after the fork, and the demo ingest runs in a process of its own (``campus-search ingest``).
+    """
+    import subprocess
+
+    if settings.embedded_database:  # the master attaches first, so the cluster outlives the child
+        from .embedded_pg import ensure_embedded_database
+
+        ensure_embedded_database(settings.data_dir)
+    proc = subprocess.run([sys.executable, "-m", "campus_search.cli", "ingest", "--demo", "--quiet"],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = None
+    if proc.returncode != 0 or report is None:
+        print(f"demo corpus: ingestion failed (exit {proc.returncode}); not serving", file=sys.stderr)
+        return proc.returncode or 1
+    print(f"demo corpus: {report['added']} added, {report['updated']} updated, {report['unchanged']} unchanged",
+          file=sys.stderr)
+    return 0
 
 
 def _cli_user() -> str:
@@ -336,9 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP API (gunicorn; embedded PostgreSQL if none configured)")
     p.add_argument("--host", help="bind address (env HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (env PORT, default 5100)")
-    p.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", "2")),
-                   help="gunicorn worker processes (env WEB_CONCURRENCY, default 2)")
-    p.add_argument("--threads", type=int, default=2, help="threads per worker (default 2)")
+    p.add_argument("--workers", type=int, help="gunicorn worker processes (env WEB_CONCURRENCY, default 2)")
+    p.add_argument("--threads", type=int, help="threads per worker (default 2)")
     p.add_argument("--demo", action="store_true", help="ingest the bundled demo corpus first (idempotent)")
     p.set_defaults(func=cmd_serve)
 

@@ -65,7 +65,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         queries = tuple(q.strip() for q in text.splitlines() if q.strip())
     cfg = LoadTestConfig(url=args.url, users=args.users, requests_per_user=args.requests, duration=args.duration,
                          timeout=args.timeout, queries=queries, max_results=args.max_results,
-                         distinct=args.distinct)
+                         distinct=args.distinct, pause=args.pause)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -140,6 +140,8 @@ def add_ops_commands(sub: Any) -> None:
     p.add_argument("--max-results", type=int, default=5, help="config.max_results of each search (default 5)")
     p.add_argument("--distinct", action="store_true",
                    help="make every query unique, so the result cache cannot answer (uncached figures)")
+    p.add_argument("--pause", type=float, default=0.0, metavar="S",
+                   help="seconds each user waits between its searches (think time; default 0)")
     p.add_argument("--fail-under", type=float, metavar="PCT",
                    help="also exit 1 when the success rate (429s count against it) is below PCT")
     p.set_defaults(func=cmd_loadtest)

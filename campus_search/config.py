@@ -91,8 +91,11 @@ FIELDS: tuple[Field, ...] = (
     # --- service
     F("env", ("FLASK_ENV", "CAMPUS_SEARCH_ENV"), "development",
       "`production` refuses default or missing secrets and logs JSON; anything else is development."),
-    F("host", ("HOST",), "127.0.0.1", "Address `campus-search serve` binds to."),
-    F("port", ("PORT",), 5100, "Port `campus-search serve` listens on.", int),
+    F("host", ("HOST",), "127.0.0.1", "Address the server binds to (`campus-search serve` and gunicorn.conf.py; a "
+      "`--bind` flag wins)."),
+    F("port", ("PORT",), 5100, "Port the server listens on (as HOST).", int),
+    F("workers", ("WEB_CONCURRENCY",), 2, "gunicorn worker processes (`campus-search serve` and gunicorn.conf.py; "
+      "a `--workers` flag wins).", int),
     F("data_dir", ("DATA_DIR",), None,
       "Local state: embedded PostgreSQL, generated development secrets. Default "
       "`$XDG_DATA_HOME/campus-search` (`~/.local/share/campus-search`)."),
@@ -126,7 +129,16 @@ FIELDS: tuple[Field, ...] = (
       "PostgreSQL URL for writes (and reads unless DATABASE_READ_URL is set). If neither this nor DB_HOST "
       "is set, an embedded PostgreSQL with pgvector is started under DATA_DIR."),
     F("database_read_url", ("DATABASE_READ_URL",), None,
-      "PostgreSQL URL of a read replica (or pgbouncer in front of replicas) used for searches."),
+      "PostgreSQL URL(s) of read replicas (or pgbouncer databases in front of them) used for searches, "
+      "separated by spaces or commas. A replica that is down or lags past REPLICA_MAX_LAG_SECONDS, or has "
+      "not replayed a caller's latest write, is skipped: searches read from the primary meanwhile."),
+    F("replica_max_lag_seconds", ("REPLICA_MAX_LAG_SECONDS",), 5.0,
+      "Most replay lag (seconds) a read replica may have and still serve searches.", float),
+    F("replica_check_seconds", ("REPLICA_CHECK_SECONDS",), 1.0,
+      "Seconds between probes of each read replica (state and lag), per process, in the background.", float),
+    F("replica_connect_timeout", ("REPLICA_CONNECT_TIMEOUT",), 2.0,
+      "Seconds a search waits for a replica's connection (and a probe for its answer) before reading from "
+      "the next node.", float),
     F("db_host", ("DB_HOST",), None, "Seed-compatible: database host (used when DATABASE_URL is unset)."),
     F("db_port", ("DB_PORT",), 5432, "Seed-compatible: database port.", int),
     F("db_name", ("DB_NAME",), "pgvector", "Seed-compatible: database name."),
@@ -141,11 +153,12 @@ FIELDS: tuple[Field, ...] = (
       "Circuit breaker: seconds requests fail at once with 503 \"database unavailable\" after the database "
       "could not be reached, before one request tries it again.", float),
     F("db_statement_timeout_ms", ("DB_STATEMENT_TIMEOUT_MS",), 10000,
-      "Server-side statement timeout for every query, in milliseconds.", int),
+      "Statement timeout of each search transaction (SET LOCAL), in milliseconds. Writes and migrations run "
+      "without one.", int),
     F("db_prepare_threshold", ("DB_PREPARE_THRESHOLD",), "auto",
       "psycopg server-side prepared statements: a number of executions before a query is prepared, `none` "
-      "to never prepare (pgbouncer transaction pooling without max_prepared_statements), or `auto`: none "
-      "when a database URL points at pgbouncer (host name containing `pgbouncer` or port 6432), else 5.",
+      "to never prepare (needed behind pgbouncer's transaction pooling), or `auto`: 5 on the embedded "
+      "cluster, none on a configured URL (it may lead to a pooler; give a number for a direct connection).",
       str.lower),
     F("pg_bin_dir", ("PG_BIN_DIR",), None,
       "Folder with pg_dump/pg_restore/psql for `campus-search backup`/`restore`. Default: the embedded "
@@ -309,6 +322,7 @@ class Settings:
     env: str = "development"
     host: str = "127.0.0.1"
     port: int = 5100
+    workers: int = 2
     data_dir: str = ""
     cors_origins: tuple[str, ...] = ()
     max_request_bytes: int = 64 * 1024
@@ -321,6 +335,9 @@ class Settings:
     default_visibility: str = "department"
     database_url: str | None = None
     database_read_url: str | None = None
+    replica_max_lag_seconds: float = 5.0
+    replica_check_seconds: float = 1.0
+    replica_connect_timeout: float = 2.0
     db_host: str | None = None
     db_port: int = 5432
     db_name: str = "pgvector"
@@ -479,8 +496,16 @@ def _read_config_file(path: str) -> dict[str, str]:
         if "=" not in line:
             raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
         key, value = line.split("=", 1)
-        values[key.strip()] = value.strip().strip('"').strip("'")
+        values[key.strip()] = _unquote(value.strip())
     return values
+
+
+def _unquote(value: str) -> str:
+    """One matching pair of surrounding quotes is removed (``"a b"`` -> ``a b``); anything else is kept
+    as written, so a secret that begins or ends with a quote character is not mangled."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -519,17 +544,21 @@ def _validate(s: Settings) -> list[str]:
         if getattr(s, name) <= 0:
             problems.append(f"{name} must be positive (got {getattr(s, name)})")
 
-    for name in ("port", "max_request_bytes", "max_query_chars", "max_document_bytes", "max_document_unpacked_bytes",
-                 "max_document_chars", "max_document_chunks", "db_pool_max_size", "db_pool_timeout",
+    for name in ("port", "workers", "max_request_bytes", "max_query_chars", "max_document_bytes",
+                 "max_document_unpacked_bytes", "max_document_chars", "max_document_chunks", "db_pool_max_size",
+                 "db_pool_timeout",
                  "request_read_timeout", "db_retry_after",
                  "db_statement_timeout_ms", "hnsw_ef_search", "cache_ttl_search", "jwt_token_ttl",
                  "max_results_per_query", "default_max_results", "embedding_timeout",
-                 "embedding_batch_size", "embedding_threads"):
+                 "embedding_batch_size", "embedding_threads", "replica_check_seconds",
+                 "replica_connect_timeout"):
         positive(name)
     if not 0 < s.port < 65536:
         problems.append(f"PORT must be 1-65535 (got {s.port})")
     if s.db_pool_min_size < 0 or s.db_pool_min_size > s.db_pool_max_size:
         problems.append("DB_POOL_MIN_SIZE must be between 0 and DB_POOL_MAX_SIZE")
+    if s.replica_max_lag_seconds < 0:
+        problems.append("REPLICA_MAX_LAG_SECONDS must not be negative")
     if s.db_prepare_threshold not in ("auto", "none") and not s.db_prepare_threshold.isdigit():
         problems.append("DB_PREPARE_THRESHOLD must be auto, none or a non-negative integer")
     if s.search_fusion not in ("convex", "rrf", "dense", "lexical"):

@@ -1,7 +1,16 @@
-"""Database manager: connection pools (write + optional read replica) and versioned migrations."""
+"""Database manager: connection pools (the primary, and read replicas through :mod:`.replicas`), versioned
+migrations, and the statement timeout of searches.
+
+Timeouts are per transaction (``SET LOCAL statement_timeout``, :meth:`Database.search_settings`) at the
+start of each search's transaction, because a session ``SET`` does not stay with one client behind
+pgbouncer's transaction pooling. Writes (ingestion, audit) run without one, and migrations explicitly
+with none (``SET LOCAL statement_timeout = 0``), so a data-bearing migration on a large database is never
+cancelled by a role- or server-level default.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -11,13 +20,13 @@ from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.pool import PoolConnection
 
 from .breaker import CircuitBreaker
 from .config import Settings
 from .errors import ConfigError, ServiceUnavailable
+from .replicas import PRIMARY, PRIMARY_LSN_SQL, ReadRouter, Replica, ReplicaFailed, split_read_urls
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,8 @@ def migrate(dsn: str, *, model: str, dimension: int) -> int:
     # One transaction holding a transaction-scoped lock: a session lock would be taken and released on
     # different server connections behind pgbouncer in transaction pooling mode.
     with psycopg.connect(dsn, prepare_threshold=None) as conn, conn.transaction():
+        # No timeout: a backfill over a large table must finish, whatever the role's or server's default.
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
                             version integer PRIMARY KEY, name text NOT NULL,
@@ -131,7 +142,9 @@ class PoolGuard:
 
 
 class Database:
-    """Pooled access to PostgreSQL. ``write`` for ingestion and audit, ``read`` for searches.
+    """Pooled access to PostgreSQL. Writes (ingestion, audit) on the primary; reads (searches) on a replica
+    chosen by :class:`~campus_search.replicas.ReadRouter` when ``DATABASE_READ_URL`` names any, else on
+    the primary.
 
     Pools are created closed; :meth:`open` opens them (after gunicorn forks, never before).
     Each pool has a :class:`PoolGuard` (circuit breaker); pools give up a reconnection attempt after
@@ -143,20 +156,34 @@ class Database:
     def __init__(self, settings: Settings, dsn: str, read_dsn: str | None = None) -> None:
         self.settings = settings
         self.dsn = dsn
-        self.read_dsn = read_dsn or dsn
+        self.read_dsns = [u for u in split_read_urls(read_dsn) if u != dsn]
+        self.read_dsn = self.read_dsns[0] if self.read_dsns else dsn
+        #: Bumped by every search-visible write of this process (:meth:`bump_generation`).
+        self.write_epoch = 0
+        self._fenced: set[int] = set()
         self.guards: dict[str, PoolGuard] = {}
         self.write_pool = self._pool(dsn, "write")
-        self.read_pool = self._pool(self.read_dsn, "read") if self.read_dsn != dsn else self.write_pool
+        self.router: ReadRouter | None = None
+        if self.read_dsns:
+            replicas = [Replica(f"replica{i}", url, self._pool(url, f"read{i}", replica=True),
+                                new_pool=functools.partial(self._pool, url, f"read{i}", replica=True))
+                        for i, url in enumerate(self.read_dsns, 1)]
+            self.router = ReadRouter(self.write_pool, replicas, max_lag=settings.replica_max_lag_seconds,
+                                     check_seconds=settings.replica_check_seconds,
+                                     connect_timeout=settings.replica_connect_timeout, primary_dsn=dsn)
 
-    def _pool(self, dsn: str, name: str) -> ConnectionPool:
+    def _pool(self, dsn: str, name: str, *, replica: bool = False) -> ConnectionPool:
         settings = self.settings
         guard = self.guards[name] = PoolGuard(dsn, name, settings)
+        timeout = settings.db_pool_timeout
+        if replica:  # a replica that cannot hand out a connection soon is skipped (replicas.py), not waited for
+            timeout = min(timeout, settings.replica_connect_timeout)
         return ConnectionPool(
             dsn, name=name, kwargs={"prepare_threshold": guard.prepare},
             connection_class=guard.connection_class,
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
-            timeout=settings.db_pool_timeout,
+            timeout=timeout,
             reconnect_timeout=max(settings.db_retry_after, 1.0),
             configure=self._configure,
             check=ConnectionPool.check_connection,
@@ -168,18 +195,34 @@ class Database:
         return self.guards[pool.name]
 
     def _configure(self, conn: psycopg.Connection) -> None:
-        register_vector(conn)
-        conn.execute("SELECT set_config('statement_timeout', %s, false)",
-                     (str(self.settings.db_statement_timeout_ms),))
+        register_vector(conn)  # client-side only: no session state on the server (pgbouncer-safe)
         conn.commit()
 
+    def pools(self) -> list[ConnectionPool]:
+        return [self.write_pool] + ([r.pool for r in self.router.replicas] if self.router else [])
+
+    @property
+    def read_pool(self) -> ConnectionPool:
+        """The pool reads go to right now (a replica's, or the primary's)."""
+        replica = self.router.choose() if self.router else None
+        return replica.pool if replica is not None else self.write_pool
+
     def open(self, wait: bool = True) -> None:
-        for pool in {id(p): p for p in (self.write_pool, self.read_pool)}.values():
-            pool.open(wait=wait, timeout=max(self.settings.db_pool_timeout, 10.0))
+        self.write_pool.open(wait=wait, timeout=max(self.settings.db_pool_timeout, 10.0))
+        if self.router:
+            for replica in self.router.replicas:
+                replica.pool.open(wait=False)  # a replica that is down must not stop the server starting
+            self.router.start()
 
     def close(self) -> None:
-        for pool in {id(p): p for p in (self.write_pool, self.read_pool)}.values():
+        if self.router:
+            self.router.stop()
+        for pool in self.pools():
             pool.close()
+
+    def search_settings(self) -> str:
+        """``SET LOCAL`` statements that start every search transaction (its statement timeout)."""
+        return f"SET LOCAL statement_timeout = {int(self.settings.db_statement_timeout_ms)}"
 
     @contextmanager
     def connection(self, *, read: bool = False, timeout: float | None = None) -> Iterator[psycopg.Connection]:
@@ -187,13 +230,35 @@ class Database:
         connections become ServiceUnavailable (503), never a hang or a stack trace: "database busy"
         when every connection is in use, "database unavailable" when the server cannot be reached
         (then at once, without waiting, until the circuit breaker lets a probe through).
-        ``timeout``: longest wait for a connection (default ``DB_POOL_TIMEOUT``)."""
-        pool = self.read_pool if read else self.write_pool
+        ``timeout``: longest wait for a connection (default ``DB_POOL_TIMEOUT``). ``read=True``: on the
+        replica the read router chooses, if any (its failure raises ReplicaFailed, see replicas.py; the
+        router is that replica's breaker), else on the primary."""
+        replica = self.router.choose() if read and self.router is not None else None
+        if replica is not None and self.router is not None:
+            try:
+                with self.router.connection(replica) as (conn, _node):
+                    yield conn
+            except ReplicaFailed:
+                raise
+            except (PoolTimeout, TooManyRequests) as exc:
+                raise ServiceUnavailable("database busy, try again shortly", headers={"Retry-After": "1"}) from exc
+            except psycopg.OperationalError as exc:
+                log.warning("database unavailable: %s", exc.__class__.__name__)
+                raise ServiceUnavailable("database unavailable", headers={"Retry-After": "5"}) from exc
+            return
+        pool = self.write_pool
         guard = self.guard(pool)
         guard.admit()
         try:
             with pool.connection(timeout=timeout) as conn:
-                yield conn
+                try:
+                    yield conn
+                except BaseException:
+                    self._fenced.discard(id(conn))
+                    raise
+                if id(conn) in self._fenced:
+                    self._fenced.discard(id(conn))
+                    self._record_fence(conn)
         except (PoolTimeout, TooManyRequests) as exc:
             if guard.breaker.state != "closed":  # no connection because the server is down, not busy
                 raise ServiceUnavailable("database unavailable",
@@ -202,16 +267,43 @@ class Database:
         except psycopg.OperationalError as exc:
             if server_unreachable(exc):
                 guard.breaker.failure(exc)
-            log.warning("database unavailable: %s", exc.__class__.__name__)
+            log.warning("database unavailable: %s: %s", exc.__class__.__name__, " ".join(str(exc).split())[:300])
             raise ServiceUnavailable("database unavailable",
                                      headers={"Retry-After": str(guard.retry_after())}) from exc
 
+    def bump_generation(self, conn: psycopg.Connection) -> None:
+        """Move ``index_state.generation`` in the caller's write transaction: cached answers retire, and
+        once the transaction commits, the primary's WAL position becomes the write fence (replicas.py)."""
+        conn.execute("UPDATE index_state SET generation = generation + 1")
+        self.write_epoch += 1
+        if self.router is not None:
+            self._fenced.add(id(conn))
+
+    def _record_fence(self, conn: psycopg.Connection) -> None:
+        assert self.router is not None
+        conn.commit()  # the write is durable now; its commit record lies before the position read next
+        try:
+            row = conn.execute(PRIMARY_LSN_SQL).fetchone()
+            conn.commit()
+        except psycopg.Error as exc:  # committed all the same; replicas then serve it within the lag bound
+            log.warning("write fence not recorded: %s", exc.__class__.__name__)
+            return
+        if row and row[0] is not None:
+            self.router.fence.advance(int(row[0]))
+
     def stats(self) -> dict[str, Any]:
-        s = self.read_pool.get_stats()
+        pool = self.read_pool
+        s = pool.get_stats()
         size = s.get("pool_size", 0)
-        return {"pool_size": size, "pool_max": self.read_pool.max_size,
+        return {"pool_size": size, "pool_max": pool.max_size,
                 "active_connections": size - s.get("pool_available", 0),
                 "requests_waiting": s.get("requests_waiting", 0)}
+
+    def reads(self) -> dict[str, Any]:
+        """Which node serves reads, and each replica's state (for /health)."""
+        if self.router is None:
+            return {"node": PRIMARY, "replicas": []}
+        return self.router.describe()
 
     def generation(self) -> int:
         with self.connection(read=True) as conn:
@@ -223,20 +315,17 @@ def prepare_threshold(settings: Settings, dsn: str) -> int | None:
     """psycopg's ``prepare_threshold`` for connections to ``dsn`` (DB_PREPARE_THRESHOLD).
 
     pgbouncer in transaction pooling mode hands each transaction to any server connection, where a
-    statement prepared on another one does not exist; ``None`` turns preparation off.
+    statement prepared on another one does not exist; ``None`` turns preparation off. ``auto`` prepares
+    (after 5 executions, psycopg's default) only on the embedded cluster, which is certainly not behind a
+    pooler; a configured URL may lead to one whatever its name or port, so there preparation is off
+    unless DB_PREPARE_THRESHOLD gives a number (for a direct connection).
     """
     value = settings.db_prepare_threshold
     if value == "none":
         return None
     if value != "auto":
         return int(value)
-    try:
-        info = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return 5
-    if "pgbouncer" in str(info.get("host", "")).lower() or str(info.get("port", "")) == "6432":
-        return None
-    return 5  # psycopg's default
+    return 5 if settings.embedded_database and dsn not in split_read_urls(settings.database_read_url) else None
 
 
 def resolve_dsns(settings: Settings) -> tuple[str, str | None]:

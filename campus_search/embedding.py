@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,6 +42,29 @@ class Embedder(Protocol):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Model tokens in each text, without special tokens (for chunk sizing)."""
         ...
+
+
+_counter: Any = None
+_counter_lock = threading.Lock()
+
+
+def count_tokens(texts: Sequence[str]) -> list[int]:
+    """Model tokens in each text, without special tokens and never truncated: the one counting rule
+    for chunk sizing, whichever embedder is configured (the bundled all-MiniLM-L6-v2 WordPiece
+    tokenizer; exact for that model, a close estimate for other BERT-family models served remotely).
+    The embedding tokenizer truncates at the model's window; counting must not, or a long text looks
+    as if it fitted."""
+    global _counter
+    with _counter_lock:  # tokenizer objects are not shared across threads safely
+        if _counter is None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE, TOKENIZER_SHA256)))
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+            _counter = tokenizer
+        encodings = _counter.encode_batch(list(texts), add_special_tokens=False)
+    return [len(e.ids) for e in encodings]
 
 
 def package_file(package: str, relative: str, sha256: str) -> Path:
@@ -87,9 +110,7 @@ class LocalMiniLM:
         self._lock = threading.Lock()  # tokenizer objects are not shared across threads safely
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        with self._lock:
-            encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [len(e.ids) for e in encodings]
+        return count_tokens(texts)
 
     def embed(self, texts: Sequence[str], batch_size: int = 4) -> np.ndarray:
         if not texts:

@@ -17,6 +17,7 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Any
@@ -103,23 +104,78 @@ def _harden(worker: Any, settings: Any) -> None:
           body_limit=getattr(settings, "max_request_bytes", 64 * 1024))
 
 
+#: What stops a worker (gunicorn: SIGTERM graceful, SIGINT/SIGQUIT quick).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+
+
+def _stop_requests_since_fork(server: Any) -> list[int]:
+    """Stop signals that reached this worker before it had handlers of its own: until gunicorn's worker
+    installs them (after ``post_fork``), the master's inherited handler only queues a signal in the
+    worker's copy of the master's queue, where nobody would ever read it."""
+    queue = getattr(server, "SIG_QUEUE", None)
+    found: list[int] = []
+    while queue is not None:
+        try:
+            sig = queue.get_nowait() if hasattr(queue, "get_nowait") else queue.pop(0)
+        except (Exception, IndexError):  # queue.Empty / an empty list
+            break
+        if sig in STOP_SIGNALS:
+            found.append(sig)
+    return found
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    sys.exit(0)
+
+
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, just forked: guard it against slow clients (:func:`_harden`), open its own pools
     and load its own model now, so the first request is not slow. With the database down it
-    logs that and serves anyway, the pools reconnecting in the background."""
+    logs that and serves anyway, the pools reconnecting in the background.
+
+    A stop signal (Ctrl-C to the process group, SIGTERM) that arrives meanwhile is honoured once the
+    services are open: the worker exits at once (it has no requests yet) instead of missing the signal
+    and being killed after ``graceful_timeout``."""
+    stop = _stop_requests_since_fork(server)
+
+    def remember(signum: int, frame: Any) -> None:
+        stop.append(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, remember)
+    stop += _stop_requests_since_fork(server)  # arrived between the first look and our handlers
     _drop_inherited_exit_handlers()
     services = _services(server)
     _harden(worker, services.settings if services is not None else None)
-    if services is None:
-        return
-    try:
-        services.ensure_open()
-    except Exception as exc:
-        # Serve anyway: the pools keep connecting in the background (requests get 503 "database
-        # unavailable" meanwhile) -- never a request blocked on opening them.
-        log.warning("worker %s could not reach the database yet (%s); serving, and reconnecting in the "
-                    "background", os.getpid(), exc.__class__.__name__)
-        services.ensure_open(wait=False)
+    if services is not None and not stop:
+        try:
+            services.ensure_open()
+        except Exception as exc:
+            # Serve anyway: the pools keep connecting in the background (requests get 503 "database
+            # unavailable" meanwhile) -- never a request blocked on opening them.
+            log.warning("worker %s could not reach the database yet (%s); serving, and reconnecting in the "
+                        "background", os.getpid(), exc.__class__.__name__)
+            services.ensure_open(wait=False)
+    for sig in STOP_SIGNALS:  # until gunicorn's worker installs its own handlers
+        signal.signal(sig, _exit_now)
+    if stop:
+        log.info("worker %s: stop signal during start-up; exiting", os.getpid())
+        sys.exit(0)
+
+
+def worker_int(worker: Any) -> None:
+    """Worker, quick stop under way (SIGINT/SIGQUIT; gunicorn raises SystemExit right after this hook).
+    Ctrl-C reaches every process of the group and the master then sends each worker SIGQUIT as well: a
+    second stop signal would interrupt the exit half-way (before ``worker_exit`` closes the pools), so
+    further ones are ignored. The master still kills a worker that does not finish in time."""
+    for sig in STOP_SIGNALS:
+        # A Python no-op, not SIG_IGN: a signal already caught for the old handler would otherwise be
+        # reported as "OSError: Signal 3 ignored due to race condition".
+        signal.signal(sig, _ignore)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """Stop signal while already stopping: nothing to do."""
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -147,6 +203,72 @@ def on_exit(server: Any) -> None:
         shutil.rmtree(created, ignore_errors=True)
 
 
-#: The hooks as gunicorn settings, for ``campus-search serve`` (gunicorn.conf.py names them itself).
-HOOKS = {"when_ready": when_ready, "post_fork": post_fork, "worker_exit": worker_exit,
+#: The hooks as gunicorn settings.
+HOOKS = {"when_ready": when_ready, "post_fork": post_fork, "worker_int": worker_int, "worker_exit": worker_exit,
          "child_exit": child_exit, "on_exit": on_exit}
+
+#: The brief's production command's values (its flags repeat them; flags win over these).
+THREADS = 2
+TIMEOUT = 60
+KEEPALIVE = 10
+#: SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
+GRACEFUL_TIMEOUT = 30
+
+
+def json_logconfig() -> dict[str, Any]:
+    """gunicorn's own messages as JSON lines too, so a log pipeline reads one format. The root logger
+    gets no handler here: the app installs its own (:func:`campus_search.logs.configure_logging`)
+    once gunicorn has configured logging."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "campus_search.logs.JsonFormatter"}},
+        "handlers": {"error_console": handler, "console": dict(handler)},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+            # The app writes its own JSON access record per request (with request id and user).
+            "gunicorn.access": {"level": "WARNING", "handlers": ["console"], "propagate": False},
+        },
+        "root": {"level": "INFO", "handlers": []},
+    }
+
+
+def server_options(settings: Any, *, workers: int | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Every gunicorn setting this project chooses -- the one source for ``gunicorn.conf.py`` (the brief's
+    command) and ``campus-search serve``. ``HOST``/``PORT``/``WEB_CONCURRENCY``/``LOG_FORMAT`` come from
+    the settings (environment or ``CAMPUS_SEARCH_CONFIG`` file); ``workers``/``threads`` are serve's flags."""
+    from .logs import resolve_format
+
+    options: dict[str, Any] = {
+        "bind": [f"{settings.host}:{settings.port}"],
+        "workers": workers or settings.workers,
+        "worker_class": "gthread",
+        "threads": threads or THREADS,
+        "timeout": TIMEOUT,
+        "keepalive": KEEPALIVE,
+        "preload_app": True,  # the app (and migrations) once, in the master
+        "graceful_timeout": GRACEFUL_TIMEOUT,
+        # Heartbeat files on tmpfs: a worker never stalls on a slow disk just to say it is alive.
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+        # The app writes one access record per request (campus_search.access); gunicorn's own is off
+        # unless --access-logfile asks for it.
+        "accesslog": None,
+        "errorlog": "-",
+        **HOOKS,
+    }
+    if resolve_format(settings.log_format, settings.production) == "json":
+        options["logconfig_dict"] = json_logconfig()
+    return options
+
+
+def load_server_settings() -> Any:
+    """The settings gunicorn.conf.py sizes the server with; a configuration error ends the start-up with
+    the message (not a traceback inside gunicorn's config loader)."""
+    from .config import load_settings
+    from .errors import ConfigError
+
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"campus-search: {exc}") from None

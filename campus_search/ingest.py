@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 DOC_BATCH = 64  # documents per embedding batch / transaction
 DEFAULT_MAX_CHUNKS = 5000  # MAX_DOCUMENT_CHUNKS
+HEAD_SHARE = 4  # the title/section prefix takes at most 1/HEAD_SHARE of the model's window
 
 
 @dataclass
@@ -101,6 +102,7 @@ class _Pending:
     existing: tuple[Any, ...] | None = None
     chunks: list[Chunk] = field(default_factory=list)
     chunk_hashes: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # what the model reads per chunk
 
 
 @dataclass
@@ -161,6 +163,9 @@ def _chunk_hash(model: str, text: str) -> str:
 
 
 Progress = Callable[[int, IngestReport], None]
+#: Called last inside a write transaction (``audit.AdminChange.record_in``): the change's audit record
+#: commits with it, and an exception from it rolls the change back.
+AuditHook = Callable[[Any, Any], None]
 
 
 class Ingester:
@@ -179,11 +184,13 @@ class Ingester:
 
     def ingest(self, items: Iterable[ParsedDocument | IngestError],
                defaults: Mapping[str, Any] | AccessMetadata | None = None, *, allow_loosening: bool = False,
-               respect_pins: bool = True, progress: Progress | None = None) -> IngestReport:
+               respect_pins: bool = True, progress: Progress | None = None,
+               audit: AuditHook | None = None) -> IngestReport:
         """Ingest documents. ``defaults`` are fields stated for every document (the CLI flags); a
         document's own metadata wins over them, and both are resolved against what is stored
         (:func:`~campus_search.metadata.resolve`). ``allow_loosening`` is the explicit act that lets
-        a write loosen access; ``respect_pins=False`` only for the API, which owns the pins."""
+        a write loosen access; ``respect_pins=False`` only for the API, which owns the pins.
+        ``audit(conn, report)`` is called last in each batch's write transaction."""
         report = IngestReport()
         started = time.perf_counter()
         base = stated(defaults)
@@ -209,12 +216,12 @@ class Ingester:
                 continue
             batch.append(pending)
             if len(batch) >= DOC_BATCH:
-                self._flush(batch, report, allow_loosening, respect_pins)
+                self._flush(batch, report, allow_loosening, respect_pins, audit)
                 batch = []
                 if progress:
                     progress(seen, report)
         if batch:
-            self._flush(batch, report, allow_loosening, respect_pins)
+            self._flush(batch, report, allow_loosening, respect_pins, audit)
         if progress:
             progress(seen, report)
         report.seconds = time.perf_counter() - started
@@ -315,7 +322,7 @@ class Ingester:
                                 + ", ".join(str(c) for c in res.loosened))
 
     def _flush(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool = False,
-               respect_pins: bool = True) -> None:
+               respect_pins: bool = True, audit: AuditHook | None = None) -> None:
         batch = self._resolve(batch, report, allow_loosening, respect_pins)
         unchanged: list[_Pending] = []
         meta_only: list[_Pending] = []
@@ -358,7 +365,9 @@ class Ingester:
                 report.chunks_written += len(p.chunks)
             report.metadata_updated += len(meta_only)
             if meta_only or written:
-                conn.execute("UPDATE index_state SET generation = generation + 1")
+                self.db.bump_generation(conn)
+            if audit is not None:
+                audit(conn, report)
         if written:
             self.compact()
 
@@ -397,12 +406,18 @@ class Ingester:
         kept: list[_Pending] = []
         window = int(getattr(self.embedder, "max_seq_length", MAX_SEQ_LENGTH)) - 2  # [CLS] ... [SEP]
         for p in pending:
-            title = p.doc.title
+            heads: dict[str | None, tuple[str, int]] = {}
 
-            def budget(section: str | None, title: str = title) -> int:
-                # The title/section prefix shares the model's window with the chunk text.
-                head = embedding_text(title, section, "").strip()
-                return window - self.embedder.count_tokens([head])[0] if head else window
+            def head(section: str | None, title: str = p.doc.title,
+                     heads: dict[str | None, tuple[str, int]] = heads) -> tuple[str, int]:
+                if section not in heads:
+                    heads[section] = self._head(title, section, window // HEAD_SHARE)
+                return heads[section]
+
+            def budget(section: str | None) -> int:
+                # The title/section prefix shares the model's window with the chunk text; it is capped at
+                # a share of the window, so a very long title or heading still leaves room for text.
+                return window - head(section)[1]
 
             p.chunks = chunk_blocks(p.doc.blocks, self.embedder.count_tokens, max_tokens=self.max_tokens,
                                     overlap=self.overlap, max_tokens_for=budget)
@@ -410,10 +425,31 @@ class Ingester:
                 self._fail(report, f"{p.doc.source or p.doc.external_id}: {len(p.chunks):,} chunks, more than "
                                    f"{self.max_chunks:,} (MAX_DOCUMENT_CHUNKS); split the document or raise the limit")
                 continue
-            p.chunk_hashes = [_chunk_hash(model, embedding_text(p.doc.title, c.section_title, c.text))
-                              for c in p.chunks]
+            p.inputs = [f"{head(c.section_title)[0]}\n{c.text}" if head(c.section_title)[0] else c.text
+                        for c in p.chunks]
+            p.chunk_hashes = [_chunk_hash(model, text) for text in p.inputs]
             kept.append(p)
         return kept
+
+    def _head(self, title: str, section: str | None, cap: int) -> tuple[str, int]:
+        """The ``Title — Section`` prefix the model reads before a chunk (chunking.embedding_text), cut
+        between words to at most ``cap`` tokens, and its token count."""
+        text = embedding_text(title, section, "").strip()
+        if not text:
+            return "", 0
+        n = self.embedder.count_tokens([text])[0]
+        if n <= cap:
+            return text, n
+        words = text.split()
+        kept: list[str] = []
+        used = 0
+        for word, size in zip(words, self.embedder.count_tokens(words), strict=True):
+            if used + size > cap:
+                break
+            kept.append(word)
+            used += size
+        text = " ".join(kept)
+        return text, self.embedder.count_tokens([text])[0] if text else 0
 
     def _vectors_for(self, pending: list[_Pending], report: IngestReport) -> dict[str, np.ndarray]:
         """Embedding per chunk hash: stored ones reused, the rest embedded in one batch."""
@@ -426,7 +462,7 @@ class Ingester:
                 vectors[h] = np.asarray(emb.to_numpy() if hasattr(emb, "to_numpy") else emb, dtype=np.float32)
         todo: dict[str, str] = {}
         for p in pending:
-            for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
+            for text, h in zip(p.inputs, p.chunk_hashes, strict=True):
                 if h in vectors:
                     continue
                 given = self.given_vectors.get(h)
@@ -434,7 +470,7 @@ class Ingester:
                     vectors[h] = given
                     report.chunks_given += 1
                 else:
-                    todo[h] = embedding_text(p.doc.title, c.section_title, c.text)
+                    todo[h] = text
         if todo:
             hashes = list(todo)
             embedded = self.embedder.embed([todo[h] for h in hashes])
@@ -457,8 +493,7 @@ class Ingester:
                 self._fail(report, exc.message)
                 continue
             for p in self._prepare_chunks([_Pending(doc, {}, "")], report):
-                for c, h in zip(p.chunks, p.chunk_hashes, strict=True):
-                    yield h, embedding_text(doc.title, c.section_title, c.text)
+                yield from zip(p.chunk_hashes, p.inputs, strict=True)
 
     @staticmethod
     def _meta_params(meta: AccessMetadata) -> tuple[Any, ...]:
@@ -504,12 +539,13 @@ class Ingester:
         return True
 
     def update_metadata(self, external_id: str, overrides: Mapping[str, Any], *, allow_loosening: bool = False,
-                        unpin: Collection[str] = ()) -> MetadataUpdate | None:
+                        unpin: Collection[str] = (), audit: AuditHook | None = None) -> MetadataUpdate | None:
         """Change a stored document's access metadata in place (no re-embedding): the admin API's
         PATCH. Fields given replace (``None`` clears), the rest stay; a loosening raises
         :class:`LooseningRefused` unless ``allow_loosening``. The fields given become *pinned*: file
         writers (sync) change them afterwards only to tighten, until ``unpin`` names them. Returns
-        what happened, or None if there is no such document. Takes effect for the next search."""
+        what happened, or None if there is no such document. Takes effect for the next search.
+        ``audit(conn, update)`` is called last in the transaction when the document exists."""
         with self.db.connection() as conn:
             row = conn.execute(
                 "SELECT id, department, visibility, clearance_level, campus, priority, last_reviewed, source, pinned "
@@ -527,10 +563,13 @@ class Ingester:
             doc = ParsedDocument(external_id=external_id, title="", blocks=[], source=row[7])
             if res.meta != before:
                 self._update_metadata(conn, row[0], res.meta, doc)
-                conn.execute("UPDATE index_state SET generation = generation + 1")
+                self.db.bump_generation(conn)
             if pinned != sorted(row[8] or ()):
                 conn.execute("UPDATE documents SET pinned = %s WHERE id = %s", (pinned, row[0]))
-        return MetadataUpdate(before, res.meta, res.loosened, pinned)
+            update = MetadataUpdate(before, res.meta, res.loosened, pinned)
+            if audit is not None:
+                audit(conn, update)
+        return update
 
     def stale(self, source_prefix: str, keep_ids: Collection[str], keep_sources: Collection[str] = ()) -> list[str]:
         """External ids of documents whose source starts with ``source_prefix`` (a synced folder +
@@ -546,15 +585,18 @@ class Ingester:
         """Delete the :meth:`stale` documents under ``source_prefix``; returns how many went."""
         return self.delete(self.stale(source_prefix, keep_ids, keep_sources))
 
-    def delete(self, external_ids: Iterable[str]) -> int:
-        """Delete documents (and, by cascade, their chunks) in one transaction; returns how many."""
+    def delete(self, external_ids: Iterable[str], *, audit: AuditHook | None = None) -> int:
+        """Delete documents (and, by cascade, their chunks) in one transaction; returns how many.
+        ``audit(conn, n)`` is called last in the transaction when something was deleted."""
         ids = list(external_ids)
         if not ids:
             return 0
         with self.db.connection() as conn:
             n = conn.execute("DELETE FROM documents WHERE external_id = ANY(%s)", (ids,)).rowcount
             if n:
-                conn.execute("UPDATE index_state SET generation = generation + 1")
+                self.db.bump_generation(conn)
+                if audit is not None:
+                    audit(conn, n)
         if n:
             self.compact()
         return n

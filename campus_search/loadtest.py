@@ -4,8 +4,12 @@ Each simulated user is a thread with its own HTTP session and its own bearer tok
 configured HS256 secret as ``loadtest-NNN``, or one token given with ``--token``), sending
 ``POST /api/search`` with queries from a small built-in list (or a file) in turn. It talks only to the
 one URL it is given (default: this machine), and it is bounded: at most ``users x requests`` requests,
-and it stops at the deadline whatever is left.
+and it stops at the deadline whatever is left. ``--pause S`` makes each user wait S seconds between its
+searches (think time), so the offered rate stays near ``users / (S + latency)``: below nginx's per-address
+limit and the role's own, when the load comes from one address and a few tokens.
 
+A request still running when the deadline comes is abandoned and reported as ``cut_at_deadline``, not
+as a failure (the server did nothing wrong).
 Reported: success rate, average / p50 / p95 / max latency of successful requests, requests per second
 over the wall time (answered requests, as the brief counts them: a connection that failed is not an
 answer), how many were rate limited (429), how many *failed* -- every other outcome: an error status,
@@ -58,6 +62,7 @@ class LoadTestConfig:
     queries: Sequence[str] = DEFAULT_QUERIES
     max_results: int = 5
     distinct: bool = False  # make every query unique so the result cache cannot answer
+    pause: float = 0.0  # seconds each user waits between its searches (think time)
 
     def validate(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -70,6 +75,8 @@ class LoadTestConfig:
             raise ValueError(f"--duration must be between 0 and {MAX_DURATION:g} seconds")
         if not self.queries:
             raise ValueError("no queries to send")
+        if not 0 <= self.pause <= MAX_DURATION:
+            raise ValueError(f"--pause must be between 0 and {MAX_DURATION:g} seconds")
 
 
 @dataclass
@@ -78,6 +85,7 @@ class _Tally:
     statuses: Counter[str] = field(default_factory=Counter)
     from_cache: int = 0
     sent: int = 0
+    cut: int = 0  # requests the deadline cut short (not counted as sent or failed)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -93,11 +101,17 @@ def _user(cfg: LoadTestConfig, token: str, index: int, deadline: float, tally: _
                 query = f"{query} (u{index} r{n})"
             body: dict[str, Any] = {"query": query, "config": {"max_results": cfg.max_results}}
             started = time.perf_counter()
+            limit = min(cfg.timeout, max(deadline - time.monotonic(), 0.1))
             try:
-                response = session.post(endpoint, json=body, timeout=min(cfg.timeout, max(deadline - time.monotonic(),
-                                                                                          0.1)))
+                response = session.post(endpoint, json=body, timeout=limit)
                 status = str(response.status_code)
                 cached = response.ok and bool(_json(response).get("from_cache"))
+            except requests.Timeout as exc:
+                if limit < cfg.timeout:  # the run's deadline, not the server, ended this request
+                    with tally.lock:
+                        tally.cut += 1
+                    return
+                status, cached = f"error:{exc.__class__.__name__}", False
             except requests.RequestException as exc:
                 status, cached = f"error:{exc.__class__.__name__}", False
             elapsed = time.perf_counter() - started
@@ -107,6 +121,10 @@ def _user(cfg: LoadTestConfig, token: str, index: int, deadline: float, tally: _
                 if status.startswith("2"):
                     tally.latencies.append(elapsed)
                     tally.from_cache += int(cached)
+            if cfg.pause and n + 1 < cfg.requests_per_user:
+                if deadline - time.monotonic() <= cfg.pause:
+                    return  # the next search would start after the deadline
+                time.sleep(cfg.pause)
 
 
 def _json(response: requests.Response) -> dict[str, Any]:
@@ -161,6 +179,7 @@ def run_loadtest(cfg: LoadTestConfig, tokens: Sequence[str]) -> dict[str, Any]:
         "successful_per_second": round(ok / wall, 2) if wall > 0 else 0.0,
         "duration_s": round(wall, 3),
         "stopped_at_deadline": tally.sent < cfg.users * cfg.requests_per_user,
+        "cut_at_deadline": tally.cut,
     }
 
 

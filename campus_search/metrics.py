@@ -86,6 +86,19 @@ AUDIT_FAILURES = Counter("vector_search_audit_write_failures_total", "Audit reco
 HEALTH = Gauge("vector_search_health_check_healthy", "Last health check result per component (1 healthy)",
                ["component"], multiprocess_mode="livemostrecent")
 
+READ_NODE = Gauge("vector_search_read_node",
+                  "1 for the node that serves searches (primary, replica1, ...), 0 for the others",
+                  ["node"], multiprocess_mode="livemax")
+REPLICA_UP = Gauge("vector_search_replica_up", "1 if the read replica answered its last probe",
+                   ["replica"], multiprocess_mode="livemin")
+REPLICA_LAG = Gauge("vector_search_replica_lag_seconds",
+                    "Replay lag of the read replica at its last probe (-1 while it cannot be told)",
+                    ["replica"], multiprocess_mode="livemax")
+READ_FALLBACKS = Counter("vector_search_read_fallbacks_total",
+                         "Reads served by another node than the preferred replica, by reason "
+                         "(down, lag, fence, error, conflict)", ["reason"])
+READ_FALLBACK_REASONS = ("down", "lag", "fence", "error", "conflict")
+
 _POOL_COUNTERS = {"requests_errors": "checkout_failed", "connections_errors": "connect_failed",
                   "connections_lost": "lost"}
 
@@ -98,6 +111,8 @@ def _init_series() -> None:
         RATE_LIMITED.labels(role)
     for kind in _POOL_COUNTERS.values():
         POOL_ERRORS.labels(kind)
+    for reason in READ_FALLBACK_REASONS:
+        READ_FALLBACKS.labels(reason)
 
 
 _init_series()
@@ -224,7 +239,7 @@ class PoolSampler:
         return True
 
     def sample(self, db: Any) -> dict[str, int]:
-        pools = {id(p): p for p in (getattr(db, "write_pool", None), getattr(db, "read_pool", None)) if p}
+        pools = {id(p): p for p in db.pools()}
         size = available = waiting = maximum = 0
         deltas: dict[str, int] = {}
         with self._lock:
@@ -248,6 +263,22 @@ class PoolSampler:
         POOL_MAX.set(maximum)
         POOL_WAITING.set(waiting)
         return {"pool_size": size, "pool_max": maximum, "active_connections": active, "requests_waiting": waiting}
+
+
+def read_fallback(reason: str) -> None:
+    """Count one read sent past the preferred replica (``reason`` in READ_FALLBACK_REASONS)."""
+    READ_FALLBACKS.labels(reason if reason in READ_FALLBACK_REASONS else OTHER).inc()
+
+
+def read_routing(serving: str, replicas: Sequence[tuple[str, bool, float | None]]) -> None:
+    """After each probe round: which node serves reads, and each replica's state and lag."""
+    from .replicas import PRIMARY
+
+    for node in (PRIMARY, *(name for name, _, _ in replicas)):
+        READ_NODE.labels(node).set(1 if node == serving else 0)
+    for name, up, lag in replicas:
+        REPLICA_UP.labels(name).set(1 if up else 0)
+        REPLICA_LAG.labels(name).set(-1 if lag is None or lag == float("inf") else lag)
 
 
 def health_result(component: str, healthy: bool) -> None:

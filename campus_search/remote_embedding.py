@@ -57,8 +57,6 @@ class RemoteEmbedder:
         self.api_key = api_key
         self._dimension: int | None = None
         self._local = threading.local()  # one requests.Session per thread (and per process: see _session)
-        self._tokenizer: Any = None
-        self._tok_lock = threading.Lock()
 
     # --- Embedder protocol ---------------------------------------------------------------------------
 
@@ -89,18 +87,9 @@ class RemoteEmbedder:
         return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        with self._tok_lock:
-            if self._tokenizer is None:
-                from tokenizers import Tokenizer
+        from .embedding import count_tokens
 
-                from .embedding import TOKENIZER_FILE, TOKENIZER_PACKAGE, TOKENIZER_SHA256, package_file
-
-                self._tokenizer = Tokenizer.from_file(str(package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE,
-                                                                       TOKENIZER_SHA256)))
-                self._tokenizer.no_truncation()
-                self._tokenizer.no_padding()
-            encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [len(e.ids) for e in encodings]
+        return count_tokens(texts)  # the one counting rule (embedding.count_tokens), as for the local model
 
     # --- HTTP ----------------------------------------------------------------------------------------
 
@@ -148,7 +137,9 @@ class RemoteEmbedder:
 
     def _status_problem(self, response: requests.Response) -> str:
         status = response.status_code
-        log.info("embedding server %s answered %d: %.300s", self.endpoint, status, response.text)
+        # Never the body: servers echo the input texts (queries) in their errors, and logs carry no query text.
+        log.info("embedding server %s answered %d (%d bytes of %s)", self.endpoint, status, len(response.content),
+                 response.headers.get("Content-Type", "unknown type"))
         hint = {401: " (check EMBEDDING_API_KEY)", 403: " (check EMBEDDING_API_KEY)",
                 404: f" (is model {self.model_name!r} pulled/served, and EMBEDDING_URL the server's base URL?)",
                 413: " (lower EMBEDDING_BATCH_SIZE)"}.get(status, "")

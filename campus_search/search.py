@@ -34,6 +34,7 @@ from .errors import BadRequest, Forbidden
 from .fusion import FusionConfig, fuse
 from .lexical import BM25
 from .metadata import parse_datetime
+from .querytext import normalise_query
 from .security.roles import CAMPUS_BONUS, Principal, visible_sql
 
 FILTERS = ("department", "campus", "min_priority", "clearance_level", "visibility", "last_reviewed_after")
@@ -45,10 +46,16 @@ CANDIDATE_FLOOR = 40  # candidates fetched beyond max_results so business terms 
 
 @dataclass(frozen=True)
 class SearchParams:
+    """One search. ``query`` is normalised here, once (querytext.py), for every caller: the cache key
+    and retrieval both use this form."""
+
     query: str
     filters: Mapping[str, Any] = field(default_factory=dict)
     max_results: int = 10
     similarity_threshold: float = 0.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "query", normalise_query(self.query))
 
 
 @dataclass
@@ -264,14 +271,16 @@ class Searcher:
         """Whether at least k chunks pass the rule and filters (cheap: stops counting at k)."""
         where, params = _where(user, filters)
         with self.db.connection(read=True) as conn:
+            conn.execute(self.db.search_settings())
             row = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM chunks c WHERE {where} LIMIT %(k)s) s",
                                {"k": k, **params}).fetchone()
         return bool(row and row[0] >= k)
 
     def _fetch(self, sql: str, params: Mapping[str, Any], k: int) -> list[tuple[Any, ...]]:
-        """Run a candidate query on a read connection, with this searcher's HNSW session settings."""
+        """Run a candidate query on a read connection, with the search timeout and this searcher's HNSW
+        settings, all ``SET LOCAL`` (they end with the transaction; pgbouncer-safe)."""
         with self.db.connection(read=True) as conn:
-            conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
+            conn.execute(f"{self.db.search_settings()}; SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
                          f"SET LOCAL hnsw.iterative_scan = {self.iterative_scan}")
             return conn.execute(sql, params).fetchall()
 

@@ -13,9 +13,10 @@ from .embedded_redis import describe as describe_cache
 
 
 class _Gunicorn(BaseApplication):
-    def __init__(self, app: Any, options: dict[str, Any]) -> None:
+    def __init__(self, app: Any, options: dict[str, Any], settings: Settings | None = None) -> None:
         self.application = app
         self.options = options
+        self.settings = settings
         super().__init__()
 
     def load_config(self) -> None:
@@ -23,6 +24,12 @@ class _Gunicorn(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Any:
+        # Called in the master (preload) after gunicorn configured logging, which with JSON logs leaves
+        # the root logger without handlers: the app's handler goes back on, as production_system's does.
+        if self.settings is not None:
+            from .logs import configure_logging
+
+            configure_logging(self.settings, replace=True)
         return self.application
 
 
@@ -121,8 +128,16 @@ def announce(settings: Settings, *, workers: int, threads: int, app: Any = None,
         print(banner(settings, workers, threads, app=app, **extra), file=sys.stderr, flush=True)
 
 
-def serve(settings: Settings, *, workers: int = 2, threads: int = 2) -> int:
-    from .gunicorn_hooks import HOOKS, prepare_metrics_dir
+def gunicorn_server(settings: Settings, app: Any, *, workers: int | None = None,
+                    threads: int | None = None) -> _Gunicorn:
+    """The embedded gunicorn ``serve`` runs: :func:`gunicorn_hooks.server_options`, as gunicorn.conf.py."""
+    from .gunicorn_hooks import server_options
+
+    return _Gunicorn(app, server_options(settings, workers=workers, threads=threads), settings)
+
+
+def serve(settings: Settings, *, workers: int | None = None, threads: int | None = None) -> int:
+    from .gunicorn_hooks import prepare_metrics_dir
 
     prepare_metrics_dir()  # before the app imports prometheus_client
     from .app import create_app
@@ -130,17 +145,5 @@ def serve(settings: Settings, *, workers: int = 2, threads: int = 2) -> int:
 
     configure_logging(settings, replace=True)
     app = create_app(settings)
-    options = {
-        "bind": f"{settings.host}:{settings.port}",
-        "workers": workers,
-        "worker_class": "gthread",
-        "threads": threads,
-        "timeout": 60,
-        "keepalive": 10,
-        "graceful_timeout": 30,
-        "accesslog": None,
-        "errorlog": "-",
-        **HOOKS,
-    }
-    _Gunicorn(app, options).run()
+    gunicorn_server(settings, app, workers=workers, threads=threads).run()
     return 0

@@ -12,9 +12,10 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from . import metrics
-from .cache import ResultCache, build_cache
+from .cache import RedisBackend, ResultCache, build_cache
 from .config import Settings
 from .db import Database, migrate, resolve_dsns
 from .embedding import Embedder, LocalMiniLM, get_embedder
@@ -22,6 +23,7 @@ from .formats import ParseLimits
 from .fusion import FusionConfig
 from .ingest import Ingester
 from .lexical import BM25
+from .replicas import ReplicaFailed
 from .search import Hit, Searcher, SearchOutcome, SearchParams
 from .security.roles import Principal
 
@@ -54,6 +56,8 @@ class Services:
         self.searcher: Searcher
         self.ingester: Ingester
         self.cache: ResultCache
+        self._seen = (0, 0)  # (write epoch, write fence) at the last search
+        self.auditor: Any = None  # audit.auditor_of creates it on first use
 
     def _expected_dimension(self) -> int:
         if self.settings.embedding_provider == "local":
@@ -88,6 +92,10 @@ class Services:
                                      limits=ParseLimits.from_settings(self.settings),
                                      max_chunks=self.settings.max_document_chunks)
             self.cache = build_cache(self.settings, self.db, self.searcher)
+            if self.db.router is not None and isinstance(self.cache.backend, RedisBackend):
+                fence = self.db.router.fence  # shared by every process of every instance (replicas.py)
+                fence.shared_get, fence.shared_advance = self.cache.backend.fence_get, self.cache.backend.fence_advance
+            self._seen = (0, 0)
             self._pid = os.getpid()
             log.info("services open in pid %s", self._pid)
         return self
@@ -106,10 +114,29 @@ class Services:
                     hit.bm25 = None
             return hits
 
-        return self.cache.fetch(user, params, compute)
+        router = self.db.router
+        if router is not None:
+            router.fence.sync()  # another process's write (replicas.py: read-your-writes)
+        seen = (self.db.write_epoch, router.fence.lsn if router else 0)
+        if seen != self._seen:  # a write since the last search: no cached answer from before it
+            self._seen = seen
+            self.cache.generation.invalidate()
+        attempts = 1 + (len(router.replicas) if router else 0)
+        for attempt in range(attempts):
+            try:
+                return self.cache.fetch(user, params, compute)
+            except ReplicaFailed:
+                if attempt == attempts - 1:
+                    raise
+                log.info("search retried on the next node after a replica failed")
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         if self._pid == os.getpid():
+            auditor = getattr(self, "auditor", None)
+            if auditor is not None:
+                auditor.close()  # its writer thread writes what is queued, then ends
+                self.auditor = None
             self.cache.close()
             self.db.close()
             self._pid = None

@@ -2,21 +2,19 @@
 # Runs once, when the primary's data directory is created (docker-entrypoint-initdb.d). Creates the
 # application role and database, the replication role and the replica's slot, and the extensions, so the
 # application itself never needs superuser rights. Passwords come from the environment, never the repo.
+# No statement timeout on the role: the app sets one per search transaction (SET LOCAL, DB_STATEMENT_TIMEOUT_MS),
+# and migrations at start-up must run to the end however large the database.
 set -euo pipefail
 
 : "${APP_DB_PASSWORD:?APP_DB_PASSWORD is required}"
 : "${REPLICATION_PASSWORD:?REPLICATION_PASSWORD is required}"
 APP_DB_USER="${APP_DB_USER:-campus_search}"
 APP_DB_NAME="${APP_DB_NAME:-campus_search}"
-STATEMENT_TIMEOUT="${APP_STATEMENT_TIMEOUT:-10s}"
 
 psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
      -v app_user="$APP_DB_USER" -v app_db="$APP_DB_NAME" -v app_password="$APP_DB_PASSWORD" \
-     -v repl_password="$REPLICATION_PASSWORD" -v statement_timeout="$STATEMENT_TIMEOUT" <<'SQL'
+     -v repl_password="$REPLICATION_PASSWORD" <<'SQL'
 CREATE ROLE :"app_user" LOGIN PASSWORD :'app_password';
--- Behind pgbouncer in transaction pooling mode a session-level SET does not stick to one client, so the
--- statement timeout is a property of the role: every server connection pgbouncer opens starts with it.
-ALTER ROLE :"app_user" SET statement_timeout = :'statement_timeout';
 ALTER ROLE :"app_user" SET idle_in_transaction_session_timeout = '60s';
 CREATE DATABASE :"app_db" OWNER :"app_user";
 CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD :'repl_password';

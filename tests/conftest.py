@@ -85,7 +85,8 @@ def data_dir(tmp_path: Path) -> Path:
 def make_settings(dsn: str, data_dir: Path | str, **overrides: Any) -> Settings:
     env = {"DATABASE_URL": dsn, "DATA_DIR": str(data_dir), "JWT_SECRET_KEY": TEST_SECRET,
            "AUDIT_HMAC_KEY": "audit-" + "k" * 40, "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "4",
-           # Shared apps serve the whole suite from one address; rate-limit tests turn limits on.
+           # Apps built from these settings serve many tests from one address: limits off. The shared
+           # demo app (demo_app) turns them on with HIGH_LIMITS; rate-limit tests use real ones.
            "RATE_LIMITS_ENABLED": "false",
            # In-process caches unless a test asks for a Redis (real ones: tests/redis_server.py, or the
            # embedded Redis of tests/test_embedded_redis.py), so a test's DATA_DIR starts no redis-server.
@@ -135,11 +136,18 @@ def demo_services(make_database: Callable[[], str], embedder: LocalMiniLM,
     services.close()
 
 
+#: Limits so high that no test reaches them: the shared app runs the production rate-limit path (the
+#: caller authenticated inside the limiter, headers, counting) for every API test that uses it.
+HIGH_LIMITS = {role: {"per_minute": 1_000_000, "per_hour": 10_000_000}
+               for role in ("student", "staff", "academic", "admin", "anonymous")}
+
+
 @pytest.fixture(scope="session")
 def demo_app(demo_services: Any) -> Any:
     from campus_search.app import create_app
 
-    app = create_app(demo_services.settings, services=demo_services)
+    app = create_app(demo_services.settings.replace(rate_limits_enabled=True, roles_json=HIGH_LIMITS),
+                     services=demo_services)
     app.config["TESTING"] = True
     return app
 

@@ -364,3 +364,61 @@ def test_rate_limited_searches_are_recorded(audited: Any, token: Any) -> None:
     rec = by_request(services, second)
     assert (rec["status"], rec["success"], rec["user_id"]) == (429, False, "eager")
     assert json.loads(rec["details"])["error"] == "rate_limited"
+
+
+def test_verify_reads_records_and_head_from_one_snapshot(settings_factory: Any, services_factory: Any) -> None:
+    """A record appended while verify runs (a server under load; deploy/rehearse found it) must not be
+    reported as 'missing at the end': verify sees the log and its head as of one moment."""
+    services = services_factory(settings_factory())
+    auditor = Auditor(services.db, services.settings)
+    for i in range(3):
+        auditor.append(AuditRecord(kind="search", action="search", success=True, user_id=f"before-{i}"))
+
+    appended: list[bool] = []
+
+    def append_once() -> None:
+        if not appended:
+            appended.append(True)
+            auditor.append(AuditRecord(kind="search", action="search", success=True, user_id="during"))
+
+    class Rows:
+        """verify's cursor; once verify has read every record, another writer appends one."""
+
+        def __init__(self, cur: Any) -> None:
+            object.__setattr__(self, "_cur", cur)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._cur, name)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            setattr(self._cur, name, value)
+
+        def __enter__(self) -> Any:
+            self._cur.__enter__()
+            return self
+
+        def __exit__(self, *exc: Any) -> Any:
+            return self._cur.__exit__(*exc)
+
+        def __iter__(self) -> Any:
+            yield from self._cur
+            append_once()
+
+    class AppendDuringVerify:
+        def __init__(self, conn: psycopg.Connection) -> None:
+            self.conn = conn
+
+        def cursor(self, *args: Any, **kwargs: Any) -> Any:
+            return Rows(self.conn.cursor(*args, **kwargs))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+    with psycopg.connect(services.dsn) as conn:
+        proxy = AppendDuringVerify(conn)
+        report = verify(proxy, services.settings.audit_hmac_key)  # type: ignore[arg-type]
+    assert appended
+    assert report.ok, report.as_dict()
+    assert report.records == report.head_seq == 3
+    with psycopg.connect(services.dsn) as conn:
+        assert verify(conn, services.settings.audit_hmac_key).records == 4

@@ -306,3 +306,13 @@ def test_client_programs_match_the_server(pg_cluster: str, cli_env: Path) -> Non
     major = server_major(pg_cluster)
     bindir = pg_bin_dir(load_settings(), major)
     assert tool_major(bindir / "pg_dump") >= major
+
+
+def test_every_object_the_migrations_create_is_campus_searchs_own(demo_services: Any) -> None:
+    """A migrated, populated database is all ours: every table, view and function the migrations create
+    (migration 013 added views) is recognised, so restore never mistakes its own database for another's."""
+    from campus_search.backup import inventory
+
+    everything, foreign = inventory(demo_services.dsn)
+    assert ("view", "public.lexical_df") in everything
+    assert foreign == []

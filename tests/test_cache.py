@@ -187,7 +187,7 @@ def test_cache_clear_removes_only_this_services_keys(cached_app: Any, token: Any
         audited = conn.execute("SELECT action, user_id, success, details FROM audit_log WHERE kind = 'admin'"
                                ).fetchall()
     assert [(a, u, ok, json.loads(d)) for a, u, ok, d in audited] == [
-        ("cache.clear", "root", True, {"backend": "redis", "keys_removed": 2})]
+        ("cache.clear", "root", True, {"backend": "redis"})]  # written before the clear
     assert search(client, auth)["from_cache"] is False
 
 
@@ -224,6 +224,63 @@ def test_cache_disabled_never_claims_a_hit(cached_app: Any, token: Any, redis_se
     auth = token("student")
     assert [search(client, auth)["from_cache"] for _ in range(3)] == [False, False, False]
     assert not redis_server.client().keys(redis_prefix + "*")
+
+
+def test_a_result_computed_while_the_index_changed_is_not_stored(cached_app: Any, services_factory: Any,
+                                                                  token: Any) -> None:
+    """The guard in ResultCache.fetch: an answer is stored only if the index generation did not move
+    while it was computed. Here another process (as `campus-search ingest` would) raises the public
+    guide to clearance 3 *during* a student's search; that answer (still showing the guide) must not be
+    cached, or the student keeps getting it for as long as this process reuses the old generation --
+    60 s here (the most allowed), so no clock decides the outcome."""
+    services, client = cached_app(cache_generation_check=60.0)
+    writer = services_factory(services.settings)
+    student = token("student", sub="s1")
+    original = services.searcher.search
+    changed: list[bool] = []
+
+    def search_then_change(*args: Any, **kwargs: Any) -> Any:
+        hits = original(*args, **kwargs)
+        if not changed:
+            title, text, _ = DOCS["wifi-public"]
+            ingest(writer, {"wifi-public": (title, text, {"clearance_level": 3, "visibility": "public"})})
+            changed.append(True)
+        return hits
+
+    services.searcher.search = search_then_change  # type: ignore[method-assign]
+    during = search(client, student)
+    assert changed and during["from_cache"] is False and "wifi-public" in ids(during)  # computed before
+    after = search(client, student)
+    assert "wifi-public" not in ids(after), "a result of the old index was cached and served"
+    assert after["from_cache"] is False
+    assert search(client, student)["from_cache"] is True  # the settled answer is cached as usual
+
+
+def test_the_shipped_freshness_window_is_one_second_through_the_api(cached_app: Any, services_factory: Any,
+                                                                    token: Any) -> None:
+    """With the shipped CACHE_GENERATION_CHECK (1 s), a committed change may be missed by cached searches
+    for under a second and never longer. The process's clock is replaced so the window, not the speed of
+    this machine, decides."""
+    from campus_search.config import Settings
+
+    services, client = cached_app()
+    assert services.settings.cache_generation_check == Settings().cache_generation_check == 1.0
+    tracker = services.cache.generation
+    assert tracker.max_age == 1.0
+    now = [1000.0]
+    tracker.clock = lambda: now[0]
+    writer = services_factory(services.settings)
+    student = token("student", sub="s1")
+    assert "wifi-public" in ids(search(client, student))
+    assert search(client, student)["from_cache"] is True
+    title, text, _ = DOCS["wifi-public"]
+    ingest(writer, {"wifi-public": (title, text, {"clearance_level": 3, "visibility": "public"})})
+    now[0] += 0.9  # inside the window: the generation read 0.9 s ago is reused
+    stale = search(client, student)
+    assert stale["from_cache"] is True and "wifi-public" in ids(stale)
+    now[0] += 0.2  # past it: the generation is read again, the change is seen
+    fresh = search(client, student)
+    assert fresh["from_cache"] is False and "wifi-public" not in ids(fresh)
 
 
 def test_from_cache_tells_non_admins_only_of_their_own_searches(cached_app: Any, token: Any) -> None:

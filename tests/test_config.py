@@ -89,6 +89,23 @@ def test_config_file_and_environment_precedence(tmp_path: Path) -> None:
         load_settings({"CAMPUS_SEARCH_CONFIG": str(tmp_path / "missing.env"), "DATA_DIR": str(tmp_path)})
 
 
+@pytest.mark.parametrize("written, meant", [
+    ('"a secret with spaces"', "a secret with spaces"),   # one surrounding pair is removed
+    ("'single-quoted'", "single-quoted"),
+    ('Zx9"trailing-quote-kept-' + "k" * 30 + '"', 'Zx9"trailing-quote-kept-' + "k" * 30 + '"'),
+    ('"leading-quote-only-' + "k" * 30, '"leading-quote-only-' + "k" * 30),
+    ("k" * 32 + "'", "k" * 32 + "'"),                      # ends in a quote: kept
+    ("'" + "k" * 32 + '"', "'" + "k" * 32 + '"'),          # quotes that do not match: kept
+    ('""' + "k" * 32 + '""', '"' + "k" * 32 + '"'),        # only the outer pair goes
+])
+def test_config_file_keeps_quote_characters_that_are_part_of_a_secret(tmp_path: Path, written: str,
+                                                                      meant: str) -> None:
+    cfg = tmp_path / "campus.env"
+    cfg.write_text(f"JWT_SECRET_KEY={written}\n", encoding="utf-8")
+    s = load_settings({"CAMPUS_SEARCH_CONFIG": str(cfg), "DATA_DIR": str(tmp_path)})
+    assert s.jwt_secret_key == meant
+
+
 def test_cli_reports_configuration_errors_without_traceback(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "campus_search.cli", "config"], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path), "PORT": "eighty"}, timeout=60)

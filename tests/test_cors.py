@@ -21,8 +21,8 @@ def cors_client(demo_services: Any) -> Any:
     return app.test_client()
 
 
-def preflight(client: Any, origin: str, path: str = "/api/search") -> Any:
-    return client.options(path, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+def preflight(client: Any, origin: str, path: str = "/api/search", method: str = "POST") -> Any:
+    return client.options(path, headers={"Origin": origin, "Access-Control-Request-Method": method,
                                          "Access-Control-Request-Headers": "authorization, content-type"})
 
 
@@ -73,3 +73,26 @@ def test_only_the_api_is_opened_to_browsers(cors_client: Any) -> None:
     assert "Access-Control-Allow-Origin" not in r.headers
     r = cors_client.get("/api/openapi.json", headers={"Origin": PORTAL})
     assert r.headers["Access-Control-Allow-Origin"] == PORTAL
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "GET"])
+def test_preflight_allows_every_document_api_method(cors_client: Any, method: str) -> None:
+    """The admin document API adds/replaces with PUT and changes metadata with PATCH: a portal's
+    preflight for those must be answered with the method allowed, or the browser never sends it."""
+    r = preflight(cors_client, PORTAL, "/api/admin/documents/handbook-1", method=method)
+    assert r.status_code == 200
+    assert r.headers["Access-Control-Allow-Origin"] == PORTAL
+    allowed = {m.strip().upper() for m in r.headers["Access-Control-Allow-Methods"].split(",")}
+    assert method in allowed
+
+
+def test_cors_allows_every_method_an_api_route_answers(cors_client: Any) -> None:
+    """No /api/* route may answer a method the preflight does not allow (a new route's method would
+    otherwise be silently unusable from a portal)."""
+    from campus_search.api.cors import ALLOWED_METHODS
+
+    used = {m for rule in cors_client.application.url_map.iter_rules() if rule.rule.startswith("/api/")
+            for m in (rule.methods or set())} - {"HEAD"}
+    assert used <= set(ALLOWED_METHODS), sorted(used - set(ALLOWED_METHODS))
+    r = preflight(cors_client, PORTAL, "/api/admin/documents/x", method="PATCH")
+    assert {m.strip() for m in r.headers["Access-Control-Allow-Methods"].split(",")} >= used

@@ -81,7 +81,8 @@ def test_app_talks_to_pgbouncer_without_prepared_statements(compose: dict[str, A
     for key in ("DATABASE_URL", "DATABASE_READ_URL"):
         url = substitute(env[key])
         assert "@pgbouncer:6432/" in url
-        assert prepare_threshold(Settings(data_dir="/x"), url.replace("<", "").replace(">", "")) is None
+        url = url.replace("<", "").replace(">", "")
+        assert prepare_threshold(Settings(data_dir="/x", database_url=url), url) is None
     pgb = pgbouncer_ini()
     for key in ("DATABASE_URL", "DATABASE_READ_URL"):
         assert env[key].rsplit("/", 1)[1] in pgb["databases"], f"{key} names a database pgbouncer lacks"
@@ -144,6 +145,23 @@ def test_requirements_prod_pins_every_dependency() -> None:
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         assert name in pins, f"{req.name} is not pinned in requirements-prod.txt"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} outside {req.specifier}"
+
+
+def test_flask_floor_has_the_per_request_body_limit_the_document_api_sets() -> None:
+    """api/documents.py raises the body limit for uploads with ``request.max_content_length = ...``,
+    which Flask made settable in 3.1 (3.0's is a read-only property): the declared floor must not
+    admit a Flask where uploads would crash with AttributeError."""
+    from flask import Request
+
+    source = (ROOT / "campus_search" / "api" / "documents.py").read_text(encoding="utf-8")
+    assert re.search(r"request\.max_content_length\s*=", source)
+    prop = Request.__dict__["max_content_length"]
+    assert isinstance(prop, property) and prop.fset is not None  # the installed Flask has the setter
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (flask,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name.lower() == "flask"]
+    for too_old in ("3.0.0", "3.0.3"):
+        assert not flask.specifier.contains(too_old), f"{flask} admits Flask {too_old} (no settable limit)"
+    assert flask.specifier.contains("3.1.0")
 
 
 def test_the_customers_packages_are_declared_and_pinned() -> None:
@@ -229,6 +247,11 @@ def test_nginx_terminates_tls_and_proxies_to_the_app() -> None:
         assert f"add_header {header} " in text
     assert re.search(r"client_max_body_size \d+[km];", text)
     assert re.search(r"return 308 https://", text)
+    # searches (read-only) are re-sent to another replica even after one died holding them (deploy/rehearse)
+    search = re.search(r"location = /api/search \{([^}]*)\}", text)
+    assert search and "non_idempotent" in search.group(1) and "proxy_pass http://campus_search_app;" in search.group(1)
+    rest = re.search(r"location / \{([^}]*)\}", text.split("listen 443", 1)[1])
+    assert rest and "non_idempotent" not in rest.group(1)  # admin POST/PATCH are never re-sent
 
 
 def test_no_private_key_is_committed() -> None:
@@ -240,21 +263,29 @@ def test_no_private_key_is_committed() -> None:
 NGINX_MISSING = not shutil.which("nginx") or not shutil.which("openssl")
 
 
-def adapted_nginx_conf(tmp_path: Path, upstream: str = "127.0.0.1:5100") -> Path:
-    """The real nginx.conf, adapted only where this machine differs from the container: certificates from
-    make-dev-cert.sh, `app` -> ``upstream``, logs and pid under ``tmp_path``, and directives newer than
-    the local nginx (`resolve` needs 1.27.3, `http2 on` 1.25.1) dropped when the local one is older."""
+def local_nginx_conf(tmp_path: Path, *, app_port: int = 5100, http_port: int | None = None,
+                     https_port: int | None = None, upstream: str | None = None) -> Path:
+    """The real nginx.conf, adapted only where this machine differs from the container: certificates
+    from make-dev-cert.sh, `app` -> ``upstream`` (default 127.0.0.1:app_port), files under tmp_path,
+    optionally loopback ports instead of 80/443, and directives newer than the local nginx (`resolve`
+    needs 1.27.3, `http2 on` 1.25.1) dropped when the local one is older."""
     work = tmp_path / "nginx"
     shutil.copytree(ROOT / "nginx", work, ignore=shutil.ignore_patterns("certs"))
     subprocess.run(["sh", str(work / "make-dev-cert.sh"), "test.local"], check=True, capture_output=True)
     version = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr
     major, minor, patch = (int(x) for x in re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version).groups())  # type: ignore[union-attr]
     text = (work / "nginx.conf").read_text()
-    text = text.replace("/etc/nginx/certs/", f"{work}/certs/").replace("server app:5100", f"server {upstream}")
+    text = text.replace("/etc/nginx/certs/", f"{work}/certs/")
+    text = text.replace("server app:5100", f"server {upstream or f'127.0.0.1:{app_port}'}")
     if (major, minor, patch) < (1, 27, 3):
         text = text.replace(" resolve max_fails", " max_fails")
     if (major, minor, patch) < (1, 25, 1):
         text = text.replace("        http2 on;\n", "")
+    if http_port is not None:
+        text = text.replace("listen [::]:80;", "").replace("listen 80;", f"listen 127.0.0.1:{http_port};")
+    if https_port is not None:
+        text = text.replace("listen [::]:443 ssl;", "")
+        text = text.replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
     text = text.replace("access_log /dev/stdout main;", f"access_log {tmp_path}/access.log main;")
     text = text.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;")
     conf = work / "nginx.conf"
@@ -264,12 +295,133 @@ def adapted_nginx_conf(tmp_path: Path, upstream: str = "127.0.0.1:5100") -> Path
 
 @pytest.mark.skipif(NGINX_MISSING, reason="nginx/openssl not installed")
 def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
-    """``nginx -t`` on the real file (adapted as above)."""
-    conf = adapted_nginx_conf(tmp_path)
+    """``nginx -t`` on the real file (adapted as :func:`local_nginx_conf` says)."""
+    conf = local_nginx_conf(tmp_path)
     proc = subprocess.run(["nginx", "-t", "-c", str(conf), "-p", str(conf.parent), "-g",
                            f"error_log {tmp_path}/e.log;"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "test is successful" in proc.stderr
+
+
+def test_nginx_body_limits_match_the_app() -> None:
+    """Every request the app accepts fits through nginx: search bodies up to MAX_REQUEST_BYTES, document
+    uploads (/api/admin/documents/) up to MAX_DOCUMENT_BYTES plus multipart framing."""
+    text = (ROOT / "nginx" / "nginx.conf").read_text(encoding="utf-8")
+    units = {"k": 1024, "m": 1024 * 1024, "g": 1024 ** 3}
+
+    def size(block: str) -> int:
+        m = re.search(r"client_max_body_size (\d+)([kmg]?);", block)
+        assert m, block[:200]
+        return int(m.group(1)) * units.get(m.group(2), 1)
+
+    default = Settings(data_dir="/x")
+    documents = re.search(r"location \^~ /api/admin/documents/ \{([^}]*)\}", text)
+    assert documents, "document uploads need their own body limit"
+    assert size(documents.group(1)) >= default.max_document_bytes + 64 * 1024
+    assert "proxy_pass http://campus_search_app;" in documents.group(1)
+    assert size(text) >= default.max_request_bytes  # the first one: the http-level default
+
+
+class _Upstream:
+    """A stand-in for the app behind nginx that answers every request with the body size it received."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received: list[tuple[str, str, int]] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                remaining = n
+                while remaining:
+                    remaining -= len(self.rfile.read(min(remaining, 1 << 20)))
+                received.append((self.command, self.path, n))
+                body = json.dumps({"received": n}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_PUT = do_POST = do_GET = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.skipif(NGINX_MISSING, reason="nginx/openssl not installed")
+def test_nginx_passes_document_uploads_and_refuses_large_search_bodies(tmp_path: Path) -> None:
+    """The real nginx with the real file on loopback ports: a 5 MiB document upload reaches the app whole;
+    a 2 MiB search body and a document above the upload limit are refused by nginx with 413."""
+    import requests
+    import urllib3
+
+    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    upstream = _Upstream()
+    http_port, https_port = _free_ports(2)
+    conf = local_nginx_conf(tmp_path, app_port=upstream.port, http_port=http_port, https_port=https_port)
+    # `user root`: as root, nginx's workers would otherwise run as nobody and could not write request
+    # bodies into the private temporary directory (without root the directive is ignored with a warning).
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(conf.parent), "-g",
+                             f"daemon off; user root; error_log {tmp_path}/e.log;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    base = f"https://127.0.0.1:{https_port}"
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, (tmp_path / "e.log").read_text() if (tmp_path / "e.log").exists() else ""
+            try:
+                requests.get(base + "/health/live", verify=False, timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.1)
+        doc = b"x" * (5 * 1024 * 1024)
+        r = requests.put(base + "/api/admin/documents/handbook", data=doc, verify=False, timeout=60,
+                         headers={"Content-Type": "text/plain"})
+        assert r.status_code == 200, r.text[:300]
+        assert r.json() == {"received": len(doc)}
+        r = requests.post(base + "/api/search", data=b"x" * (2 * 1024 * 1024), verify=False, timeout=60,
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        r = requests.put(base + "/api/admin/documents/huge", data=b"x" * (22 * 1024 * 1024), verify=False,
+                         timeout=60, headers={"Content-Type": "text/plain"})
+        assert r.status_code == 413
+        assert [(m, p) for m, p, _ in upstream.received if p != "/health/live"] == [
+            ("PUT", "/api/admin/documents/handbook")]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        upstream.close()
 
 
 @pytest.mark.skipif(NGINX_MISSING, reason="nginx/openssl not installed")
@@ -288,7 +440,7 @@ def test_nginx_answers_what_it_refuses_itself_in_json(tmp_path: Path) -> None:
             return int(s.getsockname()[1])
 
     https_port, closed_port = free_port(), free_port()
-    conf = adapted_nginx_conf(tmp_path, upstream=f"127.0.0.1:{closed_port}")
+    conf = local_nginx_conf(tmp_path, upstream=f"127.0.0.1:{closed_port}")
     text = conf.read_text().replace("listen [::]:80;", "").replace("listen [::]:443 ssl;", "")
     text = text.replace("listen 80;", f"listen 127.0.0.1:{free_port()};")
     conf.write_text(text.replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"))

@@ -224,3 +224,84 @@ def test_sigterm_lets_an_in_flight_request_finish(served_dsn: str, tmp_path: Pat
         assert srv.log_text().count("Worker exiting") == 2
     finally:
         srv.stop()
+
+
+COMPARE_CONFIGS = r"""
+import json, sys
+sys.argv = ["gunicorn", "production_system:create_production_app"]
+from gunicorn.app.wsgiapp import WSGIApplication
+conf = WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").cfg   # reads ./gunicorn.conf.py, as the brief's command
+from campus_search.config import load_settings
+from campus_search.server import gunicorn_server
+serve = gunicorn_server(load_settings(), app=None).cfg              # what `campus-search serve` runs
+skip = {"default_proc_name"}  # gunicorn names the process after the app module it was given
+diff = sorted(k for k in conf.settings if k not in skip and conf.settings[k].get() != serve.settings[k].get())
+pick = lambda cfg: {k: repr(cfg.settings[k].get()) for k in ("bind", "workers", "threads", "worker_class", "timeout",
+    "keepalive", "preload_app", "graceful_timeout", "worker_tmp_dir", "errorlog", "accesslog", "post_fork")}
+print(json.dumps({"diff": diff, "conf": pick(conf), "serve": pick(serve),
+                  "json_logs": [bool(c.logconfig_dict) for c in (conf, serve)]}))
+"""
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_serve_and_gunicorn_conf_configure_gunicorn_alike(tmp_path: Path, log_format: str) -> None:
+    """``campus-search serve`` and the brief's command (gunicorn.conf.py) agree on every gunicorn setting
+    -- workers, bind, worker_tmp_dir, logging, hooks, timeouts -- from the same environment and config file."""
+    cfg_file = tmp_path / "campus.env"
+    cfg_file.write_text("WEB_CONCURRENCY=3\n")  # the config file sizes both servers too
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PROMETHEUS", "CAMPUS_SEARCH", "WEB_CONCURRENCY", "HOST", "PORT", "LOG_"))}
+    env.update(HOST="127.0.0.9", PORT="6123", CAMPUS_SEARCH_CONFIG=str(cfg_file), LOG_FORMAT=log_format,
+               DATA_DIR=str(tmp_path / "data"), PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+    proc = subprocess.run([sys.executable, "-c", COMPARE_CONFIGS], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["diff"] == [], f"serve and gunicorn.conf.py differ on {out['diff']}: {out['conf']} vs {out['serve']}"
+    conf = out["conf"]
+    assert conf["bind"] == "['127.0.0.9:6123']" and conf["workers"] == "3" and conf["threads"] == "2"
+    assert conf["worker_class"] == "'gthread'" and conf["keepalive"] == "10" and conf["preload_app"] == "True"
+    assert conf["worker_tmp_dir"] == ("'/dev/shm'" if os.path.isdir("/dev/shm") else "None")
+    assert conf["errorlog"] == "'-'" and "post_fork" in conf["post_fork"]
+    assert out["json_logs"] == [log_format == "json"] * 2
+
+
+HELLO_APP = """
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+"""
+KEEPALIVE_CONF = """
+def when_ready(server):
+    print("KEEPALIVE=%s" % server.cfg.keepalive, flush=True)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["python -m gunicorn", "gunicorn"])
+def test_keepalive_spelling_works_with_python_m_gunicorn(tmp_path: Path, launcher: str) -> None:
+    """The brief's ``--keepalive 10`` reaches gunicorn as ``--keep-alive`` however gunicorn is started --
+    its console script or ``python -m gunicorn`` -- through the installed start-up hook. A real server
+    on a free loopback port answers, and reports the keep-alive it runs with."""
+    (tmp_path / "hello.py").write_text(HELLO_APP)
+    (tmp_path / "conf.py").write_text(KEEPALIVE_CONF)
+    port = _free_port()
+    program = [sys.executable, "-m", "gunicorn"] if launcher.startswith("python") else [GUNICORN]
+    proc = subprocess.Popen([*program, "--bind", f"127.0.0.1:{port}", "--workers", "1", "--worker-class",
+                             "gthread", "--keepalive", "10", "-c", str(tmp_path / "conf.py"), "hello:app"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]  # gunicorn refused the arguments
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                time.sleep(0.1)
+        assert r.status_code == 200 and r.text == "hello"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert "KEEPALIVE=10" in out, out + err
+    assert proc.returncode == 0, err

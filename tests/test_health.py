@@ -10,7 +10,7 @@ import pytest
 from conftest import TEST_SECRET
 
 from campus_search.app import create_app
-from campus_search.health import _Cached
+from campus_search.health import _Cached, _timed
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,23 @@ def test_health_needs_no_token_but_refuses_other_methods(client: Any) -> None:
     assert r.status_code == 405 and r.get_json()["error"]["code"] == "method_not_allowed"
 
 
-def test_health_results_are_reused_within_the_interval(ops_app: Any) -> None:
+def test_health_results_are_reused_within_the_interval(ops_app: Any, demo_services: Any) -> None:
+    """Within HEALTH_CACHE_SECONDS (the app's setting, 300 s here) the same report is served: proven by
+    the chunk count, which a fresh check would read anew after the statistics row changed."""
     c = ops_app.test_client()
     first = c.get("/health").get_json()
-    assert [c.get("/health").get_json()["timestamp"] for _ in range(3)] == [first["timestamp"]] * 3
+    real = first["components"]["database"]["chunk_count"]
+    with demo_services.db.connection() as conn:  # change what a fresh check would read, then undo it
+        conn.execute("UPDATE lexical_stats SET chunks = chunks + 1000")
+        conn.commit()
+        try:
+            again = [c.get("/health").get_json() for _ in range(3)]
+        finally:
+            conn.execute("UPDATE lexical_stats SET chunks = chunks - 1000")
+            conn.commit()
+    assert [r["timestamp"] for r in again] == [first["timestamp"]] * 3
+    assert [r["components"]["database"]["chunk_count"] for r in again] == [real] * 3
+    assert ops_app.extensions["campus_search.health"]._report.ttl == 300.0  # the app's setting is the one used
 
 
 def test_concurrent_checks_run_once() -> None:
@@ -98,10 +111,14 @@ def test_concurrent_checks_run_once() -> None:
 # ---- /api/admin/stats
 
 def test_admin_stats_shape_and_values(client: Any, token: Any, demo_services: Any) -> None:
+    """Counters are session-wide (other tests search too), so every figure is checked as the change one
+    known zero-result search by a Library staff member makes (as test_metrics.py does)."""
     admin = token("it_administrator", sub="admin-1")
     staff = token("professional_services", departments=["Library"])
-    client.post("/api/search", json={"query": "qqxz none", "config": {"similarity_threshold": 0.99}},
-                headers={"Authorization": staff})
+    before = client.get("/api/admin/stats", headers={"Authorization": admin}).get_json()
+    r = client.post("/api/search", json={"query": "qqxz none", "config": {"similarity_threshold": 0.99}},
+                    headers={"Authorization": staff})
+    assert r.status_code == 200 and r.get_json()["count"] == 0
     r = client.get("/api/admin/stats", headers={"Authorization": admin})
     assert r.status_code == 200
     body = r.get_json()
@@ -109,17 +126,27 @@ def test_admin_stats_shape_and_values(client: Any, token: Any, demo_services: An
     assert set(body["cache"]) >= {"used_memory", "connected_clients", "keyspace_hits", "keyspace_misses"}
     assert set(body["system"]) >= {"uptime", "requests_total", "avg_response_time"}
     assert body["database"]["pool_size"] >= 1
-    assert body["system"]["requests_total"] >= 2 and body["system"]["avg_response_time"] > 0
-    assert body["system"]["uptime"] > 0
+    # the first stats request and the search have been answered since `before`
+    assert body["system"]["requests_total"] - before["system"]["requests_total"] == 2
+    assert body["system"]["avg_response_time"] > 0
+    assert body["system"]["uptime"] >= before["system"]["uptime"] > 0
     with demo_services.db.connection(read=True) as conn:
         docs, chunks = conn.execute("SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks)"
                                     ).fetchone()
     assert body["index"]["documents"] == docs and body["index"]["chunks"] == chunks
-    assert body["searches"]["zero_results_by_department"].get("Library", 0) >= 1
+
+    def delta(path: tuple[str, ...], key: str) -> Any:
+        new, old = body, before
+        for part in path:
+            new, old = new[part], old[part]
+        return new.get(key, 0) - old.get(key, 0)
+
+    assert delta(("searches", "zero_results_by_department"), "Library") == 1
+    assert delta(("searches", "by_role"), "staff") == 1
     audit = body["audit"]  # the same, from the audit log (survives restarts)
-    assert audit["days"] == 30 and audit["searches"] >= audit["zero_result_searches"] >= 1
-    assert audit["zero_results_by_department"].get("Library", 0) >= 1
-    assert body["searches"]["by_role"].get("staff", 0) >= 1
+    assert audit["days"] == 30
+    assert delta(("audit",), "searches") == 1 and delta(("audit",), "zero_result_searches") == 1
+    assert delta(("audit", "zero_results_by_department"), "Library") == 1
     text = json.dumps(body)
     assert "qqxz" not in text and "admin-1" not in text  # aggregates only
 
@@ -156,3 +183,45 @@ def test_redis_down_degrades_but_stays_healthy(settings_factory: Any, services_f
     assert cache["healthy"] is False and cache["connection_active"] is False
     assert body["components"]["search_functionality"]["end_to_end_functional"] is True
     assert str(port) not in r.get_data(as_text=True)
+
+
+# ---- the database check reads maintained statistics, not the whole index
+
+def _health_docs(n: int) -> list[Any]:
+    from campus_search.parsers import Block, ParsedDocument
+
+    return [ParsedDocument(external_id=f"h{i}", title=f"Health doc {i}", source=f"h{i}",
+                           blocks=[Block(f"Paragraph {j} of health document {i} about printing credit and "
+                                         f"library opening hours. " * 3) for j in range(1 + i % 3)], metadata={})
+            for i in range(n)]
+
+
+def test_chunk_count_is_exact_after_ingest_and_delete_without_scanning_chunks(
+        settings_factory: Any, services_factory: Any) -> None:
+    """``chunk_count`` equals the real number of chunks after adds and deletes, and the check reads no
+    chunk: it answers while a writer holds an exclusive lock on ``chunks`` (count(*) would wait there
+    until HEALTH_TIMEOUT and report the database unhealthy)."""
+    import psycopg
+
+    from campus_search.health import HealthMonitor
+    from campus_search.metadata import AccessMetadata
+
+    settings = settings_factory(health_cache_seconds=0.0, health_timeout=1.0)
+    services = services_factory(settings)
+    monitor = HealthMonitor(services)
+
+    def real() -> int:
+        with services.db.connection(read=True) as conn:
+            return int(conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
+
+    assert monitor._database()["chunk_count"] == real() == 0
+    assert services.ingester.ingest(_health_docs(6), AccessMetadata()).failed == 0
+    assert monitor._database()["chunk_count"] == real() >= 6
+    assert services.ingester.delete(["h1", "h2"]) == 2
+    assert monitor._database()["chunk_count"] == real() > 0
+    with psycopg.connect(settings.database_url) as locker:
+        locker.execute("LOCK TABLE chunks IN ACCESS EXCLUSIVE MODE")
+        database = _timed(monitor._database, "database unreachable or not answering")
+        locker.rollback()
+    assert database["healthy"] is True, database
+    assert database["chunk_count"] == real()

@@ -98,6 +98,38 @@ def test_loadtest_exits_nonzero_when_some_requests_fail_but_not_for_rate_limitin
     assert code == 0
 
 
+def test_loadtest_pause_spaces_each_users_searches_within_the_deadline(cli_env: None,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """--pause: each user waits between its searches, and a pause that would end past the deadline ends
+    the user instead (so a paced run stays bounded)."""
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens: each request fails at once
+    code, _, r = run(capsys, "--url", url, "--users", "2", "--requests", "5", "--pause", "60", "--duration", "2")
+    assert r["requests"] == 2 and r["stopped_at_deadline"]  # one search each, then the pause would overrun
+    code, _, r = run(capsys, "--url", url, "--users", "2", "--requests", "3", "--pause", "0")
+    assert r["requests"] == 6 and not r["stopped_at_deadline"]
+    assert main(["loadtest", "--pause", "-1"]) == 2
+
+
+def test_a_request_cut_by_the_deadline_is_not_a_failure(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that accepts and never answers: the deadline ends the request; it is reported as cut,
+    not as a failed request (the run's own end, not the server's fault)."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        code, _, r = run(capsys, "--url", url, "--users", "1", "--requests", "1", "--duration", "1")
+    assert r["cut_at_deadline"] == 1 and r["requests"] == 0 and r["failed"] == 0
+    with socket.socket() as silent:  # the per-request timeout, shorter than the run: a real failure
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        code, _, r = run(capsys, "--url", url, "--users", "1", "--requests", "1", "--duration", "30",
+                         "--timeout", "0.5")
+    assert r["failed"] == 1 and r["cut_at_deadline"] == 0 and r["statuses"] == {"error:ReadTimeout": 1}
+
+
 def test_loadtest_bounds_are_enforced(cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["loadtest", "--users", "100000"]) == 2
     assert "--users must be" in capsys.readouterr().err

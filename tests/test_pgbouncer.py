@@ -175,3 +175,25 @@ def test_the_app_works_through_pgbouncer(pgbouncer: tuple[str, str], tmp_path: P
         assert not failures, failures[:3]
     finally:
         via_bouncer.close()
+
+
+def test_search_timeout_holds_per_transaction_and_never_leaks_to_another_client(pgbouncer: tuple[str, str],
+                                                                                tmp_path: Path) -> None:
+    """One server connection behind transaction pooling: the search's SET LOCAL timeout is in force in
+    its own transaction and absent from the next client's (a session SET would be inherited)."""
+    from campus_search.db import Database, migrate
+    from campus_search.search import Searcher
+
+    url, _ = pgbouncer
+    migrate(url, model="all-MiniLM-L6-v2", dimension=384)
+    settings = make_settings(url, tmp_path, db_statement_timeout_ms=1234, db_pool_min_size=0, db_pool_max_size=1)
+    db = Database(settings, url)
+    db.open()
+    try:
+        searcher = Searcher(db, embedder=None)  # type: ignore[arg-type]
+        for _ in range(3):
+            assert searcher._fetch("SELECT current_setting('statement_timeout')", {}, 1) == [("1234ms",)]
+            with psycopg.connect(url, prepare_threshold=None) as other:  # same server connection
+                assert other.execute("SHOW statement_timeout").fetchone() != ("1234ms",)
+    finally:
+        db.close()

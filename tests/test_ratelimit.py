@@ -136,3 +136,18 @@ def test_counters_live_under_this_services_prefix(limited_app: Any, token: Any, 
     post(client, token("staff", sub="dave"))
     keys = [k.decode() for k in redis_server.client().keys(redis_prefix + "rl:*")]
     assert len(keys) == 2 and all("dave" not in k for k in keys)  # minute + hour, subject hashed
+
+
+def test_the_shared_api_tests_run_with_rate_limits_on(client: Any, token: Any) -> None:
+    """conftest's shared app (used by the API tests: search, health, security policy, ...) counts every
+    request through the production limiter path, with limits no test reaches."""
+    from conftest import HIGH_LIMITS
+
+    r = client.post("/api/search", json={"query": "library opening hours"}, headers={"Authorization": token("student")})
+    assert r.status_code == 200
+    assert r.headers["RateLimit-Policy"] == (f'"per-minute";q={HIGH_LIMITS["student"]["per_minute"]};w=60, '
+                                             f'"per-hour";q={HIGH_LIMITS["student"]["per_hour"]};w=3600')
+    remaining = int(r.headers["RateLimit"].split(";r=")[1].split(";")[0])
+    again = client.post("/api/search", json={"query": "library opening hours"},
+                        headers={"Authorization": token("student")})
+    assert int(again.headers["RateLimit"].split(";r=")[1].split(";")[0]) == remaining - 1  # counted

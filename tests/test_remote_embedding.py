@@ -65,6 +65,9 @@ class FakeEmbeddingServer:
                     return self.reply(404, {"error": f"model \"{body.get('model')}\" not found, try pulling it"})
                 texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
                 vectors = server.model.embed(texts)[:, :server.dimension]
+                # Like servers that do not normalise (Ollama for many models): a different length per row,
+                # so only the client's own normalisation can make these unit vectors again.
+                vectors = vectors * (2.5 + np.arange(len(texts), dtype=np.float32))[:, None]
                 if self.path == "/api/embed":
                     return self.reply(200, {"model": body["model"], "embeddings": vectors.tolist()})
                 if self.path == "/v1/embeddings":
@@ -146,10 +149,10 @@ def test_retries_give_up_with_a_clear_error(fake_server: FakeEmbeddingServer) ->
 
 def test_client_errors_are_not_retried_and_say_what_to_check(fake_server: FakeEmbeddingServer) -> None:
     missing = RemoteEmbedder("ollama", fake_server.url, "nomic-embed-text", retries=3, backoff=0.01)
-    with pytest.raises(EmbeddingError, match=r"HTTP 404 \(is model 'nomic-embed-text' pulled/served"):
+    with pytest.raises(EmbeddingError, match=r"HTTP 404 \(is model 'nomic-embed-text' pulled/served") as error:
         missing.embed(["text"])
     assert len(fake_server.requests) == 1
-    assert "not found, try pulling" not in str(missing)  # the server's body is only logged
+    assert "not found, try pulling" not in str(error.value)  # the server's body is only logged
 
     fake_server.api_key = "sk-right"
     wrong = RemoteEmbedder("openai", fake_server.url, "all-MiniLM-L6-v2", api_key="sk-wrong")

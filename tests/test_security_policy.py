@@ -376,11 +376,3 @@ def test_production_accepts_strong_secrets_and_sso_only(tmp_path: Any) -> None:
         load_settings({**sso, "OIDC_JWKS_URL": "http://idp.ed.ac.uk/jwks"})
     with pytest.raises(ConfigError, match="mix"):
         load_settings({**sso, "JWT_ALGORITHMS": "RS256,HS256", "JWT_SECRET_KEY": "q" * 40})
-
-
-def test_development_generates_and_keeps_secrets(tmp_path: Any) -> None:
-    first = load_settings({"DATA_DIR": str(tmp_path)})
-    again = load_settings({"DATA_DIR": str(tmp_path)})
-    assert first.jwt_secret_key and len(first.jwt_secret_key) >= 32
-    assert first.jwt_secret_key == again.jwt_secret_key and first.audit_hmac_key == again.audit_hmac_key
-    assert first.audit_hmac_key != first.jwt_secret_key

@@ -1,5 +1,9 @@
 """``POST /api/admin/cache/clear`` (SPEC §1): drop this service's cached results. Admin only, audited.
 
+The audit record is written before any key is removed (Redis cannot share a transaction with the
+audit log): when the record cannot be stored (AUDIT_FAILURE_MODE=refuse) the answer is 503 and nothing
+was cleared; when the removal then fails, a failure record follows.
+
 Deletes the keys under ``REDIS_KEY_PREFIX`` in the result and query-embedding namespaces, by SCAN and
 UNLINK (never FLUSHDB/FLUSHALL: the Redis may be shared). Rate-limit counters stay. The embedded Redis
 (the default without ``REDIS_URL``) is shared by every worker, so the clear reaches them all; only with
@@ -15,7 +19,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify
 
-from ..audit import admin_action
+from ..audit import record_admin_action, record_failure
 from ..security.auth import require_admin
 
 log = logging.getLogger(__name__)
@@ -28,8 +32,14 @@ def clear_cache() -> Any:
     services = current_app.extensions["campus_search"]
     admin = require_admin(services.settings)
     cache = services.ensure_open().cache
-    with admin_action(services, "cache.clear", details={"backend": cache.backend.kind}) as details:
-        details["keys_removed"] = removed = cache.clear()
+    details = {"backend": cache.backend.kind}
+    record_admin_action(services, "cache.clear", details=details)  # first: no record, no clear
+    try:
+        removed = cache.clear()
+    except Exception as exc:
+        code = getattr(exc, "code", "internal_error")
+        record_failure(services, "cache.clear", None, {**details, "error": code}, getattr(exc, "status", 500))
+        raise
     log.info("cache cleared by admin %s: %d keys", admin.user_id, removed)
     return jsonify({"cleared": True, "keys_removed": removed, "backend": cache.backend.kind,
                     "mode": cache.backend.mode,

@@ -17,6 +17,9 @@ from ..config import Settings
 
 log = logging.getLogger(__name__)
 
+#: Every method an /api/* route answers (the admin document API adds/replaces with PUT and changes
+#: metadata with PATCH); tests/test_cors.py checks the list against the app's URL map.
+ALLOWED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 ALLOWED_HEADERS = ["Authorization", "Content-Type", "X-Request-ID"]
 EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "RateLimit", "RateLimit-Policy", "WWW-Authenticate"]
 PREFLIGHT_MAX_AGE = 600  # seconds a browser may reuse a preflight answer
@@ -29,6 +32,6 @@ def init_cors(app: Flask, settings: Settings) -> None:
         return
     if "*" in origins:
         log.warning("CORS_ORIGINS=* lets any web page call the API with a token it holds; list portal origins")
-    CORS(app, resources={r"/api/*": {"origins": origins}}, methods=["GET", "POST", "DELETE", "OPTIONS"],
+    CORS(app, resources={r"/api/*": {"origins": origins}}, methods=ALLOWED_METHODS,
          allow_headers=ALLOWED_HEADERS, expose_headers=EXPOSED_HEADERS, supports_credentials=False,
          max_age=PREFLIGHT_MAX_AGE, vary_header=True)

@@ -40,7 +40,7 @@ from urllib.parse import unquote_to_bytes
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.routing import PathConverter
 
-from ..audit import admin_action
+from ..audit import AdminChange, admin_change
 from ..errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
 from ..ingest import LooseningRefused
 from ..metadata import FIELDS as META_FIELDS
@@ -79,11 +79,13 @@ class SourceConflict(CampusSearchError):
 
 
 @contextlib.contextmanager
-def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """Audit an admin document change (success, or failure with its error code) through the audit
-    log's ``admin_action`` (campus_search/audit.py)."""
-    with admin_action(services, action, target=target, details=details) as info:
-        yield info
+def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]) -> Iterator[AdminChange]:
+    """Audit an admin document change through the audit log's ``admin_change`` (campus_search/audit.py):
+    the success record is written in the change's own transaction (``change.record_in`` handed to the
+    ingester), so the change and its record commit together or not at all; a failure is recorded with
+    its error code."""
+    with admin_change(services, action, target=target, details=details) as change:
+        yield change
 
 
 def _services() -> Any:
@@ -278,6 +280,11 @@ def _loosening_refused(changes: list[Any]) -> LooseningRefused:
                             details={"loosened": [c.as_json() for c in changes]})
 
 
+def _upsert_status(report: Any) -> str:
+    return ("added" if report.added else "updated" if report.updated else
+            "metadata_updated" if report.metadata_updated else "unchanged")
+
+
 @bp.put("/api/admin/documents/<docid:doc_id>")
 def upsert_document(doc_id: str) -> Any:
     services = _services()
@@ -307,16 +314,18 @@ def upsert_document(doc_id: str) -> Any:
     doc.metadata = meta.as_json()
     details = {"source": doc.source, **({"before": existing["metadata"], "after": meta.as_json()} if existing
                                         else {}), **{k: v for k, v in outcome.items() if v}}
-    with _audited(services, "document.upsert", doc_id, details) as info:
-        report = services.ingester.ingest([doc], allow_loosening=allow, respect_pins=False)
+    with _audited(services, "document.upsert", doc_id, details) as change:
+
+        def audit(conn: Any, done: Any) -> None:
+            change.record_in(conn, status=_upsert_status(done), chunks_embedded=done.chunks_embedded)
+
+        report = services.ingester.ingest([doc], allow_loosening=allow, respect_pins=False, audit=audit)
         if report.failed:
             from ..errors import IngestError
 
             raise IngestError(report.errors[0].replace(doc.source or "", doc_id, 1) if report.errors else
                               "document could not be ingested")
-        status = ("added" if report.added else "updated" if report.updated else
-                  "metadata_updated" if report.metadata_updated else "unchanged")
-        info.update(status=status, chunks_embedded=report.chunks_embedded)
+        status = _upsert_status(report)
     stored = _stored(services, doc_id) or {}
     body = {"document_id": doc_id, "status": status, "chunk_count": stored.get("chunk_count"),
             "chunks_embedded": report.chunks_embedded, "metadata": stored.get("metadata"), **outcome,
@@ -342,12 +351,15 @@ def update_metadata(doc_id: str) -> Any:
     if set(unpin) & set(given):
         raise BadRequest(f"fields both set and unpinned: {sorted(set(unpin) & set(given))}")
     details: dict[str, Any] = {"changed": sorted(given), "allow_loosening": allow, "unpin": sorted(unpin)}
-    with _audited(services, "document.metadata", doc_id, details) as info:
-        update = services.ingester.update_metadata(doc_id, given, allow_loosening=allow, unpin=unpin)
+    with _audited(services, "document.metadata", doc_id, details) as change:
+
+        def audit(conn: Any, done: Any) -> None:
+            change.record_in(conn, before=done.before.as_json(), after=done.after.as_json(), pinned=done.pinned,
+                             loosened=[c.as_json() for c in done.loosened])
+
+        update = services.ingester.update_metadata(doc_id, given, allow_loosening=allow, unpin=unpin, audit=audit)
         if update is None:
             raise NotFound(f"no document {doc_id!r}")
-        info.update(before=update.before.as_json(), after=update.after.as_json(), pinned=update.pinned,
-                    loosened=[c.as_json() for c in update.loosened])
     return jsonify({"document_id": doc_id, "status": "metadata_updated", "metadata": update.after.as_json(),
                     "loosened": [c.as_json() for c in update.loosened], "pinned": update.pinned,
                     "request_id": g.request_id})
@@ -357,7 +369,7 @@ def update_metadata(doc_id: str) -> Any:
 def delete_document(doc_id: str) -> Any:
     services = _services()
     doc_id = _doc_id(doc_id)
-    with _audited(services, "document.delete", doc_id, {}):
-        if services.ingester.delete([doc_id]) == 0:
+    with _audited(services, "document.delete", doc_id, {}) as change:
+        if services.ingester.delete([doc_id], audit=lambda conn, _: change.record_in(conn)) == 0:
             raise NotFound(f"no document {doc_id!r}")
     return jsonify({"document_id": doc_id, "deleted": True, "request_id": g.request_id})

@@ -43,6 +43,20 @@ class JSONProvider(DefaultJSONProvider):
             raise ValueError("JSON nested too deeply") from None
 
 
+def root_causes(exc: BaseException, limit: int = 3) -> str:
+    """`` (caused by Class: message; ...)`` for the exceptions behind ``exc`` (``raise ... from``), for the
+    log: a 503's message says what is unavailable, its causes say why. Each message is bounded."""
+    parts: list[str] = []
+    seen = {id(exc)}
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen and len(parts) < limit:
+        seen.add(id(cause))
+        text = " ".join(str(cause).split())[:300]
+        parts.append(f"{cause.__class__.__name__}: {text}" if text else cause.__class__.__name__)
+        cause = cause.__cause__ or cause.__context__
+    return f" (caused by {'; '.join(parts)})" if parts else ""
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(psycopg.DataError)
     def _bad_value(exc: psycopg.DataError) -> Any:
@@ -54,8 +68,14 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(CampusSearchError)
     def _domain(exc: CampusSearchError) -> Any:
-        if exc.status >= 500:
-            log.warning("%s: %s", exc.code, exc.message)
+        if exc.status == 500:
+            # A server fault (a configuration error names files and settings): the log gets the whole
+            # story, the client a message that reveals nothing about the server.
+            log.error("%s: %s%s", exc.code, exc.message, root_causes(exc))
+            return error_response(500, exc.code, "server error; the request id identifies it in the logs",
+                                  headers=exc.headers)
+        if exc.status > 500:
+            log.warning("%s: %s%s", exc.code, exc.message, root_causes(exc))
         return error_response(exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers)
 
     @app.errorhandler(HTTPException)

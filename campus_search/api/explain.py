@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..audit import record_admin_action
+from ..audit import admin_action
 from ..errors import BadRequest, NotFound
 from ..security.auth import require_admin
 from ..security.roles import Principal, explain_visibility, is_visible, map_role, role_table, visible_sql
@@ -42,6 +42,14 @@ def explain() -> Any:
     services = current_app.extensions["campus_search"]
     settings = services.settings
     require_admin(settings)
+    # Every call is audited, refused ones too (a 400 or a 404 with its error code).
+    target = request.args.get("document_id", "").strip()[:1000] or None
+    with admin_action(services, "explain", target=target) as details:
+        answer = _explain(services, settings, details)
+    return jsonify(answer)
+
+
+def _explain(services: Any, settings: Any, details: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(request.args) - PARAMS)
     if unknown:
         raise BadRequest(f"unknown parameters: {', '.join(unknown)}", details={"allowed": sorted(PARAMS)})
@@ -55,6 +63,7 @@ def explain() -> Any:
     role, how = _role(claim, settings)
     user = Principal(user_id=request.args.get("sub", "").strip()[:256] or "(hypothetical user)", role=role,
                      departments=departments, campus=request.args.get("campus") or None)
+    details.update(sub=user.user_id, role=role.name)
     services.ensure_open()
     predicate, params = visible_sql(user, "c")
     with services.db.connection(read=True) as conn:
@@ -67,9 +76,8 @@ def explain() -> Any:
             {**params, "doc": doc[0]}).fetchone()
     meta = {"department": doc[3], "visibility": doc[4], "clearance_level": doc[5], "campus": doc[6]}
     visible = is_visible(meta, user)
-    record_admin_action(services, "explain", target=document_id,
-                        details={"sub": user.user_id, "role": role.name, "visible": visible})
-    return jsonify({
+    details["visible"] = visible
+    return {
         "document": {"document_id": doc[1], "document_title": doc[2], **meta},
         "user": {"user_id": user.user_id, "role": role.name, "role_claim": claim, "role_resolution": how,
                  "clearance": role.clearance, "department_scope": role.department_scope,
@@ -79,4 +87,4 @@ def explain() -> Any:
         "chunks": {"total": total, "visible": allowed},
         # The SQL predicate (what retrieval runs) and the Python rule must agree on every chunk.
         "consistent": allowed == (total if visible else 0),
-    })
+    }

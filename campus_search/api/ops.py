@@ -52,6 +52,6 @@ def metrics_endpoint() -> Any:
     return Response(metrics.render(), mimetype=None, content_type=metrics.CONTENT_TYPE)
 
 
-def init_app(app: Any) -> None:
-    app.extensions["campus_search.health"] = HealthMonitor(app.extensions["campus_search"])
+def init_app(app: Any, settings: Any = None) -> None:
+    app.extensions["campus_search.health"] = HealthMonitor(app.extensions["campus_search"], settings)
     app.register_blueprint(bp)

@@ -65,7 +65,8 @@ def parse_search_request(data: dict[str, Any], user: Principal) -> SearchParams:
         # one that claims to be somebody else is an escalation attempt and is refused.
         claimed = body_user.get("user_id")
         if claimed is not None and str(claimed) != user.user_id:
-            log.warning("body user %r does not match token subject", "(redacted)")
+            log.warning("refused: body user %r does not match token subject %r", str(claimed)[:100],
+                        user.user_id[:100])
             raise Forbidden("the user in the request body does not match the bearer token")
     config = data.get("config") or {}
     if not isinstance(config, dict):

@@ -1,0 +1,73 @@
+"""bench/bench_peer.py's arithmetic: wrk parsing, exact top-k, CPU per request, profile buckets.
+
+The benchmark itself needs Chroma and minutes of load; these are the parts whose mistakes would
+silently skew its figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("bench_peer", ROOT / "bench" / "bench_peer.py")
+assert spec and spec.loader
+bench_peer = importlib.util.module_from_spec(spec)
+sys.modules["bench_peer"] = bench_peer
+spec.loader.exec_module(bench_peer)
+
+WRK = """Running 15s test @ http://127.0.0.1:40000
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   401.22ms  150.10ms   1.20s    70.00%
+  Latency Distribution
+     50%  386.00ms
+     75%  480.12ms
+     90%  681.00ms
+     99%    1.10s
+  1381 requests in 15.02s, 9.80MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:     91.94
+Transfer/sec:    668.20KB
+"""
+
+
+def test_parse_wrk_reads_percentiles_in_any_unit_the_count_and_errors() -> None:
+    out = bench_peer.parse_wrk(WRK)
+    assert out["p50_ms"] == 386.0
+    assert out["p90_ms"] == 681.0
+    assert out["p99_ms"] == 1100.0  # seconds converted
+    assert out["requests"] == 1381
+    assert out["requests_per_s"] == 91.9
+    assert out["errors"] == 3
+
+
+def test_exact_top_is_the_highest_cosine() -> None:
+    rng = np.random.default_rng(7)
+    matrix = rng.normal(size=(50, 8)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    query = matrix[[3, 17]] + 0.01  # nearest to rows 3 and 17
+    top = bench_peer.exact_top(matrix, query, 5)
+    assert 3 in top[0] and 17 in top[1]
+    expected = set(np.argsort(-(matrix @ query[0]))[:5].tolist())
+    assert top[0] == expected
+
+
+def test_cpu_per_request_splits_the_machine_into_groups_and_the_rest() -> None:
+    before = {"ours gunicorn": 10.0, "postgres": 5.0, "load generator (wrk)": 1.0, "machine": 100.0}
+    after = {"ours gunicorn": 12.0, "postgres": 5.5, "load generator (wrk)": 1.1, "machine": 104.0}
+    per = bench_peer.cpu_per_request(before, after, 100)
+    assert per == {"ours gunicorn": 20.0, "postgres": 5.0, "load generator (wrk)": 1.0, "other processes": 14.0}
+
+
+def test_profile_buckets_take_the_first_matching_part(tmp_path: Path) -> None:
+    raw = tmp_path / "p.txt"
+    raw.write_text(
+        "run (gunicorn/workers/gthread.py:1);search (campus_search/search.py:2);"
+        "embed (campus_search/embedding.py:3) 6\n"
+        "run (gunicorn/workers/gthread.py:1);append (campus_search/audit.py:9);execute (psycopg/cursor.py:4) 3\n"
+        "run (gunicorn/workers/gthread.py:1);accept (gunicorn/workers/gthread.py:5) 1\n")
+    assert bench_peer.summarise_profile(raw) == {"embedding (ONNX, tokenizer)": 60.0, "audit": 30.0,
+                                                 "gunicorn / socket I/O": 10.0}

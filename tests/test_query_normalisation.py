@@ -1,0 +1,48 @@
+"""One normalisation of query text (querytext.py), applied once before the cache key and the search
+(issue 11): a query typed with combining accents (NFD) is searched as the precomposed text (NFC) the
+index holds, and shares its cache entry only because the search treats the two alike."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from campus_search.app import create_app
+from campus_search.chunking import Block
+from campus_search.metadata import AccessMetadata
+from campus_search.parsers import ParsedDocument
+from campus_search.search import SearchParams
+from campus_search.security.roles import DEFAULT_ROLES, Principal
+
+DOCS = {
+    "careers": ("Careers service", "The careers service reviews your résumé and cover letter in a café "
+                "session every Tuesday."),
+    "library": ("Library loans", "Borrow up to forty books and renew them online before the due date."),
+    "parking": ("Parking permits", "Staff parking permits are renewed every August at the estates office."),
+}
+NFC = "résumé café"
+NFD = unicodedata.normalize("NFD", NFC)
+
+
+def test_nfd_and_nfc_queries_are_one_query(settings_factory: Any, services_factory: Any, token: Any) -> None:
+    assert NFC != NFD
+    services = services_factory(settings_factory())
+    services.ingester.ingest([ParsedDocument(external_id=k, title=t, blocks=[Block(x)], source=k)
+                              for k, (t, x) in DOCS.items()], AccessMetadata())
+    client = create_app(services.settings, services=services).test_client()
+    auth = {"Authorization": token("admin")}  # admins see the BM25 score and the cache flag
+    body = {"config": {"similarity_threshold": -1, "max_results": 3}}
+
+    first = client.post("/api/search", json={"query": "  " + NFD + " ", **body}, headers=auth).get_json()
+    assert first["from_cache"] is False and first["query"] == NFC
+    top = first["results"][0]
+    assert top["document_id"] == "careers" and top["scores"]["bm25"] > 0  # the accented terms matched
+
+    second = client.post("/api/search", json={"query": NFC, **body}, headers=auth).get_json()
+    assert second["from_cache"] is True and second["results"] == first["results"]
+
+    # the same for every caller of the searcher, not only the API
+    student = Principal("s", DEFAULT_ROLES["student"])
+    nfd_hits = services.searcher.search(student, SearchParams(NFD, similarity_threshold=-1))
+    nfc_hits = services.searcher.search(student, SearchParams(NFC, similarity_threshold=-1))
+    assert [(h.chunk_id, h.bm25) for h in nfd_hits] == [(h.chunk_id, h.bm25) for h in nfc_hits]
