@@ -7,7 +7,7 @@ from typing import Any
 
 from campus_search.chunking import Block
 from campus_search.embedding import MAX_SEQ_LENGTH
-from campus_search.ingest import HEAD_SHARE, _content_hash, _Pending
+from campus_search.ingest import HEAD_SHARE, IngestReport, _content_hash, _Pending
 from campus_search.metadata import AccessMetadata
 from campus_search.parsers import ParsedDocument
 from campus_search.remote_embedding import RemoteEmbedder
@@ -30,8 +30,9 @@ def test_long_title_and_heading_leave_room_for_text(settings_factory: Any, servi
         texts = [r[0] for r in conn.execute("SELECT text FROM chunks ORDER BY chunk_index")]
     assert " ".join(texts).count("Sentence") >= 25  # all the text is there
     # what the model reads per chunk (capped title and heading + text) fits its window
+    doc = services.ingester._checked(doc)  # the title capped as ingestion caps it
     p = _Pending(doc, {}, _content_hash(doc, embedder.model_name))
-    services.ingester._prepare_chunks([p])
+    services.ingester._prepare_chunks([p], IngestReport())
     sizes = embedder.count_tokens(p.inputs)
     assert len(sizes) == report.chunks_written and max(sizes) <= window
     assert all(text.startswith("Regulations governing") for text in p.inputs)
