@@ -44,10 +44,10 @@ DESCRIPTIONS = {
     "POST /api/admin/cache/clear": "clear the result cache (admin)",
     "GET /api/openapi.json": "OpenAPI description",
     "GET /api/admin/documents": "list documents (admin)",
-    "GET /api/admin/documents/<path:doc_id>": "one document and its metadata (admin)",
-    "PUT /api/admin/documents/<path:doc_id>": "add or replace a document (admin)",
-    "PATCH /api/admin/documents/<path:doc_id>": "change access metadata, no re-embedding (admin)",
-    "DELETE /api/admin/documents/<path:doc_id>": "delete a document (admin)",
+    "GET /api/admin/documents/<docid:doc_id>": "one document and its metadata (admin)",
+    "PUT /api/admin/documents/<docid:doc_id>": "add or replace a document (admin)",
+    "PATCH /api/admin/documents/<docid:doc_id>": "change access metadata, no re-embedding (admin)",
+    "DELETE /api/admin/documents/<docid:doc_id>": "delete a document (admin)",
     "GET /api/admin/explain": "why a user can or cannot see a document (admin)",
 }
 

@@ -617,3 +617,13 @@ def test_readme_command_table_names_ingest_demo_and_eval_live() -> None:
     for command, flag in (("ingest", "--demo"), ("eval", "--live"), ("loadtest", "--fail-under")):
         assert flag in sub[command].format_help()
         assert flag in rows[command], f"README's {command} row does not mention {flag}"
+
+
+def test_the_banner_describes_every_route(demo_app: Any) -> None:
+    """Each endpoint the start-up banner lists has a description (a route renamed without its entry in
+    server.DESCRIPTIONS, or a view without a docstring, showed an empty one)."""
+    from campus_search.server import endpoints
+
+    routes = endpoints(demo_app)
+    assert any(path.startswith("/api/admin/documents/") for _, path, _ in routes)
+    assert [(m, p) for m, p, d in routes if not d.strip()] == []

@@ -33,7 +33,7 @@ def _prepared(ingester: Any, doc: ParsedDocument) -> tuple[_Pending, dict[str, A
             "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, priority, "
             "last_reviewed, source, pinned FROM documents WHERE external_id = %s", (doc.external_id,)).fetchone()
     pending.meta = AccessMetadata(*pending.existing[3:9])
-    ingester._prepare_chunks([pending])
+    ingester._prepare_chunks([pending], IngestReport())
     return pending, ingester._vectors_for([pending], IngestReport())
 
 
