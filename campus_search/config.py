@@ -28,7 +28,20 @@ PLACEHOLDER_SECRETS = {
 MIN_SECRET_LENGTH = 32
 
 
+def _source_checkout() -> Path | None:
+    """The git checkout this package runs from (an editable install, ``make install``), or None for an
+    installed wheel."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / ".git").exists() and (root / "pyproject.toml").is_file() else None
+
+
 def _default_data_dir() -> str:
+    """``.data/`` in the source checkout the code runs from (so ``make run``, ``campus-search token`` and
+    every other command of one checkout share one database and one development secret, and two checkouts
+    never do); otherwise ``$XDG_DATA_HOME/campus-search``."""
+    checkout = _source_checkout()
+    if checkout is not None:
+        return str(checkout / ".data")
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "campus-search")
 
@@ -97,8 +110,9 @@ FIELDS: tuple[Field, ...] = (
     F("workers", ("WEB_CONCURRENCY",), 2, "gunicorn worker processes (`campus-search serve` and gunicorn.conf.py; "
       "a `--workers` flag wins).", int),
     F("data_dir", ("DATA_DIR",), None,
-      "Local state: embedded PostgreSQL, generated development secrets. Default "
-      "`$XDG_DATA_HOME/campus-search` (`~/.local/share/campus-search`)."),
+      "Local state: embedded PostgreSQL and Redis, generated development secrets. Default: `.data/` in the "
+      "source checkout the code runs from (`make install`), else `$XDG_DATA_HOME/campus-search` "
+      "(`~/.local/share/campus-search`)."),
     F("cors_origins", ("CORS_ORIGINS",), (), "Comma-separated browser origins allowed to call the API "
       "(none by default).", _list),
     F("max_request_bytes", ("MAX_REQUEST_BYTES",), 64 * 1024, "Largest accepted request body.", int),
