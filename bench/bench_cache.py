@@ -44,7 +44,8 @@ QUERIES = (
     "lab safety induction", "expenses claims", "room booking", "fire evacuation procedure",
     "special circumstances extension",
 )
-USERS = (("student", ()), ("staff", ("IT Services",)), ("academic", ()), ("admin", ()))
+USERS = (("student", ()), ("professional_services", ("IT Services",)), ("academic_staff", ()),
+         ("it_administrator", ()))  # SSO role values: a role claim maps only through ROLE_MAPPING
 
 
 def free_port() -> int:

@@ -41,9 +41,11 @@ SECRET = "bench-secret-" + "x" * 40
 DEPARTMENTS = [("Medicine", 35), ("Informatics", 25), ("Library", 15), ("Estates", 10), ("Human Resources", 8),
                ("Finance", 4), ("Vet School", 2), ("Chaplaincy", 1)]
 CAMPUSES = ("Central Campus", "King's Buildings", "Easter Bush", "Western General")
-PRINCIPALS = [  # (label, role claim, departments)
-    ("anonymous", None, ()), ("student", "student", ("Medicine",)), ("staff:Chaplaincy", "staff", ("Chaplaincy",)),
-    ("staff:Medicine", "staff", ("Medicine",)), ("academic", "academic", ()), ("admin", "admin", ()),
+PRINCIPALS = [  # (label, SSO role claim, departments): a claim maps to a role only through ROLE_MAPPING
+    ("anonymous", None, ()), ("student", "student", ("Medicine",)),
+    ("staff:Chaplaincy", "professional_services", ("Chaplaincy",)),
+    ("staff:Medicine", "professional_services", ("Medicine",)), ("academic", "academic_staff", ()),
+    ("admin", "it_administrator", ()),
 ]
 
 

@@ -277,10 +277,12 @@ def main() -> int:
                   bytes_per_chunk={k: round(v / total) for k, v in sizes.items()},
                   database_gb=round(sizes["database"] / 2**30, 2))
 
-    # principals: admin, staff of a 4 % department, student (public, clearance 2)
+    # principals: admin, staff of a 4 % department, student (public, clearance 2); role claims are the SSO
+    # values ROLE_MAPPING maps (a claim "admin" is a student)
     principals = {
-        "admin": principal_from_claims({"sub": "admin", "role": "admin"}, settings),
-        "staff:Finance": principal_from_claims({"sub": "s", "role": "staff", "departments": ["Finance"]}, settings),
+        "admin": principal_from_claims({"sub": "admin", "role": "it_administrator"}, settings),
+        "staff:Finance": principal_from_claims({"sub": "s", "role": "professional_services",
+                                                "departments": ["Finance"]}, settings),
         "student": principal_from_claims({"sub": "u", "role": "student"}, settings),
     }
     share = {}
@@ -290,6 +292,7 @@ def main() -> int:
             share[label] = round(conn.execute(f"SELECT count(*) FROM chunks c WHERE {where}", params)
                                  .fetchone()[0] / total, 4)
     result["visible_share"] = share
+    assert share["admin"] == 1.0 > share["staff:Finance"] > share["student"], share  # three distinct principals
 
     lines = (SCIFACT / "queries-train.jsonl").read_text(encoding="utf-8").splitlines()
     queries = [json.loads(line)["text"] for line in lines if line.strip()][:args.queries]
