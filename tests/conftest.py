@@ -29,7 +29,7 @@ DEMO = ROOT / "campus_search" / "demo_corpus"
 
 _db_counter = itertools.count()
 
-pytest_plugins = ["redis_server"]  # a real redis-server on a free port (tests/redis_server.py)
+pytest_plugins = ["redis_server", "auditing"]  # a real redis-server on a free port; the audit tests' app
 
 
 @pytest.fixture(scope="session")

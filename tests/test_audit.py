@@ -9,12 +9,11 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import DEMO
+from auditing import by_request, rows
 
 from campus_search.app import create_app
 from campus_search.audit import (
@@ -25,41 +24,13 @@ from campus_search.audit import (
     record_admin_action,
     verify,
 )
-from campus_search.cli import ingest_paths, main
+from campus_search.cli import main
 from campus_search.db import Database
 from campus_search.errors import NotFound
-from campus_search.metadata import AccessMetadata
 from campus_search.security.auth import principal_from_claims
 
 QUERY = "How do I reset   a staff password?"
 UA = {"User-Agent": "campus-portal/1.0"}
-
-
-@pytest.fixture
-def audited(settings_factory: Callable[..., Any], services_factory: Callable[..., Any]) -> Callable[..., Any]:
-    """(client, services) on a fresh database holding two demo documents."""
-
-    def make(**overrides: Any) -> tuple[Any, Any]:
-        services = services_factory(settings_factory(**overrides))
-        ingest_paths(services, [DEMO / "student-password-reset.md", DEMO / "it-staff-password-management.md"],
-                     AccessMetadata(), quiet=True)
-        app = create_app(services.settings, services=services)
-        return app.test_client(), services
-
-    return make
-
-
-def rows(services: Any, where: str = "TRUE", params: Any = ()) -> list[dict[str, Any]]:
-    with psycopg.connect(services.dsn) as conn:
-        cur = conn.execute(f"SELECT * FROM audit_log WHERE {where} ORDER BY seq", params)
-        names = [c.name for c in cur.description or ()]
-        return [dict(zip(names, r, strict=True)) for r in cur]
-
-
-def by_request(services: Any, response: Any) -> dict[str, Any]:
-    found = rows(services, "request_id = %s", (response.headers["X-Request-ID"],))
-    assert len(found) == 1, found
-    return found[0]
 
 
 def expected_query_hash(key: str, query: str) -> str:

@@ -14,41 +14,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import DEMO
+from auditing import by_request, rows
 
 from campus_search import audit
-from campus_search.app import create_app
 from campus_search.audit import Auditor, AuditRecord, AuditUnavailable, auditor_of, verify
-from campus_search.cli import ingest_paths
-from campus_search.metadata import AccessMetadata
 
 DOC = "it-staff-password-management.md"
-
-
-@pytest.fixture
-def audited(settings_factory: Callable[..., Any], services_factory: Callable[..., Any]) -> Callable[..., Any]:
-    """(client, services) on a fresh database holding two demo documents."""
-
-    def make(**overrides: Any) -> tuple[Any, Any]:
-        services = services_factory(settings_factory(**overrides))
-        ingest_paths(services, [DEMO / "student-password-reset.md", DEMO / DOC], AccessMetadata(), quiet=True)
-        app = create_app(services.settings, services=services)
-        return app.test_client(), services
-
-    return make
-
-
-def rows(services: Any, where: str = "TRUE", params: Any = ()) -> list[dict[str, Any]]:
-    with psycopg.connect(services.dsn) as conn:
-        cur = conn.execute(f"SELECT * FROM audit_log WHERE {where} ORDER BY seq", params)
-        names = [c.name for c in cur.description or ()]
-        return [dict(zip(names, r, strict=True)) for r in cur]
-
-
-def by_request(services: Any, response: Any) -> dict[str, Any]:
-    found = rows(services, "request_id = %s", (response.headers["X-Request-ID"],))
-    assert len(found) == 1, found
-    return found[0]
 
 
 def break_audit_writes(services: Any, broken: bool = True) -> None:
