@@ -63,6 +63,12 @@ def write_pdf(path: Path, pages: Sequence[Sequence[str]], *, title: str | None =
     objects[catalog - 1] = b"<< /Type /Catalog /Pages %d 0 R%s >>" % (pages_obj, outline_ref)
     info = add(b"<< /Title %s >>" % _pdf_string(title)) if title else None
 
+    path.write_bytes(pdf_bytes(objects, root=catalog, info=info))
+    return path
+
+
+def pdf_bytes(objects: Sequence[bytes], *, root: int = 1, info: int | None = None) -> bytes:
+    """A PDF file of numbered ``objects`` (1-based) with its cross-reference table and trailer."""
     out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
     for number, body in enumerate(objects, 1):
@@ -72,12 +78,11 @@ def write_pdf(path: Path, pages: Sequence[Sequence[str]], *, title: str | None =
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     for offset in offsets:
         out += b"%010d 00000 n \n" % offset
-    out += b"trailer\n<< /Size %d /Root %d 0 R" % (len(objects) + 1, catalog)
+    out += b"trailer\n<< /Size %d /Root %d 0 R" % (len(objects) + 1, root)
     if info:
         out += b" /Info %d 0 R" % info
     out += b" >>\nstartxref\n%d\n%%%%EOF\n" % xref
-    path.write_bytes(bytes(out))
-    return path
+    return bytes(out)
 
 
 def write_docx(path: Path, title: str, sections: Sequence[tuple[str, Sequence[str]]], *,

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from docfiles import write_docx
+from docfiles import pdf_bytes, write_docx
 
 MEMORY_LIMIT = 1536 * 1024 * 1024  # address space of a subprocess under test (the ONNX model needs ~500 MB)
 
@@ -83,16 +83,7 @@ def docx_damaged_table(path: Path) -> Path:
 
 def _pdf(objects: list[bytes]) -> bytes:
     """A PDF file of ``objects`` (1-based numbering; object 1 must be the catalog)."""
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+    return pdf_bytes(objects)
 
 
 def pdf_with_streams(path: Path, contents: Sequence[bytes], *, compress: bool = True) -> Path:
