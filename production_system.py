@@ -30,7 +30,7 @@ def default_app() -> Any:
                 # directory (campus-search serve) before anything imports prometheus_client.
                 from campus_search.app import create_app
                 from campus_search.config import load_settings
-                from campus_search.logs import configure_logging
+                from campus_search.ops.logs import configure_logging
 
                 settings = load_settings()
                 configure_logging(settings, replace=True)  # this process is ours: JSON lines in production
@@ -46,6 +46,6 @@ def create_production_app(environ: dict[str, Any] | None = None, start_response:
 
 
 if __name__ == "__main__":
-    from campus_search.cli import main
+    from campus_search.cli.main import main
 
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from campus_search.config import load_settings  # noqa: E402
-from campus_search.embedding import LocalMiniLM, ingest_threads  # noqa: E402
-from campus_search.ingest import DOC_BATCH, Ingester, _content_hash, _Pending  # noqa: E402
-from campus_search.metadata import AccessMetadata  # noqa: E402
-from campus_search.parsers import ParsedDocument, read_jsonl  # noqa: E402
+from campus_search.embedding.local import LocalMiniLM, ingest_threads  # noqa: E402
+from campus_search.ingest.metadata import AccessMetadata  # noqa: E402
+from campus_search.ingest.pipeline import DOC_BATCH, Ingester, _content_hash, _Pending  # noqa: E402
+from campus_search.ingest.sources import ParsedDocument, read_jsonl  # noqa: E402
 from campus_search.services import Services  # noqa: E402
 
 DEFAULT_CORPUS = next((p for p in (Path(os.environ.get("SCIFACT_DIR", "")) / "corpus.jsonl",
@@ -59,7 +59,7 @@ def chunk_texts(ingester: Ingester, docs: list[ParsedDocument]) -> list[list[str
 
 def fresh_database(url: str | None, workdir: Path) -> str:
     if url is None:
-        from campus_search.embedded_pg import ensure_embedded_database
+        from campus_search.storage.embedded_pg import ensure_embedded_database
 
         url = ensure_embedded_database(str(workdir))
     name = f"bench_ingest_{int(time.time())}"

@@ -33,7 +33,7 @@ SECRET = "bench-secret-" + "x" * 40
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "campus_search.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "campus_search.cli.main", *args], env=env, capture_output=True,
                           text=True, cwd=ROOT, check=False)
 
 
@@ -109,7 +109,7 @@ def main() -> int:
                        env=env, cwd=ROOT, check=True)
         cpu0 = cluster_cpu_seconds(work / "pgdata")
         started = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, "-m", "campus_search.cli", "ingest", str(part), "--quiet",
+        procs = [subprocess.Popen([sys.executable, "-m", "campus_search.cli.main", "ingest", str(part), "--quiet",
                                    "--vectors", str(part.with_suffix(".npz"))], env=env, cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for part in parts]
         outs = [proc.communicate() for proc in procs]

@@ -31,7 +31,8 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bench-ops-metr
 
 from psycopg_pool import ConnectionPool  # noqa: E402
 
-from campus_search import logs, metrics  # noqa: E402
+from campus_search import metrics
+from campus_search.ops import logs  # noqa: E402
 
 ENDPOINTS = ("search.search_documents", "ops.health_check", "ops.metrics", "ops.liveness")
 ROLES = ("student", "staff", "academic", "admin")

@@ -138,7 +138,7 @@ def read_chunks(data_dir: Path) -> tuple[list[str], list[str], np.ndarray, int]:
     from pgvector.psycopg import register_vector
 
     sys.path.insert(0, str(ROOT))
-    from campus_search.embedded_pg import ensure_embedded_database
+    from campus_search.storage.embedded_pg import ensure_embedded_database
 
     with psycopg.connect(ensure_embedded_database(str(data_dir))) as conn:
         register_vector(conn)
@@ -225,7 +225,7 @@ def load_chroma(base: str, ids: list[str], texts: list[str], matrix: np.ndarray)
 def peer_recall(base: str, cid: str, ids: list[str], matrix: np.ndarray, queries: list[str], k: int = 10) -> float:
     """Recall@k of Chroma's answers against an exact cosine search over the same vectors."""
     sys.path.insert(0, str(ROOT))
-    from campus_search.embedding import LocalMiniLM
+    from campus_search.embedding.local import LocalMiniLM
 
     vectors = LocalMiniLM(threads=1).embed([" ".join(q.split()) for q in queries])
     exact = exact_top(matrix, vectors, k)
@@ -246,11 +246,11 @@ def peer_recall(base: str, cid: str, ids: list[str], matrix: np.ndarray, queries
 
 TICK = os.sysconf("SC_CLK_TCK")
 BUCKETS = (  # py-spy stack keyword -> bucket; the first match from the top of this list wins
-    ("embedding (ONNX, tokenizer)", ("embedding.py", "onnxruntime")),
-    ("audit", ("audit.py",)),
-    ("SQL (psycopg, pool)", ("psycopg", "db.py")),
+    ("embedding (ONNX, tokenizer)", ("campus_search/embedding/", "onnxruntime")),
+    ("audit", ("campus_search/audit/",)),
+    ("SQL (psycopg, pool)", ("psycopg", "campus_search/storage/")),
     ("JWT / auth", ("jwt", "security/auth.py")),
-    ("metrics / logs", ("prometheus_client", "metrics.py", "logs.py", "logging/")),
+    ("metrics / logs", ("prometheus_client", "metrics.py", "campus_search/ops/logs.py", "logging/")),
     ("JSON", ("json/", "jsonify")),
     ("chroma client (requests)", ("requests/", "urllib3", "http/client.py")),
     ("gunicorn / socket I/O", ("gunicorn/",)),

@@ -100,16 +100,16 @@ def main() -> int:
     os.environ.pop("DATABASE_URL", None)
 
     from campus_search.app import create_app
-    from campus_search.audit import Auditor, AuditRecord
-    from campus_search.cli import ingest_paths
+    from campus_search.audit.records import Auditor, AuditRecord
+    from campus_search.cli.main import ingest_paths
     from campus_search.config import load_settings
-    from campus_search.db import Database
-    from campus_search.embedding import get_embedder, ingest_threads
-    from campus_search.metadata import AccessMetadata
-    from campus_search.search import SearchParams, _where
+    from campus_search.embedding.local import get_embedder, ingest_threads
+    from campus_search.ingest.metadata import AccessMetadata
+    from campus_search.retrieval.search import SearchParams, _where
     from campus_search.security.auth import anonymous_principal, mint_token, principal_from_claims
     from campus_search.security.roles import visible_sql
     from campus_search.services import Services
+    from campus_search.storage.db import Database
 
     settings = load_settings()
     services = Services(settings, embedder=get_embedder(settings, threads=ingest_threads())).ensure_open()

@@ -151,7 +151,7 @@ def load(conn_factory: Callable[[], Any], material: Material, start_doc: int, n_
          progress: bool = True) -> float:
     """COPY documents and chunks (the ingestion path's statements; triggers keep postings and statistics)
     in transactions of ``batch_docs`` documents. Returns seconds spent in the database."""
-    from campus_search.lexical import compact
+    from campus_search.retrieval.lexical import compact
 
     db_seconds = 0.0
     done = 0
@@ -214,8 +214,8 @@ def main() -> int:
     os.environ.pop("DATABASE_URL", None)
 
     from campus_search.config import load_settings
-    from campus_search.fusion import FusionConfig
-    from campus_search.search import Searcher, SearchParams, _where
+    from campus_search.retrieval.fusion import FusionConfig
+    from campus_search.retrieval.search import Searcher, SearchParams, _where
     from campus_search.security.auth import principal_from_claims
     from campus_search.services import Services
 

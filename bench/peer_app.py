@@ -1,7 +1,7 @@
 """The peer in ``bench_peer.py``: the minimal semantic search service a team might build instead.
 
 A Flask app that embeds the query with Campus Search's own int8 ONNX all-MiniLM-L6-v2
-(:class:`campus_search.embedding.LocalMiniLM`, the same model files, one ONNX thread per worker) and
+(:class:`campus_search.embedding.local.LocalMiniLM`, the same model files, one ONNX thread per worker) and
 asks a Chroma server for the nearest chunks over Chroma's HTTP API (v2), with a kept-alive
 ``requests`` session per thread. No BM25, no permissions, no audit, no cache, no metrics, no logs.
 
@@ -29,7 +29,7 @@ from flask import Flask, jsonify, request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from campus_search.embedding import LocalMiniLM  # noqa: E402  (the checkout, not an installed copy)
+from campus_search.embedding.local import LocalMiniLM  # noqa: E402  (the checkout, not an installed copy)
 
 MAX_RESULTS = 50
 

@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from campus_search.config import load_settings
-from campus_search.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k
-from campus_search.fusion import FusionConfig, fuse
-from campus_search.lexical import BM25
+from campus_search.retrieval.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k
+from campus_search.retrieval.fusion import FusionConfig, fuse
+from campus_search.retrieval.lexical import BM25
 from campus_search.security.roles import superuser
 from campus_search.services import Services
 

@@ -8,18 +8,19 @@ from typing import Any
 
 from flask import Flask, g, request
 
-from . import logs, metrics
-from .api import admin_stats, cache_admin, ops
-from .api import documents as documents_api
-from .api import explain as explain_api
-from .api import openapi as openapi_api
-from .api import search as search_api
-from .api.cors import init_cors
-from .api.errors import JSONProvider, register_error_handlers
-from .config import Settings, load_settings
-from .ratelimit import init_rate_limits
-from .security.auth import init_auth
-from .services import Services
+from campus_search import metrics
+from campus_search.api import admin_stats, cache_admin, ops
+from campus_search.api import documents as documents_api
+from campus_search.api import explain as explain_api
+from campus_search.api import openapi as openapi_api
+from campus_search.api import search as search_api
+from campus_search.api.cors import init_cors
+from campus_search.api.errors import JSONProvider, register_error_handlers
+from campus_search.api.ratelimit import init_rate_limits
+from campus_search.config import Settings, load_settings
+from campus_search.ops import logs
+from campus_search.security.auth import init_auth
+from campus_search.services import Services
 
 log = logging.getLogger(__name__)
 

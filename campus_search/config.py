@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .errors import ConfigError
+from campus_search.errors import ConfigError
 
 PLACEHOLDER_SECRETS = {
     "",
@@ -639,8 +639,8 @@ def _validate(s: Settings) -> list[str]:
 
 def _validate_security(s: Settings) -> list[str]:
     """Roles, proxies, JWKS and audit settings (docs/security.md)."""
-    from .proxies import parse_networks  # local imports: neither imports anything from here
-    from .security.roles import build_roles
+    from campus_search.security.proxies import parse_networks  # local imports: neither imports anything from here
+    from campus_search.security.roles import build_roles
 
     problems: list[str] = []
     try:

@@ -8,7 +8,7 @@ known set (``METRICS_DEPARTMENTS`` or the departments of the indexed documents),
 
 Several gunicorn workers: prometheus-client's multiprocess mode. ``PROMETHEUS_MULTIPROC_DIR`` must be
 in the environment before ``prometheus_client`` is first imported (``gunicorn.conf.py`` and
-``campus-search serve`` arrange it through :func:`campus_search.gunicorn_hooks.prepare_metrics_dir`);
+``campus-search serve`` arrange it through :func:`campus_search.ops.gunicorn_hooks.prepare_metrics_dir`);
 counters and histograms
 then live in per-process files that every scrape sums, so totals survive worker restarts, and the
 gauges here are ``livesum`` (summed over live workers; ``child_exit`` drops a dead worker's share).
@@ -218,7 +218,7 @@ def search_answered(role: str | None, department_label: str, result_count: int) 
 
 
 class PoolSampler:
-    """Copies a :class:`~campus_search.db.Database`'s pool statistics into the gauges and counters.
+    """Copies a :class:`~campus_search.storage.db.Database`'s pool statistics into the gauges and counters.
 
     psycopg_pool keeps cumulative counters per pool; we add the change since the last sample, so other
     readers of ``get_stats()`` are unaffected.
@@ -272,7 +272,7 @@ def read_fallback(reason: str) -> None:
 
 def read_routing(serving: str, replicas: Sequence[tuple[str, bool, float | None]]) -> None:
     """After each probe round: which node serves reads, and each replica's state and lag."""
-    from .replicas import PRIMARY
+    from campus_search.storage.replicas import PRIMARY
 
     for node in (PRIMARY, *(name for name, _, _ in replicas)):
         READ_NODE.labels(node).set(1 if node == serving else 0)
@@ -311,7 +311,7 @@ def embedding_request(provider: str, seconds: float, ok: bool, texts: int = 0) -
 
 
 class InstrumentedEmbedder:
-    """Wraps an :class:`~campus_search.embedding.Embedder`, recording each ``embed`` call."""
+    """Wraps an :class:`~campus_search.embedding.local.Embedder`, recording each ``embed`` call."""
 
     def __init__(self, inner: Any, provider: str) -> None:
         self.inner = inner

@@ -14,18 +14,18 @@ import threading
 import time
 from typing import Any
 
-from . import metrics
-from .cache import RedisBackend, ResultCache, build_cache
-from .config import Settings
-from .db import Database, migrate, resolve_dsns
-from .embedding import Embedder, LocalMiniLM, get_embedder
-from .formats import ParseLimits
-from .fusion import FusionConfig
-from .ingest import Ingester
-from .lexical import BM25
-from .replicas import ReplicaFailed
-from .search import Hit, Searcher, SearchOutcome, SearchParams
-from .security.roles import Principal
+from campus_search import metrics
+from campus_search.config import Settings
+from campus_search.embedding.local import Embedder, LocalMiniLM, get_embedder
+from campus_search.ingest.formats import ParseLimits
+from campus_search.ingest.pipeline import Ingester
+from campus_search.retrieval.cache import RedisBackend, ResultCache, build_cache
+from campus_search.retrieval.fusion import FusionConfig
+from campus_search.retrieval.lexical import BM25
+from campus_search.retrieval.search import Hit, Searcher, SearchOutcome, SearchParams
+from campus_search.security.roles import Principal
+from campus_search.storage.db import Database, migrate, resolve_dsns
+from campus_search.storage.replicas import ReplicaFailed
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import DEMO
 
 from campus_search.app import create_app
-from campus_search.cli import ingest_paths
-from campus_search.metadata import AccessMetadata
+from campus_search.cli.main import ingest_paths
+from campus_search.ingest.metadata import AccessMetadata
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from campus_search.config import Settings, load_settings
-from campus_search.embedding import LocalMiniLM
+from campus_search.embedding.local import LocalMiniLM
 from campus_search.security.auth import mint_token
 
 TEST_SECRET = "test-secret-" + "x" * 40
@@ -124,8 +124,8 @@ def services_factory(embedder: LocalMiniLM) -> Iterator[Callable[[Settings], Any
 def demo_services(make_database: Callable[[], str], embedder: LocalMiniLM,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Services on a database holding the demo corpus, shared read-only by many tests."""
-    from campus_search.cli import ingest_paths
-    from campus_search.metadata import AccessMetadata
+    from campus_search.cli.main import ingest_paths
+    from campus_search.ingest.metadata import AccessMetadata
     from campus_search.services import Services
 
     settings = make_settings(make_database(), tmp_path_factory.mktemp("demo-data"))
@@ -188,7 +188,7 @@ def serving(env: dict[str, str], log_dir: Path, *, workers: int, threads: int) -
     env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
     log_path = log_dir / "server.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "campus_search.cli", "serve", "--workers", str(workers),
+        proc = subprocess.Popen([sys.executable, "-m", "campus_search.cli.main", "serve", "--workers", str(workers),
                                  "--threads", str(threads)], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

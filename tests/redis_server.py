@@ -26,9 +26,9 @@ import redis
 
 
 def redis_binary() -> str:
-    """The program the embedded Redis uses too (campus_search.embedded_redis.redis_binary)."""
-    from campus_search.embedded_redis import redis_binary as find
+    """The program the embedded Redis uses too (campus_search.storage.embedded_redis.redis_binary)."""
     from campus_search.errors import ConfigError
+    from campus_search.storage.embedded_redis import redis_binary as find
 
     try:
         return find(os.environ.get("REDIS_SERVER_BIN"))

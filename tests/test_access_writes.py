@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from conftest import DEMO, TEST_SECRET
 
-from campus_search import cli
+from campus_search.cli import main as cli
 from campus_search.config import Settings, load_settings
-from campus_search.search import SearchParams
+from campus_search.retrieval.search import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
 
 ADMIN = superuser("admin-test")
@@ -344,7 +344,7 @@ def test_a_patch_landing_while_a_sync_embeds_is_not_overwritten(env: Settings, s
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A sync decides each document's metadata from the rows it read, then embeds, then writes. An
     admin's PATCH that commits in between must not be overwritten with that stale decision."""
-    from campus_search.sync import sync_paths
+    from campus_search.ingest.sync import sync_paths
 
     docs = tmp_path / "docs"
     front = "department: Estates\nvisibility: department\nclearance_level: 2"
@@ -522,7 +522,7 @@ def _yaml(meta: dict[str, Any]) -> str:
 
 
 def _all_stored(services: Any) -> dict[str, Any]:
-    from campus_search.metadata import AccessMetadata
+    from campus_search.ingest.metadata import AccessMetadata
 
     with services.db.connection(read=False) as conn:
         rows = conn.execute("SELECT external_id, department, visibility, clearance_level, campus, priority, "
@@ -540,7 +540,7 @@ def test_random_write_sequences_never_loosen_without_an_explicit_act(
     kind of user is exactly what the visibility rule allows for the stored metadata."""
     import random
 
-    from campus_search.metadata import loosenings
+    from campus_search.ingest.metadata import loosenings
     from campus_search.security.roles import is_visible
 
     rng = random.Random(20261130)

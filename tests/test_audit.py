@@ -16,7 +16,7 @@ import pytest
 from auditing import by_request, rows
 
 from campus_search.app import create_app
-from campus_search.audit import (
+from campus_search.audit.records import (
     Auditor,
     AuditRecord,
     AuditUnavailable,
@@ -24,10 +24,10 @@ from campus_search.audit import (
     record_admin_action,
     verify,
 )
-from campus_search.cli import main
-from campus_search.db import Database
+from campus_search.cli.main import main
 from campus_search.errors import NotFound
 from campus_search.security.auth import principal_from_claims
+from campus_search.storage.db import Database
 
 QUERY = "How do I reset   a staff password?"
 UA = {"User-Agent": "campus-portal/1.0"}
@@ -288,7 +288,7 @@ def test_search_fails_closed_when_audit_cannot_be_written(audited: Any, token: A
     auth = token("professional_services", departments=["IT Services"])
     body = {"query": "password reset procedures", "config": {"similarity_threshold": -1}}
     break_audit_writes(services)
-    with caplog.at_level(logging.ERROR, logger="campus_search.audit"):
+    with caplog.at_level(logging.ERROR, logger="campus_search.audit.records"):
         r = client.post("/api/search", json=body, headers={"Authorization": auth})
     assert r.status_code == 503 and r.headers["Retry-After"]
     assert r.get_json() == {"error": {"code": "audit_unavailable", "request_id": r.headers["X-Request-ID"],
@@ -318,7 +318,7 @@ def test_log_mode_serves_and_logs(audited: Any, token: Any, caplog: pytest.LogCa
     client, services = audited(audit_failure_mode="log")
     break_audit_writes(services)
     before = failures()
-    with caplog.at_level(logging.ERROR, logger="campus_search.audit"):
+    with caplog.at_level(logging.ERROR, logger="campus_search.audit.records"):
         r = client.post("/api/search", json={"query": "password"}, headers={"Authorization": token("student")})
     assert r.status_code == 200
     assert failures() == before + 1  # operators see it on /metrics too

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from auditing import by_request, rows
 
-from campus_search import audit
-from campus_search.audit import Auditor, AuditRecord, AuditUnavailable, auditor_of, verify
+from campus_search.audit import records as audit
+from campus_search.audit.records import Auditor, AuditRecord, AuditUnavailable, auditor_of, verify
 
 DOC = "it-staff-password-management.md"
 
@@ -79,7 +79,7 @@ def test_admin_change_does_not_happen_when_its_record_cannot_be_written(
     docs = (DOC, API_DOC, "new-guide")
     before = {d: stored(services, d) for d in docs}
     break_audit_writes(services)
-    with caplog.at_level(logging.ERROR, logger="campus_search.audit"):
+    with caplog.at_level(logging.ERROR, logger="campus_search.audit.records"):
         r = ACTIONS[action](client, admin)
     assert r.status_code == 503, r.get_json()
     assert r.get_json()["error"]["code"] == "audit_unavailable"
@@ -111,7 +111,7 @@ def test_log_mode_applies_the_change_and_logs_the_record(audited: Any, token: An
                                                          caplog: pytest.LogCaptureFixture) -> None:
     client, services = audited(audit_failure_mode="log")
     break_audit_writes(services)
-    with caplog.at_level(logging.ERROR, logger="campus_search.audit"):
+    with caplog.at_level(logging.ERROR, logger="campus_search.audit.records"):
         r = client.patch(f"/api/admin/documents/{DOC}", json={"metadata": {"clearance_level": 4}},
                          headers={"Authorization": token("admin")})
     assert r.status_code == 200 and stored(services, DOC)[0] == 4  # type: ignore[index]

@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from conftest import TEST_SECRET, make_settings
 
-from campus_search.backup import NAME_RE, backup_name, pg_bin_dir, prune_backups, server_major
-from campus_search.cli import main
-from campus_search.search import SearchParams
+from campus_search.cli.main import main
+from campus_search.retrieval.search import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
+from campus_search.storage.backup import NAME_RE, backup_name, pg_bin_dir, prune_backups, server_major
 
 QUERIES = ("password reset instructions for staff", "research ethics approval", "fire evacuation procedure")
 USERS = (superuser("admin1"), Principal("s1", DEFAULT_ROLES["student"]),
@@ -242,7 +242,7 @@ def test_restore_transaction_itself_refuses_foreign_objects(
         capsys: pytest.CaptureFixture[str]) -> None:
     """The check is repeated inside the restore's transaction (an object created between the first check
     and the restore, here simulated by blinding the first check): rolled back, nothing dropped."""
-    import campus_search.backup as backup_module
+    import campus_search.storage.backup as backup_module
 
     other = make_database()
     with psycopg.connect(other) as conn:
@@ -300,8 +300,8 @@ def test_backup_keep_prunes_older_backups(tmp_path: Path) -> None:
 
 
 def test_client_programs_match_the_server(pg_cluster: str, cli_env: Path) -> None:
-    from campus_search.backup import tool_major
     from campus_search.config import load_settings
+    from campus_search.storage.backup import tool_major
 
     major = server_major(pg_cluster)
     bindir = pg_bin_dir(load_settings(), major)
@@ -311,7 +311,7 @@ def test_client_programs_match_the_server(pg_cluster: str, cli_env: Path) -> Non
 def test_every_object_the_migrations_create_is_campus_searchs_own(demo_services: Any) -> None:
     """A migrated, populated database is all ours: every table, view and function the migrations create
     (migration 013 added views) is recognised, so restore never mistakes its own database for another's."""
-    from campus_search.backup import inventory
+    from campus_search.storage.backup import inventory
 
     everything, foreign = inventory(demo_services.dsn)
     assert ("view", "public.lexical_df") in everything

@@ -65,9 +65,10 @@ def test_cpu_per_request_splits_the_machine_into_groups_and_the_rest() -> None:
 def test_profile_buckets_take_the_first_matching_part(tmp_path: Path) -> None:
     raw = tmp_path / "p.txt"
     raw.write_text(
-        "run (gunicorn/workers/gthread.py:1);search (campus_search/search.py:2);"
-        "embed (campus_search/embedding.py:3) 6\n"
-        "run (gunicorn/workers/gthread.py:1);append (campus_search/audit.py:9);execute (psycopg/cursor.py:4) 3\n"
+        "run (gunicorn/workers/gthread.py:1);search (campus_search/retrieval/search.py:2);"
+        "embed (campus_search/embedding/local.py:3) 6\n"
+        "run (gunicorn/workers/gthread.py:1);append (campus_search/audit/records.py:9);"
+        "execute (psycopg/cursor.py:4) 3\n"
         "run (gunicorn/workers/gthread.py:1);accept (gunicorn/workers/gthread.py:5) 1\n")
     assert bench_peer.summarise_profile(raw) == {"embedding (ONNX, tokenizer)": 60.0, "audit": 30.0,
                                                  "gunicorn / socket I/O": 10.0}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from campus_search.cache import (
+from campus_search.retrieval.cache import (
     CircuitBreaker,
     GenerationTracker,
     LocalBackend,
     decode_results,
     encode_results,
 )
-from campus_search.search import Hit
+from campus_search.retrieval.search import Hit
 
 
 class Clock:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from campus_search.chunking import Block
-from campus_search.embedding import MAX_SEQ_LENGTH
-from campus_search.ingest import HEAD_SHARE, IngestReport, _content_hash, _Pending
-from campus_search.metadata import AccessMetadata
-from campus_search.parsers import ParsedDocument
-from campus_search.remote_embedding import RemoteEmbedder
+from campus_search.embedding.local import MAX_SEQ_LENGTH
+from campus_search.embedding.remote import RemoteEmbedder
+from campus_search.ingest.chunking import Block
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.pipeline import HEAD_SHARE, IngestReport, _content_hash, _Pending
+from campus_search.ingest.sources import ParsedDocument
 
 BODY = " ".join(f"Sentence {i} explains how staff book the lecture theatre for the term." for i in range(25))
 LONG = " ".join(["Regulations governing the administration of postgraduate research degrees"] * 60)

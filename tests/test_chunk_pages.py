@@ -8,10 +8,10 @@ from typing import Any
 
 from docfiles import write_pdf
 
-from campus_search.chunking import Block, chunk_blocks
-from campus_search.cli import ingest_paths
-from campus_search.metadata import AccessMetadata
-from campus_search.search import SearchParams
+from campus_search.cli.main import ingest_paths
+from campus_search.ingest.chunking import Block, chunk_blocks
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.retrieval.search import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal
 
 PAGES = [

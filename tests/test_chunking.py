@@ -1,4 +1,4 @@
-"""Chunking rules (campus_search/chunking.py): sizes in model tokens, overlap, sections, pages, words."""
+"""Chunking rules (campus_search/ingest/chunking.py): sizes in model tokens, overlap, sections, pages, words."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from campus_search.chunking import Block, Chunk, chunk_blocks, embedding_text, split_sentences
+from campus_search.ingest.chunking import Block, Chunk, chunk_blocks, embedding_text, split_sentences
 
 
 def words(texts: list[str] | Any) -> list[int]:

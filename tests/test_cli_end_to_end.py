@@ -16,7 +16,7 @@ from psycopg.conninfo import make_conninfo
 
 from tests.conftest import TEST_SECRET
 
-CLI = [sys.executable, "-m", "campus_search.cli"]
+CLI = [sys.executable, "-m", "campus_search.cli.main"]
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -47,7 +47,7 @@ def test_embedded_database_keeps_data_across_restarts(tmp_path: Path, folder: Pa
     probe = subprocess.run(
         [sys.executable, "-c",
          "from campus_search.config import load_settings; from campus_search.services import Services;"
-         "from campus_search.search import SearchParams; from campus_search.security.roles import superuser;"
+         "from campus_search.retrieval.search import SearchParams; from campus_search.security.roles import superuser;"
          "s = Services(load_settings()).ensure_open();"
          "hits = s.searcher.search(superuser(), SearchParams('how do I renew a parking permit', max_results=1));"
          "print(hits[0].document_title)"],
@@ -85,7 +85,7 @@ def test_eval_uses_a_kept_scratch_database_never_the_live_index(tmp_path: Path, 
     qrels = tmp_path / "qrels.tsv"
     qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq3\td3\t1\n")
     live = make_database()  # the index a server would be using
-    from campus_search.db import migrate
+    from campus_search.storage.db import migrate
 
     migrate(live, model="all-MiniLM-L6-v2", dimension=384)
     env = {"DATABASE_URL": live, "DATA_DIR": str(tmp_path / "state"), "JWT_SECRET_KEY": TEST_SECRET}
@@ -124,7 +124,7 @@ def test_eval_uses_a_kept_scratch_database_never_the_live_index(tmp_path: Path, 
 
 
 def test_read_only_dsn_refuses_writes(make_database: Any) -> None:
-    from campus_search.evaluation import read_only
+    from campus_search.retrieval.evaluation import read_only
 
     with psycopg.connect(read_only(make_database())) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         conn.execute("CREATE TABLE t (x int)")

@@ -107,7 +107,7 @@ def test_config_file_keeps_quote_characters_that_are_part_of_a_secret(tmp_path: 
 
 
 def test_cli_reports_configuration_errors_without_traceback(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "campus_search.cli", "config"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "campus_search.cli.main", "config"], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path), "PORT": "eighty"}, timeout=60)
     assert r.returncode == 2
     assert "PORT" in r.stderr and "Traceback" not in r.stderr

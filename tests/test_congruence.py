@@ -35,11 +35,11 @@ import numpy as np
 import pytest
 from conftest import make_settings
 
-from campus_search.db import Database
-from campus_search.fusion import FusionConfig
-from campus_search.search import Searcher, SearchParams, business_score
+from campus_search.retrieval.fusion import FusionConfig
+from campus_search.retrieval.search import Searcher, SearchParams, business_score
 from campus_search.security.roles import DEFAULT_ROLES, Principal, build_roles, is_visible
 from campus_search.services import Services
+from campus_search.storage.db import Database
 
 DEMO_CORPUS = Path(__file__).resolve().parent.parent / "campus_search" / "demo_corpus"
 N_DOCS, CHUNKS_PER_DOC, N_TOPICS = 1000, 4, 160
@@ -390,8 +390,8 @@ N_INGESTED = 240
 @pytest.fixture(scope="module")
 def ingested(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     """A corpus written by ``Ingester`` (parsing, chunking, embedding with the real model, the triggers)."""
-    from campus_search.metadata import AccessMetadata
-    from campus_search.parsers import Block, ParsedDocument
+    from campus_search.ingest.metadata import AccessMetadata
+    from campus_search.ingest.sources import Block, ParsedDocument
 
     pick = random.Random(17)
     paragraphs, headings = demo_texts()

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from campus_search.config import Settings, load_settings
-from campus_search.db import MIGRATION_LOCK, Database, migrate, prepare_threshold
 from campus_search.errors import ConfigError
+from campus_search.storage.db import MIGRATION_LOCK, Database, migrate, prepare_threshold
 
 
 @pytest.mark.parametrize(("setting", "dsn", "expected"), [
@@ -96,7 +96,7 @@ def test_search_transactions_carry_their_own_statement_timeout(make_database: Ca
     """DB_STATEMENT_TIMEOUT_MS is SET LOCAL in each search transaction: in force for the search's
     statements, gone when the transaction ends (so nothing stays on a server connection that pgbouncer
     hands to another client), and absent from write transactions."""
-    from campus_search.search import Searcher
+    from campus_search.retrieval.search import Searcher
 
     dsn = make_database()
     settings = load_settings({"DATABASE_URL": dsn, "DATA_DIR": str(tmp_path), "DB_STATEMENT_TIMEOUT_MS": "1234",

@@ -21,9 +21,9 @@ import yaml
 from conftest import ROOT
 from packaging.requirements import Requirement
 
-from campus_search.backup import bundled_bin_dirs
 from campus_search.config import Settings
-from campus_search.db import prepare_threshold
+from campus_search.storage.backup import bundled_bin_dirs
+from campus_search.storage.db import prepare_threshold
 
 BRIEF_COMMAND = ("gunicorn --bind 0.0.0.0:5100 --workers 4 --worker-class gthread --threads 2 --timeout 60 "
                  "--keepalive 10 --preload production_system:create_production_app")
@@ -609,7 +609,7 @@ def test_make_run_keeps_its_data_with_the_checkout() -> None:
 
 def test_readme_command_table_names_ingest_demo_and_eval_live() -> None:
     """The options a new operator needs first are in the README's command table, as `--help` has them."""
-    from campus_search.cli import build_parser
+    from campus_search.cli.main import build_parser
 
     rows = {line.split("`")[1].split()[1]: line for line in (ROOT / "README.md").read_text().splitlines()
             if line.startswith("| `campus-search ")}
@@ -622,7 +622,7 @@ def test_readme_command_table_names_ingest_demo_and_eval_live() -> None:
 def test_the_banner_describes_every_route(demo_app: Any) -> None:
     """Each endpoint the start-up banner lists has a description (a route renamed without its entry in
     server.DESCRIPTIONS, or a view without a docstring, showed an empty one)."""
-    from campus_search.server import endpoints
+    from campus_search.ops.server import endpoints
 
     routes = endpoints(demo_app)
     assert any(path.startswith("/api/admin/documents/") for _, path, _ in routes)

@@ -22,10 +22,10 @@ import redis
 import requests
 from conftest import ROOT, TEST_SECRET, serving
 
-from campus_search.embedded_redis import ping, socket_path
+from campus_search.storage.embedded_redis import ping, socket_path
 
 #: A process that uses the embedded Redis of DATA_DIR (argv[1]) until its stdin closes.
-USER = ("import sys; from campus_search.embedded_redis import ensure_embedded_redis as e; "
+USER = ("import sys; from campus_search.storage.embedded_redis import ensure_embedded_redis as e; "
         "print(e(sys.argv[1]), flush=True); sys.stdin.read()")
 
 

@@ -14,13 +14,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from campus_search import embedding
 from campus_search.app import create_app
-from campus_search.chunking import Block
+from campus_search.embedding import local as embedding
+from campus_search.embedding.remote import RemoteEmbedder
 from campus_search.errors import EmbeddingError
-from campus_search.metadata import AccessMetadata
-from campus_search.parsers import ParsedDocument
-from campus_search.remote_embedding import RemoteEmbedder
+from campus_search.ingest.chunking import Block
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.sources import ParsedDocument
 from campus_search.services import Services
 
 SECRET_QUERY = "counselling appointment for anxiety"
@@ -43,7 +43,7 @@ def test_a_503_logs_its_root_cause(settings_factory: Any, services_factory: Any,
     by = {rec.name: rec.getMessage() for rec in caplog.records}
     assert "canceling statement due to statement timeout" in by["campus_search.api.errors"], by
     assert "QueryCanceled" in by["campus_search.api.errors"]
-    assert "canceling statement due to statement timeout" in by["campus_search.db"], by
+    assert "canceling statement due to statement timeout" in by["campus_search.storage.db"], by
 
 
 def test_a_500_names_no_file_to_the_client(settings_factory: Any, token: Any, monkeypatch: pytest.MonkeyPatch,

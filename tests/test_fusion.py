@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from campus_search.fusion import FusionConfig, fuse
+from campus_search.retrieval.fusion import FusionConfig, fuse
 
 
 def test_convex_minmax_weights() -> None:

@@ -34,8 +34,8 @@ SECRET_WORD = "wombatsecret"
 @pytest.fixture(scope="module")
 def served_dsn(make_database: Callable[[], str], embedder: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A database holding a few demo documents, for servers started by these tests."""
-    from campus_search.cli import ingest_paths
-    from campus_search.metadata import AccessMetadata
+    from campus_search.cli.main import ingest_paths
+    from campus_search.ingest.metadata import AccessMetadata
     from campus_search.services import Services
 
     settings = make_settings(make_database(), tmp_path_factory.mktemp("gunicorn-ingest"))
@@ -232,7 +232,7 @@ sys.argv = ["gunicorn", "production_system:create_production_app"]
 from gunicorn.app.wsgiapp import WSGIApplication
 conf = WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").cfg   # reads ./gunicorn.conf.py, as the brief's command
 from campus_search.config import load_settings
-from campus_search.server import gunicorn_server
+from campus_search.ops.server import gunicorn_server
 serve = gunicorn_server(load_settings(), app=None).cfg              # what `campus-search serve` runs
 skip = {"default_proc_name"}  # gunicorn names the process after the app module it was given
 diff = sorted(k for k in conf.settings if k not in skip and conf.settings[k].get() != serve.settings[k].get())

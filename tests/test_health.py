@@ -10,7 +10,7 @@ import pytest
 from conftest import TEST_SECRET
 
 from campus_search.app import create_app
-from campus_search.health import _Cached, _timed
+from campus_search.ops.health import _Cached, _timed
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_health_results_are_reused_within_the_interval(ops_app: Any, demo_servic
             conn.commit()
     assert [r["timestamp"] for r in again] == [first["timestamp"]] * 3
     assert [r["components"]["database"]["chunk_count"] for r in again] == [real] * 3
-    assert ops_app.extensions["campus_search.health"]._report.ttl == 300.0  # the app's setting is the one used
+    assert ops_app.extensions["campus_search.ops.health"]._report.ttl == 300.0  # the app's setting is the one used
 
 
 def test_concurrent_checks_run_once() -> None:
@@ -188,7 +188,7 @@ def test_redis_down_degrades_but_stays_healthy(settings_factory: Any, services_f
 # ---- the database check reads maintained statistics, not the whole index
 
 def _health_docs(n: int) -> list[Any]:
-    from campus_search.parsers import Block, ParsedDocument
+    from campus_search.ingest.sources import Block, ParsedDocument
 
     return [ParsedDocument(external_id=f"h{i}", title=f"Health doc {i}", source=f"h{i}",
                            blocks=[Block(f"Paragraph {j} of health document {i} about printing credit and "
@@ -203,8 +203,8 @@ def test_chunk_count_is_exact_after_ingest_and_delete_without_scanning_chunks(
     until HEALTH_TIMEOUT and report the database unhealthy)."""
     import psycopg
 
-    from campus_search.health import HealthMonitor
-    from campus_search.metadata import AccessMetadata
+    from campus_search.ingest.metadata import AccessMetadata
+    from campus_search.ops.health import HealthMonitor
 
     settings = settings_factory(health_cache_seconds=0.0, health_timeout=1.0)
     services = services_factory(settings)

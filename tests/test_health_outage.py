@@ -17,8 +17,8 @@ import pytest
 from conftest import make_settings
 
 from campus_search.app import create_app
-from campus_search.metadata import AccessMetadata
-from campus_search.parsers import ParsedDocument, parse_file
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.sources import ParsedDocument, parse_file
 
 DOCS = {
     "wifi.md": "# Eduroam\n\nConnect to eduroam with your university login and the CA certificate.\n",
@@ -244,8 +244,8 @@ def test_pools_reconnect_within_seconds_of_a_long_outage(own_cluster: Any, tmp_p
     itself, a pool whose database was down for 8 s makes its next attempt 7 s after the database is
     back (the issue saw 74 s after a longer outage). Pools give up such an attempt after DB_RETRY_AFTER
     and reconnect when a request needs them, so recovery takes well under RECOVERY seconds."""
-    from campus_search.db import Database, migrate
     from campus_search.errors import ServiceUnavailable
+    from campus_search.storage.db import Database, migrate
 
     dsn = own_cluster.get_uri()
     migrate(dsn, model="all-MiniLM-L6-v2", dimension=384)

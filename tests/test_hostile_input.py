@@ -26,9 +26,9 @@ from hostile import (
     yaml_alias_bomb,
 )
 
-from campus_search.textrules import MAX_SECTION_TITLE_CHARS, MAX_TITLE_CHARS
+from campus_search.ingest.textrules import MAX_SECTION_TITLE_CHARS, MAX_TITLE_CHARS
 
-CLI = [sys.executable, "-m", "campus_search.cli"]
+CLI = [sys.executable, "-m", "campus_search.cli.main"]
 MiB = 1024 * 1024
 GOOD = "Library opening hours are extended during the examination period, until midnight."
 
@@ -125,7 +125,7 @@ def test_markdown_patterns_do_not_backtrack_over_a_line() -> None:
     (cubic or quadratic: hours for these). Each must parse in linear time; the subprocess's timeout is
     the bound, not an assertion on speed."""
     script = (
-        "from campus_search.parsers import parse_markdown\n"
+        "from campus_search.ingest.sources import parse_markdown\n"
         "lines = ['# ' + ' ' * 20000 + '#' * 20000 + ' ' * 20000 + 'y', '[' * 200000, '[a](' * 100000,\n"
         "         '*a ' * 100000, '_a ' * 100000, '## Costs ##', 'See [the form](http://x/f) and **bold** text.']\n"
         "title, blocks, _ = parse_markdown('# Markup\\n\\n' + '\\n\\n'.join(lines), fallback_title='x')\n"
@@ -300,8 +300,8 @@ def test_an_unexpected_parser_exception_is_one_files_error(settings_factory: Any
     Markdown heading reader raise RuntimeError) fails that file only, with its class in the report."""
     import selectolax.lexbor
 
-    from campus_search import parsers
-    from campus_search.sync import sync_paths
+    from campus_search.ingest import sources as parsers
+    from campus_search.ingest.sync import sync_paths
 
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("a library bug")
@@ -331,9 +331,9 @@ def test_an_unexpected_parser_exception_is_one_files_error(settings_factory: Any
 def test_chunk_export_applies_the_same_checks_and_caps_as_ingest(embedder: Any) -> None:
     """``campus-search chunks`` hashes must be the ones ingest stores: the title is capped the same
     way, and a document ingest refuses is left out and counted."""
-    from campus_search.chunking import Block, embedding_text
-    from campus_search.ingest import Ingester, IngestReport, _chunk_hash
-    from campus_search.parsers import ParsedDocument
+    from campus_search.ingest.chunking import Block, embedding_text
+    from campus_search.ingest.pipeline import Ingester, IngestReport, _chunk_hash
+    from campus_search.ingest.sources import ParsedDocument
 
     ingester = Ingester(None, embedder)  # type: ignore[arg-type]  # chunking only
     long_title = "Policy " * 100

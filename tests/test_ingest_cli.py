@@ -12,8 +12,8 @@ import pytest
 from conftest import TEST_SECRET
 from docfiles import write_docx, write_pdf
 
-from campus_search import cli
-from campus_search.progress import ProgressBar
+from campus_search.cli import main as cli
+from campus_search.ingest.progress import ProgressBar
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ class FakeTTY:
 
 
 def test_progress_bar_shows_rate_and_eta() -> None:
-    from campus_search.ingest import IngestReport
+    from campus_search.ingest.pipeline import IngestReport
 
     stream = FakeTTY()
     bar = ProgressBar(stream)  # type: ignore[arg-type]

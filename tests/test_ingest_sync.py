@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from docfiles import write_docx, write_html, write_pdf
 
-from campus_search.metadata import AccessMetadata
-from campus_search.search import SearchParams
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.sync import sync_paths
+from campus_search.retrieval.search import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
 from campus_search.services import Services
-from campus_search.sync import sync_paths
 
 ADMIN = superuser("admin-test")
 STUDENT = Principal("student-test", DEFAULT_ROLES["student"])

@@ -12,8 +12,8 @@ import pytest
 from conftest import TEST_SECRET, serving
 from redis_server import free_port
 
-from campus_search.cli import main
-from campus_search.loadtest import percentile
+from campus_search.cli.main import main
+from campus_search.ops.loadtest import percentile
 
 PER_MINUTE = 3
 

@@ -1,4 +1,4 @@
-"""The one rule for how a write may change access metadata (campus_search.metadata): pure functions,
+"""The one rule for how a write may change access metadata (campus_search.ingest.metadata): pure functions,
 checked case by case and exhaustively over a grid of stored/stated metadata."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from campus_search.errors import BadRequest, IngestError
-from campus_search.metadata import (
+from campus_search.ingest.metadata import (
     FILE_KEYS,
     FOLDER_KEYS,
     AccessMetadata,

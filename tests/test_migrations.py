@@ -12,7 +12,7 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-from campus_search.db import _migrations, migrate
+from campus_search.storage.db import _migrations, migrate
 
 MODEL, DIM = "all-MiniLM-L6-v2", 384
 DOCS = [  # (external id, title, access, [(section, text)])
@@ -94,7 +94,7 @@ def test_backfills_bring_a_populated_schema_002_database_up_to_date(make_databas
     assert len(titles_only) == 3  # the title word reaches all three of its document's chunks
 
     # The brought-up database searches like a fresh one, and new writes keep the statistics exact.
-    from campus_search.lexical import BM25
+    from campus_search.retrieval.lexical import BM25
 
     with psycopg.connect(dsn) as conn:
         hits = conn.execute(f"WITH {BM25().scored_cte('p.clearance_level <= 1')} SELECT chunk_id FROM lex_scores",

@@ -212,7 +212,7 @@ def test_admin_answers_match_the_schemas(writable_client: Any, token: Any, spec:
 def test_documented_bounds_are_the_enforced_ones(client: Any, token: Any, spec: dict[str, Any]) -> None:
     """The schema's limits are the code's: list paging, the id grammar (textrules.py), titles, and the
     search body's ``user`` (an object or nothing)."""
-    from campus_search.textrules import MAX_TITLE_CHARS, id_problem
+    from campus_search.ingest.textrules import MAX_TITLE_CHARS, id_problem
 
     admin = {"Authorization": token("admin")}
     params = {p["name"]: p["schema"] for p in spec["paths"]["/api/admin/documents"]["get"]["parameters"]}

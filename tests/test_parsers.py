@@ -10,8 +10,8 @@ import pytest
 from docfiles import write_docx, write_html, write_pdf
 
 from campus_search.errors import IngestError
-from campus_search.formats import ParseLimits
-from campus_search.parsers import discover, parse_bytes, parse_file, read_jsonl
+from campus_search.ingest.formats import ParseLimits
+from campus_search.ingest.sources import discover, parse_bytes, parse_file, read_jsonl
 
 LONG = ("Staff who forget their password must verify their identity with the IT Service Desk before a reset "
         "can be issued, and the new password must meet the complexity rules of the university.")
@@ -284,7 +284,7 @@ def test_jsonl_bad_bytes_and_long_lines_are_per_line_errors(tmp_path: Path) -> N
 
 
 def test_id_grammar() -> None:
-    from campus_search.textrules import id_problem, shorten, text_problem
+    from campus_search.ingest.textrules import id_problem, shorten, text_problem
 
     for good in ("a", "it/printing guide.md", "café/menü", "x" * 500, "a\u00adb"):
         assert id_problem(good) is None, good

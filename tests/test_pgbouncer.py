@@ -26,9 +26,9 @@ from psycopg.conninfo import conninfo_to_dict
 from redis_server import free_port
 
 from campus_search.app import create_app
-from campus_search.metadata import AccessMetadata
-from campus_search.parsers import parse_bytes
-from campus_search.search import SearchParams
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.sources import parse_bytes
+from campus_search.retrieval.search import SearchParams
 from campus_search.security.roles import superuser
 
 pytestmark = pytest.mark.skipif(shutil.which("pgbouncer") is None, reason="pgbouncer is not installed")
@@ -181,8 +181,8 @@ def test_search_timeout_holds_per_transaction_and_never_leaks_to_another_client(
                                                                                 tmp_path: Path) -> None:
     """One server connection behind transaction pooling: the search's SET LOCAL timeout is in force in
     its own transaction and absent from the next client's (a session SET would be inherited)."""
-    from campus_search.db import Database, migrate
-    from campus_search.search import Searcher
+    from campus_search.retrieval.search import Searcher
+    from campus_search.storage.db import Database, migrate
 
     url, _ = pgbouncer
     migrate(url, model="all-MiniLM-L6-v2", dimension=384)

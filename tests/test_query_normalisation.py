@@ -8,10 +8,10 @@ import unicodedata
 from typing import Any
 
 from campus_search.app import create_app
-from campus_search.chunking import Block
-from campus_search.metadata import AccessMetadata
-from campus_search.parsers import ParsedDocument
-from campus_search.search import SearchParams
+from campus_search.ingest.chunking import Block
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.sources import ParsedDocument
+from campus_search.retrieval.search import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal
 
 DOCS = {

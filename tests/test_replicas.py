@@ -2,7 +2,7 @@
 wheel: initdb, pg_basebackup -R, hot standby): searches read from the replica while it is current; a
 replica that lags past REPLICA_MAX_LAG_SECONDS, or stops (even between two probes), is skipped without a
 failed search, and serves again once it recovers; a writer -- this process, or another one sharing
-Redis -- never reads the state before its write (the write fence, campus_search/replicas.py).
+Redis -- never reads the state before its write (the write fence, campus_search/storage/replicas.py).
 
 Lag is made on purpose with ``pg_wal_replay_pause()`` on the replica; writes "from outside the app"
 (no fence) are plain SQL on the primary.
@@ -24,11 +24,11 @@ import pytest
 from conftest import ROOT, make_settings
 
 from campus_search import metrics
-from campus_search.metadata import AccessMetadata
-from campus_search.parsers import parse_bytes
-from campus_search.replicas import ReadRouter, replica_lag, split_read_urls
-from campus_search.search import SearchParams
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.sources import parse_bytes
+from campus_search.retrieval.search import SearchParams
 from campus_search.security.roles import superuser
+from campus_search.storage.replicas import ReadRouter, replica_lag, split_read_urls
 
 sys.path.insert(0, str(ROOT / "deploy"))
 from pgnative import Cluster, free_port, give, system_user  # noqa: E402
@@ -211,7 +211,7 @@ def test_a_lagging_replica_is_skipped_until_it_catches_up(database: tuple[str, s
 
 
 def services_health(services: Any) -> dict[str, Any]:
-    from campus_search.health import HealthMonitor
+    from campus_search.ops.health import HealthMonitor
 
     return HealthMonitor(services).report()
 
@@ -305,7 +305,7 @@ def test_another_process_reads_the_write_through_the_shared_fence(database: tupl
 def test_router_prefers_another_replica_before_the_primary(pair: Pair) -> None:
     """Several read nodes: each process starts at its own offset, and a replica that is not fit is
     passed over for the next one."""
-    from campus_search.replicas import Replica
+    from campus_search.storage.replicas import Replica
 
     class Pool:
         pass

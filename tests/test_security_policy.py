@@ -16,7 +16,7 @@ from werkzeug.datastructures import Headers
 from campus_search.app import create_app
 from campus_search.config import load_settings
 from campus_search.errors import ConfigError
-from campus_search.proxies import client_ip, from_trusted_proxy
+from campus_search.security.proxies import client_ip, from_trusted_proxy
 from campus_search.security.roles import (
     ANONYMOUS_ROLE,
     DEFAULT_ROLES,

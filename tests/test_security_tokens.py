@@ -371,7 +371,7 @@ def test_anonymous_refused_by_default(client: Any) -> None:
 
 def test_token_command_mints_an_accepted_token(client: Any, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
-    from campus_search.cli import main
+    from campus_search.cli.main import main
 
     monkeypatch.setenv("JWT_SECRET_KEY", TEST_SECRET)
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
@@ -471,7 +471,7 @@ def test_sso_role_claim_equal_to_a_role_name_is_a_student(app_factory: Any, idp:
 
 def test_token_command_mints_the_mapped_sso_value_and_warns_about_unmapped_roles(
         app_factory: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
-    from campus_search.cli import main
+    from campus_search.cli.main import main
 
     monkeypatch.setenv("JWT_SECRET_KEY", TEST_SECRET)
     monkeypatch.setenv("DATA_DIR", str(tmp_path))

@@ -40,7 +40,7 @@ def test_stopping_serve_demo_is_clean(demo_services: Any, tmp_path: Path, sig: s
                DB_POOL_MIN_SIZE="1", DB_POOL_MAX_SIZE="2", LOG_FORMAT="text")
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "campus_search.cli", "serve", "--demo", "--workers", "2"],
+        proc = subprocess.Popen([sys.executable, "-m", "campus_search.cli.main", "serve", "--demo", "--workers", "2"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -102,7 +102,7 @@ class _FakeArbiter:
 
 @pytest.fixture
 def saved_signal_handlers() -> Any:
-    from campus_search.gunicorn_hooks import STOP_SIGNALS
+    from campus_search.ops.gunicorn_hooks import STOP_SIGNALS
 
     saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     yield
@@ -115,7 +115,7 @@ def test_a_stop_signal_during_worker_start_up_is_not_lost(saved_signal_handlers:
     """A Ctrl-C that reaches a worker between fork and gunicorn's own worker handlers lands in the
     inherited master handler's queue; the worker must act on it (exit) rather than run on until the
     master kills it after graceful_timeout ("Worker was sent SIGKILL!")."""
-    from campus_search.gunicorn_hooks import post_fork
+    from campus_search.ops.gunicorn_hooks import post_fork
 
     arbiter = _FakeArbiter(signal.SIGWINCH, sig)
     with pytest.raises(SystemExit) as exited:
@@ -138,11 +138,11 @@ def test_a_second_stop_signal_cannot_interrupt_a_worker_on_its_way_out(saved_sig
     stop is under way (gunicorn's worker_int hook), further stop signals are ignored, so the exit path
     (worker_exit closing the pools, the "Worker exiting" line) is not cut short by a second SystemExit."""
     from campus_search.config import Settings
-    from campus_search.gunicorn_hooks import HOOKS, STOP_SIGNALS, server_options
+    from campus_search.ops.gunicorn_hooks import HOOKS, STOP_SIGNALS, server_options
 
     assert server_options(Settings(data_dir="/x"))["worker_int"] is HOOKS["worker_int"]
     HOOKS["worker_int"](object())
-    from campus_search.gunicorn_hooks import _ignore
+    from campus_search.ops.gunicorn_hooks import _ignore
 
     assert all(signal.getsignal(sig) is _ignore for sig in STOP_SIGNALS)  # Python no-ops, not SIG_IGN
     os.kill(os.getpid(), signal.SIGQUIT)  # ignored: no SystemExit, no "ignored due to race condition"

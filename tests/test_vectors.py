@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from conftest import TEST_SECRET
 
-from campus_search import cli
-from campus_search.embedding import LocalMiniLM
-from campus_search.vectors import read_inputs
+from campus_search.cli import main as cli
+from campus_search.embedding.local import LocalMiniLM
+from campus_search.ingest.vectors import read_inputs
 
 DOCS = {
     "boilers.md": "# Boiler maintenance\n\nThe boiler room is inspected every spring by Estates.\n\n"

@@ -15,10 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from campus_search.chunking import Block
-from campus_search.ingest import IngestReport, _content_hash, _Pending
-from campus_search.metadata import AccessMetadata
-from campus_search.parsers import ParsedDocument
+from campus_search.ingest.chunking import Block
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.pipeline import IngestReport, _content_hash, _Pending
+from campus_search.ingest.sources import ParsedDocument
 
 
 def _doc(ext_id: str, text: str) -> ParsedDocument:

@@ -13,9 +13,9 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from .. import metrics
-from ..errors import BadRequest
-from ..security.auth import require_admin
+from campus_search import metrics
+from campus_search.errors import BadRequest
+from campus_search.security.auth import require_admin
 
 bp = Blueprint("admin_stats", __name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify
 
-from ..audit import record_admin_action, record_failure
-from ..security.auth import require_admin
+from campus_search.audit.records import record_admin_action, record_failure
+from campus_search.security.auth import require_admin
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from flask import Flask
 from flask_cors import CORS
 
-from ..config import Settings
+from campus_search.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@
 Upserts go through the same :class:`Ingester` as ``campus-search ingest``: unchanged content is not
 re-embedded, changed content re-embeds only new chunks, and the swap is one transaction.
 
-Access metadata follows :func:`campus_search.metadata.resolve` (SPEC §2): metadata given replaces
+Access metadata follows :func:`campus_search.ingest.metadata.resolve` (SPEC §2): metadata given replaces
 only the fields given (``null`` clears campus, last_reviewed, or department while public); for an
 existing document the others keep their stored values. A change that loosens access is refused with
 409 ``loosening_refused`` unless the request says ``"allow_loosening": true``; an uploaded file's own
@@ -24,7 +24,7 @@ Upload size: ``MAX_DOCUMENT_BYTES``; what a document may unpack to: ``MAX_DOCUME
 ``MAX_DOCUMENT_CHARS``, ``MAX_DOCUMENT_CHUNKS`` (422 beyond them).
 
 Ids are taken exactly as given in the URL (percent-encoded UTF-8) or refused with a 400 that says why
-(:mod:`campus_search.textrules`): never trimmed, never repaired. Text that cannot be stored (NUL, lone
+(:mod:`campus_search.ingest.textrules`): never trimmed, never repaired. Text that cannot be stored (NUL, lone
 surrogates) anywhere in a JSON body is a 400, as is JSON nested too deeply to parse.
 """
 
@@ -40,14 +40,14 @@ from urllib.parse import unquote_to_bytes
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.routing import PathConverter
 
-from ..audit import AdminChange, admin_change
-from ..errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
-from ..ingest import LooseningRefused
-from ..metadata import FIELDS as META_FIELDS
-from ..metadata import AccessMetadata, check_keys, check_values, loosenings, resolve
-from ..parsers import BYTE_PARSERS, parse_bytes
-from ..security.auth import require_admin
-from ..textrules import MAX_TITLE_CHARS, id_problem, json_text_problem, text_problem
+from campus_search.audit.records import AdminChange, admin_change
+from campus_search.errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
+from campus_search.ingest.metadata import FIELDS as META_FIELDS
+from campus_search.ingest.metadata import AccessMetadata, check_keys, check_values, loosenings, resolve
+from campus_search.ingest.pipeline import LooseningRefused
+from campus_search.ingest.sources import BYTE_PARSERS, parse_bytes
+from campus_search.ingest.textrules import MAX_TITLE_CHARS, id_problem, json_text_problem, text_problem
+from campus_search.security.auth import require_admin
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class SourceConflict(CampusSearchError):
 
 @contextlib.contextmanager
 def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]) -> Iterator[AdminChange]:
-    """Audit an admin document change through the audit log's ``admin_change`` (campus_search/audit.py):
+    """Audit an admin document change through the audit log's ``admin_change`` (campus_search/audit/records.py):
     the success record is written in the change's own transaction (``change.record_in`` handed to the
     ingester), so the change and its record commit together or not at all; a failure is recorded with
     its error code."""
@@ -95,7 +95,7 @@ def _services() -> Any:
 
 
 def _doc_id(doc_id: str) -> str:
-    """The id from the URL, exactly, or a 400 (the grammar is in :mod:`campus_search.textrules`)."""
+    """The id from the URL, exactly, or a 400 (the grammar is in :mod:`campus_search.ingest.textrules`)."""
     # The router decodes the path with errors="replace", so %ff and %fe would both name U+FFFD: check
     # the bytes the client sent (gunicorn and werkzeug keep the raw URI; other servers: PATH_INFO).
     raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
@@ -321,7 +321,7 @@ def upsert_document(doc_id: str) -> Any:
 
         report = services.ingester.ingest([doc], allow_loosening=allow, respect_pins=False, audit=audit)
         if report.failed:
-            from ..errors import IngestError
+            from campus_search.errors import IngestError
 
             raise IngestError(report.errors[0].replace(doc.source or "", doc_id, 1) if report.errors else
                               "document could not be ingested")

@@ -13,7 +13,7 @@ from flask import Flask, g, jsonify
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from ..errors import CampusSearchError
+from campus_search.errors import CampusSearchError
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from ..audit import admin_action
-from ..errors import BadRequest, NotFound
-from ..security.auth import require_admin
-from ..security.roles import Principal, explain_visibility, is_visible, map_role, role_table, visible_sql
+from campus_search.audit.records import admin_action
+from campus_search.errors import BadRequest, NotFound
+from campus_search.security.auth import require_admin
+from campus_search.security.roles import Principal, explain_visibility, is_visible, map_role, role_table, visible_sql
 
 bp = Blueprint("explain", __name__)
 

@@ -13,12 +13,12 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from .. import __version__
+from campus_search import __version__
 
 bp = Blueprint("openapi", __name__)
 
 
-#: Answers of the HTTP server itself (campus_search/gunicorn_worker.py), before the app sees a request;
+#: Answers of the HTTP server itself (campus_search/ops/gunicorn_worker.py), before the app sees a request;
 #: any operation can get them, so :func:`openapi_document` adds them to every operation.
 SERVER_LIMITS = {
     "408": ("RequestTimeout", "The request (head, and a body up to MAX_REQUEST_BYTES) did not arrive within "

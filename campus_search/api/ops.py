@@ -11,14 +11,14 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from .. import metrics
-from ..health import HealthMonitor
+from campus_search import metrics
+from campus_search.ops.health import HealthMonitor
 
 bp = Blueprint("ops", __name__)
 
 
 def monitor() -> HealthMonitor:
-    return current_app.extensions["campus_search.health"]
+    return current_app.extensions["campus_search.ops.health"]
 
 
 @bp.get("/health")
@@ -53,5 +53,5 @@ def metrics_endpoint() -> Any:
 
 
 def init_app(app: Any, settings: Any = None) -> None:
-    app.extensions["campus_search.health"] = HealthMonitor(app.extensions["campus_search"], settings)
+    app.extensions["campus_search.ops.health"] = HealthMonitor(app.extensions["campus_search"], settings)
     app.register_blueprint(bp)

@@ -10,11 +10,11 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, request
 
-from ..audit import audit_search_response
-from ..errors import BadRequest, Forbidden, PayloadTooLarge
-from ..search import SearchOutcome, SearchParams, validate_filters
-from ..security.auth import authenticate
-from ..security.roles import Principal
+from campus_search.audit.records import audit_search_response
+from campus_search.errors import BadRequest, Forbidden, PayloadTooLarge
+from campus_search.retrieval.search import SearchOutcome, SearchParams, validate_filters
+from campus_search.security.auth import authenticate
+from campus_search.security.roles import Principal
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Security: identity (bearer tokens, JWKS, trusted proxies), roles and the visibility rule."""

@@ -38,10 +38,10 @@ from flask import Flask, current_app, g, request
 from flask_jwt_extended import JWTManager, decode_token
 from flask_jwt_extended.exceptions import JWTDecodeError, JWTExtendedException
 
-from ..config import Settings
-from ..errors import Forbidden, Unauthorized
-from ..proxies import from_identity_proxy
-from .roles import Principal, map_role, role_table, sso_value_for
+from campus_search.config import Settings
+from campus_search.errors import Forbidden, Unauthorized
+from campus_search.security.proxies import from_identity_proxy
+from campus_search.security.roles import Principal, map_role, role_table, sso_value_for
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def init_auth(app: Flask, settings: Settings) -> JWTManager:
     manager = JWTManager(app)
     jwks = None
     if settings.oidc_jwks_url:
-        from .jwks import JwksCache
+        from campus_search.security.jwks import JwksCache
 
         jwks = JwksCache(settings.oidc_jwks_url, timeout=min(settings.embedding_timeout, 5.0),
                          max_age=settings.oidc_jwks_cache_seconds,

@@ -20,7 +20,7 @@ from typing import Any
 import jwt
 import requests
 
-from ..errors import ServiceUnavailable
+from campus_search.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,355 @@
+"""Retrieval and ranking. The API, the health check and ``campus-search eval`` all call :class:`Searcher`.
+
+Candidates come from PostgreSQL with the visibility rule (``security.roles.visible_sql``) and the
+client's filters inside the same ``WHERE`` as the vector search, using pgvector 0.8's iterative HNSW
+scan so a restrictive rule still fills the page (or an exact scan, when the planner prefers it).
+
+Ranking (docs/ranking.md)::
+
+    combined_score = relevance
+                     + 0.03 * (priority - 3)                         # priority 1..5 -> -0.06..+0.06
+                     + campus_bonus  (user campus == document campus: Central Campus / King's
+                                      Buildings +0.10, Easter Bush / Western General +0.05)
+                     + 0.02 * max(0, 1 - age_days / 730)              # reviewed recently -> up to +0.02
+
+``relevance`` is the cosine similarity for dense retrieval; ``similarity`` in the response is always
+the raw cosine similarity and ``similarity_threshold`` applies to it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from campus_search.embedding.local import Embedder
+from campus_search.errors import BadRequest, Forbidden
+from campus_search.ingest.metadata import parse_datetime
+from campus_search.retrieval.fusion import FusionConfig, fuse
+from campus_search.retrieval.lexical import BM25
+from campus_search.retrieval.querytext import normalise_query
+from campus_search.security.roles import CAMPUS_BONUS, Principal, visible_sql
+from campus_search.storage.db import Database
+
+FILTERS = ("department", "campus", "min_priority", "clearance_level", "visibility", "last_reviewed_after")
+PRIORITY_WEIGHT = 0.03
+FRESHNESS_WEIGHT = 0.02
+FRESHNESS_DAYS = 730
+CANDIDATE_FLOOR = 40  # candidates fetched beyond max_results so business terms can re-order them
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """One search. ``query`` is normalised here, once (querytext.py), for every caller: the cache key
+    and retrieval both use this form."""
+
+    query: str
+    filters: Mapping[str, Any] = field(default_factory=dict)
+    max_results: int = 10
+    similarity_threshold: float = 0.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "query", normalise_query(self.query))
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    document_id: str
+    document_title: str
+    section_title: str | None
+    text: str
+    page_number: int | None
+    metadata: dict[str, Any]
+    similarity: float
+    relevance: float
+    combined_score: float = 0.0
+    bm25: float | None = None
+    in_dense: bool = True  # among the dense top-k
+    in_lexical: bool = False  # among the BM25 top-k
+    #: metadata with native types (last_reviewed as datetime) for ranking
+    raw_meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "document_id": self.document_id,
+            "document_title": self.document_title,
+            "section_title": self.section_title,
+            "text": self.text,
+            "page_number": self.page_number,
+            "metadata": self.metadata,
+            "similarity": round(self.similarity, 4),
+            "combined_score": round(self.combined_score, 4),
+            "scores": {"relevance": round(self.relevance, 4),
+                       **({"bm25": round(self.bm25, 4)} if self.bm25 is not None else {})},
+        }
+
+
+def render_results(hits: list[Hit]) -> str:
+    """The response's ``results`` array as JSON text (also what the result cache stores)."""
+    return json.dumps([h.as_json() for h in hits], ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class SearchOutcome:
+    """One answered search. From the cache it carries the already-rendered ``results`` JSON and their count
+    instead of Hit objects (re-building and re-serialising them was most of a cache hit's cost)."""
+
+    hits: list[Hit]
+    from_cache: bool = False
+    rendered: str | None = None
+    count: int = -1
+    #: a cache hit on an entry this same caller's earlier search stored (what non-admins may be told)
+    stored_by_caller: bool = False
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = len(self.hits)
+
+    def results_json(self) -> str:
+        return self.rendered if self.rendered is not None else render_results(self.hits)
+
+
+def validate_filters(raw: Any, user: Principal) -> dict[str, Any]:
+    """Check types and names of client filters; they only ever narrow what the user may see."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise BadRequest("filters must be an object")
+    unknown = sorted(set(raw) - set(FILTERS))
+    if unknown:
+        raise BadRequest(f"unknown filters: {', '.join(unknown)}", details={"allowed": list(FILTERS)})
+    out: dict[str, Any] = {}
+    for name in ("department", "campus"):
+        value = raw.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip() or len(value) > 200:
+            raise BadRequest(f"filters.{name} must be a non-empty string")
+        if any(ord(ch) < 32 for ch in value):
+            raise BadRequest(f"filters.{name} must not contain control characters")
+        out[name] = value.strip()
+    if raw.get("visibility") is not None:
+        if raw["visibility"] not in ("public", "department"):
+            raise BadRequest("filters.visibility must be 'public' or 'department'")
+        out["visibility"] = raw["visibility"]
+    for name in ("min_priority", "clearance_level"):
+        value = raw.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+            raise BadRequest(f"filters.{name} must be an integer from 1 to 5")
+        out[name] = value
+    if out.get("clearance_level", 0) > user.clearance:
+        raise Forbidden(f"clearance level {out['clearance_level']} is above your clearance ({user.clearance})")
+    if raw.get("last_reviewed_after") is not None:
+        out["last_reviewed_after"] = parse_datetime(raw["last_reviewed_after"], "filters.last_reviewed_after",
+                                                    "request")
+    return out
+
+
+#: Filters on names people type ("It services", "king's buildings") match whatever the letter case. They
+#: only narrow: the visibility rule (security.roles.visible_sql) still compares the token's departments
+#: with the document's exactly, so a filter's spelling can never widen what anyone sees.
+CASE_INSENSITIVE_FILTERS = frozenset({"department", "campus"})
+
+
+def filter_sql(filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[str, Any]]:
+    clauses, params = [], {}
+    ops = {"department": "=", "campus": "=", "visibility": "=", "min_priority": ">=",
+           "clearance_level": "<=", "last_reviewed_after": ">="}
+    columns = {"min_priority": "priority", "last_reviewed_after": "last_reviewed"}
+    for name, value in filters.items():
+        column = f"{alias}.{columns.get(name, name)}"
+        if name in CASE_INSENSITIVE_FILTERS:
+            clauses.append(f"lower({column}) = lower(%(f_{name})s)")
+        else:
+            clauses.append(f"{column} {ops[name]} %(f_{name})s")
+        params[f"f_{name}"] = value
+    return " AND ".join(clauses), params
+
+
+def business_score(relevance: float, meta: Mapping[str, Any], user: Principal,
+                   now: dt.datetime | None = None) -> float:
+    score = relevance + PRIORITY_WEIGHT * (int(meta.get("priority") or 3) - 3)
+    campus = meta.get("campus")
+    if campus and user.campus and campus == user.campus:
+        score += CAMPUS_BONUS.get(campus, 0.0)
+    reviewed = meta.get("last_reviewed")
+    if isinstance(reviewed, dt.datetime):
+        now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        age = max(0.0, (now - reviewed).total_seconds() / 86400)
+        score += FRESHNESS_WEIGHT * max(0.0, 1.0 - age / FRESHNESS_DAYS)
+    return score
+
+
+class QueryEmbeddingCache:
+    """Small in-process LRU of query vectors (the model is deterministic)."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        value.setflags(write=False)
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+_COLUMNS = ("c.id, d.external_id, d.title, c.section_title, c.text, c.page_number, c.department, c.priority, "
+            "c.campus, c.clearance_level, c.visibility, c.last_reviewed")
+
+
+class Searcher:
+    def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100,
+                 fusion: FusionConfig | None = None, bm25: BM25 | None = None) -> None:
+        self.db = db
+        self.embedder = embedder
+        self.ef_search = int(ef_search)
+        self.fusion = fusion or FusionConfig()
+        self.bm25 = bm25 or BM25()
+        self.query_vectors = QueryEmbeddingCache()
+        self.iterative_scan = "relaxed_order"  # pgvector 0.8: keep scanning the index until the page is full
+
+    def describe(self) -> dict[str, Any]:
+        """The retrieval configuration, reported next to evaluation metrics."""
+        out: dict[str, Any] = {"retrieval": "dense" if self.fusion.method == "dense" else "hybrid",
+                               "model": self.embedder.model_name, **self.fusion.describe()}
+        if self.fusion.method != "dense":
+            out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b})
+        out.update({"ef_search": self.ef_search, "iterative_scan": self.iterative_scan,
+                    "priority_weight": PRIORITY_WEIGHT, "freshness_weight": FRESHNESS_WEIGHT})
+        return out
+
+    def embed_query(self, query: str) -> np.ndarray:
+        key = " ".join(query.split())
+        vector = self.query_vectors.get(key)
+        if vector is None:
+            vector = self.embedder.embed([key])[0]
+            self.query_vectors.put(key, vector)
+        return vector
+
+    def search(self, user: Principal, params: SearchParams) -> list[Hit]:
+        vector = self.embed_query(params.query)
+        k = max(params.max_results, CANDIDATE_FLOOR)
+        hits = self._candidates(user, vector, params, k, exact=False)
+        if sum(h.in_dense for h in hits) < k and self._allowed_at_least(user, params.filters, k):
+            # A short dense list means either that fewer than k chunks are allowed, or that the index scan
+            # gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles it, so
+            # a page is never short because hidden chunks crowded the index's neighbourhood.
+            hits = self._candidates(user, vector, params, k, exact=True)
+        hits = [h for h in hits if h.similarity >= params.similarity_threshold]
+        for h in hits:
+            h.combined_score = business_score(h.relevance, h.raw_meta, user)
+        hits.sort(key=lambda h: (-h.combined_score, -h.similarity, h.chunk_id))
+        return hits[:params.max_results]
+
+    def _candidates(self, user: Principal, vector: np.ndarray, params: SearchParams, k: int,
+                    exact: bool) -> list[Hit]:
+        if self.fusion.method == "dense":
+            return self.dense_candidates(user, vector, params.filters, k, exact=exact)
+        return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact)
+
+    def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int) -> bool:
+        """Whether at least k chunks pass the rule and filters (cheap: stops counting at k)."""
+        where, params = _where(user, filters)
+        with self.db.connection(read=True) as conn:
+            conn.execute(self.db.search_settings())
+            row = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM chunks c WHERE {where} LIMIT %(k)s) s",
+                               {"k": k, **params}).fetchone()
+        return bool(row and row[0] >= k)
+
+    def _fetch(self, sql: str, params: Mapping[str, Any], k: int) -> list[tuple[Any, ...]]:
+        """Run a candidate query on a read connection, with the search timeout and this searcher's HNSW
+        settings, all ``SET LOCAL`` (they end with the transaction; pgbouncer-safe)."""
+        with self.db.connection(read=True) as conn:
+            conn.execute(f"{self.db.search_settings()}; SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
+                         f"SET LOCAL hnsw.iterative_scan = {self.iterative_scan}")
+            return conn.execute(sql, params).fetchall()
+
+    def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
+                          k: int, *, exact: bool = False) -> list[Hit]:
+        """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
+        exact cosine and BM25 score, fused into ``relevance`` (fusion.py). One statement, one round trip.
+        The rule is checked on the postings' copies before the BM25 cut and again on the chunk rows
+        that are returned."""
+        where, params = _where(user, filters)
+        where_p, _ = _where(user, filters, alias="p")  # same rule and filters, on the postings' copies
+        sql = (f"WITH dense AS MATERIALIZED ("
+               f"  SELECT c.id FROM chunks c WHERE {where} ORDER BY {_distance(exact)} LIMIT %(k)s), "
+               f"{self.bm25.scored_cte(where_p)}, "
+               f"lex_top AS MATERIALIZED ("
+               f"  SELECT s.chunk_id AS id FROM lex_scores s ORDER BY s.score DESC, s.chunk_id LIMIT %(k)s), "
+               f"cand AS (SELECT id FROM dense UNION SELECT id FROM lex_top) "
+               f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, coalesce(ls.score, 0) AS bm25, "
+               f"  c.id IN (SELECT id FROM dense) AS in_dense, c.id IN (SELECT id FROM lex_top) AS in_lex "
+               f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
+               f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id "
+               # Defence in depth: the lexical list was cut on the postings' copies of the access columns;
+               # the rule is applied once more to the chunk row itself, so a stale copy (a trigger
+               # disabled, a hand-edited table) can never surface a hidden chunk.
+               f"WHERE {where}")
+        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params}, k)
+        cos = [float(r[12]) for r in rows]
+        bm25 = [float(r[13]) for r in rows]
+        relevance = fuse(cos, bm25, [bool(r[14]) for r in rows], [bool(r[15]) for r in rows], self.fusion)
+        hits = []
+        for row, rel, lex in zip(rows, relevance, bm25, strict=True):
+            hit = _hit(row, float(row[12]))
+            hit.relevance = rel
+            hit.bm25 = lex
+            hit.in_dense, hit.in_lexical = bool(row[14]), bool(row[15])
+            hits.append(hit)
+        return hits
+
+    def dense_candidates(self, user: Principal, vector: np.ndarray, filters: Mapping[str, Any],
+                         k: int, *, exact: bool = False) -> list[Hit]:
+        where, params = _where(user, filters)
+        sql = (f"WITH candidates AS MATERIALIZED ("
+               f"  SELECT c.id, c.embedding <=> %(q)s AS distance FROM chunks c WHERE {where}"
+               f"  ORDER BY {_distance(exact)} LIMIT %(k)s) "
+               f"SELECT {_COLUMNS}, 1 - cand.distance AS similarity FROM candidates cand "
+               f"JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
+               f"ORDER BY cand.distance, c.id")
+        rows = self._fetch(sql, {"q": vector, "k": k, **params}, k)
+        return [_hit(row, float(row[-1])) for row in rows]
+
+
+def _distance(exact: bool) -> str:
+    """The dense ordering. ``+ 0`` hides the operator from the planner, so no HNSW index is used: an exact
+    scan (by the access-column index or sequentially) that always finds the true top k allowed chunks."""
+    return "(c.embedding <=> %(q)s) + 0" if exact else "c.embedding <=> %(q)s"
+
+
+def _where(user: Principal, filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[str, Any]]:
+    """The visibility rule AND the client's filters, over a row with the chunk's access columns."""
+    vis, vis_params = visible_sql(user, alias)
+    flt, flt_params = filter_sql(filters, alias)
+    return vis + (f" AND {flt}" if flt else ""), {**vis_params, **flt_params}
+
+
+def _hit(row: tuple[Any, ...], similarity: float) -> Hit:
+    (chunk_id, ext_id, title, section, text, page, dept, priority, campus, clearance, visibility,
+     reviewed) = row[:12]
+    meta = {"department": dept, "priority": priority, "campus": campus, "clearance_level": clearance,
+            "visibility": visibility, "last_reviewed": reviewed}
+    return Hit(chunk_id=chunk_id, document_id=ext_id, document_title=title, section_title=section, text=text,
+               page_number=page, metadata={**meta, "last_reviewed": reviewed.isoformat() if reviewed else None},
+               similarity=similarity, relevance=similarity, raw_meta=meta)
