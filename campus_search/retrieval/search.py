@@ -217,6 +217,13 @@ _COLUMNS = ("c.id, d.external_id, d.title, c.section_title, c.text, c.page_numbe
             "c.campus, c.clearance_level, c.visibility, c.last_reviewed")
 
 
+#: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
+#: pipelined statement): the statement timeout and the HNSW scan's settings.
+SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
+                       "set_config('hnsw.ef_search', %(ef_search)s, true), "
+                       "set_config('hnsw.iterative_scan', %(iterative_scan)s, true)")
+
+
 class Searcher:
     def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100,
                  fusion: FusionConfig | None = None, bm25: BM25 | None = None) -> None:
@@ -278,11 +285,23 @@ class Searcher:
 
     def _fetch(self, sql: str, params: Mapping[str, Any], k: int) -> list[tuple[Any, ...]]:
         """Run a candidate query on a read connection, with the search timeout and this searcher's HNSW
-        settings, all ``SET LOCAL`` (they end with the transaction; pgbouncer-safe)."""
+        settings, all transaction-local (``set_config(..., true)`` = ``SET LOCAL``: they end with the
+        transaction; pgbouncer-safe).
+
+        On a direct connection the settings, the query and the ``COMMIT`` go out together in one pipeline:
+        one round trip to PostgreSQL per search instead of three. Behind pgbouncer's transaction pooling
+        (prepared statements off, like the audit writer) one statement at a time."""
+        settings = {"timeout": str(int(self.db.settings.db_statement_timeout_ms)),
+                    "ef_search": str(max(self.ef_search, k)), "iterative_scan": self.iterative_scan}
         with self.db.connection(read=True) as conn:
-            conn.execute(f"{self.db.search_settings()}; SET LOCAL hnsw.ef_search = {max(self.ef_search, k)}; "
-                         f"SET LOCAL hnsw.iterative_scan = {self.iterative_scan}")
-            return conn.execute(sql, params).fetchall()
+            if conn.prepare_threshold is None:
+                conn.execute(SEARCH_SETTINGS_SQL, settings)
+                return conn.execute(sql, params).fetchall()
+            with conn.pipeline():
+                conn.execute(SEARCH_SETTINGS_SQL, settings)
+                cur = conn.execute(sql, params)
+                conn.commit()
+            return cur.fetchall()
 
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
                           k: int, *, exact: bool = False) -> list[Hit]:

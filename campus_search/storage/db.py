@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -186,7 +187,7 @@ class Database:
             timeout=timeout,
             reconnect_timeout=max(settings.db_retry_after, 1.0),
             configure=self._configure,
-            check=ConnectionPool.check_connection,
+            check=check_connection,
             max_waiting=settings.db_pool_max_size * 20,
             open=False,
         )
@@ -309,6 +310,28 @@ class Database:
         with self.connection(read=True) as conn:
             row = conn.execute("SELECT generation FROM index_state").fetchone()
         return int(row[0]) if row else 0
+
+
+def check_connection(conn: psycopg.Connection) -> None:
+    """The pool's check of a connection it is about to hand out, without a round trip when it can.
+
+    A connection that is idle, open and whose socket has nothing to read is handed out as it is: a
+    server that ended it (a restart, ``pg_terminate_backend``, an idle timeout) sends a FATAL message
+    and closes the socket, which makes it readable. Only then, or when the connection is not plainly
+    idle, does the pool's own check run a query (one round trip) and discard the connection if it
+    fails. The per-checkout query cost every search two round trips (its own and its audit record's);
+    what is no longer caught at checkout, a peer that vanished without closing the socket, fails the
+    first statement instead and is answered 503 like any lost connection."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    pgconn = conn.pgconn
+    if (pgconn.status == psycopg.pq.ConnStatus.OK
+            and pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE):
+        poller = select.poll()  # (not select.select: a descriptor above 1023 would not fit its set)
+        poller.register(pgconn.socket, select.POLLIN)
+        if not poller.poll(0):
+            return
+    ConnectionPool.check_connection(conn)
 
 
 def prepare_threshold(settings: Settings, dsn: str) -> int | None:
