@@ -14,6 +14,17 @@ point across threads, processes and replicas; batching means that lock and the f
 batch, not once per search, so auditing does not cap throughput under load, and a single request waits
 no longer than before.
 
+Durability: a search is answered only once its record is committed (chained, visible to ``audit show`` and
+``audit verify``), but the batch's transaction commits with ``synchronous_commit = off`` (that transaction
+only), so requests do not wait for the WAL to reach disk; PostgreSQL's WAL writer flushes it within
+3 x ``wal_writer_delay`` (600 ms by default). A crash of the application loses no answered search's
+record. A crash of PostgreSQL or of the machine within that window can undo the last committed records
+together with the chain head (the chain stays whole and verifiable, it is only shorter): each process keeps
+its last ``RECENT_RECORDS`` committed records in memory, and its next append, finding the head behind the
+last record it committed, writes those records in full to the error log (``_check_head``). Only a crash of
+the machine that also ends the application can lose them without that log line. Admin changes commit
+their record synchronously, in the change's own transaction.
+
 A record the database refuses fails only its own request (a refused batch is retried record by
 record); a request that gives up waiting (``WRITE_TIMEOUT``) before the writer took its record is
 answered 503 and the record is dropped, never written later as a success. ``Auditor.close`` (from
@@ -31,6 +42,7 @@ nothing disappears silently.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -171,6 +183,10 @@ class _Pending:
             return True
 
 
+#: The audit batch's transaction commits without waiting for its WAL flush (that transaction only).
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+RECENT_RECORDS = 4096
+
 _STOP = object()  # queued by Auditor.close(): the writer thread ends
 CLAIMED_WAIT = 60.0  # a claimed record's transaction ends well within this (pool and statement timeouts)
 
@@ -195,6 +211,11 @@ class Auditor:
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
         self._closed = False
+        # records committed by this process whose WAL may not be on disk yet, kept to log them should the
+        # database lose them (_check_head); the newest RECENT_RECORDS, far more than the WAL writer's delay
+        self._recent: collections.deque[AuditRecord] = collections.deque(maxlen=RECENT_RECORDS)
+        self._recent_lock = threading.Lock()
+        self._last_seq = 0
 
     def query_hash(self, query: str) -> str:
         return hmac.new(self._query_key, normalise_query(query).encode("utf-8", "surrogatepass"),
@@ -296,15 +317,42 @@ class Auditor:
             p.done.set()
 
     def _append_batch(self, records: list[AuditRecord]) -> None:
-        # One WAL flush per batch. Pipelined on a direct connection (the head lock is held for less time);
-        # behind pgbouncer's transaction pooling (prepared statements off), one statement at a time.
+        # Pipelined on a direct connection (the head lock is held for less time); behind pgbouncer's
+        # transaction pooling (prepared statements off), one statement at a time. The batch commits without
+        # waiting for its WAL flush (for this transaction only): the requests wait for the commit, not for
+        # the disk; a database crash can undo the last moments of records, which the next append notices
+        # and logs in full (see the module docstring, "Durability", and _check_head).
         with self.db.connection() as conn, (conn.pipeline() if self._pipeline else contextlib.nullcontext()):
+            conn.execute(ASYNC_COMMIT)
             self._insert(conn, records)
             conn.commit()
+        with self._recent_lock:
+            self._recent.extend(records)
+            self._last_seq = max(self._last_seq, int(records[-1].seq or 0))
+
+    def _check_head(self, head_seq: int) -> None:
+        """Called with the chain head just locked. A head behind the last record this process committed
+        means the database lost committed records (a crash within the WAL writer's delay, or a restore):
+        the ones this process still holds are logged in full, so none disappears silently."""
+        with self._recent_lock:
+            if head_seq >= self._last_seq:
+                return
+            lost = [r for r in self._recent if int(r.seq or 0) > head_seq]
+            last, self._last_seq = self._last_seq, head_seq
+            self._recent.clear()
+        log.error("audit chain head is at record %s but this process committed up to record %s: the database "
+                  "lost committed audit records (a crash before their WAL reached disk, or a restore); %s of "
+                  "them follow in full", head_seq, last, len(lost))
+        for record in lost:
+            lost_seq = record.seq
+            record.seq = record.prev_hash = record.hash = None
+            log.error("audit record LOST by the database (was record %s); record follows: %s", lost_seq,
+                      json.dumps(record.as_dict(), default=str, ensure_ascii=False))
 
     def _insert(self, conn: Any, records: list[AuditRecord]) -> None:
         """Lock the chain head and insert ``records`` after it, in the caller's transaction."""
         seq, prev = conn.execute("SELECT seq, hash FROM audit_chain_head FOR UPDATE").fetchone()
+        self._check_head(int(seq))
         rows = []
         for record in records:
             record.seq, record.prev_hash = int(seq) + 1, prev
