@@ -16,7 +16,8 @@ from typing import Any
 
 from campus_search import metrics
 from campus_search.config import Settings
-from campus_search.embedding.local import Embedder, LocalMiniLM, get_embedder
+from campus_search.embedding.base import Embedder
+from campus_search.embedding.factory import MODEL_DIMENSIONS, get_embedder, index_model
 from campus_search.ingest.formats import ParseLimits
 from campus_search.ingest.pipeline import Ingester
 from campus_search.retrieval.cache import RedisBackend, ResultCache, build_cache
@@ -28,13 +29,6 @@ from campus_search.storage.db import Database, migrate, resolve_dsns
 from campus_search.storage.replicas import ReplicaFailed
 
 log = logging.getLogger(__name__)
-
-MODEL_DIMENSIONS = {"all-MiniLM-L6-v2": 384}
-
-
-def index_model(settings: Settings) -> str:
-    """The model whose vectors the index holds: the in-process model ignores EMBEDDING_MODEL."""
-    return LocalMiniLM.model_name if settings.embedding_provider == "local" else settings.embedding_model
 
 
 def fusion_config(settings: Settings) -> FusionConfig:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from campus_search.embedding.local import get_embedder
+from campus_search.embedding.factory import get_embedder
 from campus_search.embedding.remote import RemoteEmbedder
 from campus_search.errors import ConfigError, EmbeddingError
 from campus_search.ingest.chunking import Block

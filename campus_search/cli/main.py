@@ -27,7 +27,7 @@ def _settings() -> Settings:
 
 
 def _services(settings: Settings, *, ingest: bool = False) -> Any:
-    from campus_search.embedding.local import get_embedder, ingest_threads
+    from campus_search.embedding.factory import get_embedder, ingest_threads
     from campus_search.services import Services
 
     embedder = get_embedder(settings, threads=ingest_threads()) if ingest else None
@@ -66,8 +66,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from campus_search.ops.gunicorn_hooks import prepare_metrics_dir
 
     prepare_metrics_dir()  # first: the workers' metrics need it before prometheus_client is imported
-    from campus_search.ops.server import serve
-
     settings = _settings()
     settings = settings.replace(host=args.host or settings.host, port=args.port or settings.port)
     if args.demo:
@@ -75,6 +73,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if code:
             return code
     return serve(settings, workers=args.workers, threads=args.threads)
+
+
+def serve(settings: Settings, *, workers: int | None = None, threads: int | None = None) -> int:
+    """Build the app once in this (the master) process and serve it with the embedded gunicorn; the
+    metrics directory is prepared first (:func:`cmd_serve`), before the app imports prometheus_client."""
+    from campus_search.app import create_app
+    from campus_search.ops.logs import configure_logging
+    from campus_search.ops.server import gunicorn_server
+
+    configure_logging(settings, replace=True)
+    app = create_app(settings)
+    gunicorn_server(settings, app, workers=workers, threads=threads).run()
+    return 0
 
 
 def _ingest_demo_in_child(settings: Settings) -> int:
@@ -180,7 +191,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_chunks(args: argparse.Namespace) -> int:
     """Export the exact inputs an embedding farm must embed (see :mod:`campus_search.ingest.vectors`)."""
-    from campus_search.embedding.local import get_embedder
+    from campus_search.embedding.factory import get_embedder
     from campus_search.ingest.fileguard import Guard
     from campus_search.ingest.formats import ParseLimits
     from campus_search.ingest.pipeline import Ingester, IngestReport
@@ -246,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         read_only,
         scratch_database_name,
     )
-    from campus_search.services import index_model
+    from campus_search.embedding.factory import index_model
     from campus_search.storage.db import resolve_dsns
 
     overrides = {name: value for name, value in (("search_fusion", args.fusion), ("fusion_alpha", args.alpha),
@@ -308,10 +319,11 @@ def _eval_searcher(settings: Settings, *, migrate: bool) -> tuple[Any, Any]:
     if migrate:
         services = _services(settings)  # searches run with the serving configuration (1 thread)
         return services.searcher, services.close
-    from campus_search.embedding.local import get_embedder
+    from campus_search.embedding.factory import get_embedder
     from campus_search.retrieval.lexical import BM25
     from campus_search.retrieval.search import Searcher
-    from campus_search.services import fusion_config, index_model
+    from campus_search.embedding.factory import index_model
+    from campus_search.services import fusion_config
     from campus_search.storage.db import Database
 
     db = Database(settings, settings.database_url or "")

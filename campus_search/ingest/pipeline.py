@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from campus_search.embedding.local import MAX_SEQ_LENGTH, Embedder
+from campus_search.embedding.base import MAX_SEQ_LENGTH, Embedder
 from campus_search.errors import BadRequest, CampusSearchError, IngestError
 from campus_search.ingest.chunking import (
     CHUNKER_VERSION,

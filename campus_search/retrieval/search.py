@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from campus_search.embedding.local import Embedder
+from campus_search.embedding.base import Embedder
 from campus_search.errors import BadRequest, Forbidden
 from campus_search.ingest.metadata import parse_datetime
 from campus_search.retrieval.fusion import FusionConfig, fuse
