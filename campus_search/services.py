@@ -20,10 +20,14 @@ from campus_search.embedding.base import Embedder
 from campus_search.embedding.factory import MODEL_DIMENSIONS, get_embedder, index_model
 from campus_search.ingest.formats import ParseLimits
 from campus_search.ingest.pipeline import Ingester
-from campus_search.retrieval.cache import RedisBackend, ResultCache, build_cache
+from campus_search.retrieval.cache import ResultCache, build_cache
+from campus_search.retrieval.cache_backends import RedisBackend, build_backend
 from campus_search.retrieval.fusion import FusionConfig
 from campus_search.retrieval.lexical import BM25
-from campus_search.retrieval.search import Hit, Searcher, SearchOutcome, SearchParams
+from campus_search.retrieval.params import SearchParams
+from campus_search.retrieval.query_vectors import query_vector_cache
+from campus_search.retrieval.results import Hit, SearchOutcome
+from campus_search.retrieval.search import Searcher
 from campus_search.security.roles import Principal
 from campus_search.storage.db import Database, migrate, resolve_dsns
 from campus_search.storage.replicas import ReplicaFailed
@@ -79,13 +83,15 @@ class Services:
             self.db = Database(self.settings, self.dsn, self.read_dsn)
             self.db.open(wait=wait)
             embedder = metrics.instrument_embedder(self.embedder, self.settings.embedding_provider)
+            backend = build_backend(self.settings)  # the result cache's and the query vectors' store
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
-                                                                                   self.settings.bm25_b))
+                                                                                   self.settings.bm25_b),
+                                     query_vectors=query_vector_cache(self.settings, backend, embedder))
             self.ingester = Ingester(self.db, embedder, default_visibility=self.settings.default_visibility,
                                      limits=ParseLimits.from_settings(self.settings),
                                      max_chunks=self.settings.max_document_chunks)
-            self.cache = build_cache(self.settings, self.db, self.searcher)
+            self.cache = build_cache(self.settings, self.db, backend, self.searcher.describe())
             if self.db.router is not None and isinstance(self.cache.backend, RedisBackend):
                 fence = self.db.router.fence  # shared by every process of every instance (replicas.py)
                 fence.shared_get, fence.shared_advance = self.cache.backend.fence_get, self.cache.backend.fence_advance

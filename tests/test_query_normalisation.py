@@ -11,7 +11,7 @@ from campus_search.app import create_app
 from campus_search.ingest.chunking import Block
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import ParsedDocument
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal
 
 DOCS = {

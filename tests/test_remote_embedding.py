@@ -21,7 +21,7 @@ from campus_search.errors import ConfigError, EmbeddingError
 from campus_search.ingest.chunking import Block
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import ParsedDocument
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import superuser
 from campus_search.services import Services
 

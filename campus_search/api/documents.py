@@ -40,7 +40,8 @@ from urllib.parse import unquote_to_bytes
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.routing import PathConverter
 
-from campus_search.audit.records import AdminChange, admin_change
+from campus_search.api.auditing import request_context
+from campus_search.audit.actions import AdminChange, admin_change
 from campus_search.errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
 from campus_search.ingest.metadata import FIELDS as META_FIELDS
 from campus_search.ingest.metadata import AccessMetadata, check_keys, check_values, loosenings, resolve
@@ -80,11 +81,12 @@ class SourceConflict(CampusSearchError):
 
 @contextlib.contextmanager
 def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]) -> Iterator[AdminChange]:
-    """Audit an admin document change through the audit log's ``admin_change`` (campus_search/audit/records.py):
+    """Audit an admin document change through the audit log's ``admin_change`` (campus_search/audit/actions.py):
     the success record is written in the change's own transaction (``change.record_in`` handed to the
     ingester), so the change and its record commit together or not at all; a failure is recorded with
     its error code."""
-    with admin_change(services, action, target=target, details=details) as change:
+    with admin_change(services, action, target=target, details=details,
+                      context=request_context(services.settings)) as change:
         yield change
 
 

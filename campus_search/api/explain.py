@@ -14,7 +14,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from campus_search.audit.records import admin_action
+from campus_search.api.auditing import request_context
+from campus_search.audit.actions import admin_action
 from campus_search.errors import BadRequest, NotFound
 from campus_search.security.auth import require_admin
 from campus_search.security.roles import Principal, explain_visibility, is_visible, map_role, role_table, visible_sql
@@ -44,7 +45,7 @@ def explain() -> Any:
     require_admin(settings)
     # Every call is audited, refused ones too (a 400 or a 404 with its error code).
     target = request.args.get("document_id", "").strip()[:1000] or None
-    with admin_action(services, "explain", target=target) as details:
+    with admin_action(services, "explain", target=target, context=request_context(settings)) as details:
         answer = _explain(services, settings, details)
     return jsonify(answer)
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import psycopg
 
-from campus_search.audit.records import Auditor, verify
+from campus_search.audit.records import Auditor
+from campus_search.audit.verify import verify
 from campus_search.config import load_settings
 from campus_search.errors import ConfigError
 

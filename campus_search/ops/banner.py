@@ -11,7 +11,6 @@ from campus_search.config import Settings
 from campus_search.ops.logs import resolve_format
 from campus_search.storage.embedded_redis import describe as describe_cache
 
-
 #: What the banner says about the main endpoints; others are described by their view's docstring.
 DESCRIPTIONS = {
     "POST /api/search": "search (bearer token)",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from campus_search import metrics
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import superuser
 from campus_search.storage.replicas import ReplicaFailed
 
