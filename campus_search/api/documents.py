@@ -43,8 +43,7 @@ from werkzeug.routing import PathConverter
 from campus_search.api.auditing import request_context
 from campus_search.audit.actions import AdminChange, admin_change
 from campus_search.errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
-from campus_search.ingest.metadata import FIELDS as META_FIELDS
-from campus_search.ingest.metadata import AccessMetadata, check_keys, check_values, loosenings, resolve
+from campus_search.ingest.metadata import METADATA_FIELDS, AccessMetadata, check_keys, check_values, loosenings, resolve
 from campus_search.ingest.pipeline import LooseningRefused
 from campus_search.ingest.sources import BYTE_PARSERS, parse_bytes
 from campus_search.ingest.textrules import MAX_TITLE_CHARS, id_problem, json_text_problem, text_problem
@@ -132,7 +131,7 @@ def _metadata(raw: Any) -> dict[str, Any]:
             raise BadRequest(f"metadata {problem}")
     if not isinstance(raw, dict):
         raise BadRequest("metadata must be a JSON object")
-    check_keys(raw, META_FIELDS, "metadata")
+    check_keys(raw, METADATA_FIELDS, "metadata")
     check_values(raw, source="metadata")  # validate now: a 400 that names the field
     return raw
 
@@ -297,7 +296,7 @@ def upsert_document(doc_id: str) -> Any:
     if existing and not str(existing["source"] or "api:").startswith("api:"):
         raise SourceConflict(f"document {doc_id!r} is kept in sync from {existing['source']} by campus-search "
                              f"ingest: change that file, or PATCH its metadata")
-    front = {k: v for k, v in doc.metadata.items() if k in META_FIELDS}
+    front = {k: v for k, v in doc.metadata.items() if k in METADATA_FIELDS}
     outcome: dict[str, Any] = {"loosened": [], "held_back": [], "defaults_applied": {}}
     if existing is None:
         # a new document: its front matter counts as stated, below the request's own metadata
@@ -349,7 +348,7 @@ def update_metadata(doc_id: str) -> Any:
     unpin = body.get("unpin") or []
     if not isinstance(unpin, list) or not all(isinstance(f, str) for f in unpin):
         raise BadRequest("unpin must be a list of metadata field names")
-    check_keys({f: None for f in unpin}, META_FIELDS, "unpin")
+    check_keys({f: None for f in unpin}, METADATA_FIELDS, "unpin")
     if set(unpin) & set(given):
         raise BadRequest(f"fields both set and unpinned: {sorted(set(unpin) & set(given))}")
     details: dict[str, Any] = {"changed": sorted(given), "allow_loosening": allow, "unpin": sorted(unpin)}
