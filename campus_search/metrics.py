@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -170,7 +170,10 @@ class DepartmentLabels:
     anyone able to mint tokens) could create unbounded series. Refreshed from the index every few minutes.
     """
 
-    def __init__(self, configured: Sequence[str] = (), refresh_seconds: float = 300.0) -> None:
+    def __init__(self, configured: Sequence[str] = (), refresh_seconds: float = 300.0,
+                 read: Callable[[Any, int], Iterable[str]] | None = None) -> None:
+        #: ``read(conn, limit)``: the indexed departments (storage's; this base module runs no SQL)
+        self.read = read
         self.configured = frozenset(configured)
         self.refresh_seconds = refresh_seconds
         self._known: frozenset[str] = self.configured
@@ -180,7 +183,8 @@ class DepartmentLabels:
     def label(self, department: str | None, db: Any = None) -> str:
         if not department:
             return "none"
-        if not self.configured and db is not None and time.monotonic() - self._loaded_at > self.refresh_seconds:
+        if not self.configured and db is not None and self.read is not None \
+                and time.monotonic() - self._loaded_at > self.refresh_seconds:
             self._refresh(db)
         return department if department in self._known else OTHER
 
@@ -188,10 +192,9 @@ class DepartmentLabels:
         if not self._lock.acquire(blocking=False):
             return  # another thread is refreshing; use the current set meanwhile
         try:
+            assert self.read is not None
             with db.connection(read=True) as conn:
-                rows = conn.execute("SELECT DISTINCT department FROM documents WHERE department IS NOT NULL "
-                                    "ORDER BY 1 LIMIT %s", (MAX_DEPARTMENT_LABELS,)).fetchall()
-            self._known = frozenset(r[0] for r in rows)
+                self._known = frozenset(self.read(conn, MAX_DEPARTMENT_LABELS))
         except Exception as exc:  # keep the previous set; metrics must never fail a request
             log.debug("department labels not refreshed: %s", exc.__class__.__name__)
         finally:

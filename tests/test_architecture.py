@@ -8,6 +8,7 @@ cannot hide from the check by moving into a function. docs/architecture.md descr
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 #: Top-level distributions only the web layer may import.
 WEB_FRAMEWORK = ("flask", "werkzeug")
+
+#: The packages that own tables, and so hold the SQL that reads and writes them.
+SQL_OWNERS = ("campus_search.storage", "campus_search.retrieval", "campus_search.ingest", "campus_search.audit")
+_SQL = re.compile(r"^\s*(SELECT|INSERT\s+INTO|UPDATE|DELETE\s+FROM|WITH|CREATE|ALTER|DROP|TRUNCATE|COPY|"
+                  r"SET\s+(LOCAL|SESSION|TRANSACTION))\b")
 
 #: (importer, imported) pairs allowed against the layer order. Keep this tiny, and say why.
 EXEMPT: frozenset[tuple[str, str]] = frozenset({
@@ -206,6 +212,20 @@ def layer_problems(g: Mapping[str, list[Import]]) -> list[str]:
     return problems
 
 
+def sql_outside_its_owners(root: Path = ROOT, package: str = PACKAGE) -> list[str]:
+    """Every string literal (an f-string by its first part) that starts like an SQL statement, in a
+    module outside :data:`SQL_OWNERS`: such SQL belongs behind a function of the layer owning the table."""
+    found = []
+    for name, path in modules(root, package).items():
+        if any(name == owner or name.startswith(owner + ".") for owner in SQL_OWNERS):
+            continue
+        # (ast.walk reaches an f-string's parts on their own too: its first part is a Constant like any other)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _SQL.match(node.value):
+                found.append(f"{name}:{node.lineno}: {node.value.strip()[:60]!r}")
+    return found
+
+
 def test_every_module_is_in_a_layer():
     for name in modules():
         layer_of(name)
@@ -225,6 +245,11 @@ def test_exemptions_are_still_needed():
     """An exemption whose import is gone is removed, so the list cannot grow stale and hide a new edge."""
     edges = {(name, imp.target) for name, found in graph().items() for imp in found}
     assert not EXEMPT - edges, f"exemptions no longer needed: {sorted(EXEMPT - edges)}"
+
+
+def test_sql_lives_in_the_layers_that_own_tables():
+    found = sql_outside_its_owners()
+    assert not found, "SQL outside storage/retrieval/ingest/audit:\n" + "\n".join(found)
 
 
 # ---- the check itself, on planted packages: it must see what it is meant to see
@@ -284,3 +309,13 @@ def test_cycles_finds_every_cycle_and_only_cycles():
     assert cycles({"a": ["b"], "b": ["c"], "c": []}) == []
     found = cycles({"a": ["b"], "b": ["a", "c"], "c": ["d"], "d": ["c"], "e": ["e"]})
     assert sorted(found) == [["a", "b", "a"], ["c", "d", "c"]]
+
+
+def test_planted_sql_in_the_web_layer_is_reported(tmp_path):
+    root = _plant(tmp_path, {
+        "api/stats.py": 'def f(conn, w):\n    return conn.execute(f"SELECT count(*) FROM audit_log {w}")\n',
+        "ops/health.py": 'PROBE = "SET LOCAL statement_timeout = 1"\nBANNER = "DELETE /api/x: delete a thing"\n',
+        "storage/db.py": 'PING = "SELECT 1"\n',
+    })
+    assert [p.split(":")[0] for p in sql_outside_its_owners(root)] == ["campus_search.api.stats",
+                                                                       "campus_search.ops.health"]

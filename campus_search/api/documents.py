@@ -43,6 +43,7 @@ from werkzeug.routing import PathConverter
 from campus_search.api.auditing import request_context
 from campus_search.audit.actions import AdminChange, admin_change
 from campus_search.errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
+from campus_search.ingest.catalog import document_detail, list_documents_page
 from campus_search.ingest.metadata import METADATA_FIELDS, AccessMetadata, check_keys, check_values, loosenings, resolve
 from campus_search.ingest.pipeline import LooseningRefused
 from campus_search.ingest.sources import BYTE_PARSERS, parse_bytes
@@ -148,27 +149,7 @@ def _flag(raw: Any, name: str) -> bool:
 
 def _stored(services: Any, doc_id: str) -> dict[str, Any] | None:
     with services.db.connection(read=False) as conn:
-        row = conn.execute(
-            "SELECT d.external_id, d.title, d.source, d.department, d.visibility, d.clearance_level, d.campus, "
-            "d.priority, d.last_reviewed, d.created_at, d.updated_at, "
-            "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id), "
-            "(SELECT array_agg(DISTINCT c.section_title) FILTER (WHERE c.section_title IS NOT NULL) "
-            " FROM chunks c WHERE c.document_id = d.id), "
-            "(SELECT max(c.page_number) FROM chunks c WHERE c.document_id = d.id), d.pinned "
-            "FROM documents d WHERE d.external_id = %s", (doc_id,)).fetchone()
-    if row is None:
-        return None
-    out = _row_json(row[:12])
-    out["sections"] = sorted(row[12] or [])
-    out["last_page"] = row[13]
-    out["pinned"] = sorted(row[14] or [])
-    return out
-
-
-def _row_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    meta = AccessMetadata(*row[3:9])
-    return {"document_id": row[0], "title": row[1], "source": row[2], "metadata": meta.as_json(),
-            "created_at": row[9].isoformat(), "updated_at": row[10].isoformat(), "chunk_count": row[11]}
+        return document_detail(conn, doc_id)
 
 
 def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
@@ -192,23 +173,10 @@ def list_documents() -> Any:
         raise BadRequest(f"unknown query parameters {unknown}; allowed: {sorted(LIST_PARAMS)}")
     limit = _int_arg("limit", 50, 1, 500)
     offset = _int_arg("offset", 0, 0, 10**9)
-    where, params = ["true"], {}
-    if request.args.get("department"):
-        where.append("d.department = %(department)s")
-        params["department"] = request.args["department"]
-    if request.args.get("q"):
-        where.append("(strpos(lower(d.title), lower(%(q)s)) > 0 OR strpos(lower(d.external_id), lower(%(q)s)) > 0)")
-        params["q"] = request.args["q"]
-    sql_where = " AND ".join(where)
     with services.db.connection(read=False) as conn:
-        total = conn.execute(f"SELECT count(*) FROM documents d WHERE {sql_where}", params).fetchone()[0]
-        rows = conn.execute(
-            "SELECT d.external_id, d.title, d.source, d.department, d.visibility, d.clearance_level, d.campus, "
-            "d.priority, d.last_reviewed, d.created_at, d.updated_at, "
-            "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id) "
-            f"FROM documents d WHERE {sql_where} ORDER BY d.external_id LIMIT %(limit)s OFFSET %(offset)s",
-            {**params, "limit": limit, "offset": offset}).fetchall()
-    return jsonify({"documents": [_row_json(r) for r in rows], "total": total, "limit": limit, "offset": offset,
+        total, documents = list_documents_page(conn, department=request.args.get("department") or None,
+                                               text=request.args.get("q") or None, limit=limit, offset=offset)
+    return jsonify({"documents": documents, "total": total, "limit": limit, "offset": offset,
                     "request_id": g.request_id})
 
 

@@ -13,6 +13,7 @@ from flask import Flask, g, has_request_context, request
 
 from campus_search import metrics
 from campus_search.ops import logs
+from campus_search.storage.index_state import indexed_departments
 
 #: the loggers these hooks used before they moved here, kept so log filters and tests still match
 _metrics_log = logging.getLogger("campus_search.metrics")
@@ -46,7 +47,7 @@ def init_app(app: Flask, services: Any) -> None:
 
 def init_metrics(app: Flask, services: Any) -> None:
     """Count every request (after its response is built) and sample this process's pool."""
-    departments = metrics.DepartmentLabels(services.settings.metrics_departments)
+    departments = metrics.DepartmentLabels(services.settings.metrics_departments, read=indexed_departments)
     sampler = metrics.PoolSampler()
     app.extensions["campus_search.metrics"] = {"departments": departments, "pool_sampler": sampler}
 

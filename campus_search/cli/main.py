@@ -324,14 +324,15 @@ def _eval_searcher(settings: Settings, *, migrate: bool) -> tuple[Any, Any]:
     from campus_search.retrieval.search import Searcher
     from campus_search.services import fusion_config
     from campus_search.storage.db import Database
+    from campus_search.storage.index_state import indexed_model
 
     db = Database(settings, settings.database_url or "")
     db.open()
     with db.connection(read=True) as conn:
-        row = conn.execute("SELECT model FROM index_state").fetchone()
-    if row is None or row[0] != index_model(settings):
+        model = indexed_model(conn)
+    if model is None or model != index_model(settings):
         db.close()
-        raise ConfigError(f"the configured index holds vectors of {row[0] if row else 'no model'!r}, not of "
+        raise ConfigError(f"the configured index holds vectors of {model or 'no model'!r}, not of "
                           f"{index_model(settings)!r}; --live cannot evaluate it with this configuration")
     searcher = Searcher(db, get_embedder(settings), ef_search=settings.hnsw_ef_search,
                         fusion=fusion_config(settings), bm25=BM25(settings.bm25_k1, settings.bm25_b))
