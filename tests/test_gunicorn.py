@@ -226,6 +226,64 @@ def test_sigterm_lets_an_in_flight_request_finish(served_dsn: str, tmp_path: Pat
         srv.stop()
 
 
+def _search_outcome(srv: Server, query: str) -> tuple[int | None, str | None]:
+    try:
+        r = admin_search_any(srv, query)
+    except requests.RequestException:
+        return None, None  # the worker died with the request: never answered
+    return r.status_code, r.headers.get("X-Request-ID")
+
+
+def admin_search_any(srv: Server, query: str) -> requests.Response:
+    from campus_search.config import Settings
+    from campus_search.security.auth import mint_token
+
+    auth = "Bearer " + mint_token(Settings(jwt_secret_key=TEST_SECRET, data_dir="/nonexistent"),
+                                  sub="ops-admin", role="it_administrator")
+    return srv.request("POST", "/api/search", json={"query": query}, headers={"Authorization": auth})
+
+
+def test_no_answered_search_loses_its_record_when_workers_are_killed(served_dsn: str, tmp_path: Path) -> None:
+    """SPEC 3 under the audit's commit without a waited-for flush (docs/security.md, "Durability"): a search
+    is answered only once its record is committed, so killing the workers (SIGKILL, no exit handler) while
+    records are waiting to be written loses no answered search's record. The audit chain head is held
+    locked so that searches are in flight with their records queued when the workers die."""
+    srv = Server(served_dsn, tmp_path)
+    try:
+        srv.wait_ready()
+        deadline = time.monotonic() + 120
+        while srv.log_text().count("services open in pid") < 2:
+            assert time.monotonic() < deadline, srv.log_text()
+            time.sleep(0.1)
+        queries = [f"student password reset, killed worker {i}" for i in range(6)]
+        with psycopg.connect(served_dsn) as lock_conn, ThreadPoolExecutor(len(queries)) as pool:
+            lock_conn.execute("SELECT seq FROM audit_chain_head FOR UPDATE")  # audit appends now wait on us
+            in_flight = [pool.submit(_search_outcome, srv, q) for q in queries]
+            with psycopg.connect(served_dsn, autocommit=True) as watcher:
+                deadline = time.monotonic() + 60
+                while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                          "AND wait_event_type = 'Lock' AND query LIKE %s",
+                                          ("%audit_chain_head%",)).fetchone()[0]:
+                    assert time.monotonic() < deadline, "no audit append reached the database"
+                    time.sleep(0.1)
+            time.sleep(1.0)  # the other searches finish their retrieval and queue their records
+            workers = srv.workers()
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            outcomes = [f.result(timeout=120) for f in in_flight]
+            lock_conn.rollback()
+        after = _search_outcome(srv, "student password reset after the restart")  # a new worker answers
+        answered = [rid for status, rid in [*outcomes, after] if status == 200]
+        with psycopg.connect(served_dsn) as conn:
+            recorded = {r[0] for r in conn.execute("SELECT request_id FROM audit_log WHERE request_id = ANY(%s)",
+                                                   (answered,))}
+        assert after[0] == 200, srv.log_text()[-3000:]
+        assert set(answered) <= recorded, (outcomes, recorded)
+        assert [o for o in outcomes if o[0] == 200] == []  # nothing answered while its record waited
+    finally:
+        srv.stop()
+
+
 COMPARE_CONFIGS = r"""
 import json, sys
 sys.argv = ["gunicorn", "production_system:create_production_app"]

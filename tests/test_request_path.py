@@ -14,8 +14,9 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from campus_search.audit.records import Auditor, AuditRecord, verify
-from campus_search.retrieval.search import SearchParams
+from campus_search.audit.records import Auditor, AuditRecord
+from campus_search.audit.verify import verify
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.auth import principal_from_claims
 
 PROBE = """
