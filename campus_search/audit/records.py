@@ -7,9 +7,10 @@ chain key. The key never reaches the database: with write access alone, history 
 without :func:`verify` noticing at the first record touched.
 
 Appending is a group commit. Request threads hand their record to the process's writer thread and
-wait until it is durable; the writer takes every record queued at that moment and appends them in one
+wait until it is committed; the writer takes every record queued at that moment and appends them in one
 transaction: lock and read the single-row chain head, insert the records in order (a trigger checks
-each extends the head and moves it), commit (one WAL flush). The head's row lock is the serialisation
+each extends the head and moves it), commit (one WAL record, flushed without being waited for: see
+"Durability" below). The head's row lock is the serialisation
 point across threads, processes and replicas; batching means that lock and the flush are paid once per
 batch, not once per search, so auditing does not cap throughput under load, and a single request waits
 no longer than before.
@@ -136,7 +137,7 @@ class AuditRecord:
 
 
 MAX_BATCH = 256
-WRITE_TIMEOUT = 10.0  # seconds a request waits for its record to be durable before giving up
+WRITE_TIMEOUT = 10.0  # seconds a request waits for the writer to take its record before giving up
 
 
 class _Pending:
