@@ -31,10 +31,11 @@ def default_app() -> Any:
                 from campus_search.app import create_app
                 from campus_search.config import load_settings
                 from campus_search.ops.logs import configure_logging
+                from campus_search.services import Services
 
                 settings = load_settings()
                 configure_logging(settings, replace=True)  # this process is ours: JSON lines in production
-                _app = create_app(settings)
+                _app = create_app(Services(settings))
     return _app
 
 

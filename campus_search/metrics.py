@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -360,13 +361,20 @@ def _result_count(response: Any) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def init_app(app: Any, services: Any) -> None:
+@dataclass(frozen=True)
+class RequestMetrics:
+    """What :func:`init_app` keeps per app: the allowed department label values and the pool sampler."""
+
+    departments: DepartmentLabels
+    pool_sampler: PoolSampler
+
+
+def init_app(app: Any, services: Any) -> RequestMetrics:
     """Count every request (after its response is built) and sample this process's pool."""
     from flask import g, request
 
     departments = DepartmentLabels(services.settings.metrics_departments)
     sampler = PoolSampler()
-    app.extensions["campus_search.metrics"] = {"departments": departments, "pool_sampler": sampler}
 
     @app.after_request
     def _record(response: Any) -> Any:
@@ -374,7 +382,8 @@ def init_app(app: Any, services: Any) -> None:
             started = g.get("start_time")
             seconds = time.perf_counter() - started if started else 0.0
             observe_request(request.method, request.endpoint, response.status_code, seconds)
-            db = getattr(services, "db", None)  # absent until this process opened its pools
+            opened = services.opened  # None until this process opened its pools
+            db = opened.db if opened is not None else None
             principal = g.get("principal")
             if request.endpoint == SEARCH_ENDPOINT and response.status_code == 200 and principal is not None:
                 count = _result_count(response)
@@ -385,3 +394,5 @@ def init_app(app: Any, services: Any) -> None:
         except Exception:  # metrics must never turn a good response into an error
             log.debug("metrics not recorded", exc_info=True)
         return response
+
+    return RequestMetrics(departments, sampler)
