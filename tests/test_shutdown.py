@@ -90,8 +90,11 @@ class _FakeArbiter:
             def ensure_open(self) -> None:
                 outer.opened = True
 
+        class CampusSearch:  # the app's extension (campus_search/api/extension.py)
+            services = Services()
+
         class App:
-            extensions = {"campus_search": Services()}
+            extensions = {"campus_search": CampusSearch()}
 
         class Loader:
             def wsgi(self) -> Any:
