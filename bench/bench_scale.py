@@ -215,7 +215,8 @@ def main() -> int:
 
     from campus_search.config import load_settings
     from campus_search.retrieval.fusion import FusionConfig
-    from campus_search.retrieval.search import Searcher, SearchParams, _where
+    from campus_search.retrieval.params import SearchParams
+    from campus_search.retrieval.search import Searcher, _where
     from campus_search.security.auth import principal_from_claims
     from campus_search.services import Services
 

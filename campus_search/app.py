@@ -12,8 +12,7 @@ from typing import Any
 
 from flask import Flask, g, request
 
-from campus_search import metrics
-from campus_search.api import admin_stats, cache_admin, ops
+from campus_search.api import admin_stats, cache_admin, instrumentation, ops
 from campus_search.api import documents as documents_api
 from campus_search.api import explain as explain_api
 from campus_search.api import openapi as openapi_api
@@ -67,9 +66,8 @@ def create_app(services: Services | None = None) -> Flask:
     app.register_blueprint(search_api.bp)
     app.register_blueprint(documents_api.bp)
     app.register_blueprint(explain_api.bp)
-    # 6. Prometheus request metrics, access log lines, /health and /metrics
-    request_metrics = metrics.init_app(app, services)
-    logs.init_app(app)
+    # 6. Prometheus request metrics and access log lines (api/instrumentation), /health and /metrics
+    request_metrics = instrumentation.init_app(app, services)  # metrics, then the access log
     health = ops.init_app(app, services)
     # 7. admin statistics and cache administration
     app.register_blueprint(admin_stats.bp)

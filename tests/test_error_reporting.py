@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from campus_search.app import create_app
+from campus_search.embedding import factory
 from campus_search.embedding import local as embedding
 from campus_search.embedding.remote import RemoteEmbedder
 from campus_search.errors import EmbeddingError
@@ -50,7 +51,7 @@ def test_a_500_names_no_file_to_the_client(settings_factory: Any, token: Any, mo
                                            caplog: pytest.LogCaptureFixture) -> None:
     # The model file fails its checksum when the worker loads it: a ConfigError naming the file's path.
     monkeypatch.setattr(embedding, "ONNX_SHA256", "0" * 64)
-    embedding.forget_embedders()
+    factory.forget_embedders()
     settings = settings_factory()
     services = Services(settings)
     try:
@@ -59,7 +60,7 @@ def test_a_500_names_no_file_to_the_client(settings_factory: Any, token: Any, mo
             r = client.post("/api/search", json={"query": "exams"}, headers={"Authorization": token("student")})
     finally:
         services.close()  # nothing to close: ensure_open closed the pools it had opened when the model failed
-        embedding.forget_embedders()
+        factory.forget_embedders()
     assert r.status_code == 500
     body = r.get_data(as_text=True)
     assert r.get_json()["error"]["code"] == "configuration_error"

@@ -2,7 +2,7 @@
 by the app factory (app.py), holding every per-app component, typed. Views and hooks reach it with
 :func:`current`.
 
-May import: the components it holds (services, security.auth, ops.health, metrics, flask-limiter).
+May import: the components it holds (services, security.auth, ops.health, api.instrumentation, flask-limiter).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from flask import Flask, current_app
 from flask_limiter import Limiter
 
+from campus_search.api.instrumentation import RequestMetrics
 from campus_search.config import Settings
-from campus_search.metrics import RequestMetrics
 from campus_search.ops.health import HealthMonitor
 from campus_search.security.auth import Authentication
 from campus_search.services import Services
