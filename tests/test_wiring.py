@@ -13,9 +13,9 @@ from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
 
 from campus_search.api.extension import CampusSearch
+from campus_search.api.instrumentation import RequestMetrics
 from campus_search.app import create_app
 from campus_search.audit.records import Auditor
-from campus_search.metrics import RequestMetrics
 from campus_search.ops.health import HealthMonitor
 from campus_search.security.auth import Authentication
 from campus_search.services import NotOpen, Opened, Services
