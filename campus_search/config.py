@@ -224,6 +224,11 @@ FIELDS: tuple[Field, ...] = (
     F("claim_departments", ("JWT_DEPARTMENT_CLAIM",), "departments",
       "Claim holding the user's department (string) or departments (list)."),
     F("claim_campus", ("JWT_CAMPUS_CLAIM",), "campus", "Claim holding the user's campus."),
+    F("claim_groups", ("JWT_GROUPS_CLAIM", "GROUPS_CLAIM"), "groups",
+      "Claim listing the user's groups (course, committee, project ids) for documents with visibility "
+      "`group`: Entra ID `groups`, Shibboleth/SAML `isMemberOf`. A list of strings (one string is one "
+      "group); entries that are not strings of 1-256 characters are dropped, a claim that is not a list or "
+      "has more than 500 entries gives no groups; both are logged and audited (docs/security.md)."),
     F("role_mapping", ("ROLE_MAPPING",),
       {"student": "student", "academic_staff": "academic", "professional_services": "staff",
        "it_administrator": "admin"},
@@ -233,7 +238,8 @@ FIELDS: tuple[Field, ...] = (
     F("roles_json", ("ROLES_JSON",), {},
       "Role table overrides as JSON, merged over the SPEC §2 defaults per role: "
       "`{\"staff\": {\"max_results\": 80}}`; fields clearance, per_minute, per_hour, max_results, "
-      "department_scope (none/own/all); a new role gives all five; `anonymous` is the no-token role "
+      "department_scope (none/own/all), group_scope (none/member/all; default member, admin all); a new "
+      "role gives the first five; `anonymous` is the no-token role "
       "(docs/security.md).", _json_object),
     F("oidc_jwks_refresh_interval", ("OIDC_JWKS_REFRESH_INTERVAL",), 10.0,
       "Minimum seconds between JWKS fetches triggered by unknown `kid`s (stops a refresh storm).", float),
@@ -254,6 +260,10 @@ FIELDS: tuple[Field, ...] = (
     F("proxy_department_header", ("PROXY_DEPARTMENT_HEADER",), "X-Remote-Department",
       "Proxy header with the user's department(s)."),
     F("proxy_campus_header", ("PROXY_CAMPUS_HEADER",), "X-Remote-Campus", "Proxy header with the user's campus."),
+    F("proxy_groups_header", ("PROXY_GROUPS_HEADER",), None,
+      "Proxy header with the user's groups (e.g. `X-Remote-Groups` from Shibboleth's `isMemberOf`), split on "
+      "PROXY_VALUE_SEPARATOR. Off by default: set it only once the proxy overwrites that header on every "
+      "request."),
     F("proxy_value_separator", ("PROXY_VALUE_SEPARATOR",), ";",
       "Separator of multi-valued proxy headers (Shibboleth uses `;`)."),
     F("allow_anonymous", ("ALLOW_ANONYMOUS",), False,
@@ -389,6 +399,7 @@ class Settings:
     claim_role: str = "role"
     claim_departments: str = "departments"
     claim_campus: str = "campus"
+    claim_groups: str = "groups"
     role_mapping: Mapping[str, str] = field(default_factory=lambda: dict(_BY_NAME["role_mapping"].default))
     roles_json: Mapping[str, Any] = field(default_factory=dict)
     oidc_jwks_refresh_interval: float = 10.0
@@ -399,6 +410,7 @@ class Settings:
     proxy_role_header: str = "X-Remote-Role"
     proxy_department_header: str = "X-Remote-Department"
     proxy_campus_header: str = "X-Remote-Campus"
+    proxy_groups_header: str | None = None
     proxy_value_separator: str = ";"
     allow_anonymous: bool = False
     max_results_per_query: int = 200
