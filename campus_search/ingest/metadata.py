@@ -216,6 +216,11 @@ class Change:
     before: Any
     after: Any
 
+    def __post_init__(self) -> None:  # groups are tuples in AccessMetadata; shown (and JSON) as lists
+        for name in ("before", "after"):
+            if isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, list(getattr(self, name)))
+
     def as_json(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
             return v.isoformat() if isinstance(v, dt.datetime) else v
