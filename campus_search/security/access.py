@@ -69,6 +69,7 @@ METADATA_FIELDS = tuple(f.name for f in DOCUMENT_FIELDS)
 ACCESS_FIELDS = tuple(f.name for f in DOCUMENT_FIELDS if f.access)
 CLEARABLE = tuple(f.name for f in DOCUMENT_FIELDS if f.clearable)
 COPY_TYPES = tuple(f.copy_type for f in DOCUMENT_FIELDS)
+LIST_FIELDS = tuple(f.name for f in DOCUMENT_FIELDS if f.copy_type.endswith("[]"))  # a list in metadata files
 
 #: The ceiling: a document field compared with the principal's clearance, whatever the audience.
 CEILING_FIELD = "clearance_level"
