@@ -186,6 +186,29 @@ def test_a_malformed_groups_claim_gives_no_group_access_and_is_said(deployment: 
     assert "2 groups claim entries" in problems["s-mixed"]
 
 
+def test_admin_put_with_groups_json_and_front_matter(deployment: dict[str, Any]) -> None:
+    base, env = deployment["base"], deployment["env"]
+    admin = cli_token(env, "--sub", "root2", "--role", "it_administrator")
+    member = mint_token(Settings(jwt_secret_key=TEST_SECRET, data_dir="/nonexistent"), sub="s-ethics",
+                        role="student", groups=["committee-ethics"])
+    text = "Ethics committee: compilers coursework deadline week 9 extensions need committee approval."
+    status, body = call(base, "PUT", "/api/admin/documents/ethics-notes", admin, {
+        "text": text, "metadata": {"visibility": "group", "groups": ["committee-ethics"],
+                                   "department": "Informatics"}})
+    assert status in (200, 201), body
+    status, body = call(base, "PUT", "/api/admin/documents/ethics-agenda", admin, {
+        "format": "markdown", "text": "---\nvisibility: group\ngroups: [committee-ethics]\n---\n# Agenda\n\n"
+                                      "Compilers coursework deadline week 9: the committee's agenda.\n"})
+    assert status in (200, 201), body
+    assert {"ethics-notes", "ethics-agenda"} <= set(found(base, member))
+    outsider = cli_token(env, "--sub", "s-none2", "--role", "academic_staff")
+    assert not {"ethics-notes", "ethics-agenda"} & set(found(base, outsider))
+    # a group visibility without groups is a 400 that says what is missing, and nothing is stored
+    status, body = call(base, "PUT", "/api/admin/documents/ethics-bad", admin,
+                        {"text": text, "metadata": {"visibility": "group"}})
+    assert status == 400 and "needs groups" in body["error"]["message"], body
+
+
 def _search_details(dsn: str) -> list[tuple[str, str]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT user_id, details FROM audit_log WHERE action = 'search' "

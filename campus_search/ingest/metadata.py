@@ -64,9 +64,12 @@ def check_keys(data: Mapping[str, Any], allowed: Collection[str], where: str,
 def check_values(given: Mapping[str, Any], *, source: str = "metadata") -> None:
     """Validate each stated field on its own (type, range, may it be cleared); combinations, such as
     department visibility without a department, are checked by :func:`resolve` against what is stored."""
+    # a base whose every audience field is set, so a visibility is checked on its own
+    placeholders: dict[str, Any] = {a.field: ("-",) if a.many else "-" for a in AUDIENCES if a.field}
+    base = AccessMetadata(**placeholders)
     for key, value in given.items():
         if key in METADATA_FIELDS:
-            AccessMetadata(department="-").merged({key: value}, source=source)
+            base.merged({key: value}, source=source)
 
 
 @dataclass(frozen=True)
