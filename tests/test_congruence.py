@@ -327,7 +327,7 @@ def test_search_pages_are_full_and_allowed(corpus: Corpus) -> None:
 def test_api_results_obey_the_rule(corpus: Corpus, token: Any) -> None:
     from campus_search.app import create_app
 
-    client = create_app(corpus.services.settings, services=corpus.services).test_client()
+    client = create_app(corpus.services).test_client()
     for role, depts in (("student", []), ("professional_services", ["Chaplaincy"]), ("academic_staff", [])):
         r = client.post("/api/search", json={"query": corpus.queries[0][0],
                                              "config": {"max_results": 50, "similarity_threshold": -1}},
@@ -348,7 +348,7 @@ def test_api_group_members_see_their_groups_and_never_share_a_cached_page(corpus
     result cache), never hands one member's page to another."""
     from campus_search.app import create_app
 
-    client = create_app(corpus.services.settings, services=corpus.services).test_client()
+    client = create_app(corpus.services).test_client()
     flt = {"visibility": "group"}
     reach = {g: sum(g in m["groups"] and m["clearance_level"] <= 2 for m in corpus.meta) for g in GROUPS}
     a, b, c = sorted(GROUPS, key=lambda g: (-reach[g], g))[:3]  # groups with documents a student may see
