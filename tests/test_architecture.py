@@ -198,6 +198,22 @@ def cycle_problems(g: Mapping[str, list[Import]]) -> list[str]:
     return ["import cycle: " + " -> ".join(c) for c in cycles(edges)]
 
 
+def component(module: str) -> str:
+    """The package a module belongs to (``campus_search.ingest``), or the top-level module itself."""
+    return ".".join(module.split(".")[:2])
+
+
+def component_cycle_problems(g: Mapping[str, list[Import]]) -> list[str]:
+    """Cycles between packages (ingest -> retrieval -> ingest through different modules), which the
+    module graph alone allows: each component must sit on the ones it uses, never beside them both ways."""
+    edges: dict[str, set[str]] = {}
+    for name, found in g.items():
+        for imp in found:
+            if imp.target in g and component(imp.target) != component(name) and (name, imp.target) not in EXEMPT:
+                edges.setdefault(component(name), set()).add(component(imp.target))
+    return ["component cycle: " + " -> ".join(c) for c in cycles(edges)]
+
+
 def layer_problems(g: Mapping[str, list[Import]]) -> list[str]:
     problems = []
     for name, found in sorted(g.items()):
@@ -233,6 +249,11 @@ def test_every_module_is_in_a_layer():
 
 def test_no_import_cycles():
     problems = cycle_problems(graph())
+    assert not problems, "\n".join(problems)
+
+
+def test_no_import_cycles_between_components():
+    problems = component_cycle_problems(graph())
     assert not problems, "\n".join(problems)
 
 
@@ -274,6 +295,18 @@ def test_a_planted_cycle_through_a_function_local_import_is_reported(tmp_path):
     problems = cycle_problems(graph(root))
     assert problems == ["import cycle: campus_search.embedding.local -> campus_search.embedding.remote"
                         " -> campus_search.embedding.local"]
+
+
+def test_a_planted_cycle_between_two_components_is_reported(tmp_path):
+    root = _plant(tmp_path, {
+        "ingest/pipeline.py": "from campus_search.retrieval.lexical import compact\n",
+        "retrieval/lexical.py": "",
+        "retrieval/params.py": "from campus_search.ingest.metadata import parse_datetime\n",
+        "ingest/metadata.py": "",
+    })
+    assert cycle_problems(graph(root)) == []  # no module cycle: only the packages go round
+    assert component_cycle_problems(graph(root)) == [
+        "component cycle: campus_search.ingest -> campus_search.retrieval -> campus_search.ingest"]
 
 
 def test_a_planted_relative_import_cycle_is_reported(tmp_path):
