@@ -3,5 +3,6 @@ record, its chain and the writer; ``actions``: what a record says about a search
 its verification (``verify``) and reading it back (``reports``). The web layer fills in the request
 (``api.auditing``).
 
-May import: the base modules and ``storage``. Never ``flask``, ``api`` or ``app``.
+May import: the base modules, ``storage`` and ``retrieval.querytext`` (a query is hashed in the form the
+search runs it). Never ``flask``, ``api`` or ``app``.
 """
