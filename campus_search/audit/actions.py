@@ -12,7 +12,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
-from campus_search.audit.records import Auditor, AuditRecord, AuditUnavailable, auditor_of, canonical_json, clean_text
+from campus_search.audit.chain import AuditRecord, canonical_json, clean_text
+from campus_search.audit.records import Auditor, AuditUnavailable, auditor_of
 from campus_search.errors import CampusSearchError
 from campus_search.retrieval.querytext import normalise_query
 

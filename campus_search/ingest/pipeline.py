@@ -55,9 +55,9 @@ from campus_search.ingest.formats import DEFAULT_LIMITS, ParseLimits
 from campus_search.ingest.metadata import METADATA_FIELDS, AccessMetadata, Change, Resolution, check_keys, resolve
 from campus_search.ingest.sources import ParsedDocument
 from campus_search.ingest.textrules import MAX_SECTION_TITLE_CHARS, MAX_TITLE_CHARS, id_problem, shorten, text_problem
-from campus_search.retrieval.lexical import compact as compact_lexical
 from campus_search.security.access import COPY_TYPES, columns
 from campus_search.storage.db import Database
+from campus_search.storage.index_state import compact_lexical
 
 #: The metadata columns (security.access declares them): a stored row is
 #: (external_id, id, content_hash, *metadata, source, pinned)
@@ -383,7 +383,7 @@ class Ingester:
             self.compact()
 
     def compact(self) -> None:
-        """Fold the lexical statistics deltas of committed writes (:func:`.lexical.compact`), in a short
+        """Fold the lexical statistics deltas of committed writes (:func:`.index_state.compact_lexical`), in a short
         transaction of its own after the write: writers only insert deltas, so they never queue on a shared
         counter row, and this keeps the delta tables small."""
         with self.db.connection() as conn:
