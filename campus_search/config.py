@@ -178,6 +178,11 @@ FIELDS: tuple[Field, ...] = (
       "Folder with pg_dump/pg_restore/psql for `campus-search backup`/`restore`. Default: the embedded "
       "PostgreSQL's in embedded mode, else PATH when new enough for the server, else those bundled."),
     F("hnsw_ef_search", ("HNSW_EF_SEARCH",), 100, "pgvector `hnsw.ef_search` for dense candidate search.", int),
+    F("dense_exact_fraction", ("DENSE_EXACT_FRACTION",), 0.03,
+      "Dense plan by selectivity: a principal whose rule and filters admit at most this share of the chunks "
+      "gets an exact scan of the allowed rows (through the access index) instead of the HNSW index; above "
+      "it, HNSW with an iterative scan. 0 turns the exact plan off. The share is counted per rule and "
+      "cached for a minute; both plans apply the same rule inside the query.", float),
     # --- cache / redis
     F("redis_url", ("REDIS_URL",), None,
       "Redis for the result cache and rate limits shared by all processes (`redis://`, `rediss://` or "
@@ -365,6 +370,7 @@ class Settings:
     db_prepare_threshold: str = "auto"
     pg_bin_dir: str | None = None
     hnsw_ef_search: int = 100
+    dense_exact_fraction: float = 0.03
     redis_url: str | None = None
     redis_host: str | None = None
     redis_port: int = 6379
@@ -567,6 +573,8 @@ def _validate(s: Settings) -> list[str]:
                  "embedding_batch_size", "embedding_threads", "replica_check_seconds",
                  "replica_connect_timeout"):
         positive(name)
+    if not 0.0 <= s.dense_exact_fraction <= 1.0:
+        problems.append(f"dense_exact_fraction must be between 0 and 1 (got {s.dense_exact_fraction})")
     if not 0 < s.port < 65536:
         problems.append(f"PORT must be 1-65535 (got {s.port})")
     if s.db_pool_min_size < 0 or s.db_pool_min_size > s.db_pool_max_size:

@@ -86,6 +86,7 @@ class Services:
             self.db.open(wait=wait)
             embedder = metrics.instrument_embedder(self.embedder, self.settings.embedding_provider)
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
+                                     exact_max_fraction=self.settings.dense_exact_fraction,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
                                                                                    self.settings.bm25_b))
             self.ingester = Ingester(self.db, embedder, default_visibility=self.settings.default_visibility,
