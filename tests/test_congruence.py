@@ -362,6 +362,20 @@ def test_dense_plan_follows_the_visible_fraction(corpus: Corpus) -> None:
             assert plan == ("exact" if share <= 0.03 else "hnsw"), (user, filters, share)
             plans[plan] += 1
     assert plans["exact"] >= 5 and plans["hnsw"] >= 10  # both plans really chosen
+    # search() runs the chosen plan: one candidate query, exact for the restricted user, HNSW for admin
+    calls: list[bool] = []
+
+    class Recording(Searcher):
+        def _candidates(self, *args: Any, exact: bool) -> Any:
+            calls.append(exact)
+            return super()._candidates(*args, exact=exact)
+
+    recording = Recording(corpus.services.db, corpus.services.embedder, exact_max_fraction=0.03)
+    text, q = corpus.queries[0]
+    recording.query_vectors.put(" ".join(text.split()), q.copy())
+    recording.search(Principal("anon", ROLES["anonymous"]), SearchParams(text, {}, 10, -1.0))
+    recording.search(Principal("root", ROLES["admin"]), SearchParams(text, {}, 10, -1.0))
+    assert calls == [True, False]
     # 0 turns the exact plan off; 1 makes every plan exact
     anon = Principal("anon", ROLES["anonymous"])
     assert Searcher(corpus.services.db, corpus.services.embedder, exact_max_fraction=0).dense_plan(anon, {}) == "hnsw"
