@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from campus_search.config import load_settings  # noqa: E402
-from campus_search.embedding.local import LocalMiniLM, ingest_threads  # noqa: E402
+from campus_search.embedding.factory import ingest_threads  # noqa: E402
+from campus_search.embedding.local import LocalMiniLM  # noqa: E402
 from campus_search.ingest.metadata import AccessMetadata  # noqa: E402
 from campus_search.ingest.pipeline import DOC_BATCH, Ingester, _content_hash, _Pending  # noqa: E402
 from campus_search.ingest.sources import ParsedDocument, read_jsonl  # noqa: E402

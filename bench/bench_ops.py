@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_ops.py [--requests 20000] [--workers 4]
 
-1. Per-request hook cost, in-process: what ``metrics.init_app``'s and ``logs.init_app``'s
-   after_request hooks do for one search (request counter + histogram, query counter, pool sample,
+1. Per-request hook cost, in-process: what the metrics and access-log after_request hooks
+   (``api/instrumentation.py``) do for one search (request counter + histogram, query counter, pool sample,
    one JSON access record formatted into memory), measured over ``--requests`` iterations.
 2. Scrape cost in multiprocess mode: ``--workers`` forked processes each record ``--requests / 4``
    requests over a realistic label mix, then ``metrics.render()`` sums their files (what

@@ -103,9 +103,10 @@ def main() -> int:
     from campus_search.audit.records import Auditor, AuditRecord
     from campus_search.cli.main import ingest_paths
     from campus_search.config import load_settings
-    from campus_search.embedding.local import get_embedder, ingest_threads
+    from campus_search.embedding.factory import get_embedder, ingest_threads
     from campus_search.ingest.metadata import AccessMetadata
-    from campus_search.retrieval.search import SearchParams, _where
+    from campus_search.retrieval.params import SearchParams
+    from campus_search.retrieval.search import _where
     from campus_search.security.auth import anonymous_principal, mint_token, principal_from_claims
     from campus_search.security.roles import visible_sql
     from campus_search.services import Services

@@ -259,7 +259,9 @@ def main() -> int:
 
     from campus_search.config import load_settings
     from campus_search.retrieval.fusion import FusionConfig
-    from campus_search.retrieval.search import Searcher, SearchParams, _where
+    from campus_search.retrieval.params import SearchParams
+    from campus_search.retrieval.querytext import normalise_query
+    from campus_search.retrieval.search import Searcher, _where
     from campus_search.security.auth import principal_from_claims
     from campus_search.services import Services
 
@@ -358,7 +360,7 @@ def main() -> int:
                  for mode in ("dense", "hybrid")}
     for s in searchers.values():
         for q, v in zip(queries, qvecs, strict=True):
-            s.query_vectors.put(" ".join(q.split()), np.asarray(v, dtype=np.float32))
+            s.query_vectors.put(normalise_query(q), np.asarray(v, dtype=np.float32))
     bm25 = searchers["hybrid"].bm25
 
     def lexical(user: Any, q: str) -> int:

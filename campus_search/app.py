@@ -8,8 +8,7 @@ from typing import Any
 
 from flask import Flask, g, request
 
-from campus_search import metrics
-from campus_search.api import admin_stats, cache_admin, ops
+from campus_search.api import admin_stats, cache_admin, instrumentation, ops
 from campus_search.api import documents as documents_api
 from campus_search.api import explain as explain_api
 from campus_search.api import openapi as openapi_api
@@ -54,8 +53,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     app.register_blueprint(search_api.bp)
     app.register_blueprint(documents_api.bp)
     app.register_blueprint(explain_api.bp)
-    metrics.init_app(app, services)
-    logs.init_app(app)
+    instrumentation.init_app(app, services)  # metrics, then the access log
     ops.init_app(app, settings)
     app.register_blueprint(admin_stats.bp)
     app.register_blueprint(cache_admin.bp)

@@ -13,7 +13,9 @@ counters and histograms
 then live in per-process files that every scrape sums, so totals survive worker restarts, and the
 gauges here are ``livesum`` (summed over live workers; ``child_exit`` drops a dead worker's share).
 
-Other components report through the small functions at the bottom (:func:`cache_op`,
+The metric definitions only: this base module imports no web framework. Each request is counted by the
+web layer's :mod:`campus_search.api.instrumentation`; other components report through the small
+functions at the bottom (:func:`cache_op`,
 :func:`rate_limited`, :func:`audit_failure`, :func:`embedding_request`).
 """
 
@@ -23,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,7 +170,10 @@ class DepartmentLabels:
     anyone able to mint tokens) could create unbounded series. Refreshed from the index every few minutes.
     """
 
-    def __init__(self, configured: Sequence[str] = (), refresh_seconds: float = 300.0) -> None:
+    def __init__(self, configured: Sequence[str] = (), refresh_seconds: float = 300.0,
+                 read: Callable[[Any, int], Iterable[str]] | None = None) -> None:
+        #: ``read(conn, limit)``: the indexed departments (storage's; this base module runs no SQL)
+        self.read = read
         self.configured = frozenset(configured)
         self.refresh_seconds = refresh_seconds
         self._known: frozenset[str] = self.configured
@@ -178,7 +183,8 @@ class DepartmentLabels:
     def label(self, department: str | None, db: Any = None) -> str:
         if not department:
             return "none"
-        if not self.configured and db is not None and time.monotonic() - self._loaded_at > self.refresh_seconds:
+        if not self.configured and db is not None and self.read is not None \
+                and time.monotonic() - self._loaded_at > self.refresh_seconds:
             self._refresh(db)
         return department if department in self._known else OTHER
 
@@ -186,10 +192,9 @@ class DepartmentLabels:
         if not self._lock.acquire(blocking=False):
             return  # another thread is refreshing; use the current set meanwhile
         try:
+            assert self.read is not None
             with db.connection(read=True) as conn:
-                rows = conn.execute("SELECT DISTINCT department FROM documents WHERE department IS NOT NULL "
-                                    "ORDER BY 1 LIMIT %s", (MAX_DEPARTMENT_LABELS,)).fetchall()
-            self._known = frozenset(r[0] for r in rows)
+                self._known = frozenset(self.read(conn, MAX_DEPARTMENT_LABELS))
         except Exception as exc:  # keep the previous set; metrics must never fail a request
             log.debug("department labels not refreshed: %s", exc.__class__.__name__)
         finally:
@@ -270,11 +275,10 @@ def read_fallback(reason: str) -> None:
     READ_FALLBACKS.labels(reason if reason in READ_FALLBACK_REASONS else OTHER).inc()
 
 
-def read_routing(serving: str, replicas: Sequence[tuple[str, bool, float | None]]) -> None:
-    """After each probe round: which node serves reads, and each replica's state and lag."""
-    from campus_search.storage.replicas import PRIMARY
-
-    for node in (PRIMARY, *(name for name, _, _ in replicas)):
+def read_routing(serving: str, primary: str, replicas: Sequence[tuple[str, bool, float | None]]) -> None:
+    """After each probe round: which node serves reads (``primary`` names the primary), and each
+    replica's state and lag."""
+    for node in (primary, *(name for name, _, _ in replicas)):
         READ_NODE.labels(node).set(1 if node == serving else 0)
     for name, up, lag in replicas:
         REPLICA_UP.labels(name).set(1 if up else 0)
@@ -311,7 +315,7 @@ def embedding_request(provider: str, seconds: float, ok: bool, texts: int = 0) -
 
 
 class InstrumentedEmbedder:
-    """Wraps an :class:`~campus_search.embedding.local.Embedder`, recording each ``embed`` call."""
+    """Wraps an :class:`~campus_search.embedding.base.Embedder`, recording each ``embed`` call."""
 
     def __init__(self, inner: Any, provider: str) -> None:
         self.inner = inner
@@ -339,49 +343,3 @@ class InstrumentedEmbedder:
 def instrument_embedder(embedder: Any, provider: str) -> Any:
     """The embedder, wrapped once for metrics (idempotent)."""
     return embedder if isinstance(embedder, InstrumentedEmbedder) else InstrumentedEmbedder(embedder, provider)
-
-
-# ---- Flask wiring
-
-SEARCH_ENDPOINT = "search.search_documents"
-
-
-def _result_count(response: Any) -> int | None:
-    from flask import g
-
-    outcome = g.get("search_outcome")  # left by the search view for the audit record
-    if outcome is not None:
-        return int(outcome.count)
-    try:
-        body = response.get_json(silent=True)
-    except Exception:
-        return None
-    count = body.get("count") if isinstance(body, dict) else None
-    return count if isinstance(count, int) else None
-
-
-def init_app(app: Any, services: Any) -> None:
-    """Count every request (after its response is built) and sample this process's pool."""
-    from flask import g, request
-
-    departments = DepartmentLabels(services.settings.metrics_departments)
-    sampler = PoolSampler()
-    app.extensions["campus_search.metrics"] = {"departments": departments, "pool_sampler": sampler}
-
-    @app.after_request
-    def _record(response: Any) -> Any:
-        try:
-            started = g.get("start_time")
-            seconds = time.perf_counter() - started if started else 0.0
-            observe_request(request.method, request.endpoint, response.status_code, seconds)
-            db = getattr(services, "db", None)  # absent until this process opened its pools
-            principal = g.get("principal")
-            if request.endpoint == SEARCH_ENDPOINT and response.status_code == 200 and principal is not None:
-                count = _result_count(response)
-                search_answered(principal.role.name, departments.label(principal.primary_department, db),
-                                count if count is not None else -1)
-            if db is not None and sampler.due():
-                sampler.sample(db)  # at most once a second per process; /metrics samples on every scrape
-        except Exception:  # metrics must never turn a good response into an error
-            log.debug("metrics not recorded", exc_info=True)
-        return response

@@ -16,25 +16,23 @@ from typing import Any
 
 from campus_search import metrics
 from campus_search.config import Settings
-from campus_search.embedding.local import Embedder, LocalMiniLM, get_embedder
+from campus_search.embedding.base import Embedder
+from campus_search.embedding.factory import MODEL_DIMENSIONS, get_embedder, index_model
 from campus_search.ingest.formats import ParseLimits
 from campus_search.ingest.pipeline import Ingester
-from campus_search.retrieval.cache import RedisBackend, ResultCache, build_cache
+from campus_search.retrieval.cache import ResultCache, build_cache
+from campus_search.retrieval.cache_backends import RedisBackend, build_backend
 from campus_search.retrieval.fusion import FusionConfig
 from campus_search.retrieval.lexical import BM25
-from campus_search.retrieval.search import Hit, Searcher, SearchOutcome, SearchParams
+from campus_search.retrieval.params import SearchParams
+from campus_search.retrieval.query_vectors import query_vector_cache
+from campus_search.retrieval.results import Hit, SearchOutcome
+from campus_search.retrieval.search import Searcher
 from campus_search.security.roles import Principal
 from campus_search.storage.db import Database, migrate, resolve_dsns
 from campus_search.storage.replicas import ReplicaFailed
 
 log = logging.getLogger(__name__)
-
-MODEL_DIMENSIONS = {"all-MiniLM-L6-v2": 384}
-
-
-def index_model(settings: Settings) -> str:
-    """The model whose vectors the index holds: the in-process model ignores EMBEDDING_MODEL."""
-    return LocalMiniLM.model_name if settings.embedding_provider == "local" else settings.embedding_model
 
 
 def fusion_config(settings: Settings) -> FusionConfig:
@@ -85,14 +83,16 @@ class Services:
             self.db = Database(self.settings, self.dsn, self.read_dsn)
             self.db.open(wait=wait)
             embedder = metrics.instrument_embedder(self.embedder, self.settings.embedding_provider)
+            backend = build_backend(self.settings)  # the result cache's and the query vectors' store
             self.searcher = Searcher(self.db, embedder, ef_search=self.settings.hnsw_ef_search,
                                      exact_max_fraction=self.settings.dense_exact_fraction,
                                      fusion=fusion_config(self.settings), bm25=BM25(self.settings.bm25_k1,
-                                                                                   self.settings.bm25_b))
+                                                                                   self.settings.bm25_b),
+                                     query_vectors=query_vector_cache(self.settings, backend, embedder))
             self.ingester = Ingester(self.db, embedder, default_visibility=self.settings.default_visibility,
                                      limits=ParseLimits.from_settings(self.settings),
                                      max_chunks=self.settings.max_document_chunks)
-            self.cache = build_cache(self.settings, self.db, self.searcher)
+            self.cache = build_cache(self.settings, self.db, backend, self.searcher.describe())
             if self.db.router is not None and isinstance(self.cache.backend, RedisBackend):
                 fence = self.db.router.fence  # shared by every process of every instance (replicas.py)
                 fence.shared_get, fence.shared_advance = self.cache.backend.fence_get, self.cache.backend.fence_advance

@@ -15,7 +15,7 @@ from conftest import DEMO, TEST_SECRET
 
 from campus_search.cli import main as cli
 from campus_search.config import Settings, load_settings
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
 
 ADMIN = superuser("admin-test")

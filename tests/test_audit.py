@@ -15,15 +15,11 @@ import psycopg
 import pytest
 from auditing import by_request, rows
 
+from campus_search.api.auditing import request_context
 from campus_search.app import create_app
-from campus_search.audit.records import (
-    Auditor,
-    AuditRecord,
-    AuditUnavailable,
-    admin_action,
-    record_admin_action,
-    verify,
-)
+from campus_search.audit.actions import admin_action, record_admin_action
+from campus_search.audit.records import Auditor, AuditRecord, AuditUnavailable
+from campus_search.audit.verify import verify
 from campus_search.cli.main import main
 from campus_search.errors import NotFound
 from campus_search.security.auth import principal_from_claims
@@ -116,9 +112,10 @@ def test_admin_actions_are_recorded(audited: Any, token: Any) -> None:
         from flask import g
 
         g.principal = principal_from_claims({"sub": "root2", "role": "it_administrator"}, services.settings)
-        with admin_action(services, "document.delete", target="doc-1") as details:
+        context = request_context(services.settings)  # the caller: g.principal
+        with admin_action(services, "document.delete", target="doc-1", context=context) as details:
             details["chunks_deleted"] = 3
-        with pytest.raises(NotFound), admin_action(services, "document.delete", target="doc-2"):
+        with pytest.raises(NotFound), admin_action(services, "document.delete", target="doc-2", context=context):
             raise NotFound("no such document")
     record_admin_action(services, "cache.clear", details={"keys_removed": 12})  # from the CLI: no request
     recs = rows(services, "kind = 'admin' AND action <> 'explain'")

@@ -15,7 +15,7 @@ import pytest
 from conftest import TEST_SECRET, make_settings
 
 from campus_search.cli.main import main
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
 from campus_search.storage.backup import NAME_RE, backup_name, pg_bin_dir, prune_backups, server_major
 

@@ -15,8 +15,7 @@ import pytest
 from campus_search.app import create_app
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import Block, ParsedDocument
-from campus_search.retrieval.cache import TieredEmbeddingCache
-from campus_search.retrieval.search import QueryEmbeddingCache
+from campus_search.retrieval.query_vectors import QueryEmbeddingCache, TieredEmbeddingCache
 from campus_search.security.roles import DEFAULT_ROLES, Principal, is_visible
 
 QUERY = {"query": "eduroam wifi connection", "config": {"max_results": 10, "similarity_threshold": -1.0}}

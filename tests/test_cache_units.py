@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 
-from campus_search.retrieval.cache import (
-    CircuitBreaker,
-    GenerationTracker,
-    LocalBackend,
-    decode_results,
-    encode_results,
-)
-from campus_search.retrieval.search import Hit
+from campus_search.breaker import CircuitBreaker
+from campus_search.retrieval.cache import decode_results, encode_results
+from campus_search.retrieval.cache_backends import LocalBackend
+from campus_search.retrieval.generation import GenerationTracker
+from campus_search.retrieval.results import Hit
 
 
 class Clock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from campus_search.embedding.local import MAX_SEQ_LENGTH
+from campus_search.embedding.base import MAX_SEQ_LENGTH
 from campus_search.embedding.remote import RemoteEmbedder
 from campus_search.ingest.chunking import Block
 from campus_search.ingest.metadata import AccessMetadata

@@ -11,7 +11,7 @@ from docfiles import write_pdf
 from campus_search.cli.main import ingest_paths
 from campus_search.ingest.chunking import Block, chunk_blocks
 from campus_search.ingest.metadata import AccessMetadata
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal
 
 PAGES = [

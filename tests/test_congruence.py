@@ -36,7 +36,9 @@ import pytest
 from conftest import make_settings
 
 from campus_search.retrieval.fusion import FusionConfig
-from campus_search.retrieval.search import Searcher, SearchParams, business_score
+from campus_search.retrieval.params import SearchParams
+from campus_search.retrieval.ranking import business_score
+from campus_search.retrieval.search import Searcher
 from campus_search.security.roles import DEFAULT_ROLES, Principal, build_roles, is_visible
 from campus_search.services import Services
 from campus_search.storage.db import Database

@@ -621,8 +621,8 @@ def test_readme_command_table_names_ingest_demo_and_eval_live() -> None:
 
 def test_the_banner_describes_every_route(demo_app: Any) -> None:
     """Each endpoint the start-up banner lists has a description (a route renamed without its entry in
-    server.DESCRIPTIONS, or a view without a docstring, showed an empty one)."""
-    from campus_search.ops.server import endpoints
+    banner.DESCRIPTIONS, or a view without a docstring, showed an empty one)."""
+    from campus_search.ops.banner import endpoints
 
     routes = endpoints(demo_app)
     assert any(path.startswith("/api/admin/documents/") for _, path, _ in routes)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from docfiles import write_docx, write_pdf
 
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal
 
 GUIDE = ("# Printing Guide\n\n## Printing from a laptop\n\nInstall the Papercut client, then print to the "

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from campus_search.app import create_app
+from campus_search.embedding import factory
 from campus_search.embedding import local as embedding
 from campus_search.embedding.remote import RemoteEmbedder
 from campus_search.errors import EmbeddingError
@@ -50,7 +51,7 @@ def test_a_500_names_no_file_to_the_client(settings_factory: Any, token: Any, mo
                                            caplog: pytest.LogCaptureFixture) -> None:
     # The model file fails its checksum when the worker loads it: a ConfigError naming the file's path.
     monkeypatch.setattr(embedding, "ONNX_SHA256", "0" * 64)
-    embedding.forget_embedders()
+    factory.forget_embedders()
     settings = settings_factory()
     services = Services(settings)
     try:
@@ -60,7 +61,7 @@ def test_a_500_names_no_file_to_the_client(settings_factory: Any, token: Any, mo
     finally:
         if hasattr(services, "db"):
             services.db.close()
-        embedding.forget_embedders()
+        factory.forget_embedders()
     assert r.status_code == 500
     body = r.get_data(as_text=True)
     assert r.get_json()["error"]["code"] == "configuration_error"

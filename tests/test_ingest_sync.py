@@ -15,7 +15,7 @@ from docfiles import write_docx, write_html, write_pdf
 
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sync import sync_paths
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
 from campus_search.services import Services
 

@@ -14,7 +14,7 @@ from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import ParsedDocument
 from campus_search.retrieval.fusion import FusionConfig
 from campus_search.retrieval.lexical import BM25
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
 
 DOCS = [

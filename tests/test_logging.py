@@ -115,7 +115,7 @@ def test_request_id_without_any_trusted_proxy(demo_services: Any) -> None:
 
 
 def test_banner_lists_configuration_and_endpoints_without_secrets(demo_app: Any, demo_services: Any) -> None:
-    from campus_search.ops.server import banner
+    from campus_search.ops.banner import banner
 
     settings = demo_services.settings.replace(
         database_url="postgresql://search:hunter2pw@db.example:5432/campus", redis_url="redis://:redispw@cache:6379/0",

@@ -28,7 +28,7 @@ from redis_server import free_port
 from campus_search.app import create_app
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import parse_bytes
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import superuser
 
 pytestmark = pytest.mark.skipif(shutil.which("pgbouncer") is None, reason="pgbouncer is not installed")

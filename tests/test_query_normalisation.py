@@ -11,7 +11,7 @@ from campus_search.app import create_app
 from campus_search.ingest.chunking import Block
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import ParsedDocument
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import DEFAULT_ROLES, Principal
 
 DOCS = {
@@ -46,3 +46,37 @@ def test_nfd_and_nfc_queries_are_one_query(settings_factory: Any, services_facto
     nfd_hits = services.searcher.search(student, SearchParams(NFD, similarity_threshold=-1))
     nfc_hits = services.searcher.search(student, SearchParams(NFC, similarity_threshold=-1))
     assert [(h.chunk_id, h.bm25) for h in nfd_hits] == [(h.chunk_id, h.bm25) for h in nfc_hits]
+
+
+def test_the_cache_key_the_audit_hash_and_the_query_vector_see_one_form(settings_factory: Any,
+                                                                          embedder: Any) -> None:
+    """querytext.normalise_query is the one normalisation: the audit log's query hash, the result
+    cache's key (through SearchParams) and the searcher's query-vector key agree for two spellings of
+    one query, and no other module defines a normalisation of query text (issue 15)."""
+    import ast
+    from pathlib import Path
+
+    from campus_search.audit.records import Auditor
+    from campus_search.retrieval.cache import ResultCache
+    from campus_search.retrieval.cache_backends import LocalBackend
+    from campus_search.retrieval.generation import GenerationTracker
+    from campus_search.retrieval.search import Searcher
+
+    typed, stored = "  " + NFD + "\t cv ", NFC + " cv"
+    settings = settings_factory()
+    auditor = Auditor(None, settings)  # a key-only auditor: hashes, never writes
+    assert auditor.query_hash(typed) == auditor.query_hash(stored)
+
+    cache = ResultCache(settings, LocalBackend(1 << 20), GenerationTracker(lambda: "g", 60.0))
+    student = Principal("s", DEFAULT_ROLES["student"])
+    assert cache.key(student, SearchParams(typed), "g") == cache.key(student, SearchParams(stored), "g")
+
+    searcher = Searcher(None, embedder)  # type: ignore[arg-type]  (embedding only: no database needed)
+    vector = searcher.embed_query(typed)
+    assert searcher.query_vectors.get(stored) is vector  # kept under the normalised text, embedded once
+
+    package = Path(__file__).resolve().parent.parent / "campus_search"
+    definers = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
+                      for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                      if isinstance(node, ast.FunctionDef) and "normali" in node.name and "query" in node.name)
+    assert definers == ["retrieval/querytext.py"]

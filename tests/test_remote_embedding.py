@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from campus_search.embedding.local import get_embedder
+from campus_search.embedding.factory import get_embedder
 from campus_search.embedding.remote import RemoteEmbedder
 from campus_search.errors import ConfigError, EmbeddingError
 from campus_search.ingest.chunking import Block
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import ParsedDocument
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import superuser
 from campus_search.services import Services
 

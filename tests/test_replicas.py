@@ -26,7 +26,7 @@ from conftest import ROOT, make_settings
 from campus_search import metrics
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import parse_bytes
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import superuser
 from campus_search.storage.replicas import ReadRouter, replica_lag, split_read_urls
 

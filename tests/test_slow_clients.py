@@ -172,3 +172,14 @@ def test_keep_alive_and_pipelined_requests_still_work(server: Server) -> None:
         sock.sendall(body[5:])
         status, _, answer = parse(read_all(sock))
     assert status == 401 and json.loads(answer)["error"]["code"] == "unauthorized"  # no token: the app answered
+
+
+def test_the_workers_status_names_are_the_apps():
+    """The worker names an error status as the app's responses do (werkzeug's table) without importing
+    the web framework below the web layer: every 4xx and 5xx, including those Python spells otherwise."""
+    from werkzeug.http import HTTP_STATUS_CODES
+
+    from campus_search.ops.gunicorn_worker import status_name
+
+    for status in range(400, 600):
+        assert status_name(status) == HTTP_STATUS_CODES.get(status, "Error"), status

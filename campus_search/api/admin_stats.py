@@ -14,8 +14,10 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 
 from campus_search import metrics
+from campus_search.audit.reports import search_summary
 from campus_search.errors import BadRequest
 from campus_search.security.auth import require_admin
+from campus_search.storage.index_state import index_summary
 
 bp = Blueprint("admin_stats", __name__)
 
@@ -41,12 +43,7 @@ def _by(rows: list[tuple[dict[str, str], float]], label: str) -> dict[str, int]:
 
 def _index(services: Any) -> dict[str, Any]:
     with services.db.connection(read=True) as conn:
-        docs, chunks = conn.execute("SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM chunks)"
-                                    ).fetchone()
-        state = conn.execute("SELECT generation, model, dimension FROM index_state").fetchone()
-    generation, model, dimension = state if state else (0, None, None)
-    return {"documents": int(docs), "chunks": int(chunks), "generation": int(generation), "model": model,
-            "dimension": dimension}
+        return index_summary(conn)
 
 
 def _cache(services: Any, rows: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
@@ -62,19 +59,7 @@ def _cache(services: Any, rows: list[tuple[dict[str, str], float]]) -> dict[str,
 def _audit(services: Any, days: int) -> dict[str, Any] | None:
     """Searches and zero-result searches by department over the last ``days``, from the audit log."""
     with services.db.connection(read=True) as conn:
-        if conn.execute("SELECT to_regclass('audit_log')").fetchone()[0] is None:
-            return None
-        window = {"days": days}
-        total, zero = conn.execute(
-            "SELECT count(*), count(*) FILTER (WHERE result_count = 0) FROM audit_log "
-            "WHERE kind = 'search' AND success AND recorded_at > now() - make_interval(days => %(days)s)",
-            window).fetchone()
-        rows = conn.execute(
-            "SELECT coalesce(department, 'none'), count(*) FROM audit_log WHERE kind = 'search' AND success "
-            "AND result_count = 0 AND recorded_at > now() - make_interval(days => %(days)s) "
-            "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 100", window).fetchall()
-    return {"days": days, "searches": int(total), "zero_result_searches": int(zero),
-            "zero_results_by_department": {dept: int(n) for dept, n in rows}}
+        return search_summary(conn, days)
 
 
 def collect(services: Any, sampler: Any, *, days: int = 30) -> dict[str, Any]:

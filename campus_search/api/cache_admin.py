@@ -19,7 +19,8 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify
 
-from campus_search.audit.records import record_admin_action, record_failure
+from campus_search.api.auditing import request_context
+from campus_search.audit.actions import record_admin_action, record_failure
 from campus_search.security.auth import require_admin
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,14 @@ def clear_cache() -> Any:
     admin = require_admin(services.settings)
     cache = services.ensure_open().cache
     details = {"backend": cache.backend.kind}
-    record_admin_action(services, "cache.clear", details=details)  # first: no record, no clear
+    context = request_context(services.settings)
+    record_admin_action(services, "cache.clear", details=details, context=context)  # first: no record, no clear
     try:
         removed = cache.clear()
     except Exception as exc:
         code = getattr(exc, "code", "internal_error")
-        record_failure(services, "cache.clear", None, {**details, "error": code}, getattr(exc, "status", 500))
+        record_failure(services, "cache.clear", None, {**details, "error": code}, getattr(exc, "status", 500),
+                       context=context)
         raise
     log.info("cache cleared by admin %s: %d keys", admin.user_id, removed)
     return jsonify({"cleared": True, "keys_removed": removed, "backend": cache.backend.kind,

@@ -40,10 +40,11 @@ from urllib.parse import unquote_to_bytes
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.routing import PathConverter
 
-from campus_search.audit.records import AdminChange, admin_change
+from campus_search.api.auditing import request_context
+from campus_search.audit.actions import AdminChange, admin_change
 from campus_search.errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
-from campus_search.ingest.metadata import FIELDS as META_FIELDS
-from campus_search.ingest.metadata import AccessMetadata, check_keys, check_values, loosenings, resolve
+from campus_search.ingest.catalog import document_detail, list_documents_page
+from campus_search.ingest.metadata import METADATA_FIELDS, AccessMetadata, check_keys, check_values, loosenings, resolve
 from campus_search.ingest.pipeline import LooseningRefused
 from campus_search.ingest.sources import BYTE_PARSERS, parse_bytes
 from campus_search.ingest.textrules import MAX_TITLE_CHARS, id_problem, json_text_problem, text_problem
@@ -80,11 +81,12 @@ class SourceConflict(CampusSearchError):
 
 @contextlib.contextmanager
 def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]) -> Iterator[AdminChange]:
-    """Audit an admin document change through the audit log's ``admin_change`` (campus_search/audit/records.py):
+    """Audit an admin document change through the audit log's ``admin_change`` (campus_search/audit/actions.py):
     the success record is written in the change's own transaction (``change.record_in`` handed to the
     ingester), so the change and its record commit together or not at all; a failure is recorded with
     its error code."""
-    with admin_change(services, action, target=target, details=details) as change:
+    with admin_change(services, action, target=target, details=details,
+                      context=request_context(services.settings)) as change:
         yield change
 
 
@@ -130,7 +132,7 @@ def _metadata(raw: Any) -> dict[str, Any]:
             raise BadRequest(f"metadata {problem}")
     if not isinstance(raw, dict):
         raise BadRequest("metadata must be a JSON object")
-    check_keys(raw, META_FIELDS, "metadata")
+    check_keys(raw, METADATA_FIELDS, "metadata")
     check_values(raw, source="metadata")  # validate now: a 400 that names the field
     return raw
 
@@ -147,27 +149,7 @@ def _flag(raw: Any, name: str) -> bool:
 
 def _stored(services: Any, doc_id: str) -> dict[str, Any] | None:
     with services.db.connection(read=False) as conn:
-        row = conn.execute(
-            "SELECT d.external_id, d.title, d.source, d.department, d.visibility, d.clearance_level, d.campus, "
-            "d.priority, d.last_reviewed, d.created_at, d.updated_at, "
-            "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id), "
-            "(SELECT array_agg(DISTINCT c.section_title) FILTER (WHERE c.section_title IS NOT NULL) "
-            " FROM chunks c WHERE c.document_id = d.id), "
-            "(SELECT max(c.page_number) FROM chunks c WHERE c.document_id = d.id), d.pinned "
-            "FROM documents d WHERE d.external_id = %s", (doc_id,)).fetchone()
-    if row is None:
-        return None
-    out = _row_json(row[:12])
-    out["sections"] = sorted(row[12] or [])
-    out["last_page"] = row[13]
-    out["pinned"] = sorted(row[14] or [])
-    return out
-
-
-def _row_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    meta = AccessMetadata(*row[3:9])
-    return {"document_id": row[0], "title": row[1], "source": row[2], "metadata": meta.as_json(),
-            "created_at": row[9].isoformat(), "updated_at": row[10].isoformat(), "chunk_count": row[11]}
+        return document_detail(conn, doc_id)
 
 
 def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
@@ -191,23 +173,10 @@ def list_documents() -> Any:
         raise BadRequest(f"unknown query parameters {unknown}; allowed: {sorted(LIST_PARAMS)}")
     limit = _int_arg("limit", 50, 1, 500)
     offset = _int_arg("offset", 0, 0, 10**9)
-    where, params = ["true"], {}
-    if request.args.get("department"):
-        where.append("d.department = %(department)s")
-        params["department"] = request.args["department"]
-    if request.args.get("q"):
-        where.append("(strpos(lower(d.title), lower(%(q)s)) > 0 OR strpos(lower(d.external_id), lower(%(q)s)) > 0)")
-        params["q"] = request.args["q"]
-    sql_where = " AND ".join(where)
     with services.db.connection(read=False) as conn:
-        total = conn.execute(f"SELECT count(*) FROM documents d WHERE {sql_where}", params).fetchone()[0]
-        rows = conn.execute(
-            "SELECT d.external_id, d.title, d.source, d.department, d.visibility, d.clearance_level, d.campus, "
-            "d.priority, d.last_reviewed, d.created_at, d.updated_at, "
-            "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id) "
-            f"FROM documents d WHERE {sql_where} ORDER BY d.external_id LIMIT %(limit)s OFFSET %(offset)s",
-            {**params, "limit": limit, "offset": offset}).fetchall()
-    return jsonify({"documents": [_row_json(r) for r in rows], "total": total, "limit": limit, "offset": offset,
+        total, documents = list_documents_page(conn, department=request.args.get("department") or None,
+                                               text=request.args.get("q") or None, limit=limit, offset=offset)
+    return jsonify({"documents": documents, "total": total, "limit": limit, "offset": offset,
                     "request_id": g.request_id})
 
 
@@ -295,7 +264,7 @@ def upsert_document(doc_id: str) -> Any:
     if existing and not str(existing["source"] or "api:").startswith("api:"):
         raise SourceConflict(f"document {doc_id!r} is kept in sync from {existing['source']} by campus-search "
                              f"ingest: change that file, or PATCH its metadata")
-    front = {k: v for k, v in doc.metadata.items() if k in META_FIELDS}
+    front = {k: v for k, v in doc.metadata.items() if k in METADATA_FIELDS}
     outcome: dict[str, Any] = {"loosened": [], "held_back": [], "defaults_applied": {}}
     if existing is None:
         # a new document: its front matter counts as stated, below the request's own metadata
@@ -347,7 +316,7 @@ def update_metadata(doc_id: str) -> Any:
     unpin = body.get("unpin") or []
     if not isinstance(unpin, list) or not all(isinstance(f, str) for f in unpin):
         raise BadRequest("unpin must be a list of metadata field names")
-    check_keys({f: None for f in unpin}, META_FIELDS, "unpin")
+    check_keys({f: None for f in unpin}, METADATA_FIELDS, "unpin")
     if set(unpin) & set(given):
         raise BadRequest(f"fields both set and unpinned: {sorted(set(unpin) & set(given))}")
     details: dict[str, Any] = {"changed": sorted(given), "allow_loosening": allow, "unpin": sorted(unpin)}

@@ -14,10 +14,12 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from campus_search.audit.records import admin_action
+from campus_search.api.auditing import request_context
+from campus_search.audit.actions import admin_action
 from campus_search.errors import BadRequest, NotFound
+from campus_search.ingest.catalog import find_document, visible_chunk_counts
 from campus_search.security.auth import require_admin
-from campus_search.security.roles import Principal, explain_visibility, is_visible, map_role, role_table, visible_sql
+from campus_search.security.roles import Principal, explain_visibility, is_visible, map_role, role_table
 
 bp = Blueprint("explain", __name__)
 
@@ -44,7 +46,7 @@ def explain() -> Any:
     require_admin(settings)
     # Every call is audited, refused ones too (a 400 or a 404 with its error code).
     target = request.args.get("document_id", "").strip()[:1000] or None
-    with admin_action(services, "explain", target=target) as details:
+    with admin_action(services, "explain", target=target, context=request_context(settings)) as details:
         answer = _explain(services, settings, details)
     return jsonify(answer)
 
@@ -65,15 +67,11 @@ def _explain(services: Any, settings: Any, details: dict[str, Any]) -> dict[str,
                      departments=departments, campus=request.args.get("campus") or None)
     details.update(sub=user.user_id, role=role.name)
     services.ensure_open()
-    predicate, params = visible_sql(user, "c")
     with services.db.connection(read=True) as conn:
-        doc = conn.execute("SELECT id, external_id, title, department, visibility, clearance_level, campus "
-                           "FROM documents WHERE external_id = %s", (document_id,)).fetchone()
+        doc = find_document(conn, document_id)
         if doc is None:
             raise NotFound("no document with that id")
-        total, allowed = conn.execute(
-            f"SELECT count(*), count(*) FILTER (WHERE {predicate}) FROM chunks c WHERE c.document_id = %(doc)s",
-            {**params, "doc": doc[0]}).fetchone()
+        total, allowed = visible_chunk_counts(conn, user, doc[0])
     meta = {"department": doc[3], "visibility": doc[4], "clearance_level": doc[5], "campus": doc[6]}
     visible = is_visible(meta, user)
     details["visible"] = visible

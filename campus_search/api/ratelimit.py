@@ -39,9 +39,9 @@ from redis.retry import Retry
 
 from campus_search import metrics
 from campus_search.api.errors import error_response
+from campus_search.breaker import CircuitBreaker
 from campus_search.config import Settings
 from campus_search.errors import CampusSearchError, ServiceUnavailable
-from campus_search.retrieval.cache import CircuitBreaker
 from campus_search.security.auth import authenticate
 from campus_search.security.proxies import client_ip
 from campus_search.security.roles import Role, role_table

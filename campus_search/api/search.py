@@ -10,16 +10,17 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, request
 
-from campus_search.audit.records import audit_search_response
+from campus_search.api.auditing import audit_search_response
 from campus_search.errors import BadRequest, Forbidden, PayloadTooLarge
-from campus_search.retrieval.search import SearchOutcome, SearchParams, validate_filters
+from campus_search.retrieval.params import SearchParams, validate_filters
+from campus_search.retrieval.results import SearchOutcome
 from campus_search.security.auth import authenticate
 from campus_search.security.roles import Principal
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("search", __name__)
-bp.after_request(audit_search_response)  # one audit record per search, success or failure (audit.py)
+bp.after_request(audit_search_response)  # one audit record per search, success or failure (api/auditing.py)
 
 TOP_LEVEL = {"query", "filters", "config", "user"}
 CONFIG_KEYS = {"max_results", "similarity_threshold"}

@@ -41,27 +41,23 @@ import logging
 import os
 import queue
 import threading
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from flask import current_app, g, has_request_context, request
-from werkzeug.exceptions import HTTPException
 
 from campus_search.errors import CampusSearchError, ServiceUnavailable
+from campus_search.retrieval.querytext import normalise_query
 
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 TEXT_LIMIT = 2000  # per free-text field: a record stays small whatever a client sends
-_FIELDS = ("seq", "recorded_at", "kind", "action", "request_id", "user_id", "role", "department", "query_hmac",
+RECORD_COLUMNS = ("seq", "recorded_at", "kind", "action", "request_id", "user_id", "role", "department", "query_hmac",
            "query_text", "filters", "target", "details", "result_count", "response_time_ms", "client_ip",
            "user_agent", "status", "success", "key_id")
-_INSERT_HEAD = f"INSERT INTO audit_log ({', '.join(_FIELDS)}, prev_hash, hash)"
-_ROW_PLACEHOLDERS = f"({', '.join(['%s'] * (len(_FIELDS) + 2))})"
+_INSERT_HEAD = f"INSERT INTO audit_log ({', '.join(RECORD_COLUMNS)}, prev_hash, hash)"
+_ROW_PLACEHOLDERS = f"({', '.join(['%s'] * (len(RECORD_COLUMNS) + 2))})"
 
 
 class AuditUnavailable(ServiceUnavailable):
@@ -72,7 +68,7 @@ def _derive(key: str, purpose: str) -> bytes:
     return hmac.new(key.encode(), f"campus-search/audit/{purpose}".encode(), hashlib.sha256).digest()
 
 
-def _clean(value: Any, limit: int = TEXT_LIMIT) -> str | None:
+def clean_text(value: Any, limit: int = TEXT_LIMIT) -> str | None:
     """Text as PostgreSQL will store it (no NUL, no lone surrogates), bounded, so what is hashed is
     exactly what is stored."""
     if value is None:
@@ -84,16 +80,8 @@ def _clean(value: Any, limit: int = TEXT_LIMIT) -> str | None:
 def canonical_json(value: Any) -> str | None:
     if value is None:
         return None
-    return _clean(json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str),
+    return clean_text(json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str),
                   TEXT_LIMIT * 4)
-
-
-def normalise_query(query: str) -> str:
-    """The form of a query that is hashed: the search's own normalisation (querytext.py: NFC,
-    whitespace collapsed, case kept)."""
-    from campus_search.retrieval.querytext import normalise_query as normalise
-
-    return normalise(query)
 
 
 @dataclass
@@ -125,7 +113,7 @@ class AuditRecord:
 
     def payload(self) -> str:
         """Canonical JSON of every field but the two hashes (the bytes the chain HMAC covers)."""
-        values = [getattr(self, name) for name in _FIELDS]
+        values = [getattr(self, name) for name in RECORD_COLUMNS]
         values[1] = self.recorded_at.astimezone(dt.UTC).isoformat(timespec="microseconds")
         return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
 
@@ -310,7 +298,7 @@ class Auditor:
             record.seq, record.prev_hash = int(seq) + 1, prev
             record.hash = self.chain_hash(prev, record)
             seq, prev = record.seq, record.hash
-            rows.append([getattr(record, n) for n in _FIELDS] + [record.prev_hash, record.hash])
+            rows.append([getattr(record, n) for n in RECORD_COLUMNS] + [record.prev_hash, record.hash])
         # one multi-row INSERT: the database checks the chain and moves the head once per statement
         values = ", ".join([_ROW_PLACEHOLDERS] * len(rows))
         conn.execute(f"{_INSERT_HEAD} VALUES {values}", [v for row in rows for v in row])
@@ -379,269 +367,3 @@ def auditor_of(services: Any) -> Auditor:
         if auditor is None or auditor.db is not services.db:
             auditor = services.auditor = Auditor(services.db, services.settings)
         return auditor
-
-
-# --- request context -------------------------------------------------------------------------------
-
-def _request_fields(settings: Any) -> dict[str, Any]:
-    from campus_search.security.proxies import client_ip
-
-    if not has_request_context():
-        return {"user_agent": "campus-search cli"}
-    started = g.get("start_time")
-    return {
-        "request_id": g.get("request_id"),
-        "client_ip": _clean(client_ip(request, settings), 64),
-        "user_agent": _clean(request.headers.get("User-Agent"), 512),
-        "response_time_ms": (time.perf_counter() - started) * 1000 if started else None,
-    }
-
-
-def _principal_fields(principal: Any) -> dict[str, Any]:
-    if principal is None:
-        return {}
-    return {"user_id": _clean(principal.user_id, 256), "role": principal.role.name,
-            "department": _clean("; ".join(principal.departments), 1000) or None}
-
-
-def _search_body() -> dict[str, Any]:
-    """The search request's JSON object, or {} when there is none to read: a body over the request
-    limit (answered 413) is never read, so its record is built from what is known without it."""
-    limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    if limit is not None and request.content_length is not None and request.content_length > limit:
-        return {}
-    try:
-        body = request.get_json(silent=True, cache=True)
-    except HTTPException:  # e.g. a body without Content-Length that turns out larger than the limit
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def search_record(auditor: Auditor, response: Any) -> AuditRecord:
-    """The audit record of the current ``POST /api/search`` request, from what the view left on ``g``
-    (``search_params``, ``search_outcome``) and the response."""
-    settings = auditor.settings
-    params = g.get("search_params")
-    body = _search_body()
-    query = params.query if params is not None else body.get("query")
-    filters = params.filters if params is not None else body.get("filters")
-    details: dict[str, Any] = {}
-    if params is not None:
-        details.update(max_results=params.max_results, similarity_threshold=params.similarity_threshold)
-    outcome = g.get("search_outcome")
-    if outcome is not None:
-        details["from_cache"] = bool(outcome.from_cache)
-    if response.status_code >= 400:
-        error = (response.get_json(silent=True) or {}).get("error") if response.is_json else None
-        details["error"] = error.get("code") if isinstance(error, dict) else str(response.status_code)
-    return AuditRecord(
-        kind="search", action="search", success=response.status_code < 400, status=response.status_code,
-        query_hmac=auditor.query_hash(query) if isinstance(query, str) else None,
-        query_text=_clean(normalise_query(query)) if settings.audit_raw_queries and isinstance(query, str) else None,
-        filters=canonical_json(filters) if isinstance(filters, Mapping) else None,
-        details=canonical_json(details) if details else None,
-        result_count=outcome.count if outcome is not None and response.status_code < 400 else None,
-        **_principal_fields(g.get("principal")), **_request_fields(settings))
-
-
-def audit_search_response(response: Any) -> Any:
-    """``after_request`` hook of the search blueprint: one record per search, success or not.
-
-    Runs for error responses too (Flask finalises handled errors through after_request), so 400s,
-    401s, 403s and 429s are recorded. Fail closed: a successful answer whose record cannot be written
-    becomes a 503 (with AUDIT_FAILURE_MODE=refuse)."""
-    services = current_app.extensions["campus_search"]
-    auditor: Auditor | None = None
-    stored = False
-    try:
-        auditor = auditor_of(services)
-        stored = auditor.write(search_record(auditor, response))
-    except Exception:  # never let auditing crash the request; the failure is loud instead
-        log.exception("audit record could not be built")
-    if stored or response.status_code >= 400:
-        return response
-    if auditor is not None and not auditor.refuse_on_failure:
-        return response
-    from campus_search.api.errors import error_response
-
-    return error_response(503, AuditUnavailable.code, "the audit log is unavailable; results are withheld",
-                          headers={"Retry-After": "5"})
-
-
-# --- admin actions ---------------------------------------------------------------------------------
-
-def _admin_record(services: Any, action: str, target: str | None, details: Mapping[str, Any] | None,
-                  success: bool, status: int | None, principal: Any) -> AuditRecord:
-    if principal is None and has_request_context():
-        principal = g.get("principal")
-    return AuditRecord(kind="admin", action=_clean(action, 100) or "unknown", success=success,
-                       status=status if status is not None else (200 if success else None),
-                       target=_clean(target, 1000), details=canonical_json(dict(details)) if details else None,
-                       **_principal_fields(principal), **_request_fields(services.settings))
-
-
-def record_admin_action(services: Any, action: str, *, target: str | None = None,
-                        details: Mapping[str, Any] | None = None, success: bool = True, status: int | None = None,
-                        principal: Any = None) -> AuditRecord:
-    """Audit an admin action (``cache.clear``, ``explain`` ...) in its own transaction; the caller
-    (``g.principal``) and request fields are filled in. Raises AuditUnavailable (503) if the record
-    cannot be stored and AUDIT_FAILURE_MODE=refuse. Changes to the index record through
-    :func:`admin_change` instead, in the change's own transaction."""
-    auditor = auditor_of(services)
-    record = _admin_record(services, action, target, details, success, status, principal)
-    if not auditor.write(record) and auditor.refuse_on_failure:
-        raise AuditUnavailable("the audit log is unavailable; the action was recorded in the error log only",
-                               headers={"Retry-After": "5"})
-    return record
-
-
-@contextmanager
-def admin_action(services: Any, action: str, *, target: str | None = None,
-                 details: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """``with admin_action(services, "explain") as details: details["visible"] = ...``: records success
-    after the block, or failure with the error code (and re-raises the original error). For actions
-    that change nothing stored; a change to the index uses :func:`admin_change`."""
-    info = dict(details or {})
-    try:
-        yield info
-    except CampusSearchError as exc:
-        record_failure(services, action, target, {**info, "error": exc.code}, exc.status)
-        raise
-    except Exception:
-        record_failure(services, action, target, {**info, "error": "internal_error"}, 500)
-        raise
-    record_admin_action(services, action, target=target, details=info)
-
-
-class AdminChange:
-    """What :func:`admin_change` yields: ``details`` for the record, and :meth:`record_in` for the writer
-    of the change to call inside its transaction."""
-
-    def __init__(self, services: Any, action: str, target: str | None, details: Mapping[str, Any]) -> None:
-        self.services, self.action, self.target = services, action, target
-        self.details = dict(details)
-        self.attempted = False
-
-    def record_in(self, conn: Any, **details: Any) -> None:
-        """Write the success record in ``conn``'s open transaction (last, just before it commits). With
-        AUDIT_FAILURE_MODE=refuse an unwritable record raises AuditUnavailable, which rolls the change
-        back: the change and its record commit together or not at all."""
-        self.details.update(details)
-        self.attempted = True
-        record = _admin_record(self.services, self.action, self.target, self.details, True, 200, None)
-        auditor_of(self.services).append_in(conn, record)
-
-
-@contextmanager
-def admin_change(services: Any, action: str, *, target: str | None = None,
-                 details: Mapping[str, Any] | None = None) -> Iterator[AdminChange]:
-    """An admin change to the index (``document.upsert``, ``document.metadata``, ``document.delete``)::
-
-        with admin_change(services, "document.delete", target=doc_id) as change:
-            ingester.delete([doc_id], audit=lambda conn, n: change.record_in(conn))
-
-    The success record is written in the change's transaction; a failed change is recorded as a
-    failure (with its error code) in a transaction of its own, and the original error re-raised."""
-    change = AdminChange(services, action, target, details or {})
-    try:
-        yield change
-    except AuditUnavailable:
-        if not change.attempted:
-            record_failure(services, action, target, {**change.details, "error": AuditUnavailable.code}, 503)
-        raise  # (the record of a change rolled back for want of its record is in the error log already)
-    except CampusSearchError as exc:
-        record_failure(services, action, target, {**change.details, "error": exc.code}, exc.status)
-        raise
-    except Exception:
-        record_failure(services, action, target, {**change.details, "error": "internal_error"}, 500)
-        raise
-    if not change.attempted:  # the writer made no transaction (nothing to change): record it on its own
-        record_admin_action(services, action, target=target, details=change.details)
-
-
-def record_failure(services: Any, action: str, target: str | None, info: dict[str, Any], status: int) -> None:
-    with suppress(AuditUnavailable):  # logged already; the action's own error is the one to report
-        record_admin_action(services, action, target=target, details=info, success=False, status=status)
-
-
-# --- verification ----------------------------------------------------------------------------------
-
-@dataclass
-class VerifyReport:
-    """Outcome of :func:`verify`: ``first_bad_seq`` pinpoints the first altered or missing record."""
-
-    ok: bool = True
-    records: int = 0
-    first_bad_seq: int | None = None
-    problem: str | None = None
-    bad_records: int = 0
-    last_seq: int = 0
-    last_hash: str = GENESIS
-    head_seq: int = 0
-    head_hash: str = GENESIS
-
-    def fail(self, seq: int, problem: str) -> None:
-        self.bad_records += 1
-        if self.ok:
-            self.ok, self.first_bad_seq, self.problem = False, seq, problem
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def verify(conn: psycopg.Connection, key: str, *, anchor: tuple[int, str] | None = None,
-           batch: int = 5000) -> VerifyReport:
-    """Recompute the whole chain (streamed with a server-side cursor).
-
-    Detects: an altered field or hash (HMAC mismatch at that record), a missing record (gap in
-    ``seq``), a broken link (``prev_hash`` not the previous record's hash), records chained with
-    another key, missing records at the end (behind the chain head), and -- with ``anchor`` (a
-    ``(seq, hash)`` printed by an earlier verify and kept elsewhere) -- a rewritten or truncated log.
-    """
-    auditor = Auditor(None, _KeyOnly(key))
-    report = VerifyReport()
-    prev, expected = GENESIS, 1
-    columns = (*_FIELDS, "prev_hash", "hash")
-    fresh = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    with conn.transaction():
-        # One snapshot for the records and the chain head: a server appending meanwhile (deploy/rehearse
-        # verified under load) must not make the head look further on than the records read.
-        if fresh:
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        head = conn.execute("SELECT seq, hash FROM audit_chain_head").fetchone()
-        cur = conn.cursor(name="audit_verify")
-        cur.itersize = batch
-        cur.execute(f"SELECT {', '.join(columns)} FROM audit_log ORDER BY seq")
-        for row in cur:
-            rec = AuditRecord(**dict(zip(columns, row, strict=True)))
-            seq = int(rec.seq or 0)
-            report.records += 1
-            if seq != expected:
-                report.fail(expected, f"record {expected} is missing" if seq == expected + 1
-                            else f"records {expected} to {seq - 1} are missing")
-            if rec.key_id != auditor.key_id:
-                report.fail(seq, f"record {seq} was chained with another AUDIT_HMAC_KEY (key id {rec.key_id})")
-            elif not hmac.compare_digest(str(rec.hash), auditor.chain_hash(str(rec.prev_hash), rec)):
-                report.fail(seq, f"record {seq} was altered: its hash does not match its content")
-            elif seq == expected and rec.prev_hash != prev:
-                report.fail(seq, f"record {seq} does not link to record {seq - 1} (one of them was replaced)")
-            if anchor and seq == anchor[0] and rec.hash != anchor[1]:
-                report.fail(seq, f"record {seq} differs from the anchor given (history rewritten)")
-            prev, expected = str(rec.hash), seq + 1
-        cur.close()
-        report.last_seq, report.last_hash = expected - 1, prev
-    report.head_seq, report.head_hash = (int(head[0]), head[1]) if head else (0, GENESIS)
-    if report.head_seq > report.last_seq:
-        report.fail(report.last_seq + 1, f"records {report.last_seq + 1} to {report.head_seq} are missing at the "
-                                         "end (the chain head is further on)")
-    elif (report.head_seq, report.head_hash) != (report.last_seq, report.last_hash):
-        report.fail(report.last_seq, "the chain head does not match the last record")
-    if anchor and anchor[0] > report.last_seq:
-        report.fail(report.last_seq + 1, f"anchored record {anchor[0]} is missing (log truncated)")
-    return report
-
-
-@dataclass(frozen=True)
-class _KeyOnly:
-    audit_hmac_key: str
-    audit_failure_mode: str = "refuse"

@@ -9,7 +9,9 @@ from typing import Any
 
 import psycopg
 
-from campus_search.audit.records import Auditor, verify
+from campus_search.audit.records import Auditor
+from campus_search.audit.reports import latest_records
+from campus_search.audit.verify import verify
 from campus_search.config import load_settings
 from campus_search.errors import ConfigError
 
@@ -56,13 +58,9 @@ def cmd_hash_query(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     _, conn = _connect()
-    where, params = ("WHERE user_id = %s", [args.user]) if args.user else ("", [])
     with conn:
-        cur = conn.execute(f"SELECT * FROM (SELECT * FROM audit_log {where} ORDER BY seq DESC LIMIT %s) r "
-                           "ORDER BY seq", [*params, args.last])
-        names = [c.name for c in cur.description or ()]
-        for row in cur:
-            print(json.dumps(dict(zip(names, row, strict=True)), default=str, ensure_ascii=False))
+        for record in latest_records(conn, args.last, args.user):
+            print(json.dumps(record, default=str, ensure_ascii=False))
     return 0
 
 

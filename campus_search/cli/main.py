@@ -27,7 +27,7 @@ def _settings() -> Settings:
 
 
 def _services(settings: Settings, *, ingest: bool = False) -> Any:
-    from campus_search.embedding.local import get_embedder, ingest_threads
+    from campus_search.embedding.factory import get_embedder, ingest_threads
     from campus_search.services import Services
 
     embedder = get_embedder(settings, threads=ingest_threads()) if ingest else None
@@ -66,8 +66,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from campus_search.ops.gunicorn_hooks import prepare_metrics_dir
 
     prepare_metrics_dir()  # first: the workers' metrics need it before prometheus_client is imported
-    from campus_search.ops.server import serve
-
     settings = _settings()
     settings = settings.replace(host=args.host or settings.host, port=args.port or settings.port)
     if args.demo:
@@ -75,6 +73,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if code:
             return code
     return serve(settings, workers=args.workers, threads=args.threads)
+
+
+def serve(settings: Settings, *, workers: int | None = None, threads: int | None = None) -> int:
+    """Build the app once in this (the master) process and serve it with the embedded gunicorn; the
+    metrics directory is prepared first (:func:`cmd_serve`), before the app imports prometheus_client."""
+    from campus_search.app import create_app
+    from campus_search.ops.logs import configure_logging
+    from campus_search.ops.server import gunicorn_server
+
+    configure_logging(settings, replace=True)
+    app = create_app(settings)
+    gunicorn_server(settings, app, workers=workers, threads=threads).run()
+    return 0
 
 
 def _ingest_demo_in_child(settings: Settings) -> int:
@@ -119,7 +130,7 @@ def audit_loosenings(services: Any, report: Any) -> None:
     """One audit record per document whose access this run loosened (``--allow-loosening``), with
     before and after. The actor is the operating-system user running the command, as ``cli:<user>``.
     Raises AuditUnavailable if a record cannot be stored (AUDIT_FAILURE_MODE=refuse)."""
-    from campus_search.audit.records import record_admin_action
+    from campus_search.audit.actions import record_admin_action
     from campus_search.security.roles import superuser
 
     actor = superuser(f"cli:{_cli_user()}")  # whoever can run the CLI against the database acts as admin
@@ -180,7 +191,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_chunks(args: argparse.Namespace) -> int:
     """Export the exact inputs an embedding farm must embed (see :mod:`campus_search.ingest.vectors`)."""
-    from campus_search.embedding.local import get_embedder
+    from campus_search.embedding.factory import get_embedder
     from campus_search.ingest.fileguard import Guard
     from campus_search.ingest.formats import ParseLimits
     from campus_search.ingest.pipeline import Ingester, IngestReport
@@ -236,6 +247,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate in a scratch database (default, kept for reuse) or, with --live, the configured index
     read-only; see :mod:`campus_search.retrieval.evaluation`."""
+    from campus_search.embedding.factory import index_model
     from campus_search.ingest.metadata import AccessMetadata
     from campus_search.ingest.progress import ProgressBar
     from campus_search.retrieval.evaluation import (
@@ -246,7 +258,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         read_only,
         scratch_database_name,
     )
-    from campus_search.services import index_model
     from campus_search.storage.db import resolve_dsns
 
     overrides = {name: value for name, value in (("search_fusion", args.fusion), ("fusion_alpha", args.alpha),
@@ -308,19 +319,20 @@ def _eval_searcher(settings: Settings, *, migrate: bool) -> tuple[Any, Any]:
     if migrate:
         services = _services(settings)  # searches run with the serving configuration (1 thread)
         return services.searcher, services.close
-    from campus_search.embedding.local import get_embedder
+    from campus_search.embedding.factory import get_embedder, index_model
     from campus_search.retrieval.lexical import BM25
     from campus_search.retrieval.search import Searcher
-    from campus_search.services import fusion_config, index_model
+    from campus_search.services import fusion_config
     from campus_search.storage.db import Database
+    from campus_search.storage.index_state import indexed_model
 
     db = Database(settings, settings.database_url or "")
     db.open()
     with db.connection(read=True) as conn:
-        row = conn.execute("SELECT model FROM index_state").fetchone()
-    if row is None or row[0] != index_model(settings):
+        model = indexed_model(conn)
+    if model is None or model != index_model(settings):
         db.close()
-        raise ConfigError(f"the configured index holds vectors of {row[0] if row else 'no model'!r}, not of "
+        raise ConfigError(f"the configured index holds vectors of {model or 'no model'!r}, not of "
                           f"{index_model(settings)!r}; --live cannot evaluate it with this configuration")
     searcher = Searcher(db, get_embedder(settings), ef_search=settings.hnsw_ef_search,
                         exact_max_fraction=settings.dense_exact_fraction,

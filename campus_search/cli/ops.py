@@ -40,10 +40,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from campus_search.embedding.factory import MODEL_DIMENSIONS, index_model
     from campus_search.storage.backup import restore
 
     settings = load_settings()
-    result = restore(settings, _dsn(settings, args.database_url), Path(args.file), replace=args.yes)
+    model = index_model(settings)
+    result = restore(settings, _dsn(settings, args.database_url), Path(args.file), model=model,
+                     dimension=MODEL_DIMENSIONS.get(model), replace=args.yes)
     if result.safety_backup:
         print(f"the replaced database was saved first: {result.safety_backup}", file=sys.stderr)
     print(f"restored {result.path}: {result.documents} documents, {result.chunks} chunks (replaced "

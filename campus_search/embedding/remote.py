@@ -29,6 +29,7 @@ import numpy as np
 import requests
 
 from campus_search.config import Settings
+from campus_search.embedding.base import count_tokens
 from campus_search.errors import ConfigError, EmbeddingError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ PATHS = {"ollama": "/api/embed", "openai": "/v1/embeddings"}
 
 
 class RemoteEmbedder:
-    """An :class:`~campus_search.embedding.local.Embedder` backed by an HTTP embedding server."""
+    """An :class:`~campus_search.embedding.base.Embedder` backed by an HTTP embedding server."""
 
     def __init__(self, provider: str, url: str, model: str, *, timeout: float = 30.0, batch_size: int = 32,
                  retries: int = 3, backoff: float = 0.5, api_key: str | None = None) -> None:
@@ -87,9 +88,7 @@ class RemoteEmbedder:
         return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        from campus_search.embedding.local import count_tokens
-
-        return count_tokens(texts)  # the one counting rule (embedding.count_tokens), as for the local model
+        return count_tokens(texts)  # the one counting rule (embedding.base.count_tokens), as for the local model
 
     # --- HTTP ----------------------------------------------------------------------------------------
 

@@ -533,5 +533,7 @@ def _guarded(parser: Callable[..., Parsed]) -> Callable[..., Parsed]:
     return parse
 
 
-BYTE_PARSERS = {".pdf": _guarded(parse_pdf), ".docx": _guarded(parse_docx), ".html": _guarded(parse_html),
+#: The rich formats' parsers by suffix, each ``(data, *, where, fallback_title, limits)``; sources.py
+#: registers them, beside Markdown and text, in its ``BYTE_PARSERS``.
+RICH_PARSERS = {".pdf": _guarded(parse_pdf), ".docx": _guarded(parse_docx), ".html": _guarded(parse_html),
                 ".htm": _guarded(parse_html)}

@@ -25,16 +25,16 @@ from typing import Any
 
 from campus_search.errors import BadRequest, CampusSearchError
 
-FIELDS = ("department", "visibility", "clearance_level", "campus", "priority", "last_reviewed")
+METADATA_FIELDS = ("department", "visibility", "clearance_level", "campus", "priority", "last_reviewed")
 VISIBILITIES = ("public", "department")
 ACCESS_FIELDS = ("department", "visibility", "clearance_level")  # what decides who may see a document
 CLEARABLE = ("department", "campus", "last_reviewed")  # department only while visibility is public
 
-# Keys a file may state besides FIELDS. Anything else is a mistake (``visibilty``) and fails the file.
+# Keys a file may state besides METADATA_FIELDS. Anything else is a mistake (``visibilty``) and fails the file.
 DOCUMENT_KEYS = ("title", "id")
-FILE_KEYS = FIELDS + DOCUMENT_KEYS  # front matter, <file>.meta.yaml sidecars, uploaded files
-FOLDER_KEYS = FIELDS  # .campus-search.yaml: an id or title there would apply to every file below it
-JSONL_KEYS = ("_id", "title", "text", "metadata") + FIELDS  # BEIR's own keys plus access metadata
+FILE_KEYS = METADATA_FIELDS + DOCUMENT_KEYS  # front matter, <file>.meta.yaml sidecars, uploaded files
+FOLDER_KEYS = METADATA_FIELDS  # .campus-search.yaml: an id or title there would apply to every file below it
+JSONL_KEYS = ("_id", "title", "text", "metadata") + METADATA_FIELDS  # BEIR's own keys plus access metadata
 
 
 def check_keys(data: Mapping[str, Any], allowed: Collection[str], where: str,
@@ -54,7 +54,7 @@ def check_values(given: Mapping[str, Any], *, source: str = "metadata") -> None:
     """Validate each stated field on its own (type, range, may it be cleared); combinations, such as
     department visibility without a department, are checked by :func:`resolve` against what is stored."""
     for key, value in given.items():
-        if key in FIELDS:
+        if key in METADATA_FIELDS:
             AccessMetadata(department="-").merged({key: value}, source=source)
 
 
@@ -72,10 +72,10 @@ class AccessMetadata:
 
     def merged(self, overrides: Mapping[str, Any], *, source: str = "metadata") -> AccessMetadata:
         """A copy with the fields stated in ``overrides`` applied, validated. ``None`` clears a field in
-        :data:`CLEARABLE` and is an error for the others. Keys outside :data:`FIELDS` are ignored here
+        :data:`CLEARABLE` and is an error for the others. Keys outside :data:`METADATA_FIELDS` are ignored here
         (callers check them with :func:`check_keys`)."""
         values = asdict(self)
-        for key in FIELDS:
+        for key in METADATA_FIELDS:
             if key not in overrides:
                 continue
             if overrides[key] is None and key not in CLEARABLE:
@@ -247,7 +247,7 @@ def resolve(stored: AccessMetadata | None, given: Mapping[str, Any], *, allow_lo
                     f"visibility (e.g. --visibility public) or a department")
         return Resolution(AccessMetadata().merged(values, source=source), defaults=defaults)
     candidate = stored.merged(given, source=source)
-    kept = [Change(name, getattr(stored, name), getattr(candidate, name)) for name in FIELDS
+    kept = [Change(name, getattr(stored, name), getattr(candidate, name)) for name in METADATA_FIELDS
             if name in pinned and getattr(candidate, name) != getattr(stored, name)
             and not _tightens(stored, candidate, name)]
     if kept:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from campus_search.embedding.local import MAX_SEQ_LENGTH, Embedder
+from campus_search.embedding.base import MAX_SEQ_LENGTH, Embedder
 from campus_search.errors import BadRequest, CampusSearchError, IngestError
 from campus_search.ingest.chunking import (
     CHUNKER_VERSION,
@@ -52,8 +52,7 @@ from campus_search.ingest.chunking import (
     embedding_text,
 )
 from campus_search.ingest.formats import DEFAULT_LIMITS, ParseLimits
-from campus_search.ingest.metadata import FIELDS as META_FIELDS
-from campus_search.ingest.metadata import AccessMetadata, Change, Resolution, check_keys, resolve
+from campus_search.ingest.metadata import METADATA_FIELDS, AccessMetadata, Change, Resolution, check_keys, resolve
 from campus_search.ingest.sources import ParsedDocument
 from campus_search.ingest.textrules import MAX_SECTION_TITLE_CHARS, MAX_TITLE_CHARS, id_problem, shorten, text_problem
 from campus_search.retrieval.lexical import compact as compact_lexical
@@ -203,7 +202,7 @@ class Ingester:
                 continue
             try:
                 item = self._checked(item)
-                check_keys(item.metadata, META_FIELDS, item.source or item.external_id)
+                check_keys(item.metadata, METADATA_FIELDS, item.source or item.external_id)
                 if not item.blocks:
                     raise IngestError(f"{item.source or item.external_id}: no text found")
                 wanted = {**base, **item.metadata}
@@ -559,7 +558,7 @@ class Ingester:
                     "this change loosens access (" + "; ".join(str(c) for c in res.loosened)
                     + "); send \"allow_loosening\": true to confirm",
                     details={"loosened": [c.as_json() for c in res.loosened]})
-            pinned = sorted((set(row[8] or ()) | {k for k in overrides if k in META_FIELDS}) - set(unpin))
+            pinned = sorted((set(row[8] or ()) | {k for k in overrides if k in METADATA_FIELDS}) - set(unpin))
             doc = ParsedDocument(external_id=external_id, title="", blocks=[], source=row[7])
             if res.meta != before:
                 self._update_metadata(conn, row[0], res.meta, doc)

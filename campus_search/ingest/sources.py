@@ -1,7 +1,8 @@
 """Turn files into :class:`ParsedDocument` (title, blocks with section titles and pages, metadata).
 
 Markdown and plain text here; PDF, DOCX and HTML in :mod:`.formats`. Each format is one function
-registered by suffix (:data:`PARSERS` for paths, :data:`BYTE_PARSERS` for uploaded bytes).
+registered by suffix in :data:`BYTE_PARSERS`, each ``(data, where, fallback_title, limits)``;
+:data:`PATH_PARSERS` read the file first.
 Metadata comes, most specific last (later wins): CLI defaults, ``.campus-search.yaml`` in the folder
 and its parents (nearest wins), a sidecar ``<file>.meta.yaml``, YAML front matter (Markdown, text).
 Each may hold only the keys :mod:`.metadata` allows for it (a misspelt key fails the file, with a
@@ -28,10 +29,8 @@ import yaml
 from campus_search.errors import IngestError
 from campus_search.ingest.chunking import Block
 from campus_search.ingest.fileguard import Guard, Listing, Reader, list_folder
-from campus_search.ingest.formats import BYTE_PARSERS as _RICH
-from campus_search.ingest.formats import DEFAULT_LIMITS, ParseLimits
-from campus_search.ingest.metadata import FIELDS as META_FIELDS
-from campus_search.ingest.metadata import FILE_KEYS, FOLDER_KEYS, JSONL_KEYS, check_keys
+from campus_search.ingest.formats import DEFAULT_LIMITS, RICH_PARSERS, ParseLimits
+from campus_search.ingest.metadata import FILE_KEYS, FOLDER_KEYS, JSONL_KEYS, METADATA_FIELDS, check_keys
 
 FOLDER_DEFAULTS = ".campus-search.yaml"
 SIDECAR_SUFFIX = ".meta.yaml"
@@ -236,7 +235,7 @@ BYTE_PARSERS: dict[str, BytesParser] = {
     ".markdown": _markdown_bytes,
     ".txt": _text_bytes,
     ".text": _text_bytes,
-    **{suffix: _rich(parser) for suffix, parser in _RICH.items()},
+    **{suffix: _rich(parser) for suffix, parser in RICH_PARSERS.items()},
 }
 
 
@@ -245,7 +244,7 @@ def _path_parser(parser: BytesParser) -> Callable[[Path, ParseLimits], Parsed]:
                                        _title_from_name(path), limits)
 
 
-PARSERS: dict[str, Callable[[Path, ParseLimits], Parsed]] = {
+PATH_PARSERS: dict[str, Callable[[Path, ParseLimits], Parsed]] = {
     suffix: _path_parser(p) for suffix, p in BYTE_PARSERS.items()}
 
 
@@ -327,7 +326,7 @@ def _skipped_name(name: str) -> bool:
 
 def _is_document(path: Path) -> bool:
     return (path.name not in SKIP_NAMES and not path.name.endswith(SIDECAR_SUFFIX)
-            and path.suffix.lower() in PARSERS)
+            and path.suffix.lower() in PATH_PARSERS)
 
 
 def list_documents(root: Path, guard: Guard | None = None) -> Listing:
@@ -401,6 +400,6 @@ def read_jsonl(path: Path, limits: ParseLimits = DEFAULT_LIMITS) -> Iterator[Par
             text = str(record.get("text") or "")
             title = str(record.get("title") or "").strip()
             blocks = paragraph_blocks(text)
-            meta = {k: record[k] for k in META_FIELDS if k in record}
+            meta = {k: record[k] for k in METADATA_FIELDS if k in record}
             yield ParsedDocument(external_id=str(record["_id"]), title=title or str(record["_id"]),
                                  blocks=blocks, metadata=meta, source=f"{where}:{lineno}")

@@ -75,7 +75,7 @@ def _services(server: Any) -> Any:
 
 def when_ready(server: Any) -> None:
     """Master, listening sockets bound: announce the configuration and endpoints."""
-    from campus_search.ops.server import announce
+    from campus_search.ops.banner import announce
 
     app = flask_app(server)
     if app is not None:

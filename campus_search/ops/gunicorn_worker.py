@@ -39,11 +39,11 @@ import selectors
 import socket
 import time
 from functools import partial
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn import http, util
 from gunicorn.workers.gthread import ThreadWorker
-from werkzeug.http import HTTP_STATUS_CODES
 
 from campus_search.ops.logs import new_request_id
 
@@ -66,10 +66,26 @@ _MESSAGES = {
 }
 
 
+#: Where Python's status phrases differ from the names the app's errors use (werkzeug's), the app's: this
+#: module stays free of the web framework (tests/test_architecture.py), and a test compares the two.
+_STATUS_NAMES = {414: "Request URI Too Long", 418: "I'm a teapot", 449: "Retry With",
+                 511: "Network Authentication Failed"}
+
+
+def status_name(status: int) -> str:
+    """The reason phrase for ``status``, as the app's own error responses spell it."""
+    if status in _STATUS_NAMES:
+        return _STATUS_NAMES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def json_error(status: int, message: str | None = None) -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 response in the API's error shape."""
     request_id = new_request_id()
-    name = HTTP_STATUS_CODES.get(status, "Error")
+    name = status_name(status)
     code = "internal_error" if status == 500 else name.lower().replace(" ", "_")  # as the app says it
     body = json.dumps({"error": {"code": code,
                                  "message": message or _MESSAGES.get(status, name.lower()),

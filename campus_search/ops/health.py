@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from campus_search import metrics
-from campus_search.retrieval.search import SearchParams
+from campus_search.retrieval.params import SearchParams
 from campus_search.security.roles import superuser
+from campus_search.storage.db import ping, statement_timeout_sql
+from campus_search.storage.index_state import chunk_count
 from campus_search.storage.replicas import ReplicaFailed
 
 log = logging.getLogger(__name__)
@@ -81,25 +83,23 @@ class HealthMonitor:
 
     # ---- checks
 
-    def _pooled_query(self, sql: str) -> Any:
-        """Run one statement on a pooled read connection, waiting at most ``HEALTH_TIMEOUT``."""
+    def _pooled_query(self, read: Callable[[Any], Any]) -> Any:
+        """``read(conn)`` (one statement of the storage layer's) on a pooled read connection, waiting at
+        most ``HEALTH_TIMEOUT``."""
         db = self.services.ensure_open().db
         # Through the pool's circuit breaker: while the database is known to be down this fails at once.
         try:
             with db.connection(read=True, timeout=self.timeout) as conn:
-                conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout * 1000)}")
-                return conn.execute(sql).fetchone()[0]
+                conn.execute(statement_timeout_sql(self.timeout))
+                return read(conn)
         except ReplicaFailed:
             pass  # a replica that failed since its last probe, now marked down: like searches, read elsewhere
         with db.connection(read=True, timeout=self.timeout) as conn:
-            conn.execute(f"SET LOCAL statement_timeout = {int(self.timeout * 1000)}")
-            return conn.execute(sql).fetchone()[0]
+            conn.execute(statement_timeout_sql(self.timeout))
+            return read(conn)
 
     def _database(self) -> dict[str, Any]:
-        # The exact chunk count the chunk triggers maintain in the same transaction as every chunk change
-        # (lexical_corpus: the statistics row plus the writers' not yet compacted deltas, migrations 003
-        # and 013): a few rows read, where count(*) scanned the whole index on every check.
-        chunks = int(self._pooled_query("SELECT chunks FROM lexical_corpus"))
+        chunks = int(self._pooled_query(chunk_count))  # exact, and a few rows read (index_state.py)
         stats = self.services.db.stats()
         return {"healthy": True, "chunk_count": chunks, "pool_size": stats.get("pool_size"),
                 "pool_max": stats.get("pool_max"), "active_connections": stats.get("active_connections"),
@@ -175,7 +175,7 @@ class HealthMonitor:
     def _check_ready(self) -> dict[str, Any]:
         checks = {"database": False, "model": False}
         try:
-            checks["database"] = self._pooled_query("SELECT 1") == 1
+            checks["database"] = self._pooled_query(ping) == 1
             checks["model"] = self.services.embedder.dimension > 0
         except Exception as exc:
             log.info("not ready: %s", exc.__class__.__name__)

@@ -1,7 +1,8 @@
 """Logging: one JSON object per line in production, readable text in development; request ids.
 
 Every record written while a request is handled carries its ``request_id``; each request ends with
-one access record (``campus_search.access``: method, path, endpoint, status, latency_ms, user_id).
+one access record (``campus_search.access``: method, path, endpoint, status, latency_ms, user_id), which
+the web layer writes (:mod:`campus_search.api.instrumentation`; this module imports no web framework).
 Paths are logged without their query string, and search text never appears in logs: queries travel
 in the request body, which is not logged (the audit log keeps a keyed hash of it instead).
 
@@ -18,11 +19,8 @@ import logging
 import re
 import secrets
 import sys
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
-
-from flask import Flask, g, has_request_context, request
 
 from campus_search.security.proxies import from_trusted_proxy
 
@@ -31,7 +29,7 @@ access_log = logging.getLogger("campus_search.access")
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 #: fields copied from a record (set through ``extra=``) into the JSON object
-FIELDS = ("request_id", "method", "path", "endpoint", "status", "latency_ms", "user_id", "role")
+LOG_RECORD_FIELDS = ("request_id", "method", "path", "endpoint", "status", "latency_ms", "user_id", "role")
 #: probes and scrapes arrive every few seconds; their successful requests are logged at DEBUG
 QUIET_ENDPOINTS = frozenset({"ops.liveness", "ops.readiness", "ops.health_check", "ops.metrics"})
 _MARK = "_campus_search_handler"
@@ -58,7 +56,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,
         }
-        for name in FIELDS:
+        for name in LOG_RECORD_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
                 out[name] = value
@@ -81,12 +79,27 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+def _no_request() -> str | None:
+    return None
+
+
+#: Reads the id of the request this thread is handling, or None. The web layer installs its reader
+#: (:func:`campus_search.api.instrumentation.init_access_log`), so this module needs no web framework.
+_request_id_reader: Callable[[], str | None] = _no_request
+
+
+def read_request_ids_with(reader: Callable[[], str | None]) -> None:
+    """Where :class:`RequestContextFilter` finds the current request's id."""
+    global _request_id_reader
+    _request_id_reader = reader
+
+
 class RequestContextFilter(logging.Filter):
     """Adds the current request's id to records logged while it is handled."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "request_id", None) is None and has_request_context():
-            record.request_id = g.get("request_id")
+        if getattr(record, "request_id", None) is None:
+            record.request_id = _request_id_reader()
         return True
 
 
@@ -126,25 +139,3 @@ def request_id_for(req: Any, settings: Any) -> str:
     if incoming and _REQUEST_ID.match(incoming) and from_trusted_proxy(req, settings):
         return str(incoming)
     return new_request_id()
-
-
-def init_app(app: Flask) -> None:
-    """Log one access record per request (after the response is built)."""
-
-    @app.after_request
-    def _access(response: Any) -> Any:
-        try:
-            started = g.get("start_time")
-            latency_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
-            principal = g.get("principal")
-            status = response.status_code
-            level = logging.DEBUG if request.endpoint in QUIET_ENDPOINTS and status < 400 else logging.INFO
-            if access_log.isEnabledFor(level):
-                path = request.path[:200]
-                access_log.log(level, "%s %s %s %sms", request.method[:16], path, status, latency_ms, extra={
-                    "method": request.method[:16], "path": path, "endpoint": request.endpoint, "status": status,
-                    "latency_ms": latency_ms, "user_id": getattr(principal, "user_id", None),
-                    "role": getattr(getattr(principal, "role", None), "name", None)})
-        except Exception:  # logging must never turn a good response into an error
-            logging.getLogger(__name__).debug("access log failed", exc_info=True)
-        return response

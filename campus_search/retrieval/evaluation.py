@@ -25,7 +25,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from campus_search.errors import ConfigError, IngestError
-from campus_search.retrieval.search import Searcher, SearchParams
+from campus_search.retrieval.params import SearchParams
+from campus_search.retrieval.search import Searcher
 from campus_search.security.roles import superuser
 
 SCRATCH_PREFIX = "campus_search_eval_"

@@ -1,4 +1,6 @@
-"""Retrieval and ranking. The API, the health check and ``campus-search eval`` all call :class:`Searcher`.
+"""The searcher: candidates from PostgreSQL, fused and ranked. The API, the health check and
+``campus-search eval`` all call :class:`Searcher`. Its parameters are params.py's, its answers
+results.py's, the final score ranking.py's, its query vectors query_vectors.py's.
 
 Candidates come from PostgreSQL with the visibility rule (``security.roles.visible_sql``) and the
 client's filters inside the same ``WHERE`` as the vector search, using pgvector 0.8's iterative HNSW
@@ -13,156 +15,34 @@ with an iterative scan (``hnsw.ef_search``, ``hnsw.iterative_scan``, ``hnsw.max_
 pooling). Either way the visibility rule is inside the same ``WHERE``; a stale share only picks the
 slower plan, never a different answer: an HNSW list that comes back short is redone exactly.
 
-Ranking (docs/ranking.md)::
-
-    combined_score = relevance
-                     + 0.03 * (priority - 3)                         # priority 1..5 -> -0.06..+0.06
-                     + campus_bonus  (user campus == document campus: Central Campus / King's
-                                      Buildings +0.10, Easter Bush / Western General +0.05)
-                     + 0.02 * max(0, 1 - age_days / 730)              # reviewed recently -> up to +0.02
-
-``relevance`` is the cosine similarity for dense retrieval; ``similarity`` in the response is always
-the raw cosine similarity and ``similarity_threshold`` applies to it.
+Ranking: ranking.py (docs/ranking.md). ``relevance`` is the cosine similarity for dense retrieval;
+``similarity`` in the response is always the raw cosine similarity and ``similarity_threshold`` applies
+to it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from campus_search.embedding.local import Embedder
-from campus_search.errors import BadRequest, Forbidden
-from campus_search.ingest.metadata import parse_datetime
+from campus_search.embedding.base import Embedder
 from campus_search.retrieval.fusion import FusionConfig, fuse
 from campus_search.retrieval.lexical import BM25
+from campus_search.retrieval.params import SearchParams
+from campus_search.retrieval.query_vectors import QueryEmbeddingCache, QueryVectors
 from campus_search.retrieval.querytext import normalise_query
-from campus_search.security.roles import CAMPUS_BONUS, Principal, visible_sql
+from campus_search.retrieval.ranking import FRESHNESS_WEIGHT, PRIORITY_WEIGHT, business_score
+from campus_search.retrieval.results import Hit
+from campus_search.security.roles import Principal, visible_sql
 from campus_search.storage.db import Database
 
-FILTERS = ("department", "campus", "min_priority", "clearance_level", "visibility", "last_reviewed_after")
-PRIORITY_WEIGHT = 0.03
-FRESHNESS_WEIGHT = 0.02
-FRESHNESS_DAYS = 730
 CANDIDATE_FLOOR = 40  # candidates fetched beyond max_results so business terms can re-order them
-
-
-@dataclass(frozen=True)
-class SearchParams:
-    """One search. ``query`` is normalised here, once (querytext.py), for every caller: the cache key
-    and retrieval both use this form."""
-
-    query: str
-    filters: Mapping[str, Any] = field(default_factory=dict)
-    max_results: int = 10
-    similarity_threshold: float = 0.2
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "query", normalise_query(self.query))
-
-
-@dataclass
-class Hit:
-    chunk_id: int
-    document_id: str
-    document_title: str
-    section_title: str | None
-    text: str
-    page_number: int | None
-    metadata: dict[str, Any]
-    similarity: float
-    relevance: float
-    combined_score: float = 0.0
-    bm25: float | None = None
-    in_dense: bool = True  # among the dense top-k
-    in_lexical: bool = False  # among the BM25 top-k
-    #: metadata with native types (last_reviewed as datetime) for ranking
-    raw_meta: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "document_id": self.document_id,
-            "document_title": self.document_title,
-            "section_title": self.section_title,
-            "text": self.text,
-            "page_number": self.page_number,
-            "metadata": self.metadata,
-            "similarity": round(self.similarity, 4),
-            "combined_score": round(self.combined_score, 4),
-            "scores": {"relevance": round(self.relevance, 4),
-                       **({"bm25": round(self.bm25, 4)} if self.bm25 is not None else {})},
-        }
-
-
-def render_results(hits: list[Hit]) -> str:
-    """The response's ``results`` array as JSON text (also what the result cache stores)."""
-    return json.dumps([h.as_json() for h in hits], ensure_ascii=False, separators=(",", ":"))
-
-
-@dataclass
-class SearchOutcome:
-    """One answered search. From the cache it carries the already-rendered ``results`` JSON and their count
-    instead of Hit objects (re-building and re-serialising them was most of a cache hit's cost)."""
-
-    hits: list[Hit]
-    from_cache: bool = False
-    rendered: str | None = None
-    count: int = -1
-    #: a cache hit on an entry this same caller's earlier search stored (what non-admins may be told)
-    stored_by_caller: bool = False
-
-    def __post_init__(self) -> None:
-        if self.count < 0:
-            self.count = len(self.hits)
-
-    def results_json(self) -> str:
-        return self.rendered if self.rendered is not None else render_results(self.hits)
-
-
-def validate_filters(raw: Any, user: Principal) -> dict[str, Any]:
-    """Check types and names of client filters; they only ever narrow what the user may see."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise BadRequest("filters must be an object")
-    unknown = sorted(set(raw) - set(FILTERS))
-    if unknown:
-        raise BadRequest(f"unknown filters: {', '.join(unknown)}", details={"allowed": list(FILTERS)})
-    out: dict[str, Any] = {}
-    for name in ("department", "campus"):
-        value = raw.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value.strip() or len(value) > 200:
-            raise BadRequest(f"filters.{name} must be a non-empty string")
-        if any(ord(ch) < 32 for ch in value):
-            raise BadRequest(f"filters.{name} must not contain control characters")
-        out[name] = value.strip()
-    if raw.get("visibility") is not None:
-        if raw["visibility"] not in ("public", "department"):
-            raise BadRequest("filters.visibility must be 'public' or 'department'")
-        out["visibility"] = raw["visibility"]
-    for name in ("min_priority", "clearance_level"):
-        value = raw.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
-            raise BadRequest(f"filters.{name} must be an integer from 1 to 5")
-        out[name] = value
-    if out.get("clearance_level", 0) > user.clearance:
-        raise Forbidden(f"clearance level {out['clearance_level']} is above your clearance ({user.clearance})")
-    if raw.get("last_reviewed_after") is not None:
-        out["last_reviewed_after"] = parse_datetime(raw["last_reviewed_after"], "filters.last_reviewed_after",
-                                                    "request")
-    return out
-
 
 #: Filters on names people type ("It services", "king's buildings") match whatever the letter case. They
 #: only narrow: the visibility rule (security.roles.visible_sql) still compares the token's departments
@@ -185,44 +65,6 @@ def filter_sql(filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[
     return " AND ".join(clauses), params
 
 
-def business_score(relevance: float, meta: Mapping[str, Any], user: Principal,
-                   now: dt.datetime | None = None) -> float:
-    score = relevance + PRIORITY_WEIGHT * (int(meta.get("priority") or 3) - 3)
-    campus = meta.get("campus")
-    if campus and user.campus and campus == user.campus:
-        score += CAMPUS_BONUS.get(campus, 0.0)
-    reviewed = meta.get("last_reviewed")
-    if isinstance(reviewed, dt.datetime):
-        now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        age = max(0.0, (now - reviewed).total_seconds() / 86400)
-        score += FRESHNESS_WEIGHT * max(0.0, 1.0 - age / FRESHNESS_DAYS)
-    return score
-
-
-class QueryEmbeddingCache:
-    """Small in-process LRU of query vectors (the model is deterministic)."""
-
-    def __init__(self, size: int = 2048) -> None:
-        self.size = size
-        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> np.ndarray | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        value.setflags(write=False)
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-
 _COLUMNS = ("c.id, d.external_id, d.title, c.section_title, c.text, c.page_number, c.department, c.priority, "
             "c.campus, c.clearance_level, c.visibility, c.last_reviewed")
 
@@ -236,14 +78,15 @@ MAX_SCAN_TUPLES = 20_000
 class Searcher:
     def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100,
                  fusion: FusionConfig | None = None, bm25: BM25 | None = None,
-                 exact_max_fraction: float = 0.03) -> None:
+                 query_vectors: QueryVectors | None = None, exact_max_fraction: float = 0.03) -> None:
         self.db = db
         self.embedder = embedder
         self.ef_search = int(ef_search)
         self.exact_max_fraction = float(exact_max_fraction)
         self.fusion = fusion or FusionConfig()
         self.bm25 = bm25 or BM25()
-        self.query_vectors = QueryEmbeddingCache()
+        #: where query vectors are kept (query_vectors.py: this process's LRU unless given one)
+        self.query_vectors: QueryVectors = query_vectors if query_vectors is not None else QueryEmbeddingCache()
         self.iterative_scan = "relaxed_order"  # pgvector 0.8: keep scanning the index until the page is full
         self._fractions: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._fractions_lock = threading.Lock()
@@ -260,7 +103,7 @@ class Searcher:
         return out
 
     def embed_query(self, query: str) -> np.ndarray:
-        key = " ".join(query.split())
+        key = normalise_query(query)  # params.query is in this form already; other callers' text may not be
         vector = self.query_vectors.get(key)
         if vector is None:
             vector = self.embedder.embed([key])[0]

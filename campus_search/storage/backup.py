@@ -373,8 +373,13 @@ def check_archive(path: Path) -> None:
         raise BackupError(f"{path} is not a pg_dump custom-format archive (made by campus-search backup)")
 
 
-def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False) -> RestoreResult:
+def restore(settings: Settings, dsn: str, path: Path, *, model: str, dimension: int | None,
+            replace: bool = False) -> RestoreResult:
     """Replace the database at ``dsn`` with the archive at ``path`` (see the module docstring).
+
+    ``model`` is the embedding model whose vectors the configured index holds and ``dimension`` its
+    vector dimension, or None when only the embedding server knows it (then the archive's is kept): an
+    archive of another model is refused.
 
     Only an empty database or a Campus Search database (its own tables and functions, nothing else) is
     replaced; any other is refused before anything is touched, and checked again inside the restore's
@@ -382,7 +387,6 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False) 
     holds anything at all is first backed up itself, beside the archive: that keeps its audit log,
     which the restore replaces with the archive's, and makes the restore undoable.
     """
-    from campus_search.services import MODEL_DIMENSIONS
     from campus_search.storage.db import migrate
 
     started = time.perf_counter()
@@ -396,7 +400,7 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False) 
         raise BackupError(f"the database holds {documents_before} documents; pass --yes to replace them "
                           "with the backup")
     conninfo, env = _connection(dsn)
-    _check_model(settings, archive_index_state(bindir, path, env))
+    _check_model(model, dimension, archive_index_state(bindir, path, env))
     # Beside the archive being restored, not under DATA_DIR: a restore run in a throwaway container
     # (docs/runbook.md) must not lose the replaced database with the container.
     safety = backup(settings, dsn, path.parent).path if existing else None
@@ -425,10 +429,7 @@ def restore(settings: Settings, dsn: str, path: Path, *, replace: bool = False) 
         raise BackupError(f"restore failed and was rolled back: {_last_lines(consumer.stderr)}")
     if producer.returncode != 0:
         raise BackupError(f"pg_restore failed: {_last_lines(producer_err)} (nothing was changed)")
-    from campus_search.services import index_model
-
-    dimension = MODEL_DIMENSIONS.get(index_model(settings), 0)
-    schema_version = _migrate_after_restore(migrate, dsn, index_model(settings), dimension)
+    schema_version = _migrate_after_restore(migrate, dsn, model, dimension or 0)
     documents, chunks, generation = _counts(dsn)
     return RestoreResult(path=str(path), documents=documents, chunks=chunks, replaced_documents=documents_before,
                          safety_backup=safety, generation=generation, schema_version=schema_version,
@@ -448,11 +449,7 @@ def archive_index_state(bindir: Path, path: Path, env: dict[str, str]) -> dict[s
     raise BackupError(f"{path} holds no index_state row; is it a campus-search backup?")
 
 
-def _check_model(settings: Settings, state: dict[str, str]) -> None:
-    from campus_search.services import MODEL_DIMENSIONS, index_model
-
-    model = index_model(settings)
-    expected = MODEL_DIMENSIONS.get(model)
+def _check_model(model: str, expected: int | None, state: dict[str, str]) -> None:
     if state.get("model") != model or (expected and str(expected) != state.get("dimension")):
         raise BackupError(f"the backup holds {state.get('dimension')}-dimensional vectors from model "
                           f"{state.get('model')!r}; the configured model is {model!r}"

@@ -336,3 +336,13 @@ def resolve_dsns(settings: Settings) -> tuple[str, str | None]:
 
         dsn = ensure_embedded_database(settings.data_dir)
     return dsn, settings.database_read_url
+
+
+def ping(conn: Any) -> int:
+    """1, from the server: the connection works."""
+    return int(conn.execute("SELECT 1").fetchone()[0])
+
+
+def statement_timeout_sql(seconds: float) -> str:
+    """``SET LOCAL statement_timeout`` for this transaction: ``seconds``, in whole milliseconds."""
+    return f"SET LOCAL statement_timeout = {int(seconds * 1000)}"

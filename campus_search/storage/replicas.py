@@ -352,4 +352,4 @@ class ReadRouter:
     def _publish(self) -> None:
         chosen, _ = self._pick(self.fence.lsn)
         serving = self.serving = chosen.name if chosen else PRIMARY
-        metrics.read_routing(serving, [(r.name, r.up, r.lag_seconds) for r in self.replicas])
+        metrics.read_routing(serving, PRIMARY, [(r.name, r.up, r.lag_seconds) for r in self.replicas])

