@@ -124,8 +124,8 @@ def _weighted(rng: np.random.Generator, choices: list[tuple[Any, int]]) -> Any:
 
 #: Noise, as a share of a unit vector's length: each document gets its own offset from its topic (so
 #: documents on one topic are distinct points, not ~N/5,183 near-duplicates) and each chunk its own on
-#: top. Measured on the generated corpus: a chunk's nearest other-document neighbour is at cosine ~0.8,
-#: chunks of one document ~0.9, which is the spread of real MiniLM chunk vectors of one subject.
+#: top. Measured on 20,000 generated chunks: chunks of one document at cosine 0.85 on average, a chunk's
+#: nearest chunk of another document at 0.59; real SciFact abstracts' nearest neighbours are at 0.68.
 DOC_NOISE = 0.45
 CHUNK_NOISE = 0.30
 
