@@ -574,7 +574,7 @@ def _validate(s: Settings) -> list[str]:
                  "replica_connect_timeout"):
         positive(name)
     if not 0.0 <= s.dense_exact_fraction <= 1.0:
-        problems.append(f"dense_exact_fraction must be between 0 and 1 (got {s.dense_exact_fraction})")
+        problems.append(f"DENSE_EXACT_FRACTION must be between 0 and 1 (got {s.dense_exact_fraction})")
     if not 0 < s.port < 65536:
         problems.append(f"PORT must be 1-65535 (got {s.port})")
     if s.db_pool_min_size < 0 or s.db_pool_min_size > s.db_pool_max_size:
