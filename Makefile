@@ -60,6 +60,6 @@ rehearse: install system-tools
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
-# Regenerate the configuration table in docs/configuration.md from config.FIELDS (a test checks it).
+# Regenerate the configuration table in docs/configuration.md from the declarations in campus_search/config/settings.py (a test checks it).
 docs: install
 	$(PY) -c "import pathlib, campus_search.config as c; p = pathlib.Path('docs/configuration.md'); t = p.read_text(); p.write_text(t[:t.index('| variable |')] + c.markdown_table())"

@@ -8,6 +8,11 @@ gunicorn is given ``create_production_app`` itself (no parentheses), so it calls
 application; with no arguments it is the application factory. Either way one app is built per
 process tree (in the master under --preload: gunicorn.conf.py's ``when_ready`` hook builds it there)
 and shared by the workers, which open their own pools and model after the fork.
+
+The parts: ``campus_search.config`` (settings), ``campus_search.services.Services`` (database, searcher,
+ingester, cache, auditor, model: opened per process), ``campus_search.app.create_app`` (auth, errors,
+request ids, CORS, the API blueprints, metrics, logs, health, rate limits; kept in one
+``CampusSearch`` extension), and gunicorn.conf.py's hooks (campus_search.ops.gunicorn_hooks).
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ def default_app() -> Any:
                 from campus_search.app import create_app
                 from campus_search.config import load_settings
                 from campus_search.ops.logs import configure_logging
+                from campus_search.services import Services
 
-                settings = load_settings()
+                settings = load_settings()  # environment (+ CAMPUS_SEARCH_CONFIG file), validated
                 configure_logging(settings, replace=True)  # this process is ours: JSON lines in production
-                _app = create_app(settings)
+                services = Services(settings)  # database resolved, migrations applied; nothing opened yet
+                _app = create_app(services)  # app.py: every part, in order, on these services' settings
     return _app
 
 

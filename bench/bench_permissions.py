@@ -120,7 +120,7 @@ def main() -> int:
           file=sys.stderr)
     services.close()
     services = Services(settings).ensure_open()  # serving configuration: one ONNX thread
-    app = create_app(settings, services=services)
+    app = create_app(services)
     client = app.test_client()
 
     users, tokens = {}, {}

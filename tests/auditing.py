@@ -23,7 +23,7 @@ def audited(settings_factory: Callable[..., Any], services_factory: Callable[...
         services = services_factory(settings_factory(**overrides))
         ingest_paths(services, [DEMO / "student-password-reset.md", DEMO / "it-staff-password-management.md"],
                      AccessMetadata(), quiet=True)
-        app = create_app(services.settings, services=services)
+        app = create_app(services)
         return app.test_client(), services
 
     return make

@@ -120,22 +120,6 @@ def services_factory(embedder: LocalMiniLM) -> Iterator[Callable[[Settings], Any
         s.close()
 
 
-@pytest.fixture(scope="session")
-def demo_services(make_database: Callable[[], str], embedder: LocalMiniLM,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Services on a database holding the demo corpus, shared read-only by many tests."""
-    from campus_search.cli.main import ingest_paths
-    from campus_search.ingest.metadata import AccessMetadata
-    from campus_search.services import Services
-
-    settings = make_settings(make_database(), tmp_path_factory.mktemp("demo-data"))
-    services = Services(settings, embedder=embedder).ensure_open()
-    report = ingest_paths(services, [DEMO], AccessMetadata(), quiet=True)
-    assert report.failed == 0 and report.added >= 30
-    yield services
-    services.close()
-
-
 #: Limits so high that no test reaches them: the shared app runs the production rate-limit path (the
 #: caller authenticated inside the limiter, headers, counting) for every API test that uses it.
 HIGH_LIMITS = {role: {"per_minute": 1_000_000, "per_hour": 10_000_000}
@@ -143,11 +127,46 @@ HIGH_LIMITS = {role: {"per_minute": 1_000_000, "per_hour": 10_000_000}
 
 
 @pytest.fixture(scope="session")
+def demo_services(make_database: Callable[[], str], embedder: LocalMiniLM,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Services on a database holding the demo corpus, shared read-only by many tests; the shared demo
+    app (demo_app) is built on them, so their settings are that app's: rate limits on, at HIGH_LIMITS."""
+    from campus_search.cli.main import ingest_paths
+    from campus_search.ingest.metadata import AccessMetadata
+    from campus_search.services import Services
+
+    settings = make_settings(make_database(), tmp_path_factory.mktemp("demo-data"), rate_limits_enabled=True,
+                             roles_json=HIGH_LIMITS)
+    services = Services(settings, embedder=embedder).ensure_open()
+    report = ingest_paths(services, [DEMO], AccessMetadata(), quiet=True)
+    assert report.failed == 0 and report.added >= 30
+    yield services
+    services.close()
+
+
+@pytest.fixture(scope="session")
+def demo_services_with(demo_services: Any) -> Iterator[Callable[..., Any]]:
+    """factory(**changes) -> Services on the demo corpus's database with those settings changed (an app
+    is built from one Services and reads only its settings: a different setting needs its own)."""
+    from campus_search.services import Services
+
+    opened: list[Any] = []
+
+    def make(**changes: Any) -> Any:
+        services = Services(demo_services.settings.replace(**changes), embedder=demo_services.embedder)
+        opened.append(services.ensure_open())
+        return services
+
+    yield make
+    for services in opened:
+        services.close()
+
+
+@pytest.fixture(scope="session")
 def demo_app(demo_services: Any) -> Any:
     from campus_search.app import create_app
 
-    app = create_app(demo_services.settings.replace(rate_limits_enabled=True, roles_json=HIGH_LIMITS),
-                     services=demo_services)
+    app = create_app(demo_services)
     app.config["TESTING"] = True
     return app
 

@@ -48,7 +48,7 @@ def services(env: Settings, embedder: Any) -> Iterator[Any]:
 def client(env: Settings, services: Any) -> Any:
     from campus_search.app import create_app
 
-    app = create_app(env, services=services)
+    app = create_app(services)
     app.config["TESTING"] = True
     return app.test_client()
 

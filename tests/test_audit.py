@@ -107,7 +107,7 @@ def test_admin_actions_are_recorded(audited: Any, token: Any) -> None:
     assert json.loads(rec["details"]) == {"sub": "(hypothetical user)", "role": "student", "visible": False}
     assert rec["request_id"] == r.headers["X-Request-ID"] and rec["user_agent"] == "campus-portal/1.0"
 
-    app = create_app(services.settings, services=services)
+    app = create_app(services)
     with app.test_request_context("/api/admin/documents/x", method="DELETE"):
         from flask import g
 

@@ -175,9 +175,13 @@ def _until(condition: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
-def test_concurrent_first_use_gets_one_auditor(settings_factory: Any, services_factory: Any,
+def test_concurrent_first_use_gets_one_auditor(settings_factory: Any, embedder: Any,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    services = services_factory(settings_factory())
+    """The auditor is opened with the process's other components (Services.ensure_open): two request
+    threads that are the first to need it get one Auditor, so one writer thread and one chain."""
+    from campus_search.services import Services
+
+    services = Services(settings_factory(), embedder=embedder)  # built, not yet opened in this process
     first_building, second_asking = threading.Event(), threading.Event()
     built: list[Auditor] = []
     real_init = Auditor.__init__
@@ -199,12 +203,15 @@ def test_concurrent_first_use_gets_one_auditor(settings_factory: Any, services_f
     got: dict[str, Auditor] = {}
     threads = [threading.Thread(target=lambda n=n: got.__setitem__(n, auditor_of(services)), name=n)
                for n in ("first", "second")]
-    threads[0].start()
-    assert first_building.wait(30)
-    threads[1].start()
-    for t in threads:
-        t.join(30)
-    assert len(built) == 1 and got["first"] is got["second"]
+    try:
+        threads[0].start()
+        assert first_building.wait(30)
+        threads[1].start()
+        for t in threads:
+            t.join(30)
+        assert len(built) == 1 and got["first"] is got["second"] is services.auditor
+    finally:
+        services.close()
 
 
 def test_close_stops_the_writer_thread(settings_factory: Any, embedder: Any) -> None:

@@ -265,7 +265,7 @@ def test_restore_always_saves_a_database_that_holds_anything(
     target = make_database()
     settings = make_settings(target, cli_env)
     services = services_factory(settings)  # migrated, no documents
-    r = create_app(settings, services=services).test_client().post(
+    r = create_app(services).test_client().post(
         "/api/search", json={"query": "anything"}, headers={"Authorization": token("student", sub="audited")})
     assert r.status_code == 200 and counts(target)[0] == 0
     services.close()

@@ -51,7 +51,7 @@ def cached_app(settings_factory: Callable[..., Any], services_factory: Callable[
         settings = settings_factory(redis_url=redis_server.url, redis_key_prefix=redis_prefix, **overrides)
         services = services_factory(settings)
         ingest(services, DOCS)
-        app = create_app(settings, services=services)
+        app = create_app(services)
         app.config["TESTING"] = True
         return services, app.test_client()
 
@@ -328,7 +328,7 @@ def test_scores_bm25_setting_is_part_of_the_cache_key(cached_app: Any, services_
     other's entries: one holds scores.bm25 for students, the other must not (and the reverse)."""
     services, hidden = cached_app()
     shown_settings = dataclasses.replace(services.settings, scores_bm25_roles=("admin", "student"))
-    shown = create_app(shown_settings, services=services_factory(shown_settings)).test_client()
+    shown = create_app(services_factory(shown_settings)).test_client()
     auth = token("student", sub="s1")
     first = search(hidden, auth)
     assert first["count"] > 0 and not any("bm25" in h["scores"] for h in first["results"])

@@ -23,7 +23,7 @@ def app_on_own_redis(settings_factory: Callable[..., Any], services_factory: Cal
                                     rate_limits_enabled=True, **overrides)
         services = services_factory(settings)
         ingest(services, DOCS)
-        app = create_app(settings, services=services)
+        app = create_app(services)
         app.config["TESTING"] = True
         return server, services, app.test_client()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from campus_search.config import FIELDS, Settings, load_settings, markdown_table
+from campus_search.config.fields import declared_fields, setting
 from campus_search.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,15 +19,28 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_setting_declared_once_with_matching_default() -> None:
     declared = {f.name: f for f in FIELDS}
     assert len(declared) == len(FIELDS), "a setting is declared twice"
-    attributes = {f.name: f for f in dataclasses.fields(Settings)}
-    assert declared.keys() == attributes.keys()
+    assert list(declared) == [f.name for f in dataclasses.fields(Settings)]
+    built = Settings()
     for name, field in declared.items():
-        default = attributes[name].default
-        if default is dataclasses.MISSING:
-            default = attributes[name].default_factory()  # type: ignore[misc]
-        expected = field.default if name != "data_dir" else ""
-        assert default == expected, f"{name}: FIELDS says {field.default!r}, Settings says {default!r}"
+        assert getattr(built, name) == field.default, f"{name}: declared {field.default!r}, Settings has " \
+            f"{getattr(built, name)!r}"
         assert field.help.strip(), f"{name} has no help text"
+        assert field.env and all(n.isupper() for n in field.env), f"{name}: environment names {field.env}"
+    assert built.role_mapping is not Settings().role_mapping, "a dict default must not be shared"
+
+
+def test_a_setting_with_a_second_default_is_refused() -> None:
+    """Settings attributes carry their one declaration (fields.setting); an attribute with a plain default
+    would be a second place where a default lives, and declared_fields refuses it (Settings is checked so
+    when the module is imported)."""
+    @dataclasses.dataclass(frozen=True)
+    class Twice:
+        port: int = setting(("PORT",), 5100, "Port.", int)
+        workers: int = 2
+
+    with pytest.raises(TypeError, match="Twice.workers is not declared with setting"):
+        declared_fields(Twice)
+    assert [f.name for f in declared_fields(Settings)] == [f.name for f in FIELDS]
 
 
 def test_configuration_doc_is_current() -> None:

@@ -297,7 +297,7 @@ def test_search_pages_are_full_and_allowed(corpus: Corpus) -> None:
 def test_api_results_obey_the_rule(corpus: Corpus, token: Any) -> None:
     from campus_search.app import create_app
 
-    client = create_app(corpus.services.settings, services=corpus.services).test_client()
+    client = create_app(corpus.services).test_client()
     for role, depts in (("student", []), ("professional_services", ["Chaplaincy"]), ("academic_staff", [])):
         r = client.post("/api/search", json={"query": corpus.queries[0][0],
                                              "config": {"max_results": 50, "similarity_threshold": -1}},

@@ -14,9 +14,8 @@ BODY = {"query": "library book renewal", "config": {"max_results": 2}}
 
 
 @pytest.fixture(scope="module")
-def cors_client(demo_services: Any) -> Any:
-    app = create_app(demo_services.settings.replace(cors_origins=(PORTAL, "https://www.ed.ac.uk")),
-                     services=demo_services)
+def cors_client(demo_services_with: Any) -> Any:
+    app = create_app(demo_services_with(cors_origins=(PORTAL, "https://www.ed.ac.uk")))
     app.config["TESTING"] = True
     return app.test_client()
 

@@ -633,7 +633,7 @@ def test_the_cli_and_make_run_share_the_checkouts_data_dir() -> None:
     """README's "Try it" mints a token with `.venv/bin/campus-search token` (no DATA_DIR) for the server
     `make run` started on `.data/`: both must read the same development secret, so the CLI's default
     DATA_DIR in a source checkout is that checkout's `.data/` (an installed wheel keeps the per-user one)."""
-    from campus_search.config import _default_data_dir
+    from campus_search.config.loading import _default_data_dir
 
     env = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
     dry = subprocess.run(["make", "-n", "run"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)

@@ -30,7 +30,7 @@ def app_env(settings_factory: Any, embedder: Any) -> Iterator[tuple[Any, Any]]:
     # (tests/test_access_writes.py covers the shipped default, department)
     settings = settings_factory(max_document_bytes=200_000, rate_limits_enabled=False, default_visibility="public")
     services = Services(settings, embedder=embedder).ensure_open()
-    app = create_app(settings, services=services)
+    app = create_app(services)
     app.config["TESTING"] = True
     yield app.test_client(), services
     services.close()

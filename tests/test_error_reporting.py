@@ -32,7 +32,7 @@ def test_a_503_logs_its_root_cause(settings_factory: Any, services_factory: Any,
     services = services_factory(settings_factory(db_statement_timeout_ms=300, cache_enabled=False))
     services.ingester.ingest([ParsedDocument(external_id="d", title="Exams", blocks=[Block("Exam timetables.")],
                                              source="d")], AccessMetadata())
-    client = create_app(services.settings, services=services).test_client()
+    client = create_app(services).test_client()
     with psycopg.connect(services.dsn) as holder:  # the search's statement cannot finish: it times out
         holder.execute("LOCK TABLE chunks IN ACCESS EXCLUSIVE MODE")
         with caplog.at_level(logging.WARNING):
@@ -55,12 +55,11 @@ def test_a_500_names_no_file_to_the_client(settings_factory: Any, token: Any, mo
     settings = settings_factory()
     services = Services(settings)
     try:
-        client = create_app(settings, services=services).test_client()
+        client = create_app(services).test_client()
         with caplog.at_level(logging.ERROR):
             r = client.post("/api/search", json={"query": "exams"}, headers={"Authorization": token("student")})
     finally:
-        if hasattr(services, "db"):
-            services.db.close()
+        services.close()  # nothing to close: ensure_open closed the pools it had opened when the model failed
         factory.forget_embedders()
     assert r.status_code == 500
     body = r.get_data(as_text=True)

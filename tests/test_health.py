@@ -14,9 +14,9 @@ from campus_search.ops.health import _Cached, _timed
 
 
 @pytest.fixture(scope="module")
-def ops_app(demo_services: Any) -> Any:
+def ops_app(demo_services_with: Any) -> Any:
     """The demo app with health results reused for a long time (to observe the caching)."""
-    app = create_app(demo_services.settings.replace(health_cache_seconds=300.0), services=demo_services)
+    app = create_app(demo_services_with(health_cache_seconds=300.0))
     app.config["TESTING"] = True
     return app
 
@@ -84,7 +84,7 @@ def test_health_results_are_reused_within_the_interval(ops_app: Any, demo_servic
             conn.commit()
     assert [r["timestamp"] for r in again] == [first["timestamp"]] * 3
     assert [r["components"]["database"]["chunk_count"] for r in again] == [real] * 3
-    assert ops_app.extensions["campus_search.ops.health"]._report.ttl == 300.0  # the app's setting is the one used
+    assert ops_app.extensions["campus_search"].health._report.ttl == 300.0  # the settings of the app's Services
 
 
 def test_concurrent_checks_run_once() -> None:
@@ -174,7 +174,7 @@ def test_redis_down_degrades_but_stays_healthy(settings_factory: Any, services_f
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = settings_factory(redis_url=f"redis://127.0.0.1:{port}/0", health_cache_seconds=0.0)
-    app = create_app(settings, services=services_factory(settings))
+    app = create_app(services_factory(settings))
     r = app.test_client().get("/health")
     assert r.status_code == 200  # searches still work uncached: no reason to leave the load balancer
     body = r.get_json()

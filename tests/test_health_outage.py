@@ -66,7 +66,7 @@ def test_health_follows_the_database_down_and_up(own_cluster: Any, services_fact
     docs.mkdir()
     report = services.ingester.ingest(iter(_documents(docs)), AccessMetadata())
     assert report.failed == 0 and report.added == 2
-    app = create_app(settings, services=services)
+    app = create_app(services)
     client = app.test_client()
 
     up = client.get("/health")

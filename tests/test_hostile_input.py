@@ -173,9 +173,10 @@ import io, json, sys
 from campus_search.app import create_app
 from campus_search.config import load_settings
 from campus_search.security.auth import mint_token
+from campus_search.services import Services
 
 settings = load_settings()
-app = create_app(settings)
+app = create_app(Services(settings))
 client = app.test_client()
 admin = {"Authorization": "Bearer " + mint_token(settings, sub="admin", role="admin")}
 out = []
@@ -219,7 +220,7 @@ def api(settings_factory: Any, services_factory: Any, token: Any) -> tuple[Any, 
     from campus_search.app import create_app
 
     services = services_factory(settings_factory(default_visibility="public"))
-    app = create_app(services.settings, services=services)
+    app = create_app(services)
     app.config["TESTING"] = True
     return app.test_client(), {"Authorization": token("admin")}, services
 
@@ -321,7 +322,7 @@ def test_an_unexpected_parser_exception_is_one_files_error(settings_factory: Any
 
     from campus_search.app import create_app
 
-    client = create_app(services.settings, services=services).test_client()
+    client = create_app(services).test_client()
     r = client.put("/api/admin/documents/page", headers={"Authorization": token("admin")},
                    json={"text": "<p>A page.</p>", "format": "html"})
     assert r.status_code == 422

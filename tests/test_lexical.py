@@ -178,7 +178,7 @@ def test_stale_postings_copy_never_surfaces_a_hidden_chunk(small: Any, token: An
         assert all(h.document_id != "secret" for h in small.searcher.search(user, params))
         candidates = small.searcher.hybrid_candidates(user, vector, query, {}, 40)
         assert candidates and all(h.document_id != "secret" for h in candidates)
-    client = create_app(small.settings, services=small).test_client()
+    client = create_app(small).test_client()
     r = client.post("/api/search", json={"query": query, "config": {"similarity_threshold": -1}},
                     headers={"Authorization": token("student")})
     assert r.status_code == 200 and r.get_json()["count"] > 0

@@ -89,9 +89,8 @@ def test_development_logs_are_readable_text(demo_services: Any, client: Any) -> 
         json.loads(line)
 
 
-def test_request_id_is_accepted_only_from_trusted_proxies(demo_services: Any) -> None:
-    settings = demo_services.settings.replace(trusted_proxies=("10.0.0.0/8",))
-    app = create_app(settings, services=demo_services)
+def test_request_id_is_accepted_only_from_trusted_proxies(demo_services_with: Any) -> None:
+    app = create_app(demo_services_with(trusted_proxies=("10.0.0.0/8",)))
     c = app.test_client()
     proxy = {"REMOTE_ADDR": "10.1.2.3"}
     stranger = {"REMOTE_ADDR": "192.0.2.7"}

@@ -154,7 +154,7 @@ def test_search_and_operations_answers_match_the_schemas(client: Any, token: Any
 def writable_client(settings_factory: Callable[..., Any], services_factory: Callable[[Any], Any]) -> Any:
     """An app on its own empty database: these requests change documents."""
     services = services_factory(settings_factory())
-    app = create_app(services.settings, services=services)
+    app = create_app(services)
     app.config["TESTING"] = True
     return app.test_client()
 

@@ -152,7 +152,7 @@ def test_the_app_works_through_pgbouncer(pgbouncer: tuple[str, str], tmp_path: P
             direct_services.close()
         assert all(expected.values())
 
-        app = create_app(via_bouncer.settings, services=via_bouncer)
+        app = create_app(via_bouncer)
         app.config["TESTING"] = True
         auth = {"Authorization": token("admin")}
         failures: list[Any] = []

@@ -29,7 +29,7 @@ def test_nfd_and_nfc_queries_are_one_query(settings_factory: Any, services_facto
     services = services_factory(settings_factory())
     services.ingester.ingest([ParsedDocument(external_id=k, title=t, blocks=[Block(x)], source=k)
                               for k, (t, x) in DOCS.items()], AccessMetadata())
-    client = create_app(services.settings, services=services).test_client()
+    client = create_app(services).test_client()
     auth = {"Authorization": token("admin")}  # admins see the BM25 score and the cache flag
     body = {"config": {"similarity_threshold": -1, "max_results": 3}}
 

@@ -24,7 +24,7 @@ def limited_app(settings_factory: Callable[..., Any], services_factory: Callable
         if redis:
             overrides.update(redis_url=redis_server.url, redis_key_prefix=redis_prefix)
         settings = settings_factory(**{"rate_limits_enabled": True, **overrides})
-        app = create_app(settings, services=services_factory(settings))
+        app = create_app(services_factory(settings))
         app.config["TESTING"] = True
         return app.test_client()
 

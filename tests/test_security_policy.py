@@ -118,7 +118,7 @@ def test_configured_role_caps_apply_to_searches(demo_services: Any, data_dir: An
                              role_mapping={"guest": "visitor", "professional_services": "staff"})
     services = Services(settings, embedder=demo_services.embedder).ensure_open()
     try:
-        c = create_app(settings, services=services).test_client()
+        c = create_app(services).test_client()
         body = {"query": "library", "config": {"max_results": 50, "similarity_threshold": -1}}
         assert search(c, token("professional_services"), body).get_json()["count"] == 2
         visitor = search(c, token("guest"), body).get_json()
@@ -147,7 +147,7 @@ def test_bm25_scores_only_for_configured_roles(client: Any, demo_services: Any, 
     settings = make_settings(demo_services.settings.database_url, data_dir, scores_bm25_roles=("student",))
     services = Services(settings, embedder=demo_services.embedder).ensure_open()
     try:
-        c = create_app(settings, services=services).test_client()
+        c = create_app(services).test_client()
         assert all(bm25_shown(c, token("student", sub="bm25-s2")))
         assert not any(bm25_shown(c, token("admin", sub="bm25-a2")))
     finally:
@@ -268,7 +268,7 @@ def proxied(demo_services: Any, data_dir: Any) -> Iterator[Any]:
     settings = make_settings(demo_services.settings.database_url, data_dir, identity_proxies=("10.0.0.0/8",),
                              trusted_proxies=("172.16.0.0/12",), proxy_user_header="X-Remote-User")
     services = Services(settings, embedder=demo_services.embedder).ensure_open()
-    yield create_app(settings, services=services).test_client()
+    yield create_app(services).test_client()
     services.close()
 
 

@@ -77,7 +77,7 @@ def app_factory(demo_services: Any, data_dir: Any) -> Iterator[Any]:
         settings = make_settings(demo_services.settings.database_url, data_dir, **overrides)
         services = Services(settings, embedder=demo_services.embedder).ensure_open()
         opened.append(services)
-        app = create_app(settings, services=services)
+        app = create_app(services)
         app.config["TESTING"] = True
         return app.test_client()
 

@@ -90,8 +90,11 @@ class _FakeArbiter:
             def ensure_open(self) -> None:
                 outer.opened = True
 
+        class CampusSearch:  # the app's extension (campus_search/api/extension.py)
+            services = Services()
+
         class App:
-            extensions = {"campus_search": Services()}
+            extensions = {"campus_search": CampusSearch()}
 
         class Loader:
             def wsgi(self) -> Any:
@@ -124,7 +127,7 @@ def test_a_stop_signal_during_worker_start_up_is_not_lost(saved_signal_handlers:
     assert not arbiter.opened  # no model load or pools for a worker that is going away
     # ... and one that arrives while it opens its services ends it right after, cleanly.
     arbiter = _FakeArbiter()
-    arbiter.app.wsgi().extensions["campus_search"].ensure_open = lambda: os.kill(os.getpid(), sig)
+    arbiter.app.wsgi().extensions["campus_search"].services.ensure_open = lambda: os.kill(os.getpid(), sig)
     with pytest.raises(SystemExit):
         post_fork(arbiter, object())
     # No stop signal: the worker opens its services and carries on.

@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from campus_search import metrics
+from campus_search.api import extension
 from campus_search.audit.reports import search_summary
 from campus_search.errors import BadRequest
 from campus_search.security.auth import require_admin
@@ -47,8 +48,8 @@ def _index(services: Any) -> dict[str, Any]:
 
 
 def _cache(services: Any, rows: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
-    cache = getattr(services, "cache", None)
-    stats = getattr(cache, "stats", None)
+    opened = services.opened  # None until this process opened its components
+    stats = getattr(opened.cache if opened is not None else None, "stats", None)
     if callable(stats):
         return dict(stats())
     return {"backend": "in-process", "used_memory": None, "connected_clients": None,
@@ -85,10 +86,11 @@ def collect(services: Any, sampler: Any, *, days: int = 30) -> dict[str, Any]:
 
 @bp.get("/api/admin/stats")
 def admin_stats() -> Any:
-    services = current_app.extensions["campus_search"]
+    parts = extension.current()
+    services = parts.services
     require_admin(services.settings)
     days = request.args.get("days", "30")
     if not (days.isascii() and days.isdigit()) or not 1 <= int(days) <= 366:
         raise BadRequest("days must be an integer from 1 to 366")
-    return jsonify(collect(services, current_app.extensions["campus_search.metrics"]["pool_sampler"],
+    return jsonify(collect(services, parts.metrics.pool_sampler,
                            days=int(days)))

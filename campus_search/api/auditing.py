@@ -10,6 +10,7 @@ from typing import Any
 from flask import current_app, g, has_request_context, request
 from werkzeug.exceptions import HTTPException
 
+from campus_search.api import extension
 from campus_search.api.errors import error_response
 from campus_search.audit.actions import RequestContext, search_record
 from campus_search.audit.records import Auditor, AuditUnavailable, auditor_of
@@ -59,7 +60,7 @@ def audit_search_response(response: Any) -> Any:
     Runs for error responses too (Flask finalises handled errors through after_request), so 400s,
     401s, 403s and 429s are recorded. Fail closed: a successful answer whose record cannot be written
     becomes a 503 (with AUDIT_FAILURE_MODE=refuse)."""
-    services = current_app.extensions["campus_search"]
+    services = extension.services()
     auditor: Auditor | None = None
     stored = False
     try:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify
+from flask import Blueprint, g, jsonify
 
+from campus_search.api import extension
 from campus_search.api.auditing import request_context
 from campus_search.audit.actions import record_admin_action, record_failure
 from campus_search.security.auth import require_admin
@@ -30,7 +31,7 @@ bp = Blueprint("cache_admin", __name__)
 
 @bp.post("/api/admin/cache/clear")
 def clear_cache() -> Any:
-    services = current_app.extensions["campus_search"]
+    services = extension.services()
     admin = require_admin(services.settings)
     cache = services.ensure_open().cache
     details = {"backend": cache.backend.kind}

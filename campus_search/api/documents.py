@@ -37,9 +37,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from werkzeug.routing import PathConverter
 
+from campus_search.api import extension
 from campus_search.api.auditing import request_context
 from campus_search.audit.actions import AdminChange, admin_change
 from campus_search.errors import BadRequest, CampusSearchError, NotFound, PayloadTooLarge
@@ -91,7 +92,7 @@ def _audited(services: Any, action: str, target: str, details: Mapping[str, Any]
 
 
 def _services() -> Any:
-    services = current_app.extensions["campus_search"]
+    services = extension.services()
     require_admin(services.settings)
     return services.ensure_open()
 
@@ -190,7 +191,7 @@ def get_document(doc_id: str) -> Any:
 
 
 def _upload_limit(services: Any) -> int:
-    limit = int(getattr(services.settings, "max_document_bytes", 20 * 1024 * 1024))
+    limit = services.settings.max_document_bytes
     request.max_content_length = limit  # documents are larger than search requests
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"document larger than MAX_DOCUMENT_BYTES ({limit} bytes)")

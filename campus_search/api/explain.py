@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
+from campus_search.api import extension
 from campus_search.api.auditing import request_context
 from campus_search.audit.actions import admin_action
 from campus_search.errors import BadRequest, NotFound
@@ -41,7 +42,7 @@ def _role(claim: str, settings: Any) -> tuple[Any, str]:
 
 @bp.get("/api/admin/explain")
 def explain() -> Any:
-    services = current_app.extensions["campus_search"]
+    services = extension.services()
     settings = services.settings
     require_admin(settings)
     # Every call is audited, refused ones too (a 400 or a 404 with its error code).

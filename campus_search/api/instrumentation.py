@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, g, has_request_context, request
@@ -38,18 +39,26 @@ def _result_count(response: Any) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def init_app(app: Flask, services: Any) -> None:
+@dataclass(frozen=True)
+class RequestMetrics:
+    """What :func:`init_metrics` keeps per app: the allowed department label values and the pool sampler."""
+
+    departments: metrics.DepartmentLabels
+    pool_sampler: metrics.PoolSampler
+
+
+def init_app(app: Flask, services: Any) -> RequestMetrics:
     """Count every request and sample this process's pool (:func:`init_metrics`), then log one access
     record per request (:func:`init_access_log`), in that order."""
-    init_metrics(app, services)
+    request_metrics = init_metrics(app, services)
     init_access_log(app)
+    return request_metrics
 
 
-def init_metrics(app: Flask, services: Any) -> None:
+def init_metrics(app: Flask, services: Any) -> RequestMetrics:
     """Count every request (after its response is built) and sample this process's pool."""
     departments = metrics.DepartmentLabels(services.settings.metrics_departments, read=indexed_departments)
     sampler = metrics.PoolSampler()
-    app.extensions["campus_search.metrics"] = {"departments": departments, "pool_sampler": sampler}
 
     @app.after_request
     def _record(response: Any) -> Any:
@@ -57,7 +66,8 @@ def init_metrics(app: Flask, services: Any) -> None:
             started = g.get("start_time")
             seconds = time.perf_counter() - started if started else 0.0
             metrics.observe_request(request.method, request.endpoint, response.status_code, seconds)
-            db = getattr(services, "db", None)  # absent until this process opened its pools
+            opened = services.opened  # None until this process opened its pools
+            db = opened.db if opened is not None else None
             principal = g.get("principal")
             if request.endpoint == SEARCH_ENDPOINT and response.status_code == 200 and principal is not None:
                 count = _result_count(response)
@@ -68,6 +78,8 @@ def init_metrics(app: Flask, services: Any) -> None:
         except Exception:  # metrics must never turn a good response into an error
             _metrics_log.debug("metrics not recorded", exc_info=True)
         return response
+
+    return RequestMetrics(departments, sampler)
 
 
 def init_access_log(app: Flask) -> None:

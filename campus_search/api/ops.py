@@ -9,16 +9,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
 from campus_search import metrics
+from campus_search.api import extension
 from campus_search.ops.health import HealthMonitor
 
 bp = Blueprint("ops", __name__)
 
 
 def monitor() -> HealthMonitor:
-    return current_app.extensions["campus_search.ops.health"]
+    return extension.current().health
 
 
 @bp.get("/health")
@@ -31,7 +32,7 @@ def health_check() -> Any:
 @bp.get("/health/live")
 def liveness() -> Any:
     """The process is up and answering (no dependency is consulted)."""
-    services = current_app.extensions["campus_search"]
+    services = extension.services()
     return jsonify({"alive": True, "uptime": round(time.time() - services.started_at, 3)})
 
 
@@ -45,13 +46,14 @@ def readiness() -> Any:
 @bp.get("/metrics", endpoint="metrics")
 def metrics_endpoint() -> Any:
     """Prometheus text exposition (all gunicorn workers' samples in multiprocess mode)."""
-    services = current_app.extensions["campus_search"]
-    db = getattr(services, "db", None)
-    if db is not None:
-        current_app.extensions["campus_search.metrics"]["pool_sampler"].sample(db)
+    parts = extension.current()
+    opened = parts.services.opened  # None until this process opened its pools
+    if opened is not None:
+        parts.metrics.pool_sampler.sample(opened.db)
     return Response(metrics.render(), mimetype=None, content_type=metrics.CONTENT_TYPE)
 
 
-def init_app(app: Any, settings: Any = None) -> None:
-    app.extensions["campus_search.ops.health"] = HealthMonitor(app.extensions["campus_search"], settings)
+def init_app(app: Any, services: Any) -> HealthMonitor:
+    """The health and metrics endpoints, and the monitor behind /health (kept by the app's extension)."""
     app.register_blueprint(bp)
+    return HealthMonitor(services)

@@ -124,7 +124,6 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         swallow_errors=fail_open, in_memory_fallback_enabled=redis_backed and fail_open,
         enabled=settings.rate_limits_enabled)
     limiter.init_app(app)
-    app.extensions["campus_search.limiter"] = limiter
     if not limiter.enabled:
         return limiter
     breaker = CircuitBreaker(settings.redis_retry_after) if redis_backed and not fail_open else None

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, request
 
+from campus_search.api import extension
 from campus_search.api.auditing import audit_search_response
 from campus_search.errors import BadRequest, Forbidden, PayloadTooLarge
 from campus_search.retrieval.params import SearchParams, validate_filters
@@ -42,7 +43,7 @@ def json_body() -> dict[str, Any]:
 
 
 def parse_search_request(data: dict[str, Any], user: Principal) -> SearchParams:
-    settings = current_app.extensions["campus_search"].settings
+    settings = extension.current().settings
     unknown = sorted(set(data) - TOP_LEVEL)
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(unknown)}", details={"allowed": sorted(TOP_LEVEL)})
@@ -107,7 +108,7 @@ def disclosed_from_cache(outcome: SearchOutcome, user: Principal, roles: tuple[s
 @bp.post("/api/search")
 def search_documents() -> Any:
     started = time.perf_counter()
-    services = current_app.extensions["campus_search"]
+    services = extension.services()
     user = authenticate(services.settings)
     params = g.search_params = parse_search_request(json_body(), user)
     outcome = g.search_outcome = services.run_search(user, params)

@@ -355,15 +355,7 @@ def key_id(key: str) -> str:
     return _derive(key, "key-id").hex()[:16]
 
 
-_auditor_lock = threading.Lock()
-
-
 def auditor_of(services: Any) -> Auditor:
-    """The process's Auditor, created on first use (services are opened per process). Created under a
-    lock: two request threads asking at once get the same one (and so one writer thread)."""
-    services.ensure_open()
-    with _auditor_lock:
-        auditor = getattr(services, "auditor", None)
-        if auditor is None or auditor.db is not services.db:
-            auditor = services.auditor = Auditor(services.db, services.settings)
-        return auditor
+    """The process's Auditor (``Services`` opens one per process with its pools, so request threads
+    share it and its one writer thread)."""
+    return services.ensure_open().auditor

@@ -81,9 +81,10 @@ def serve(settings: Settings, *, workers: int | None = None, threads: int | None
     from campus_search.app import create_app
     from campus_search.ops.logs import configure_logging
     from campus_search.ops.server import gunicorn_server
+    from campus_search.services import Services
 
     configure_logging(settings, replace=True)
-    app = create_app(settings)
+    app = create_app(Services(settings))
     gunicorn_server(settings, app, workers=workers, threads=threads).run()
     return 0
 

@@ -69,8 +69,10 @@ def flask_app(server: Any) -> Any:
 
 
 def _services(server: Any) -> Any:
+    """The app's Services (``app.extensions["campus_search"]`` is the app's CampusSearch, api/extension.py)."""
     app = flask_app(server)
-    return app.extensions.get("campus_search") if app is not None else None
+    extension = app.extensions.get("campus_search") if app is not None else None
+    return extension.services if extension is not None else None
 
 
 def when_ready(server: Any) -> None:

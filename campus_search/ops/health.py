@@ -63,10 +63,9 @@ class _Cached:
 
 
 class HealthMonitor:
-    def __init__(self, services: Any, settings: Any = None) -> None:
-        """``settings``: the app's (``create_app(settings, services=...)``); default the services'."""
+    def __init__(self, services: Any) -> None:
         self.services = services
-        settings = settings or services.settings
+        settings = services.settings
         self.timeout = settings.health_timeout
         self._report = _Cached(settings.health_cache_seconds, self._check_all)
         self._ready = _Cached(settings.health_cache_seconds, self._check_ready)
@@ -122,7 +121,8 @@ class HealthMonitor:
                 "provider": self.services.settings.embedding_provider, "model": embedder.model_name}
 
     def _cache(self) -> dict[str, Any]:
-        cache = getattr(self.services, "cache", None)
+        opened = self.services.opened  # None until this process opened its components
+        cache = opened.cache if opened is not None else None
         probe = getattr(cache, "health", None)
         if callable(probe):
             result = dict(probe())

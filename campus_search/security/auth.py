@@ -31,7 +31,8 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from flask import Flask, current_app, g, request
@@ -42,6 +43,9 @@ from campus_search.config import Settings
 from campus_search.errors import Forbidden, Unauthorized
 from campus_search.security.proxies import from_identity_proxy
 from campus_search.security.roles import Principal, map_role, role_table, sso_value_for
+
+if TYPE_CHECKING:
+    from campus_search.security.jwks import JwksCache
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,16 @@ def describe_rejection(exc: Exception) -> str:
     return "the token is invalid"
 
 
-def init_auth(app: Flask, settings: Settings) -> JWTManager:
+@dataclass(frozen=True)
+class Authentication:
+    """What :func:`init_auth` sets up per app (held by the app's ``CampusSearch`` extension)."""
+
+    manager: JWTManager  # flask-jwt-extended, its decoding key chosen per token
+    jwks: JwksCache | None  # the SSO provider's signing keys (OIDC_JWKS_URL), or None
+    verified_tokens: VerifiedTokens  # bearer tokens this process verified recently
+
+
+def init_auth(app: Flask, settings: Settings) -> Authentication:
     """flask-jwt-extended configured from ``settings``, its key chosen per token (``JWT_SECRET_KEY`` or
     the SSO provider's JWKS), and the per-process verified-token cache."""
     app.config.update(
@@ -118,13 +131,11 @@ def init_auth(app: Flask, settings: Settings) -> JWTManager:
     manager = JWTManager(app)
     jwks = None
     if settings.oidc_jwks_url:
-        from campus_search.security.jwks import JwksCache
+        from campus_search.security.jwks import JwksCache  # requests, only when an SSO provider is used
 
         jwks = JwksCache(settings.oidc_jwks_url, timeout=min(settings.embedding_timeout, 5.0),
                          max_age=settings.oidc_jwks_cache_seconds,
                          min_refresh_interval=settings.oidc_jwks_refresh_interval)
-    app.extensions["campus_search.jwks"] = jwks
-    app.extensions["campus_search.verified_tokens"] = VerifiedTokens(settings.jwt_verified_cache_seconds)
 
     @manager.decode_key_loader
     def _key(header: Mapping[str, Any], _claims: Mapping[str, Any]) -> Any:
@@ -140,7 +151,7 @@ def init_auth(app: Flask, settings: Settings) -> JWTManager:
             raise jwt.InvalidKeyError("no JWKS configured")
         return jwks.key_for(header.get("kid"), alg)  # ServiceUnavailable (503) if never obtained
 
-    return manager
+    return Authentication(manager, jwks, VerifiedTokens(settings.jwt_verified_cache_seconds))
 
 
 def verify_token(token: str) -> dict[str, Any]:
@@ -252,6 +263,14 @@ class VerifiedTokens:
                 self._entries.popitem(last=False)
 
 
+def _verified_tokens() -> VerifiedTokens | None:
+    """The app's verified-token cache: ``CampusSearch.auth`` (api/extension.py, which imports this module,
+    so it is reached through the app rather than imported). None in an app without it."""
+    extension = current_app.extensions.get("campus_search")
+    auth = getattr(extension, "auth", None)
+    return auth.verified_tokens if isinstance(auth, Authentication) else None
+
+
 def bearer_token(header: str) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header; the scheme is case-insensitive (RFC 7235
     2.1). None when the header is absent or uses another scheme."""
@@ -275,7 +294,7 @@ def authenticate(settings: Settings) -> Principal:
         if not token:
             g.auth_error = token_required()
             raise g.auth_error  # an everyday event (probes, first requests): not logged
-        verified: VerifiedTokens | None = current_app.extensions.get("campus_search.verified_tokens")
+        verified = _verified_tokens()
         principal = verified.get(token) if verified is not None else None
         if principal is None:
             try:
