@@ -100,7 +100,8 @@ def main() -> int:
     os.environ.pop("DATABASE_URL", None)
 
     from campus_search.app import create_app
-    from campus_search.audit.records import Auditor, AuditRecord
+    from campus_search.audit.chain import AuditRecord
+    from campus_search.audit.records import Auditor
     from campus_search.cli.main import ingest_paths
     from campus_search.config import load_settings
     from campus_search.embedding.factory import get_embedder, ingest_threads

@@ -163,7 +163,7 @@ def load(conn_factory: Callable[[], Any], material: Material, start_doc: int, n_
          progress: bool = True) -> float:
     """COPY documents and chunks (the ingestion path's statements; triggers keep postings and statistics)
     in transactions of ``batch_docs`` documents. Returns seconds spent in the database."""
-    from campus_search.retrieval.lexical import compact
+    from campus_search.storage.index_state import compact_lexical as compact
 
     db_seconds = 0.0
     done = 0

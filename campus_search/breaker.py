@@ -1,6 +1,6 @@
 """A circuit breaker: after a dependency fails, skip it for a while instead of waiting on it again.
 
-Used for Redis (the cache and rate limits, :mod:`campus_search.retrieval.cache`) and PostgreSQL
+Used for Redis (the cache, :mod:`campus_search.retrieval.cache_backends`, and the rate limits) and PostgreSQL
 (:mod:`campus_search.storage.db`): while the dependency is known to be down, callers learn it at once instead
 of each waiting for its own timeout, which would tie up every server thread during an outage.
 """

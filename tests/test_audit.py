@@ -18,7 +18,8 @@ from auditing import by_request, rows
 from campus_search.api.auditing import request_context
 from campus_search.app import create_app
 from campus_search.audit.actions import admin_action, record_admin_action
-from campus_search.audit.records import Auditor, AuditRecord, AuditUnavailable
+from campus_search.audit.chain import AuditRecord
+from campus_search.audit.records import Auditor, AuditUnavailable
 from campus_search.audit.verify import verify
 from campus_search.cli.main import main
 from campus_search.errors import NotFound

@@ -17,7 +17,8 @@ import pytest
 from auditing import by_request, rows
 
 from campus_search.audit import records as audit
-from campus_search.audit.records import Auditor, AuditRecord, AuditUnavailable, auditor_of
+from campus_search.audit.chain import AuditRecord
+from campus_search.audit.records import Auditor, AuditUnavailable, auditor_of
 from campus_search.audit.verify import verify
 
 DOC = "it-staff-password-management.md"

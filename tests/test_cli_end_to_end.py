@@ -47,7 +47,7 @@ def test_embedded_database_keeps_data_across_restarts(tmp_path: Path, folder: Pa
     probe = subprocess.run(
         [sys.executable, "-c",
          "from campus_search.config import load_settings; from campus_search.services import Services;"
-         "from campus_search.retrieval.search import SearchParams; from campus_search.security.roles import superuser;"
+         "from campus_search.retrieval.params import SearchParams; from campus_search.security.roles import superuser;"
          "s = Services(load_settings()).ensure_open();"
          "hits = s.searcher.search(superuser(), SearchParams('how do I renew a parking permit', max_results=1));"
          "print(hits[0].document_title)"],

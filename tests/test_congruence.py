@@ -1,6 +1,7 @@
 """Congruence: permission-filtered retrieval in PostgreSQL + pgvector against an exact reference.
 
-A corpus of 4,000 chunks with mixed clearance, department and visibility; vectors from the real model
+A corpus of 4,000 chunks with mixed clearance, department, visibility and groups (one document in ten is
+group-visible, shared with one to three of 60 course/committee groups); vectors from the real model
 (paragraphs of the bundled demo corpus embedded once, mixed per chunk so the corpus is clustered the way
 real text is -- no external data set, so this always runs), loaded by bulk COPY; and a smaller corpus
 written through the ``Ingester`` (chunking, embedding and the triggers, as production writes). For
@@ -13,7 +14,8 @@ stored vectors, with the rule evaluated by the plain-Python reference ``is_visib
   the reference rule);
 - a page is never short: ``min(k, allowed)`` candidates, and a search returns
   ``min(max_results, allowed chunks above the threshold)`` results;
-- recall@10 against the exact search is >= 0.95, overall and for the most restricted users.
+- recall@10 against the exact search is >= 0.95, overall, for the most restricted users, and for users
+  who see under 5% of the corpus and part of it only through their groups.
 
 With fresh statistics PostgreSQL answers the most selective rules with an exact scan (btree + sort);
 the same checks also run with the planner steered onto the HNSW index, where only pgvector 0.8's
@@ -39,6 +41,7 @@ from campus_search.retrieval.fusion import FusionConfig
 from campus_search.retrieval.params import SearchParams
 from campus_search.retrieval.ranking import business_score
 from campus_search.retrieval.search import Searcher
+from campus_search.security.access import COPY_TYPES, METADATA_FIELDS, columns
 from campus_search.security.roles import DEFAULT_ROLES, Principal, build_roles, is_visible
 from campus_search.services import Services
 from campus_search.storage.db import Database
@@ -48,6 +51,21 @@ N_DOCS, CHUNKS_PER_DOC, N_TOPICS = 1000, 4, 160
 DEPARTMENTS = {"Medicine": 0.35, "Informatics": 0.25, "Library": 0.15, "Estates": 0.1, "Human Resources": 0.08,
                "Finance": 0.04, "Vet School": 0.02, "Chaplaincy": 0.01}
 CAMPUSES = ("Central Campus", "King's Buildings", "Easter Bush", "Western General")
+GROUPS = tuple(f"course-{i:02d}" for i in range(40)) + tuple(f"committee-{i:02d}" for i in range(20))
+
+
+def random_access(pick: random.Random) -> dict[str, Any]:
+    """A document's access: 10% public, 10% shared with 1-3 groups, the rest department-visible."""
+    r = pick.random()
+    return {"department": pick.choices(list(DEPARTMENTS), weights=list(DEPARTMENTS.values()))[0],
+            "visibility": "public" if r < 0.1 else "group" if r < 0.2 else "department",
+            "clearance_level": pick.choices([1, 2, 3, 4, 5], weights=[15, 15, 30, 25, 15])[0],
+            "groups": sorted(pick.sample(GROUPS, pick.randint(1, 3))) if 0.1 <= r < 0.2 else []}
+
+
+def stored_meta(rows: list[Any]) -> list[dict[str, Any]]:
+    """Rows of (id, embedding, *the declared metadata columns) -> metadata dicts for the reference rule."""
+    return [dict(zip(METADATA_FIELDS, r[2:], strict=True)) for r in rows]
 
 @dataclass
 class Corpus:
@@ -100,9 +118,7 @@ def corpus(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPathF
     services = Services(settings, embedder=embedder).ensure_open()
     docs, chunks = [], []
     for d in range(N_DOCS):
-        meta = {"department": pick.choices(list(DEPARTMENTS), weights=list(DEPARTMENTS.values()))[0],
-                "visibility": "public" if pick.random() < 0.1 else "department",
-                "clearance_level": pick.choices([1, 2, 3, 4, 5], weights=[15, 15, 30, 25, 15])[0],
+        meta = {**random_access(pick),
                 "campus": pick.choice(CAMPUSES), "priority": pick.randint(1, 5),
                 "last_reviewed": dt.datetime(2022, 1, 1) + dt.timedelta(days=pick.randint(0, 900))}
         docs.append(meta)
@@ -112,30 +128,27 @@ def corpus(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPathF
             chunks.append((d, c, (v / np.linalg.norm(v)).astype(np.float32), f"{titles[a]} {titles[b]}"))
     with services.db.connection() as conn:
         conn.execute("SET LOCAL statement_timeout = 0")  # a bulk load on a busy 2-core machine
-        with conn.cursor().copy("COPY documents (external_id, title, content_hash, department, visibility, "
-                                "clearance_level, campus, priority, last_reviewed) FROM STDIN") as copy:
+        # the column lists of the access declaration (security.access), as ingestion's COPY uses them
+        with conn.cursor().copy(f"COPY documents (external_id, title, content_hash, {columns()}) "
+                                "FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["text", "text", "text", *COPY_TYPES])
             for d, m in enumerate(docs):
-                copy.write_row((f"doc-{d}", f"Document {d}", f"h{d}", m["department"], m["visibility"],
-                                m["clearance_level"], m["campus"], m["priority"], m["last_reviewed"]))
+                copy.write_row((f"doc-{d}", f"Document {d}", f"h{d}", *(m[n] for n in METADATA_FIELDS)))
         doc_ids = dict(conn.execute("SELECT external_id, id FROM documents").fetchall())
         with conn.cursor().copy(
-                "COPY chunks (document_id, chunk_index, text, content_hash, embedding, department, visibility, "
-                "clearance_level, campus, priority, last_reviewed) FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["int8", "int4", "text", "text", "vector", "text", "text", "int2", "text", "int2",
-                            "timestamp"])
+                f"COPY chunks (document_id, chunk_index, text, content_hash, embedding, {columns()}) "
+                "FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int4", "text", "text", "vector", *COPY_TYPES])
             for d, c, v, text in chunks:
                 m = docs[d]
-                copy.write_row((doc_ids[f"doc-{d}"], c, text, f"c{d}-{c}", v, m["department"], m["visibility"],
-                                m["clearance_level"], m["campus"], m["priority"], m["last_reviewed"]))
+                copy.write_row((doc_ids[f"doc-{d}"], c, text, f"c{d}-{c}", v, *(m[n] for n in METADATA_FIELDS)))
         conn.execute("UPDATE index_state SET generation = generation + 1")
     with services.db.connection() as conn:
         conn.execute("ANALYZE documents, chunks")
-        rows = conn.execute("SELECT id, embedding, department, visibility, clearance_level, campus, priority, "
-                            "last_reviewed FROM chunks ORDER BY id").fetchall()
+        rows = conn.execute(f"SELECT id, embedding, {columns()} FROM chunks ORDER BY id").fetchall()
     ids = np.array([r[0] for r in rows])
     vectors = np.stack([np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows])
-    meta = [dict(zip(("department", "visibility", "clearance_level", "campus", "priority", "last_reviewed"),
-                     r[2:], strict=True)) for r in rows]
+    meta = stored_meta(rows)
     texts = random.Random(11).sample(demo_texts()[1], 30)  # section headings: how users phrase questions
     real = list(zip(texts, embedder.embed(texts), strict=True))
     synthetic = []
@@ -164,10 +177,19 @@ def principal_pool(rng: random.Random) -> list[tuple[Principal, dict[str, Any]]]
         (Principal("hr", ROLES["staff"], ("Human Resources",)), {"clearance_level": 1}),
         (Principal("nodept", ROLES["staff"]), {}),
         (Principal("root", ROLES["admin"]), {}),
+        # group ACLs: members only (students, staff, academics alike), admins see every group's documents
+        (Principal("g1", ROLES["student"], groups=("course-07",)), {}),
+        (Principal("g2", ROLES["student"], groups=("course-03", "committee-11")), {"visibility": "group"}),
+        (Principal("g3", ROLES["academic"]), {"visibility": "group"}),  # no groups: no group documents
+        (Principal("g4", ROLES["academic"], groups=("committee-02",)), {"visibility": "group"}),
+        (Principal("g5", ROLES["staff"], ("Medicine",), groups=("course-19",)), {}),
+        (Principal("g6", ROLES["admin"]), {"visibility": "group"}),
+        (Principal("g7", ROLES["student"], groups=tuple(GROUPS[:30])), {"visibility": "group"}),
     ]
     for i in range(36):
         role = rng.choice(list(DEFAULT_ROLES.values()))
         own = tuple(rng.sample(depts, rng.randint(0, 2)))
+        groups = tuple(rng.sample(GROUPS, rng.choice([0, 0, 1, 2, 4])))
         filters: dict[str, Any] = {}
         r = rng.random()
         if r < 0.15:
@@ -180,7 +202,9 @@ def principal_pool(rng: random.Random) -> list[tuple[Principal, dict[str, Any]]]
             filters["clearance_level"] = rng.randint(1, role.clearance)
         elif r < 0.55:
             filters["last_reviewed_after"] = dt.datetime(2023, 6, 1)
-        out.append((Principal(f"user{i}", role, own), filters))
+        elif r < 0.62:
+            filters["visibility"] = rng.choice(["group", "public"])
+        out.append((Principal(f"user{i}", role, own, groups=groups), filters))
     return out
 
 
@@ -224,11 +248,14 @@ def test_filtered_dense_search_is_congruent_with_exact_search(corpus: Corpus, se
     rng = random.Random(42)
     recalls: list[float] = []
     restricted: list[float] = []
+    through_groups: list[float] = []  # users who see < 5% and some of it only as a group's member
     fractions = []
     for user, filters in principal_pool(rng):
         mask = allowed_mask(corpus, user, filters)
         fraction = mask.mean()
         fractions.append(fraction)
+        by_groups = any(ok and m["visibility"] == "group" for ok, m in zip(mask, corpus.meta, strict=True)) \
+            and user.role.group_scope == "member"
         allowed_ids = set(corpus.ids[mask].tolist())
         for _text, q in rng.sample(corpus.queries, 4):
             sims = corpus.vectors[mask] @ q
@@ -243,6 +270,8 @@ def test_filtered_dense_search_is_congruent_with_exact_search(corpus: Corpus, se
                     recalls.append(recall)
                     if fraction < 0.05:
                         restricted.append(recall)
+                        if by_groups:
+                            through_groups.append(recall)
                     # similarities reported are the exact cosine of the stored vectors
                     exact_sim = {int(i): float(s) for i, s in zip(corpus.ids[mask], sims, strict=True)}
                     for h in got:
@@ -250,6 +279,7 @@ def test_filtered_dense_search_is_congruent_with_exact_search(corpus: Corpus, se
     assert min(fractions) < 0.01 and sum(f < 0.05 for f in fractions) >= 6  # the hard cases are really there
     assert np.mean(recalls) >= 0.95, np.mean(recalls)
     assert np.mean(restricted) >= 0.95, np.mean(restricted)
+    assert len(through_groups) >= 20 and np.mean(through_groups) >= 0.95, (len(through_groups), through_groups)
     assert len(recalls) >= 150
 
 
@@ -309,6 +339,34 @@ def test_api_results_obey_the_rule(corpus: Corpus, token: Any) -> None:
         assert body["count"] == min(user.role.max_results, 50)
         for hit in body["results"]:
             assert is_visible(hit["metadata"], user)
+
+
+def test_api_group_members_see_their_groups_and_never_share_a_cached_page(corpus: Corpus, token: Any) -> None:
+    """Over the API with the groups claim: each member sees exactly a full page of their own groups'
+    documents, the document's groups shown; a student without groups and an academic who is in none of
+    them see none. The same query by principals with other groups, asked twice (the second round from the
+    result cache), never hands one member's page to another."""
+    from campus_search.app import create_app
+
+    client = create_app(corpus.services).test_client()
+    flt = {"visibility": "group"}
+    reach = {g: sum(g in m["groups"] and m["clearance_level"] <= 2 for m in corpus.meta) for g in GROUPS}
+    a, b, c = sorted(GROUPS, key=lambda g: (-reach[g], g))[:3]  # groups with documents a student may see
+    asked = [("student", (a,)), ("student", (b, c)), ("student", ()), ("academic_staff", ()), ("student", (c, b))]
+    for _round in range(2):
+        for i, (role, groups) in enumerate(asked):
+            r = client.post("/api/search", json={"query": corpus.queries[1][0], "filters": flt,
+                                                 "config": {"max_results": 20, "similarity_threshold": -1}},
+                            headers={"Authorization": token(role, sub=f"g{i}", groups=list(groups))})
+            assert r.status_code == 200, r.get_json()
+            user = Principal("u", ROLES["academic" if role == "academic_staff" else role], groups=groups)
+            mask = allowed_mask(corpus, user, flt)
+            body = r.get_json()
+            assert body["count"] == min(20, int(mask.sum())), (role, groups, _round)
+            assert (body["count"] > 0) == bool(groups), (role, groups)
+            for hit in body["results"]:
+                assert is_visible(hit["metadata"], user)
+                assert set(hit["metadata"]["groups"]) & set(groups)
 
 
 def test_index_scan_that_stops_early_falls_back_to_exact(corpus: Corpus) -> None:
@@ -498,9 +556,7 @@ def ingested(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPat
     services = Services(settings, embedder=embedder).ensure_open()
     docs = []
     for d in range(N_INGESTED):
-        meta = {"department": pick.choices(list(DEPARTMENTS), weights=list(DEPARTMENTS.values()))[0],
-                "visibility": "public" if pick.random() < 0.1 else "department",
-                "clearance_level": pick.choices([1, 2, 3, 4, 5], weights=[15, 15, 30, 25, 15])[0],
+        meta = {**random_access(pick),
                 "campus": pick.choice(CAMPUSES), "priority": pick.randint(1, 5),
                 "last_reviewed": (dt.datetime(2022, 1, 1) + dt.timedelta(days=pick.randint(0, 900))).isoformat()}
         docs.append(ParsedDocument(external_id=f"ing-{d}", title=pick.choice(headings), source=f"ing-{d}",
@@ -509,12 +565,10 @@ def ingested(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPat
     assert report.failed == 0 and report.added == N_INGESTED
     with services.db.connection() as conn:
         conn.execute("ANALYZE documents, chunks")
-        rows = conn.execute("SELECT id, embedding, department, visibility, clearance_level, campus, priority, "
-                            "last_reviewed FROM chunks ORDER BY id").fetchall()
+        rows = conn.execute(f"SELECT id, embedding, {columns()} FROM chunks ORDER BY id").fetchall()
     ids = np.array([r[0] for r in rows])
     vectors = np.stack([np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows])
-    meta_rows = [dict(zip(("department", "visibility", "clearance_level", "campus", "priority", "last_reviewed"),
-                          r[2:], strict=True)) for r in rows]
+    meta_rows = stored_meta(rows)
     texts = random.Random(3).sample(headings, 12)
     yield Corpus(services, ids, vectors, meta_rows, list(zip(texts, embedder.embed(texts), strict=True)))
     services.close()

@@ -306,7 +306,7 @@ def test_concurrent_writers_run_side_by_side(small: Any) -> None:
     """Scale-out ingestion: while one writer's transaction is open with chunks that share terms with
     another's, the other writes, deletes and commits without waiting (no shared counter row), and the
     statistics are exact after both, before and after compaction."""
-    from campus_search.retrieval.lexical import compact
+    from campus_search.storage.index_state import compact_lexical as compact
 
     vector = small.embedder.embed(["x"])[0]
     a, b = _writer(small.dsn), _writer(small.dsn)
@@ -335,7 +335,7 @@ def test_concurrent_writers_run_side_by_side(small: Any) -> None:
 def test_compaction_is_skipped_while_another_runs_and_changes_no_sum(small: Any) -> None:
     import psycopg
 
-    from campus_search.retrieval.lexical import compact
+    from campus_search.storage.index_state import compact_lexical as compact
 
     small.ingester.ingest([_doc("new", "Printing", "Print from any University printer.")], AccessMetadata())
     with small.db.connection() as conn:  # leave deltas behind, as an interrupted compaction would

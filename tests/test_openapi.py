@@ -233,3 +233,20 @@ def test_documented_bounds_are_the_enforced_ones(client: Any, token: Any, spec: 
     assert schemas["DocumentUpload"]["properties"]["title"]["maxLength"] == MAX_TITLE_CHARS
     assert schemas["SearchRequest"]["properties"]["user"]["type"] == "object"
     assert schemas["MetadataPatch"]["properties"]["metadata"] == {"$ref": "#/components/schemas/MetadataInput"}
+
+
+def test_access_schemas_follow_the_access_declaration(spec: dict[str, Any]) -> None:
+    """The access model is declared once (security/access.py); the OpenAPI document names the same
+    visibilities, metadata fields and role scopes, and explain's documented parameters are the accepted ones."""
+    from campus_search.api.explain import PARAMS as EXPLAIN_PARAMS
+    from campus_search.security.access import METADATA_FIELDS, ROLE_SCOPES, VISIBILITIES
+
+    schemas = spec["components"]["schemas"]
+    assert schemas["Visibility"]["enum"] == list(VISIBILITIES)
+    assert set(schemas["Metadata"]["properties"]) == set(METADATA_FIELDS)
+    assert set(schemas["MetadataInput"]["properties"]) == set(METADATA_FIELDS)
+    user = schemas["Explanation"]["properties"]["user"]["properties"]
+    for scope, values in ROLE_SCOPES.items():
+        assert user[scope]["enum"] == list(values)
+    documented = {p["name"] for p in spec["paths"]["/api/admin/explain"]["get"]["parameters"]}
+    assert documented == set(EXPLAIN_PARAMS)

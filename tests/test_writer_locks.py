@@ -19,6 +19,7 @@ from campus_search.ingest.chunking import Block
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.pipeline import IngestReport, _content_hash, _Pending
 from campus_search.ingest.sources import ParsedDocument
+from campus_search.security.access import METADATA_FIELDS, columns
 
 
 def _doc(ext_id: str, text: str) -> ParsedDocument:
@@ -30,9 +31,9 @@ def _prepared(ingester: Any, doc: ParsedDocument) -> tuple[_Pending, dict[str, A
     pending = _Pending(doc, {}, _content_hash(doc, ingester.embedder.model_name))
     with ingester.db.connection() as conn:  # the row as the batch read it (Ingester._resolve)
         pending.existing = conn.execute(
-            "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, priority, "
-            "last_reviewed, source, pinned FROM documents WHERE external_id = %s", (doc.external_id,)).fetchone()
-    pending.meta = AccessMetadata(*pending.existing[3:9])
+            f"SELECT external_id, id, content_hash, {columns()}, source, pinned FROM documents "
+            "WHERE external_id = %s", (doc.external_id,)).fetchone()
+    pending.meta = AccessMetadata.from_row(pending.existing[3:3 + len(METADATA_FIELDS)])
     ingester._prepare_chunks([pending], IngestReport())
     return pending, ingester._vectors_for([pending], IngestReport())
 

@@ -1,6 +1,6 @@
 """``GET /api/admin/explain`` — can this user see this document, and why? (admin only)
 
-``?document_id=ID&role=ROLE[&sub=ID][&department=D ...][&campus=C]`` describes a user the way a token
+``?document_id=ID&role=ROLE[&sub=ID][&department=D ...][&group=G ...][&campus=C]`` describes a user the way a token
 would (``role`` is an SSO role value, which goes through ROLE_MAPPING like a token's claim, or a role's
 own name, which an admin may give directly here although a token's claim cannot). The
 answer gives the decision of the plain-Python rule with its reasons, and the count of the document's
@@ -19,12 +19,13 @@ from campus_search.api.auditing import request_context
 from campus_search.audit.actions import admin_action
 from campus_search.errors import BadRequest, NotFound
 from campus_search.ingest.catalog import find_document, visible_chunk_counts
+from campus_search.security.access import ACCESS_FIELDS, MAX_GROUP_LENGTH, MAX_PRINCIPAL_GROUPS
 from campus_search.security.auth import require_admin
 from campus_search.security.roles import Principal, explain_visibility, is_visible, map_role, role_table
 
 bp = Blueprint("explain", __name__)
 
-PARAMS = {"document_id", "role", "sub", "department", "campus"}
+PARAMS = {"document_id", "role", "sub", "department", "group", "campus"}
 
 
 def _role(claim: str, settings: Any) -> tuple[Any, str]:
@@ -61,11 +62,13 @@ def _explain(services: Any, settings: Any, details: dict[str, Any]) -> dict[str,
     if not document_id or not claim:
         raise BadRequest("document_id and role are required")
     departments = tuple(d.strip() for d in request.args.getlist("department") if d.strip())
-    if len(document_id) > 1000 or len(claim) > 200 or len(departments) > 50:
+    groups = tuple(sorted({g.strip() for g in request.args.getlist("group") if g.strip()}))
+    if (len(document_id) > 1000 or len(claim) > 200 or len(departments) > 50 or len(groups) > MAX_PRINCIPAL_GROUPS
+            or any(len(g) > MAX_GROUP_LENGTH for g in groups)):
         raise BadRequest("parameter too long")
     role, how = _role(claim, settings)
     user = Principal(user_id=request.args.get("sub", "").strip()[:256] or "(hypothetical user)", role=role,
-                     departments=departments, campus=request.args.get("campus") or None)
+                     departments=departments, campus=request.args.get("campus") or None, groups=groups)
     details.update(sub=user.user_id, role=role.name)
     services.ensure_open()
     with services.db.connection(read=True) as conn:
@@ -73,14 +76,15 @@ def _explain(services: Any, settings: Any, details: dict[str, Any]) -> dict[str,
         if doc is None:
             raise NotFound("no document with that id")
         total, allowed = visible_chunk_counts(conn, user, doc[0])
-    meta = {"department": doc[3], "visibility": doc[4], "clearance_level": doc[5], "campus": doc[6]}
+    meta = {name: value for name, value in doc[3].as_json().items() if name in ACCESS_FIELDS + ("campus",)}
     visible = is_visible(meta, user)
     details["visible"] = visible
     return {
         "document": {"document_id": doc[1], "document_title": doc[2], **meta},
         "user": {"user_id": user.user_id, "role": role.name, "role_claim": claim, "role_resolution": how,
                  "clearance": role.clearance, "department_scope": role.department_scope,
-                 "departments": list(departments), "campus": user.campus},
+                 "group_scope": role.group_scope, "departments": list(departments), "groups": list(user.groups),
+                 "campus": user.campus},
         "visible": visible,
         "reasons": explain_visibility(meta, user),
         "chunks": {"total": total, "visible": allowed},

@@ -12,7 +12,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
-from campus_search.audit.records import Auditor, AuditRecord, AuditUnavailable, auditor_of, canonical_json, clean_text
+from campus_search.audit.chain import AuditRecord, canonical_json, clean_text
+from campus_search.audit.records import Auditor, AuditUnavailable, auditor_of
 from campus_search.errors import CampusSearchError
 from campus_search.retrieval.querytext import normalise_query
 
@@ -46,6 +47,18 @@ def principal_fields(principal: Any) -> dict[str, Any]:
             "department": clean_text("; ".join(principal.departments), 1000) or None}
 
 
+def groups_fields(principal: Any) -> dict[str, Any]:
+    """How the caller's groups claim was used: how many groups it gave (never the groups themselves: a
+    claim can be long and is the identity provider's business) and, when it was malformed, what was done
+    about it (``access.clean_groups``)."""
+    if principal is None or (not principal.groups and not principal.groups_problem):
+        return {}
+    out: dict[str, Any] = {"groups": len(principal.groups)}
+    if principal.groups_problem:
+        out["groups_problem"] = clean_text(principal.groups_problem, 200)
+    return out
+
+
 def search_record(auditor: Auditor, context: RequestContext, *, status: int, error: Any, params: Any,
                   body: Mapping[str, Any], outcome: Any) -> AuditRecord:
     """The audit record of one search: from its parameters (None when the request was refused before
@@ -61,6 +74,7 @@ def search_record(auditor: Auditor, context: RequestContext, *, status: int, err
         details["from_cache"] = bool(outcome.from_cache)
     if status >= 400:
         details["error"] = error
+    details.update(groups_fields(context.principal))
     return AuditRecord(
         kind="search", action="search", success=status < 400, status=status,
         query_hmac=auditor.query_hash(query) if isinstance(query, str) else None,

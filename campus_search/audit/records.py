@@ -1,4 +1,5 @@
-"""Audit log (SPEC §3): every search and admin action, append-only, in a keyed hash chain.
+"""Audit log (SPEC §3): every search and admin action, append-only, in a keyed hash chain. The record
+and its hashes are :mod:`.chain`'s; this module is the writer that appends them.
 
 Record ``n`` stores ``hash_n = HMAC-SHA256(chain_key, hash_{n-1} + "\\n" + payload_n)`` where
 ``payload_n`` is the canonical JSON of its fields (:meth:`AuditRecord.payload`). Keys derive from
@@ -32,95 +33,26 @@ nothing disappears silently.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime as dt
-import hashlib
-import hmac
 import json
 import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
+from campus_search.audit.chain import RECORD_COLUMNS, AuditRecord, ChainKeys
 from campus_search.errors import CampusSearchError, ServiceUnavailable
-from campus_search.retrieval.querytext import normalise_query
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
-TEXT_LIMIT = 2000  # per free-text field: a record stays small whatever a client sends
-RECORD_COLUMNS = ("seq", "recorded_at", "kind", "action", "request_id", "user_id", "role", "department", "query_hmac",
-           "query_text", "filters", "target", "details", "result_count", "response_time_ms", "client_ip",
-           "user_agent", "status", "success", "key_id")
 _INSERT_HEAD = f"INSERT INTO audit_log ({', '.join(RECORD_COLUMNS)}, prev_hash, hash)"
 _ROW_PLACEHOLDERS = f"({', '.join(['%s'] * (len(RECORD_COLUMNS) + 2))})"
 
 
 class AuditUnavailable(ServiceUnavailable):
     code = "audit_unavailable"
-
-
-def _derive(key: str, purpose: str) -> bytes:
-    return hmac.new(key.encode(), f"campus-search/audit/{purpose}".encode(), hashlib.sha256).digest()
-
-
-def clean_text(value: Any, limit: int = TEXT_LIMIT) -> str | None:
-    """Text as PostgreSQL will store it (no NUL, no lone surrogates), bounded, so what is hashed is
-    exactly what is stored."""
-    if value is None:
-        return None
-    text = str(value).replace("\x00", "\ufffd")
-    return text.encode("utf-8", "replace").decode("utf-8")[:limit]
-
-
-def canonical_json(value: Any) -> str | None:
-    if value is None:
-        return None
-    return clean_text(json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str),
-                  TEXT_LIMIT * 4)
-
-
-@dataclass
-class AuditRecord:
-    """One audit record. ``seq``, ``prev_hash`` and ``hash`` are set when it is appended."""
-
-    kind: str
-    action: str
-    success: bool
-    recorded_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
-    request_id: str | None = None
-    user_id: str | None = None
-    role: str | None = None
-    department: str | None = None
-    query_hmac: str | None = None
-    query_text: str | None = None
-    filters: str | None = None
-    target: str | None = None
-    details: str | None = None
-    result_count: int | None = None
-    response_time_ms: float | None = None
-    client_ip: str | None = None
-    user_agent: str | None = None
-    status: int | None = None
-    key_id: str = ""
-    seq: int | None = None
-    prev_hash: str | None = None
-    hash: str | None = None
-
-    def payload(self) -> str:
-        """Canonical JSON of every field but the two hashes (the bytes the chain HMAC covers)."""
-        values = [getattr(self, name) for name in RECORD_COLUMNS]
-        values[1] = self.recorded_at.astimezone(dt.UTC).isoformat(timespec="microseconds")
-        return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
-
-    def as_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["recorded_at"] = self.recorded_at.astimezone(dt.UTC).isoformat(timespec="microseconds")
-        return out
 
 
 MAX_BATCH = 256
@@ -171,9 +103,8 @@ class Auditor:
             raise CampusSearchError("AUDIT_HMAC_KEY is not set")
         self.db = db
         self.settings = settings
-        self._chain_key = _derive(settings.audit_hmac_key, "chain")
-        self._query_key = _derive(settings.audit_hmac_key, "query")
-        self.key_id = key_id(settings.audit_hmac_key)
+        self.keys = ChainKeys(settings.audit_hmac_key)
+        self.key_id = self.keys.key_id
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         from campus_search.storage.db import prepare_threshold
 
@@ -185,11 +116,10 @@ class Auditor:
         self._closed = False
 
     def query_hash(self, query: str) -> str:
-        return hmac.new(self._query_key, normalise_query(query).encode("utf-8", "surrogatepass"),
-                        hashlib.sha256).hexdigest()
+        return self.keys.query_hash(query)
 
     def chain_hash(self, prev_hash: str, record: AuditRecord) -> str:
-        return hmac.new(self._chain_key, f"{prev_hash}\n{record.payload()}".encode(), hashlib.sha256).hexdigest()
+        return self.keys.chain_hash(prev_hash, record)
 
     def append(self, record: AuditRecord) -> AuditRecord:
         """Write ``record`` at the end of the chain; returns once it is committed. Raises psycopg.Error or
@@ -348,11 +278,6 @@ class Auditor:
     @property
     def refuse_on_failure(self) -> bool:
         return self.settings.audit_failure_mode == "refuse"
-
-
-def key_id(key: str) -> str:
-    """A short, non-secret fingerprint of an AUDIT_HMAC_KEY (tells 'other key' from 'tampered')."""
-    return _derive(key, "key-id").hex()[:16]
 
 
 def auditor_of(services: Any) -> Auditor:

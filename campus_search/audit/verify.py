@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from campus_search.audit.records import GENESIS, RECORD_COLUMNS, Auditor, AuditRecord
+from campus_search.audit.chain import GENESIS, RECORD_COLUMNS, AuditRecord, ChainKeys
 
 
 @dataclass
@@ -45,7 +45,7 @@ def verify(conn: psycopg.Connection, key: str, *, anchor: tuple[int, str] | None
     another key, missing records at the end (behind the chain head), and -- with ``anchor`` (a
     ``(seq, hash)`` printed by an earlier verify and kept elsewhere) -- a rewritten or truncated log.
     """
-    auditor = Auditor(None, _KeyOnly(key))
+    keys = ChainKeys(key)
     report = VerifyReport()
     prev, expected = GENESIS, 1
     columns = (*RECORD_COLUMNS, "prev_hash", "hash")
@@ -66,9 +66,9 @@ def verify(conn: psycopg.Connection, key: str, *, anchor: tuple[int, str] | None
             if seq != expected:
                 report.fail(expected, f"record {expected} is missing" if seq == expected + 1
                             else f"records {expected} to {seq - 1} are missing")
-            if rec.key_id != auditor.key_id:
+            if rec.key_id != keys.key_id:
                 report.fail(seq, f"record {seq} was chained with another AUDIT_HMAC_KEY (key id {rec.key_id})")
-            elif not hmac.compare_digest(str(rec.hash), auditor.chain_hash(str(rec.prev_hash), rec)):
+            elif not hmac.compare_digest(str(rec.hash), keys.chain_hash(str(rec.prev_hash), rec)):
                 report.fail(seq, f"record {seq} was altered: its hash does not match its content")
             elif seq == expected and rec.prev_hash != prev:
                 report.fail(seq, f"record {seq} does not link to record {seq - 1} (one of them was replaced)")
@@ -86,9 +86,3 @@ def verify(conn: psycopg.Connection, key: str, *, anchor: tuple[int, str] | None
     if anchor and anchor[0] > report.last_seq:
         report.fail(report.last_seq + 1, f"anchored record {anchor[0]} is missing (log truncated)")
     return report
-
-
-@dataclass(frozen=True)
-class _KeyOnly:
-    audit_hmac_key: str
-    audit_failure_mode: str = "refuse"

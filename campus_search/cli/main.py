@@ -15,6 +15,7 @@ from typing import Any
 
 from campus_search.config import Settings, load_settings, markdown_table
 from campus_search.errors import CampusSearchError, ConfigError
+from campus_search.security.access import VISIBILITIES
 from campus_search.security.roles import ROLE_NAMES
 
 log = logging.getLogger("campus_search.cli.main")
@@ -146,7 +147,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     settings = _settings()
     flags = {"department": args.department, "visibility": args.visibility, "clearance_level": args.clearance,
-             "campus": args.campus, "priority": args.priority, "last_reviewed": args.last_reviewed}
+             "campus": args.campus, "priority": args.priority, "last_reviewed": args.last_reviewed,
+             "groups": args.groups}
     defaults = {k: v for k, v in flags.items() if v is not None}  # only what was stated
     check_values(defaults, source="command line")
     paths = [Path(p) for p in (args.paths or [])]
@@ -241,7 +243,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     print(mint_token(settings, sub=args.sub, role=args.role, departments=args.department or [],
-                     campus=args.campus, ttl=args.ttl))
+                     campus=args.campus, ttl=args.ttl, groups=args.group or []))
     return 0
 
 
@@ -384,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "flags < .campus-search.yaml in the folder (nearest wins) < FILE.meta.yaml sidecar < YAML "
                     "front matter. A field nobody states keeps its stored value; a new document whose "
                     "visibility nobody states gets DEFAULT_VISIBILITY (shipped: department, which needs a "
-                    "department). A run never loosens a stored document's access (department -> public, "
-                    "another department, lower clearance) unless --allow-loosening is given: the stored "
+                    "department). A run never loosens a stored document's access (department or group "
+                    "-> public, department <-> group, another department, more groups, lower clearance) "
+                    "unless --allow-loosening is given: the stored "
                     "access is kept and reported ('held back'). Symbolic links inside folders are not "
                     "followed; links out of the folder, FIFOs and devices are refused; DATA_DIR is never "
                     "read. Bad files, unknown metadata keys and colliding ids are reported and skipped "
@@ -396,12 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "are no longer there")
     p.add_argument("--demo", action="store_true", help="also ingest the bundled demo corpus")
     p.add_argument("--allow-loosening", action="store_true",
-                   help="let this run loosen stored access where the sources say so (visibility department -> "
-                        "public, another department, lower clearance); each loosening is reported and audited. "
+                   help="let this run loosen stored access where the sources say so (visibility department or "
+                        "group -> public, department <-> group, another department, more groups, lower "
+                        "clearance); each loosening is reported and audited. "
                         "Fields an admin pinned through the API stay pinned")
     p.add_argument("--department", help="department for every document (files' own metadata wins)")
-    p.add_argument("--visibility", choices=("public", "department"),
-                   help="visibility for every document (files' own metadata wins)")
+    p.add_argument("--visibility", choices=VISIBILITIES,
+                   help="visibility for every document (files' own metadata wins); 'group' needs --groups")
+    p.add_argument("--groups", "--group", action="append", metavar="GROUP", dest="groups",
+                   help="a group (course, committee, project id) whose members may see every document with "
+                        "visibility 'group'; repeat for several (files' own metadata wins)")
     p.add_argument("--clearance", type=int, choices=range(1, 6), metavar="N",
                    help="clearance 1-5 for every document (files' own metadata wins)")
     p.add_argument("--campus", help="campus for every document")
@@ -431,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing else (a value nothing maps is minted with a warning: the server treats it "
                         "as a student)")
     p.add_argument("--department", action="append", help="department (repeat for several)")
+    p.add_argument("--group", action="append", metavar="GROUP",
+                   help="group id in the groups claim (JWT_GROUPS_CLAIM; repeat for several)")
     p.add_argument("--campus", help="campus")
     p.add_argument("--ttl", type=_positive_seconds, help="lifetime in seconds, at least 1 (default JWT_TOKEN_TTL)")
     p.set_defaults(func=cmd_token)

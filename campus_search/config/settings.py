@@ -166,6 +166,11 @@ class Settings:
     claim_departments: str = setting(("JWT_DEPARTMENT_CLAIM",), "departments",
         "Claim holding the user's department (string) or departments (list).")
     claim_campus: str = setting(("JWT_CAMPUS_CLAIM",), "campus", "Claim holding the user's campus.")
+    claim_groups: str = setting(("JWT_GROUPS_CLAIM", "GROUPS_CLAIM"), "groups",
+        "Claim listing the user's groups (course, committee, project ids) for documents with visibility "
+        "`group`: Entra ID `groups`, Shibboleth/SAML `isMemberOf`. A list of strings (one string is one "
+        "group); entries that are not strings of 1-256 characters are dropped, a claim that is not a list or "
+        "has more than 500 entries gives no groups; both are logged and audited (docs/security.md).")
     role_mapping: Mapping[str, str] = setting(("ROLE_MAPPING",),
         {"student": "student", "academic_staff": "academic", "professional_services": "staff",
          "it_administrator": "admin"},
@@ -175,7 +180,8 @@ class Settings:
     roles_json: Mapping[str, Any] = setting(("ROLES_JSON",), {},
         "Role table overrides as JSON, merged over the SPEC §2 defaults per role: "
         "`{\"staff\": {\"max_results\": 80}}`; fields clearance, per_minute, per_hour, max_results, "
-        "department_scope (none/own/all); a new role gives all five; `anonymous` is the no-token role "
+        "department_scope (none/own/all), group_scope (none/member/all; default member, admin all); a new "
+        "role gives the first five; `anonymous` is the no-token role "
         "(docs/security.md).", parse_json_object)
     oidc_jwks_refresh_interval: float = setting(("OIDC_JWKS_REFRESH_INTERVAL",), 10.0,
         "Minimum seconds between JWKS fetches triggered by unknown `kid`s (stops a refresh storm).", float)
@@ -197,6 +203,10 @@ class Settings:
         "Proxy header with the user's department(s).")
     proxy_campus_header: str = setting(("PROXY_CAMPUS_HEADER",), "X-Remote-Campus",
         "Proxy header with the user's campus.")
+    proxy_groups_header: str | None = setting(("PROXY_GROUPS_HEADER",), None,
+        "Proxy header with the user's groups (e.g. `X-Remote-Groups` from Shibboleth's `isMemberOf`), split on "
+        "PROXY_VALUE_SEPARATOR. Off by default: set it only once the proxy overwrites that header on every "
+        "request.")
     proxy_value_separator: str = setting(("PROXY_VALUE_SEPARATOR",), ";",
         "Separator of multi-valued proxy headers (Shibboleth uses `;`).")
     allow_anonymous: bool = setting(("ALLOW_ANONYMOUS",), False,

@@ -7,15 +7,18 @@ from __future__ import annotations
 from typing import Any
 
 from campus_search.ingest.metadata import AccessMetadata
+from campus_search.security.access import METADATA_FIELDS, columns
 from campus_search.security.roles import Principal, visible_sql
+
+_META = columns("d")
+_N = 3 + len(METADATA_FIELDS)  # a document row: external_id, title, source, the metadata, ...
 
 
 def document_detail(conn: Any, external_id: str) -> dict[str, Any] | None:
     """One document as the admin API shows it: its metadata, chunk count, section titles, last page and
     pinned fields (None: no such document)."""
     row = conn.execute(
-        "SELECT d.external_id, d.title, d.source, d.department, d.visibility, d.clearance_level, d.campus, "
-        "d.priority, d.last_reviewed, d.created_at, d.updated_at, "
+        f"SELECT d.external_id, d.title, d.source, {_META}, d.created_at, d.updated_at, "
         "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id), "
         "(SELECT array_agg(DISTINCT c.section_title) FILTER (WHERE c.section_title IS NOT NULL) "
         " FROM chunks c WHERE c.document_id = d.id), "
@@ -23,19 +26,21 @@ def document_detail(conn: Any, external_id: str) -> dict[str, Any] | None:
         "FROM documents d WHERE d.external_id = %s", (external_id,)).fetchone()
     if row is None:
         return None
-    out = row_json(row[:12])
-    out["sections"] = sorted(row[12] or [])
-    out["last_page"] = row[13]
-    out["pinned"] = sorted(row[14] or [])
+    n = _N + 3
+    out = row_json(row[:n])
+    out["sections"] = sorted(row[n] or [])
+    out["last_page"] = row[n + 1]
+    out["pinned"] = sorted(row[n + 2] or [])
     return out
 
 
 def row_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    """A document row (external_id, title, source, the six access fields, created_at, updated_at, chunk
+    """A document row (external_id, title, source, the metadata fields, created_at, updated_at, chunk
     count) as the admin API shows it."""
-    meta = AccessMetadata(*row[3:9])
+    meta = AccessMetadata.from_row(row[3:_N])
+    created, updated, count = row[_N:_N + 3]
     return {"document_id": row[0], "title": row[1], "source": row[2], "metadata": meta.as_json(),
-            "created_at": row[9].isoformat(), "updated_at": row[10].isoformat(), "chunk_count": row[11]}
+            "created_at": created.isoformat(), "updated_at": updated.isoformat(), "chunk_count": count}
 
 
 def list_documents_page(conn: Any, *, department: str | None, text: str | None, limit: int,
@@ -52,19 +57,18 @@ def list_documents_page(conn: Any, *, department: str | None, text: str | None, 
     sql_where = " AND ".join(where)
     total = conn.execute(f"SELECT count(*) FROM documents d WHERE {sql_where}", params).fetchone()[0]
     rows = conn.execute(
-        "SELECT d.external_id, d.title, d.source, d.department, d.visibility, d.clearance_level, d.campus, "
-        "d.priority, d.last_reviewed, d.created_at, d.updated_at, "
+        f"SELECT d.external_id, d.title, d.source, {_META}, d.created_at, d.updated_at, "
         "(SELECT count(*) FROM chunks c WHERE c.document_id = d.id) "
         f"FROM documents d WHERE {sql_where} ORDER BY d.external_id LIMIT %(limit)s OFFSET %(offset)s",
         {**params, "limit": limit, "offset": offset}).fetchall()
     return total, [row_json(r) for r in rows]
 
 
-def find_document(conn: Any, external_id: str) -> tuple[Any, ...] | None:
-    """(id, external_id, title, department, visibility, clearance_level, campus) of a document, or None."""
-    row = conn.execute("SELECT id, external_id, title, department, visibility, clearance_level, campus "
-                       "FROM documents WHERE external_id = %s", (external_id,)).fetchone()
-    return None if row is None else tuple(row)
+def find_document(conn: Any, external_id: str) -> tuple[int, str, str, AccessMetadata] | None:
+    """(id, external_id, title, metadata) of a document, or None."""
+    row = conn.execute(f"SELECT id, external_id, title, {_META} FROM documents d WHERE external_id = %s",
+                       (external_id,)).fetchone()
+    return None if row is None else (row[0], row[1], row[2], AccessMetadata.from_row(row[3:]))
 
 
 def visible_chunk_counts(conn: Any, user: Principal, document_pk: int) -> tuple[int, int]:

@@ -7,8 +7,9 @@ API's ``PUT`` and ``PATCH``; uploads) resolves what its source *states* against 
 
 - a field no source states keeps its stored value; ``None`` (YAML ``~`` or an empty value, JSON
   ``null``) clears a field that may be empty (:data:`CLEARABLE`) and is an error for the others;
-- a change that loosens access (:func:`loosenings`: visibility department → public, another
-  department, a lower clearance) is applied only with an explicit act (``allow_loosening``); without
+- a change that loosens access (:func:`loosenings`, from ``security.access``: a restricted visibility
+  made public or changed between department and group, another department, more groups, a lower
+  clearance) is applied only with an explicit act (``allow_loosening``); without
   one the stored value is kept and the change is reported as held back. Tightening always applies;
 - fields an admin pinned through the API are not changed by file writers unless the change tightens;
 - a new document whose visibility nobody states gets the configured default
@@ -17,6 +18,7 @@ API's ``PUT`` and ``PATCH``; uploads) resolves what its source *states* against 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import difflib
 from collections.abc import Collection, Iterable, Mapping
@@ -24,11 +26,20 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from campus_search.errors import BadRequest, CampusSearchError
+from campus_search.security import access
+from campus_search.security.access import (
+    ACCESS_FIELDS,
+    AUDIENCE_FIELDS,
+    AUDIENCES,
+    CLEARABLE,
+    MAX_DOCUMENT_GROUPS,
+    MAX_GROUP_LENGTH,
+    METADATA_FIELDS,
+    VISIBILITIES,
+)
 
-METADATA_FIELDS = ("department", "visibility", "clearance_level", "campus", "priority", "last_reviewed")
-VISIBILITIES = ("public", "department")
-ACCESS_FIELDS = ("department", "visibility", "clearance_level")  # what decides who may see a document
-CLEARABLE = ("department", "campus", "last_reviewed")  # department only while visibility is public
+__all__ = ["ACCESS_FIELDS", "CLEARABLE", "METADATA_FIELDS", "VISIBILITIES", "AccessMetadata", "Change",
+           "Resolution", "check_keys", "check_values", "loosenings", "resolve", "validate"]
 
 # Keys a file may state besides METADATA_FIELDS. Anything else is a mistake (``visibilty``) and fails the file.
 DOCUMENT_KEYS = ("title", "id")
@@ -53,9 +64,12 @@ def check_keys(data: Mapping[str, Any], allowed: Collection[str], where: str,
 def check_values(given: Mapping[str, Any], *, source: str = "metadata") -> None:
     """Validate each stated field on its own (type, range, may it be cleared); combinations, such as
     department visibility without a department, are checked by :func:`resolve` against what is stored."""
+    # a base whose every audience field is set, so a visibility is checked on its own
+    placeholders: dict[str, Any] = {a.field: ("-",) if a.many else "-" for a in AUDIENCES if a.field}
+    base = AccessMetadata(**placeholders)
     for key, value in given.items():
         if key in METADATA_FIELDS:
-            AccessMetadata(department="-").merged({key: value}, source=source)
+            base.merged({key: value}, source=source)
 
 
 @dataclass(frozen=True)
@@ -69,12 +83,24 @@ class AccessMetadata:
     campus: str | None = None
     priority: int = 3
     last_reviewed: dt.datetime | None = None
+    groups: tuple[str, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: Iterable[Any]) -> AccessMetadata:
+        """From the stored columns in :data:`METADATA_FIELDS` order (``access.columns()``)."""
+        values = dict(zip(METADATA_FIELDS, row, strict=True))
+        values["groups"] = tuple(values.get("groups") or ())
+        return cls(**values)
+
+    def row(self) -> tuple[Any, ...]:
+        """The stored columns in :data:`METADATA_FIELDS` order (``access.columns()``)."""
+        return tuple(list(v) if isinstance(v, tuple) else v for v in (getattr(self, n) for n in METADATA_FIELDS))
 
     def merged(self, overrides: Mapping[str, Any], *, source: str = "metadata") -> AccessMetadata:
         """A copy with the fields stated in ``overrides`` applied, validated. ``None`` clears a field in
         :data:`CLEARABLE` and is an error for the others. Keys outside :data:`METADATA_FIELDS` are ignored here
         (callers check them with :func:`check_keys`)."""
-        values = asdict(self)
+        values = {name: getattr(self, name) for name in METADATA_FIELDS}
         for key in METADATA_FIELDS:
             if key not in overrides:
                 continue
@@ -85,12 +111,17 @@ class AccessMetadata:
 
     def stated(self) -> dict[str, Any]:
         """The fields that have a value, as a mapping a writer can state."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and v != ()}
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["last_reviewed"] = self.last_reviewed.isoformat() if self.last_reviewed else None
+        out["groups"] = list(self.groups)
         return out
+
+
+# The declaration (security.access) and this dataclass name the same fields in the same order.
+assert tuple(f.name for f in dataclasses.fields(AccessMetadata)) == METADATA_FIELDS
 
 
 def _int(value: Any, name: str, lo: int, hi: int, source: str) -> int:
@@ -140,14 +171,35 @@ def _text(value: Any, name: str, source: str) -> str | None:
     return text or None
 
 
+def _groups(value: Any, source: str) -> tuple[str, ...]:
+    """A document's groups: a list of group ids (a single string is one group), stored sorted, unique."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(g, str) for g in value):
+        raise BadRequest(f"{source}: groups must be a list of group ids (strings)")
+    groups = sorted({g.strip() for g in value if g.strip()})
+    if any(len(g) > MAX_GROUP_LENGTH for g in groups):
+        raise BadRequest(f"{source}: a group id is longer than {MAX_GROUP_LENGTH} characters")
+    if len(groups) > MAX_DOCUMENT_GROUPS:
+        raise BadRequest(f"{source}: more than {MAX_DOCUMENT_GROUPS} groups")
+    return tuple(groups)
+
+
 def validate(values: Mapping[str, Any], *, source: str = "metadata") -> AccessMetadata:
     visibility = values.get("visibility", "public")
     if visibility not in VISIBILITIES:
-        raise BadRequest(f"{source}: visibility must be 'public' or 'department', got {visibility!r}")
+        raise BadRequest(f"{source}: visibility must be one of {', '.join(map(repr, VISIBILITIES))}, "
+                         f"got {visibility!r}")
     department = _text(values.get("department"), "department", source)
-    if visibility == "department" and not department:
-        raise BadRequest(f"{source}: visibility 'department' needs a department")
+    groups = _groups(values.get("groups"), source)
+    checked = {"department": department, "groups": groups}
+    for a in AUDIENCES:  # a restricted audience needs its field: department visibility a department, ...
+        if a.field and visibility == a.visibility and not checked[a.field]:
+            raise BadRequest(f"{source}: visibility {a.visibility!r} needs {'a ' if not a.many else ''}{a.field}")
     return AccessMetadata(
+        groups=groups,
         department=department,
         visibility=visibility,
         clearance_level=_int(values.get("clearance_level", 1), "clearance_level", 1, 5, source),
@@ -167,6 +219,11 @@ class Change:
     before: Any
     after: Any
 
+    def __post_init__(self) -> None:  # groups are tuples in AccessMetadata; shown (and JSON) as lists
+        for name in ("before", "after"):
+            if isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, list(getattr(self, name)))
+
     def as_json(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
             return v.isoformat() if isinstance(v, dt.datetime) else v
@@ -178,34 +235,24 @@ class Change:
 
 def loosenings(before: AccessMetadata, after: AccessMetadata) -> list[Change]:
     """The changes from ``before`` to ``after`` that let someone see the document who could not
-    before: department visibility made public, a department-visible document handed to another
-    department, a lower clearance. Empty when ``after`` is at least as strict. The one definition of
-    "loosening" every writer uses."""
-    out: list[Change] = []
-    if before.visibility == "department":
-        if after.visibility != "department":
-            out.append(Change("visibility", before.visibility, after.visibility))
-        elif after.department != before.department:
-            out.append(Change("department", before.department, after.department))
-    if after.clearance_level < before.clearance_level:
-        out.append(Change("clearance_level", before.clearance_level, after.clearance_level))
-    return out
+    before (:func:`campus_search.security.access.loosening_fields`: a restricted visibility made public
+    or changed to another restricted one, a department-visible document handed to another department,
+    groups added to a group-visible document, a lower clearance). Empty when ``after`` is at least as
+    strict. The one definition of "loosening" every writer uses."""
+    return [Change(name, getattr(before, name), getattr(after, name))
+            for name in access.loosening_fields(before, after)]
 
 
 def _tightens(before: AccessMetadata, after: AccessMetadata, name: str) -> bool:
-    if name == "clearance_level":
-        return after.clearance_level > before.clearance_level
-    if name in ("visibility", "department"):
-        return before.visibility == "public" and after.visibility == "department"
-    return False
+    return access.tightens(before, after, name)
 
 
 def _keep(stored: AccessMetadata, candidate: AccessMetadata, names: Iterable[str]) -> AccessMetadata:
-    """``candidate`` with the fields ``names`` reset to ``stored``'s (visibility and department go
-    together: they decide the audience as a pair)."""
+    """``candidate`` with the fields ``names`` reset to ``stored``'s (visibility, department and groups
+    go together: they decide the audience as a whole, :data:`~campus_search.security.access.AUDIENCE_FIELDS`)."""
     keep = set(names)
-    if keep & {"visibility", "department"}:
-        keep |= {"visibility", "department"}
+    if keep & set(AUDIENCE_FIELDS):
+        keep |= set(AUDIENCE_FIELDS)
     return replace(candidate, **{name: getattr(stored, name) for name in keep})
 
 

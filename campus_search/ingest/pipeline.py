@@ -55,8 +55,19 @@ from campus_search.ingest.formats import DEFAULT_LIMITS, ParseLimits
 from campus_search.ingest.metadata import METADATA_FIELDS, AccessMetadata, Change, Resolution, check_keys, resolve
 from campus_search.ingest.sources import ParsedDocument
 from campus_search.ingest.textrules import MAX_SECTION_TITLE_CHARS, MAX_TITLE_CHARS, id_problem, shorten, text_problem
-from campus_search.retrieval.lexical import compact as compact_lexical
+from campus_search.security.access import COPY_TYPES, columns
 from campus_search.storage.db import Database
+from campus_search.storage.index_state import compact_lexical
+
+#: The metadata columns (security.access declares them): a stored row is
+#: (external_id, id, content_hash, *metadata, source, pinned)
+_META = columns()
+_SET = ", ".join(f"{n}=%s" for n in METADATA_FIELDS)
+_SOURCE = 3 + len(METADATA_FIELDS)
+
+
+def _stored(row: Any) -> AccessMetadata:
+    return AccessMetadata.from_row(row[3:_SOURCE])
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +217,8 @@ class Ingester:
                 if not item.blocks:
                     raise IngestError(f"{item.source or item.external_id}: no text found")
                 wanted = {**base, **item.metadata}
-                for value in wanted.values():
+                for value in (v for stated_value in wanted.values()
+                              for v in (stated_value if isinstance(stated_value, list | tuple) else (stated_value,))):
                     if isinstance(value, str) and (problem := text_problem(value)):
                         raise IngestError(f"{item.source or item.external_id}: metadata {problem}")
                 pending = _Pending(item, wanted, _content_hash(item, self.embedder.model_name))
@@ -264,8 +276,8 @@ class Ingester:
         """Identity and access checks against the stored rows; returns the documents to write."""
         with self.db.connection() as conn:
             rows = conn.execute(
-                "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, "
-                "priority, last_reviewed, source, pinned FROM documents WHERE external_id = ANY(%s)",
+                f"SELECT external_id, id, content_hash, {_META}, source, pinned FROM documents "
+                "WHERE external_id = ANY(%s)",
                 (list({p.doc.external_id for p in batch}),)).fetchall()
         stored = {row[0]: row for row in rows}
         claimed: dict[str, _Pending] = {}
@@ -273,8 +285,8 @@ class Ingester:
         for p in batch:
             doc_id, where = p.doc.external_id, p.doc.source or p.doc.external_id
             row = stored.get(doc_id)
-            if row is not None and not same_owner(row[9], p.doc.source):
-                self._fail(report, f"{where}: refused: id {doc_id!r} belongs to the document from {row[9]}; a "
+            if row is not None and not same_owner(row[_SOURCE], p.doc.source):
+                self._fail(report, f"{where}: refused: id {doc_id!r} belongs to the document from {row[_SOURCE]}; a "
                                    f"file cannot replace another source's document (give it its own id:, or "
                                    f"ingest the common parent folder so relative paths differ)")
                 continue
@@ -284,8 +296,8 @@ class Ingester:
                                    f"(give it its own id:, or ingest the common parent folder)")
                 continue
             try:
-                res = resolve(AccessMetadata(*row[3:9]) if row else None, p.given, allow_loosening=allow_loosening,
-                              pinned=(row[10] or ()) if row and respect_pins else (),
+                res = resolve(_stored(row) if row else None, p.given, allow_loosening=allow_loosening,
+                              pinned=(row[_SOURCE + 1] or ()) if row and respect_pins else (),
                               default_visibility=self.default_visibility, source=where)
             except BadRequest as exc:
                 self._fail(report, exc.message)
@@ -330,10 +342,10 @@ class Ingester:
             if p.existing is None or p.existing[2] != p.content_hash:
                 changed.append(p)
                 continue
-            stored = AccessMetadata(*p.existing[3:9])
+            stored = _stored(p.existing)
             (unchanged if stored == p.meta else meta_only).append(p)
         report.unchanged += len(unchanged)
-        moved = [p for p in unchanged if p.doc.source and p.existing and p.existing[9] != p.doc.source]
+        moved = [p for p in unchanged if p.doc.source and p.existing and p.existing[_SOURCE] != p.doc.source]
         if changed:
             changed = self._prepare_chunks(changed, report)
             vectors = self._vectors_for(changed, report)
@@ -371,7 +383,7 @@ class Ingester:
             self.compact()
 
     def compact(self) -> None:
-        """Fold the lexical statistics deltas of committed writes (:func:`.lexical.compact`), in a short
+        """Fold the lexical statistics deltas of committed writes (:func:`.index_state.compact_lexical`), in a short
         transaction of its own after the write: writers only insert deltas, so they never queue on a shared
         counter row, and this keeps the delta tables small."""
         with self.db.connection() as conn:
@@ -387,8 +399,8 @@ class Ingester:
         fresh = {}
         if ids:
             fresh = {row[1]: tuple(row) for row in conn.execute(
-                "SELECT external_id, id, content_hash, department, visibility, clearance_level, campus, priority, "
-                "last_reviewed, source, pinned FROM documents WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                f"SELECT external_id, id, content_hash, {_META}, source, pinned FROM documents "
+                "WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
                 (ids,)).fetchall()}
         keep: set[int] = set()
         for p in pending:
@@ -496,17 +508,13 @@ class Ingester:
 
     @staticmethod
     def _meta_params(meta: AccessMetadata) -> tuple[Any, ...]:
-        return (meta.department, meta.visibility, meta.clearance_level, meta.campus, meta.priority,
-                meta.last_reviewed)
+        return meta.row()
 
     def _update_metadata(self, conn: Any, doc_id: int, meta: AccessMetadata, doc: ParsedDocument) -> None:
         params = self._meta_params(meta)
-        conn.execute(
-            "UPDATE documents SET department=%s, visibility=%s, clearance_level=%s, campus=%s, priority=%s, "
-            "last_reviewed=%s, source=%s, updated_at=now() WHERE id=%s", (*params, doc.source, doc_id))
-        conn.execute(
-            "UPDATE chunks SET department=%s, visibility=%s, clearance_level=%s, campus=%s, priority=%s, "
-            "last_reviewed=%s WHERE document_id=%s", (*params, doc_id))
+        conn.execute(f"UPDATE documents SET {_SET}, source=%s, updated_at=now() WHERE id=%s",
+                     (*params, doc.source, doc_id))
+        conn.execute(f"UPDATE chunks SET {_SET} WHERE document_id=%s", (*params, doc_id))
 
     def _replace(self, conn: Any, p: _Pending, vectors: Mapping[str, np.ndarray]) -> bool:
         """Write a new or changed document and its chunks. A document that was new when read but
@@ -514,13 +522,11 @@ class Ingester:
         params = self._meta_params(p.meta)
         on_conflict = ("DO NOTHING" if p.existing is None else
                        "DO UPDATE SET title=EXCLUDED.title, source=EXCLUDED.source, "
-                       "content_hash=EXCLUDED.content_hash, department=EXCLUDED.department, "
-                       "visibility=EXCLUDED.visibility, clearance_level=EXCLUDED.clearance_level, "
-                       "campus=EXCLUDED.campus, priority=EXCLUDED.priority, last_reviewed=EXCLUDED.last_reviewed, "
-                       "updated_at=now()")
+                       "content_hash=EXCLUDED.content_hash, "
+                       + ", ".join(f"{n}=EXCLUDED.{n}" for n in METADATA_FIELDS) + ", updated_at=now()")
         row = conn.execute(
-            "INSERT INTO documents (external_id, title, source, content_hash, department, visibility, "
-            "clearance_level, campus, priority, last_reviewed) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            f"INSERT INTO documents (external_id, title, source, content_hash, {_META}) "
+            f"VALUES (%s,%s,%s,%s,{', '.join(['%s'] * len(METADATA_FIELDS))}) "
             f"ON CONFLICT (external_id) {on_conflict} RETURNING id",
             (p.doc.external_id, p.doc.title, p.doc.source, p.content_hash, *params)).fetchone()
         if row is None:
@@ -529,10 +535,8 @@ class Ingester:
         conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
         with conn.cursor().copy(
                 "COPY chunks (document_id, chunk_index, section_title, page_number, text, content_hash, "
-                "embedding, department, visibility, clearance_level, campus, priority, last_reviewed) "
-                "FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["int8", "int4", "text", "int4", "text", "text", "vector", "text", "text", "int2",
-                            "text", "int2", "timestamp"])
+                f"embedding, {_META}) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int4", "text", "int4", "text", "text", "vector", *COPY_TYPES])
             for i, (c, h) in enumerate(zip(p.chunks, p.chunk_hashes, strict=True)):
                 copy.write_row((doc_id, i, c.section_title, c.page_number, c.text, h, vectors[h], *params))
         return True
@@ -547,23 +551,24 @@ class Ingester:
         ``audit(conn, update)`` is called last in the transaction when the document exists."""
         with self.db.connection() as conn:
             row = conn.execute(
-                "SELECT id, department, visibility, clearance_level, campus, priority, last_reviewed, source, pinned "
-                "FROM documents WHERE external_id = %s FOR UPDATE", (external_id,)).fetchone()
+                f"SELECT id, {_META}, source, pinned FROM documents WHERE external_id = %s FOR UPDATE",
+                (external_id,)).fetchone()
             if row is None:
                 return None
-            before = AccessMetadata(*row[1:7])
+            before = AccessMetadata.from_row(row[1:1 + len(METADATA_FIELDS)])
+            source, pins = row[1 + len(METADATA_FIELDS):]
             res = resolve(before, overrides, allow_loosening=True, source="metadata")
             if res.loosened and not allow_loosening:
                 raise LooseningRefused(
                     "this change loosens access (" + "; ".join(str(c) for c in res.loosened)
                     + "); send \"allow_loosening\": true to confirm",
                     details={"loosened": [c.as_json() for c in res.loosened]})
-            pinned = sorted((set(row[8] or ()) | {k for k in overrides if k in METADATA_FIELDS}) - set(unpin))
-            doc = ParsedDocument(external_id=external_id, title="", blocks=[], source=row[7])
+            pinned = sorted((set(pins or ()) | {k for k in overrides if k in METADATA_FIELDS}) - set(unpin))
+            doc = ParsedDocument(external_id=external_id, title="", blocks=[], source=source)
             if res.meta != before:
                 self._update_metadata(conn, row[0], res.meta, doc)
                 self.db.bump_generation(conn)
-            if pinned != sorted(row[8] or ()):
+            if pinned != sorted(pins or ()):
                 conn.execute("UPDATE documents SET pinned = %s WHERE id = %s", (pinned, row[0]))
             update = MetadataUpdate(before, res.meta, res.loosened, pinned)
             if audit is not None:

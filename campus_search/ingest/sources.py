@@ -31,6 +31,7 @@ from campus_search.ingest.chunking import Block
 from campus_search.ingest.fileguard import Guard, Listing, Reader, list_folder
 from campus_search.ingest.formats import DEFAULT_LIMITS, RICH_PARSERS, ParseLimits
 from campus_search.ingest.metadata import FILE_KEYS, FOLDER_KEYS, JSONL_KEYS, METADATA_FIELDS, check_keys
+from campus_search.security.access import LIST_FIELDS
 
 FOLDER_DEFAULTS = ".campus-search.yaml"
 SIDECAR_SUFFIX = ".meta.yaml"
@@ -85,14 +86,19 @@ class _NotMetadata(yaml.YAMLError):
 
 
 class _MetadataLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` for metadata: one mapping of single values. Aliases (``*name``), which let a
-    few hundred bytes expand to gigabytes (a "billion laughs" bomb), lists, nested mappings and values
+    """``yaml.SafeLoader`` for metadata: one mapping of single values (a flat list of them for the list
+    fields, ``groups``). Aliases (``*name``), which let a
+    few hundred bytes expand to gigabytes (a "billion laughs" bomb), other lists, nested mappings and values
     over :data:`MAX_METADATA_VALUE_CHARS` are refused while the YAML is read, before anything is built."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             raise _NotMetadata("YAML aliases (*name) are not allowed in metadata")
-        if parent is not None and self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+        # A flat list only as the value of a list field (groups): nested mappings are refused here, so a
+        # mapping parent is the document's own mapping, and the sequence's items are single values.
+        list_field = (self.check_event(yaml.SequenceStartEvent) and isinstance(parent, yaml.MappingNode)
+                      and isinstance(index, yaml.ScalarNode) and index.value in LIST_FIELDS)
+        if parent is not None and self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent) and not list_field:
             raise _NotMetadata("metadata values must be single values (text, numbers, dates), not lists or mappings")
         event = self.peek_event()
         if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_METADATA_VALUE_CHARS:

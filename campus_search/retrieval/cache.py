@@ -9,7 +9,7 @@ A result key is the SHA-256 of everything that decides the answer:
 
 - the search parameters: the query with whitespace collapsed (NFC), the validated filters,
   ``max_results`` after the role's clamp, the similarity threshold (every ``SearchParams`` field);
-- the caller's permission scope: role name, ``Principal.scope_key()`` (clearance and department
+- the caller's permission scope: role name, ``Principal.scope_key()`` (clearance, department and group
   scope) and campus (it changes ``combined_score``), so a result is only ever served to callers who
   would get exactly the same answer, never to one who may see less;
 - the index generation tag: ``index_state.generation`` (bumped in the same transaction as every

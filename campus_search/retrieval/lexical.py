@@ -6,7 +6,8 @@
 
 Terms are PostgreSQL full-text lexemes (``english``: stemmed, stop words removed) of the chunk's
 document title, section title and text. N, df and avglen are corpus-wide and exact: base tables plus the
-delta rows writers insert (migration 013), folded by :func:`compact` without changing any sum.
+delta rows writers insert (migration 013), folded by
+:func:`campus_search.storage.index_state.compact_lexical` without changing any sum.
 Candidates are restricted by the same visibility predicate and filters as dense retrieval before the
 top-k cut, so a restricted user still gets a full page.
 """
@@ -14,7 +15,6 @@ top-k cut, so a restricted user still gets a full page.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 DEFAULT_K1 = 0.9
 DEFAULT_B = 0.4
@@ -57,11 +57,3 @@ class BM25:
             CROSS JOIN LATERAL (SELECT p.chunk_id, p.tf, p.dl FROM lexical_postings p
                                 WHERE p.term = w.term AND {where}) p
             GROUP BY p.chunk_id)"""
-
-
-def compact(conn: Any) -> int:
-    """Fold the statistics deltas writers left into the base tables (migration 013), in ``conn``'s
-    transaction. Returns the number of terms folded, or -1 when another compactor holds the lock (its
-    work covers these deltas or the next call will). Sums are unchanged, so searches never notice."""
-    row = conn.execute("SELECT cs_lexical_compact()").fetchone()
-    return int(row[0]) if row and row[0] is not None else 0

@@ -12,6 +12,7 @@ from typing import Any
 from campus_search.errors import BadRequest, Forbidden
 from campus_search.ingest.metadata import parse_datetime
 from campus_search.retrieval.querytext import normalise_query
+from campus_search.security.access import VISIBILITIES
 from campus_search.security.roles import Principal
 
 FILTERS = ("department", "campus", "min_priority", "clearance_level", "visibility", "last_reviewed_after")
@@ -51,8 +52,8 @@ def validate_filters(raw: Any, user: Principal) -> dict[str, Any]:
             raise BadRequest(f"filters.{name} must not contain control characters")
         out[name] = value.strip()
     if raw.get("visibility") is not None:
-        if raw["visibility"] not in ("public", "department"):
-            raise BadRequest("filters.visibility must be 'public' or 'department'")
+        if raw["visibility"] not in VISIBILITIES:
+            raise BadRequest(f"filters.visibility must be one of {', '.join(map(repr, VISIBILITIES))}")
         out["visibility"] = raw["visibility"]
     for name in ("min_priority", "clearance_level"):
         value = raw.get(name)

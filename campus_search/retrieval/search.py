@@ -39,6 +39,7 @@ from campus_search.retrieval.query_vectors import QueryEmbeddingCache, QueryVect
 from campus_search.retrieval.querytext import normalise_query
 from campus_search.retrieval.ranking import FRESHNESS_WEIGHT, PRIORITY_WEIGHT, business_score
 from campus_search.retrieval.results import Hit
+from campus_search.security.access import METADATA_FIELDS, columns
 from campus_search.security.roles import Principal, visible_sql
 from campus_search.storage.db import Database
 
@@ -65,8 +66,10 @@ def filter_sql(filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[
     return " AND ".join(clauses), params
 
 
-_COLUMNS = ("c.id, d.external_id, d.title, c.section_title, c.text, c.page_number, c.department, c.priority, "
-            "c.campus, c.clearance_level, c.visibility, c.last_reviewed")
+#: A candidate row: the chunk and its document, then the metadata columns (security.access declares them).
+_HEAD = ("id", "external_id", "title", "section_title", "text", "page_number")
+_COLUMNS = f"c.id, d.external_id, d.title, c.section_title, c.text, c.page_number, {columns('c')}"
+_N = len(_HEAD) + len(METADATA_FIELDS)
 
 
 #: Seconds a principal's visible share (the dense plan's input) is reused before it is counted again.
@@ -212,15 +215,15 @@ class Searcher:
                # disabled, a hand-edited table) can never surface a hidden chunk.
                f"WHERE {where}")
         rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params}, k)
-        cos = [float(r[12]) for r in rows]
-        bm25 = [float(r[13]) for r in rows]
-        relevance = fuse(cos, bm25, [bool(r[14]) for r in rows], [bool(r[15]) for r in rows], self.fusion)
+        cos = [float(r[_N]) for r in rows]
+        bm25 = [float(r[_N + 1]) for r in rows]
+        relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)
         hits = []
         for row, rel, lex in zip(rows, relevance, bm25, strict=True):
-            hit = _hit(row, float(row[12]))
+            hit = _hit(row, float(row[_N]))
             hit.relevance = rel
             hit.bm25 = lex
-            hit.in_dense, hit.in_lexical = bool(row[14]), bool(row[15])
+            hit.in_dense, hit.in_lexical = bool(row[_N + 2]), bool(row[_N + 3])
             hits.append(hit)
         return hits
 
@@ -251,10 +254,9 @@ def _where(user: Principal, filters: Mapping[str, Any], alias: str = "c") -> tup
 
 
 def _hit(row: tuple[Any, ...], similarity: float) -> Hit:
-    (chunk_id, ext_id, title, section, text, page, dept, priority, campus, clearance, visibility,
-     reviewed) = row[:12]
-    meta = {"department": dept, "priority": priority, "campus": campus, "clearance_level": clearance,
-            "visibility": visibility, "last_reviewed": reviewed}
+    chunk_id, ext_id, title, section, text, page = row[:len(_HEAD)]
+    meta = dict(zip(METADATA_FIELDS, row[len(_HEAD):_N], strict=True))
+    reviewed = meta["last_reviewed"]
+    shown = {**meta, "last_reviewed": reviewed.isoformat() if reviewed else None, "groups": list(meta["groups"] or ())}
     return Hit(chunk_id=chunk_id, document_id=ext_id, document_title=title, section_title=section, text=text,
-               page_number=page, metadata={**meta, "last_reviewed": reviewed.isoformat() if reviewed else None},
-               similarity=similarity, relevance=similarity, raw_meta=meta)
+               page_number=page, metadata=shown, similarity=similarity, relevance=similarity, raw_meta=meta)

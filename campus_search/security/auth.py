@@ -41,6 +41,7 @@ from flask_jwt_extended.exceptions import JWTDecodeError, JWTExtendedException
 
 from campus_search.config import Settings
 from campus_search.errors import Forbidden, Unauthorized
+from campus_search.security.access import clean_groups
 from campus_search.security.proxies import from_identity_proxy
 from campus_search.security.roles import Principal, map_role, role_table, sso_value_for
 
@@ -188,8 +189,12 @@ def principal_from_claims(claims: Mapping[str, Any], settings: Settings) -> Prin
     else:
         departments = ()
     campus = claims.get(settings.claim_campus)
+    groups, problem = clean_groups(claims.get(settings.claim_groups))
+    if problem:
+        log.warning("token of %s: %s", str(claims["sub"])[:64], problem)
     return Principal(user_id=str(claims["sub"]), role=role, departments=departments[:50],
-                     campus=campus if isinstance(campus, str) else None, claims=dict(claims))
+                     campus=campus if isinstance(campus, str) else None, claims=dict(claims), groups=groups,
+                     groups_problem=problem)
 
 
 def anonymous_principal(settings: Settings) -> Principal:
@@ -221,8 +226,16 @@ def principal_from_proxy(settings: Settings) -> Principal | None:
     roles = values(settings.proxy_role_header)
     role = map_role(roles, settings.role_mapping, role_table(settings.roles_json))
     campus = values(settings.proxy_campus_header)
+    groups: tuple[str, ...] = ()
+    problem = None
+    if settings.proxy_groups_header:
+        raw = [v.strip() for v in _header(settings.proxy_groups_header).split(sep) if v.strip()]
+        groups, problem = clean_groups(raw)
+        if problem:
+            log.warning("proxy identity %s: %s", user_id[:64], problem)
     return Principal(user_id=user_id[:256], role=role, departments=tuple(values(settings.proxy_department_header)),
-                     campus=campus[0] if campus else None, claims={"source": "proxy", "roles": roles})
+                     campus=campus[0] if campus else None, claims={"source": "proxy", "roles": roles},
+                     groups=groups, groups_problem=problem)
 
 
 class VerifiedTokens:
@@ -327,7 +340,8 @@ def token_role_claim(settings: Settings, role: str) -> tuple[str, str | None]:
 
 
 def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable[str] = (),
-               campus: str | None = None, ttl: int | None = None, extra: Mapping[str, Any] | None = None) -> str:
+               campus: str | None = None, ttl: int | None = None, extra: Mapping[str, Any] | None = None,
+               groups: Iterable[str] = ()) -> str:
     """An HS256 token for local use (``campus-search token``, tests). ``role`` is a role name or an SSO
     role value; the token carries the SSO value (:func:`token_role_claim`)."""
     if not settings.jwt_secret_key:
@@ -344,6 +358,8 @@ def mint_token(settings: Settings, *, sub: str, role: str, departments: Iterable
         claims[settings.claim_departments] = depts
     if campus:
         claims[settings.claim_campus] = campus
+    if groups := list(groups):
+        claims[settings.claim_groups] = groups
     if settings.jwt_issuer:
         claims["iss"] = settings.jwt_issuer
     if settings.jwt_audience:

@@ -1,18 +1,11 @@
-"""Roles, principals and the visibility rule (SPEC §2).
+"""Roles, principals and the mapping of SSO role values to roles (SPEC §2).
 
-The rule, in one place, in two forms that must agree (tests check them against each other):
-``visible_sql`` is compiled into every retrieval query; ``is_visible`` is the plain-Python reference.
+The visibility rule itself is declared in :mod:`campus_search.security.access` (one declaration from which
+the SQL predicate, the Python predicate, the explain text and the cache scope follow); ``is_visible``,
+``explain_visibility``, ``visible_sql`` and ``Principal.scope_key`` here are that module's, re-exported.
 
-    visible(chunk, user) = chunk.clearance_level <= user.clearance
-                           AND (chunk.visibility = 'public'
-                                OR user.role.department_scope = 'all'
-                                OR (user.role.department_scope = 'own'
-                                    AND chunk.department IN user.departments))
-
-Students (scope ``none``) see public content only, whatever department their token names.
-
-The role table (clearance, rate limits, result cap, department scope) is configuration: SPEC §2's
-Edinburgh defaults below, overridden or extended per role by ``ROLES_JSON`` (see :func:`build_roles`).
+The role table (clearance, rate limits, result cap, department and group scope) is configuration: SPEC
+§2's Edinburgh defaults below, overridden or extended per role by ``ROLES_JSON`` (see :func:`build_roles`).
 """
 
 from __future__ import annotations
@@ -25,6 +18,13 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from campus_search.security import access
+from campus_search.security.access import ROLE_SCOPES, is_visible, visible_sql
+from campus_search.security.access import explain as explain_visibility
+
+__all__ = ["ANONYMOUS_ROLE", "CAMPUS_BONUS", "DEFAULT_ROLES", "Principal", "Role", "build_roles",
+           "explain_visibility", "is_visible", "map_role", "role_table", "sso_value_for", "superuser",
+           "visible_sql"]
 
 @dataclass(frozen=True)
 class Role:
@@ -35,6 +35,9 @@ class Role:
     max_results: int
     #: department-restricted content this role sees: "none" (public only), "own" or "all"
     department_scope: str
+    #: group-visible content this role sees: "none", "member" (documents of the principal's own groups)
+    #: or "all"; only admins see every group's documents by default (docs/security.md)
+    group_scope: str = "member"
 
     @property
     def cross_departmental(self) -> bool:
@@ -46,12 +49,14 @@ DEFAULT_ROLES: dict[str, Role] = {
     "student": Role("student", 2, 30, 500, 20, "none"),
     "staff": Role("staff", 3, 60, 1000, 50, "own"),
     "academic": Role("academic", 4, 100, 2000, 100, "all"),
-    "admin": Role("admin", 5, 200, 5000, 200, "all"),
+    "admin": Role("admin", 5, 200, 5000, 200, "all", "all"),
 }
 ROLE_NAMES = tuple(DEFAULT_ROLES)
-ANONYMOUS_ROLE = Role("anonymous", 1, 30, 500, 20, "none")
-SCOPES = ("none", "own", "all")
+ANONYMOUS_ROLE = Role("anonymous", 1, 30, 500, 20, "none", "none")
+SCOPES = ROLE_SCOPES["department_scope"]
+#: Fields a new role must give (ROLES_JSON); ``group_scope`` may be omitted (then "member").
 ROLE_FIELDS = ("clearance", "per_minute", "per_hour", "max_results", "department_scope")
+OPTIONAL_ROLE_FIELDS = tuple(scope for scope in ROLE_SCOPES if scope not in ROLE_FIELDS)
 _ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
@@ -69,10 +74,11 @@ def build_roles(overrides: Mapping[str, Any] | None = None) -> dict[str, Role]:
             raise ValueError(f"role name {name!r} must be lower-case letters, digits, '_' or '-'")
         if not isinstance(spec, Mapping):
             raise ValueError(f"role {name!r}: expected an object of {', '.join(ROLE_FIELDS)}")
-        unknown = sorted(set(spec) - set(ROLE_FIELDS))
+        unknown = sorted(set(spec) - set(ROLE_FIELDS) - set(OPTIONAL_ROLE_FIELDS))
         if unknown:
-            raise ValueError(f"role {name!r}: unknown fields {unknown}; allowed {list(ROLE_FIELDS)}")
-        if name not in table and set(spec) != set(ROLE_FIELDS):
+            raise ValueError(f"role {name!r}: unknown fields {unknown}; allowed "
+                             f"{list(ROLE_FIELDS + OPTIONAL_ROLE_FIELDS)}")
+        if name not in table and not set(ROLE_FIELDS) <= set(spec):
             raise ValueError(f"new role {name!r} must give every field: {', '.join(ROLE_FIELDS)}")
         for key in ("clearance", "per_minute", "per_hour", "max_results"):
             value = spec.get(key)
@@ -80,8 +86,9 @@ def build_roles(overrides: Mapping[str, Any] | None = None) -> dict[str, Role]:
                 raise ValueError(f"role {name!r}: {key} must be a positive integer")
         if not 1 <= int(spec.get("clearance", 1)) <= 5:
             raise ValueError(f"role {name!r}: clearance must be 1-5")
-        if "department_scope" in spec and spec["department_scope"] not in SCOPES:
-            raise ValueError(f"role {name!r}: department_scope must be one of {list(SCOPES)}")
+        for scope, allowed in ROLE_SCOPES.items():
+            if scope in spec and spec[scope] not in allowed:
+                raise ValueError(f"role {name!r}: {scope} must be one of {list(allowed)}")
         base = table.get(name) or Role(name, 1, 1, 1, 1, "none")
         table[name] = replace(base, **dict(spec))
     return table
@@ -114,6 +121,10 @@ class Principal:
     departments: tuple[str, ...] = ()
     campus: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: the user's groups (GROUPS_CLAIM or PROXY_GROUPS_HEADER), cleaned by ``access.clean_groups``
+    groups: tuple[str, ...] = ()
+    #: what was wrong with the groups claim, if anything (logged and audited; the claim was narrowed)
+    groups_problem: str | None = field(default=None, compare=False, hash=False)
 
     @property
     def clearance(self) -> int:
@@ -132,12 +143,9 @@ class Principal:
         return self.departments[0] if self.departments else None
 
     def scope_key(self) -> str:
-        """What determines visibility: two principals with equal keys see exactly the same chunks."""
-        scope = self.role.department_scope
-        # JSON, not a joined string: a department name may itself contain the separator
-        depts = {"all": "*", "none": "-"}.get(scope) or json.dumps(sorted(set(self.departments)),
-                                                                   ensure_ascii=False)
-        return f"c{self.clearance}|d:{depts}"
+        """What determines visibility: two principals with equal keys see exactly the same chunks
+        (:func:`campus_search.security.access.scope_key`)."""
+        return access.scope_key(self)
 
 
 def superuser(user_id: str = "system") -> Principal:
@@ -169,49 +177,3 @@ def sso_value_for(role: str, mapping: Mapping[str, str]) -> str | None:
     if role in mapping:
         return role
     return next((sso for sso, name in mapping.items() if name == role), None)
-
-
-def is_visible(chunk: Mapping[str, Any], user: Principal) -> bool:
-    """Reference implementation of the visibility rule (used by tests and the admin explain endpoint)."""
-    if int(chunk["clearance_level"]) > user.clearance:
-        return False
-    if chunk["visibility"] == "public" or user.role.department_scope == "all":
-        return True
-    return user.role.department_scope == "own" and chunk.get("department") in user.departments
-
-
-def explain_visibility(chunk: Mapping[str, Any], user: Principal) -> list[str]:
-    """Human-readable reasons for the decision of :func:`is_visible`."""
-    reasons = []
-    level = int(chunk["clearance_level"])
-    if level > user.clearance:
-        reasons.append(f"document clearance {level} is above the user's clearance {user.clearance}")
-    else:
-        reasons.append(f"document clearance {level} is within the user's clearance {user.clearance}")
-    if chunk["visibility"] == "public":
-        reasons.append("document is public")
-    elif user.role.cross_departmental:
-        reasons.append(f"role {user.role.name} may see every department")
-    elif user.role.department_scope == "none":
-        reasons.append(f"document is restricted to department {chunk.get('department')!r} and role "
-                       f"{user.role.name} sees public content only")
-    elif chunk.get("department") in user.departments:
-        reasons.append(f"document belongs to the user's department {chunk.get('department')!r}")
-    else:
-        reasons.append(
-            f"document is restricted to department {chunk.get('department')!r}, "
-            f"user's departments are {list(user.departments)}")
-    return reasons
-
-
-def visible_sql(user: Principal, alias: str = "c") -> tuple[str, dict[str, Any]]:
-    """The visibility rule as a SQL predicate over the chunk table (denormalised access columns)."""
-    params: dict[str, Any] = {"vis_clearance": user.clearance}
-    clause = f"{alias}.clearance_level <= %(vis_clearance)s"
-    scope = user.role.department_scope
-    if scope == "none" or (scope == "own" and not user.departments):
-        clause += f" AND {alias}.visibility = 'public'"
-    elif scope == "own":
-        params["vis_departments"] = list(user.departments)
-        clause += f" AND ({alias}.visibility = 'public' OR {alias}.department = ANY(%(vis_departments)s))"
-    return clause, params

@@ -1,5 +1,5 @@
-"""The index's one-row state (``index_state``: generation, model, vector dimension) and its size, as the
-admin statistics and the command line read them."""
+"""The index's one-row state (``index_state``: generation, model, vector dimension), its size as the
+admin statistics, health and the command line read them, and the upkeep of its BM25 statistics."""
 
 from __future__ import annotations
 
@@ -33,3 +33,11 @@ def chunk_count(conn: Any) -> int:
     transaction as every chunk change plus the writers' not yet compacted deltas (``lexical_corpus``,
     migrations 003 and 013): a few rows read, where count(*) would scan the whole index."""
     return int(conn.execute("SELECT chunks FROM lexical_corpus").fetchone()[0])
+
+
+def compact_lexical(conn: Any) -> int:
+    """Fold the statistics deltas writers left into the base tables (migration 013), in ``conn``'s
+    transaction. Returns the number of terms folded, or -1 when another compactor holds the lock (its
+    work covers these deltas or the next call will). Sums are unchanged, so searches never notice."""
+    row = conn.execute("SELECT cs_lexical_compact()").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
