@@ -148,7 +148,8 @@ class Services:
     def _open_components(self, db: Database) -> Opened:
         embedder = metrics.instrument_embedder(self.embedder, self.settings.embedding_provider)
         backend = build_backend(self.settings)  # the result cache's and the query vectors' store
-        searcher = Searcher(db, embedder, ef_search=self.settings.hnsw_ef_search, fusion=fusion_config(self.settings),
+        searcher = Searcher(db, embedder, ef_search=self.settings.hnsw_ef_search,
+                            exact_max_fraction=self.settings.dense_exact_fraction, fusion=fusion_config(self.settings),
                             bm25=BM25(self.settings.bm25_k1, self.settings.bm25_b),
                             query_vectors=query_vector_cache(self.settings, backend, embedder))
         ingester = Ingester(db, embedder, default_visibility=self.settings.default_visibility,

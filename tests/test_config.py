@@ -75,6 +75,8 @@ def test_database_url_wins_and_embedded_is_default(tmp_path: Path) -> None:
     ({"ALLOW_ANONYMOUS": "perhaps"}, "ALLOW_ANONYMOUS"),
     ({"SEARCH_FUSION": "magic"}, "SEARCH_FUSION"),
     ({"FUSION_ALPHA": "1.5"}, "FUSION_ALPHA"),
+    ({"DENSE_EXACT_FRACTION": "1.5"}, "DENSE_EXACT_FRACTION"),
+    ({"DENSE_EXACT_FRACTION": "-0.1"}, "DENSE_EXACT_FRACTION"),
     ({"JWT_ALGORITHMS": "none"}, "JWT_ALGORITHMS"),
     ({"JWT_ALGORITHMS": "HS256,RS256", "OIDC_JWKS_URL": "http://127.0.0.1/jwks"}, "mix"),
     ({"EMBEDDING_PROVIDER": "ollama"}, "EMBEDDING_URL"),

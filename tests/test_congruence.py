@@ -375,13 +375,15 @@ def test_index_scan_that_stops_early_falls_back_to_exact(corpus: Corpus) -> None
     db = _VectorIndexOnly(corpus.services.settings, corpus.services.dsn)
     db.open()
     try:
-        searcher = Searcher(db, corpus.services.embedder, ef_search=corpus.services.settings.hnsw_ef_search)
+        # exact_max_fraction 0: the HNSW plan for everyone, so the fallback (not the plan) fills the page
+        searcher = Searcher(db, corpus.services.embedder, ef_search=corpus.services.settings.hnsw_ef_search,
+                            exact_max_fraction=0)
         searcher.iterative_scan = "off"
         user = Principal("anon", ROLES["anonymous"])
         mask = allowed_mask(corpus, user, {})
         allowed_ids = set(corpus.ids[mask].tolist())
         dense_only = Searcher(db, corpus.services.embedder, ef_search=corpus.services.settings.hnsw_ef_search,
-                              fusion=FusionConfig(method="dense"))
+                              fusion=FusionConfig(method="dense"), exact_max_fraction=0)
         dense_only.iterative_scan = "off"
         allowed_meta = [m for m, ok in zip(corpus.meta, mask, strict=True) if ok]
         for text, q in corpus.queries[:5]:
@@ -401,6 +403,101 @@ def test_index_scan_that_stops_early_falls_back_to_exact(corpus: Corpus) -> None
             assert [h.chunk_id for h in got] == expected
     finally:
         db.close()
+
+
+def test_dense_plan_follows_the_visible_fraction(corpus: Corpus) -> None:
+    """The plan is chosen from the share of chunks the rule and filters admit: exact at or below the
+    threshold, HNSW above it; the share is the true one (numpy reference) where it decides."""
+    searcher = Searcher(corpus.services.db, corpus.services.embedder, exact_max_fraction=0.03)
+    plans = {"exact": 0, "hnsw": 0}
+    for user, filters in principal_pool(random.Random(5)):
+        share = float(allowed_mask(corpus, user, filters).mean())
+        fraction = searcher.visible_fraction(user, filters)
+        if share <= 0.03:
+            assert fraction == pytest.approx(share, abs=1e-9), (user, filters)
+        else:
+            assert fraction > 0.03, (user, filters, share, fraction)
+        if abs(share - 0.03) > 0.002:  # reltuples is exact here (ANALYZE), margin only for safety
+            plan = searcher.dense_plan(user, filters)
+            assert plan == ("exact" if share <= 0.03 else "hnsw"), (user, filters, share)
+            plans[plan] += 1
+    assert plans["exact"] >= 5 and plans["hnsw"] >= 10  # both plans really chosen
+    # search() runs the chosen plan: one candidate query, exact for the restricted user, HNSW for admin
+    calls: list[bool] = []
+
+    class Recording(Searcher):
+        def _candidates(self, *args: Any, exact: bool) -> Any:
+            calls.append(exact)
+            return super()._candidates(*args, exact=exact)
+
+    recording = Recording(corpus.services.db, corpus.services.embedder, exact_max_fraction=0.03)
+    text, q = corpus.queries[0]
+    recording.query_vectors.put(" ".join(text.split()), q.copy())
+    recording.search(Principal("anon", ROLES["anonymous"]), SearchParams(text, {}, 10, -1.0))
+    recording.search(Principal("root", ROLES["admin"]), SearchParams(text, {}, 10, -1.0))
+    assert calls == [True, False]
+    # 0 turns the exact plan off; 1 makes every plan exact
+    anon = Principal("anon", ROLES["anonymous"])
+    assert Searcher(corpus.services.db, corpus.services.embedder, exact_max_fraction=0).dense_plan(anon, {}) == "hnsw"
+    root = Principal("root", ROLES["admin"])
+    assert Searcher(corpus.services.db, corpus.services.embedder, exact_max_fraction=1).dense_plan(root, {}) == "exact"
+
+
+def test_visible_fraction_is_cached_per_rule_then_recounted(corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share is counted once per rule and reused for FRACTION_TTL seconds (a search does not pay for the
+    count), then counted again: here a rule whose share changes while cached."""
+    import campus_search.retrieval.search as search_module
+
+    searcher = Searcher(corpus.services.db, corpus.services.embedder, exact_max_fraction=0.5)
+    user = Principal("chap", ROLES["staff"], ("Chaplaincy",))
+    before = searcher.visible_fraction(user, {})
+    with corpus.services.db.connection() as conn:  # a change the cache has not seen, undone below
+        moved = conn.execute("UPDATE chunks SET department = 'Chaplaincy' WHERE id IN "
+                             "(SELECT id FROM chunks WHERE department = 'Medicine' AND visibility = 'department' "
+                             "AND clearance_level <= 2 ORDER BY id LIMIT 200) RETURNING id").fetchall()
+    try:
+        assert searcher.visible_fraction(user, {}) == before  # cached
+        clock = search_module.time.monotonic
+        monkeypatch.setattr(search_module.time, "monotonic", lambda: clock() + search_module.FRACTION_TTL + 1)
+        assert searcher.visible_fraction(user, {}) == pytest.approx(before + len(moved) / len(corpus.ids))
+    finally:
+        with corpus.services.db.connection() as conn:
+            conn.execute("UPDATE chunks SET department = 'Medicine' WHERE id = ANY(%s)", ([r[0] for r in moved],))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.03, 1.0])
+def test_both_dense_plans_give_full_pages_of_allowed_chunks_and_exact_recall(corpus: Corpus, fraction: float) -> None:
+    """Whichever plan the share picks (all HNSW, by share, all exact): every search page is full and only
+    of allowed chunks, on the dense and the hybrid path; the plan's dense top 10 has recall >= 0.95 against
+    the exact allowed-only top 10 (numpy), overall and for users who see under 5 %; the exact plan is exact."""
+    rng = random.Random(17)
+    by_id = {int(i): m for i, m in zip(corpus.ids, corpus.meta, strict=True)}
+    dense = Searcher(corpus.services.db, corpus.services.embedder, exact_max_fraction=fraction,
+                     fusion=FusionConfig(method="dense"))
+    hybrid = Searcher(corpus.services.db, corpus.services.embedder, exact_max_fraction=fraction)
+    recalls, restricted = [], []
+    for user, filters in principal_pool(rng):
+        mask = allowed_mask(corpus, user, filters)
+        plan = dense.dense_plan(user, filters)
+        for text, q in rng.sample(corpus.queries, 3):
+            for s in (dense, hybrid):
+                s.query_vectors.put(" ".join(text.split()), q.copy())
+                hits = s.search(user, SearchParams(text, filters, 20, -1.0))
+                assert len(hits) == min(20, int(mask.sum())), (user, filters, plan)
+                assert all(is_visible(by_id[h.chunk_id], user) and passes_filters(by_id[h.chunk_id], filters)
+                           for h in hits), (user, filters, plan)
+            if not mask.sum():
+                continue
+            got = [h.chunk_id for h in dense.dense_candidates(user, q, filters, 40, exact=plan == "exact")[:10]]
+            sims = corpus.vectors[mask] @ q
+            exact = corpus.ids[mask][np.argsort(-sims, kind="stable")[:10]].tolist()
+            recall = len(set(got) & set(exact)) / len(exact)
+            if plan == "exact":
+                assert set(got) == set(exact), (user, filters)
+            recalls.append(recall)
+            if mask.mean() < 0.05:
+                restricted.append(recall)
+    assert np.mean(recalls) >= 0.95 and np.mean(restricted) >= 0.95, (np.mean(recalls), np.mean(restricted))
 
 
 def _lexical_ids(hits: list[Any]) -> list[int]:

@@ -338,6 +338,7 @@ def _eval_searcher(settings: Settings, *, migrate: bool) -> tuple[Any, Any]:
         raise ConfigError(f"the configured index holds vectors of {model or 'no model'!r}, not of "
                           f"{index_model(settings)!r}; --live cannot evaluate it with this configuration")
     searcher = Searcher(db, get_embedder(settings), ef_search=settings.hnsw_ef_search,
+                        exact_max_fraction=settings.dense_exact_fraction,
                         fusion=fusion_config(settings), bm25=BM25(settings.bm25_k1, settings.bm25_b))
     return searcher, db.close
 

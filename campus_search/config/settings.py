@@ -111,6 +111,11 @@ class Settings:
         "PostgreSQL's in embedded mode, else PATH when new enough for the server, else those bundled.")
     hnsw_ef_search: int = setting(("HNSW_EF_SEARCH",), 100,
         "pgvector `hnsw.ef_search` for dense candidate search.", int)
+    dense_exact_fraction: float = setting(("DENSE_EXACT_FRACTION",), 0.03,
+        "Dense plan by selectivity: a principal whose rule and filters admit at most this share of the chunks "
+        "gets an exact scan of the allowed rows (through the access index) instead of the HNSW index; above "
+        "it, HNSW with an iterative scan. 0 turns the exact plan off. The share is counted per rule and "
+        "cached for a minute; both plans apply the same rule inside the query.", float)
     # --- cache / redis
     redis_url: str | None = setting(("REDIS_URL",), None,
         "Redis for the result cache and rate limits shared by all processes (`redis://`, `rediss://` or "

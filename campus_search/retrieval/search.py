@@ -4,7 +4,16 @@ results.py's, the final score ranking.py's, its query vectors query_vectors.py's
 
 Candidates come from PostgreSQL with the visibility rule (``security.roles.visible_sql``) and the
 client's filters inside the same ``WHERE`` as the vector search, using pgvector 0.8's iterative HNSW
-scan so a restrictive rule still fills the page (or an exact scan, when the planner prefers it).
+scan so a restrictive rule still fills the page.
+
+The dense plan is chosen per query from the share of chunks the principal's rule and filters admit
+(counted, bounded, and cached per rule for ``FRACTION_TTL`` seconds): at most ``exact_max_fraction``
+(``DENSE_EXACT_FRACTION``) and the top k come from an exact scan of the allowed rows through the access
+index (exact, and cheaper than walking the graph past hidden neighbours); above it, from the HNSW index
+with an iterative scan (``hnsw.ef_search``, ``hnsw.iterative_scan``, ``hnsw.max_scan_tuples`` set with
+``SET LOCAL`` in the search transaction, so they end with it and are safe behind pgbouncer's transaction
+pooling). Either way the visibility rule is inside the same ``WHERE``; a stale share only picks the
+slower plan, never a different answer: an HNSW list that comes back short is redone exactly.
 
 Ranking: ranking.py (docs/ranking.md). ``relevance`` is the cosine similarity for dense retrieval;
 ``similarity`` in the response is always the raw cosine similarity and ``similarity_threshold`` applies
@@ -13,6 +22,10 @@ to it.
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,25 +72,33 @@ _COLUMNS = f"c.id, d.external_id, d.title, c.section_title, c.text, c.page_numbe
 _N = len(_HEAD) + len(METADATA_FIELDS)
 
 
+#: Seconds a principal's visible share (the dense plan's input) is reused before it is counted again.
+FRACTION_TTL = 60.0
+#: hnsw.max_scan_tuples: how far an iterative scan may walk before it gives up (then the exact scan runs).
+MAX_SCAN_TUPLES = 20_000
 #: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
 #: pipelined statement): the statement timeout and the HNSW scan's settings.
 SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
                        "set_config('hnsw.ef_search', %(ef_search)s, true), "
-                       "set_config('hnsw.iterative_scan', %(iterative_scan)s, true)")
+                       "set_config('hnsw.iterative_scan', %(iterative_scan)s, true), "
+                       "set_config('hnsw.max_scan_tuples', %(max_scan_tuples)s, true)")
 
 
 class Searcher:
     def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100,
                  fusion: FusionConfig | None = None, bm25: BM25 | None = None,
-                 query_vectors: QueryVectors | None = None) -> None:
+                 query_vectors: QueryVectors | None = None, exact_max_fraction: float = 0.03) -> None:
         self.db = db
         self.embedder = embedder
         self.ef_search = int(ef_search)
+        self.exact_max_fraction = float(exact_max_fraction)
         self.fusion = fusion or FusionConfig()
         self.bm25 = bm25 or BM25()
         #: where query vectors are kept (query_vectors.py: this process's LRU unless given one)
         self.query_vectors: QueryVectors = query_vectors if query_vectors is not None else QueryEmbeddingCache()
         self.iterative_scan = "relaxed_order"  # pgvector 0.8: keep scanning the index until the page is full
+        self._fractions: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._fractions_lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         """The retrieval configuration, reported next to evaluation metrics."""
@@ -86,6 +107,7 @@ class Searcher:
         if self.fusion.method != "dense":
             out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b})
         out.update({"ef_search": self.ef_search, "iterative_scan": self.iterative_scan,
+                    "dense_exact_fraction": self.exact_max_fraction,
                     "priority_weight": PRIORITY_WEIGHT, "freshness_weight": FRESHNESS_WEIGHT})
         return out
 
@@ -100,8 +122,9 @@ class Searcher:
     def search(self, user: Principal, params: SearchParams) -> list[Hit]:
         vector = self.embed_query(params.query)
         k = max(params.max_results, CANDIDATE_FLOOR)
-        hits = self._candidates(user, vector, params, k, exact=False)
-        if sum(h.in_dense for h in hits) < k and self._allowed_at_least(user, params.filters, k):
+        exact = self.dense_plan(user, params.filters) == "exact"
+        hits = self._candidates(user, vector, params, k, exact=exact)
+        if not exact and sum(h.in_dense for h in hits) < k and self._allowed_at_least(user, params.filters, k):
             # A short dense list means either that fewer than k chunks are allowed, or that the index scan
             # gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles it, so
             # a page is never short because hidden chunks crowded the index's neighbourhood.
@@ -117,6 +140,45 @@ class Searcher:
         if self.fusion.method == "dense":
             return self.dense_candidates(user, vector, params.filters, k, exact=exact)
         return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact)
+
+    def dense_plan(self, user: Principal, filters: Mapping[str, Any]) -> str:
+        """``exact`` when the rule and filters admit at most ``exact_max_fraction`` of the chunks, else
+        ``hnsw``. Both plans apply the same rule inside the query; this only chooses the cheaper one."""
+        if self.exact_max_fraction <= 0:
+            return "hnsw"
+        return "exact" if self.visible_fraction(user, filters) <= self.exact_max_fraction else "hnsw"
+
+    def visible_fraction(self, user: Principal, filters: Mapping[str, Any]) -> float:
+        """The share of chunks ``user`` may see under ``filters``, counted up to just past
+        ``exact_max_fraction`` (so an admin's count stops early) and cached per rule for FRACTION_TTL s.
+        Above the threshold the value returned is a lower bound."""
+        where, params = _where(user, filters)
+        key = where + "\x00" + json.dumps(params, sort_keys=True, default=str)
+        now = time.monotonic()
+        with self._fractions_lock:
+            cached = self._fractions.get(key)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        with self.db.connection(read=True) as conn:
+            conn.execute(self.db.search_settings())
+            row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'chunks'::regclass").fetchone()
+            total = int(row[0]) if row else -1
+            if total < 0:  # never analysed (a new table): count it once, this result is cached
+                counted = conn.execute("SELECT count(*) FROM chunks").fetchone()
+                total = int(counted[0]) if counted else 0
+            cap = int(total * self.exact_max_fraction) + 1
+            allowed = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM chunks c WHERE {where} LIMIT %(cap)s) s",
+                                   {"cap": cap, **params}).fetchone()
+            seen = int(allowed[0]) if allowed else 0
+        fraction = min(1.0, seen / total) if total > 0 else 0.0
+        if seen >= cap:  # reltuples is an estimate: never let it put a large share under the threshold
+            fraction = max(fraction, self.exact_max_fraction + 1e-9)
+        with self._fractions_lock:
+            self._fractions[key] = (fraction, now + FRACTION_TTL)
+            self._fractions.move_to_end(key)
+            while len(self._fractions) > 4096:
+                self._fractions.popitem(last=False)
+        return fraction
 
     def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int) -> bool:
         """Whether at least k chunks pass the rule and filters (cheap: stops counting at k)."""
@@ -136,7 +198,8 @@ class Searcher:
         one round trip to PostgreSQL per search instead of three. Behind pgbouncer's transaction pooling
         (prepared statements off, like the audit writer) one statement at a time."""
         settings = {"timeout": str(int(self.db.settings.db_statement_timeout_ms)),
-                    "ef_search": str(max(self.ef_search, k)), "iterative_scan": self.iterative_scan}
+                    "ef_search": str(max(self.ef_search, k)), "iterative_scan": self.iterative_scan,
+                    "max_scan_tuples": str(MAX_SCAN_TUPLES)}
         with self.db.connection(read=True) as conn:
             if conn.prepare_threshold is None:
                 conn.execute(SEARCH_SETTINGS_SQL, settings)

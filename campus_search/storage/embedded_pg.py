@@ -20,15 +20,20 @@ log = logging.getLogger(__name__)
 DATABASE = "campus_search"
 
 # Written beside postgresql.conf on first start. JIT compilation costs milliseconds per query and
-# buys nothing for short index lookups; HNSW builds want maintenance memory.
+# buys nothing for short index lookups; HNSW builds want maintenance memory (allocated only while an
+# index builds). At a million chunks a bulk load or a department-wide metadata change writes gigabytes
+# of WAL: with the default max_wal_size (1GB) that forces a checkpoint (and full-page images) every few
+# seconds; 4GB and a 15-minute timeout keep them apart (docs/performance.md).
 TUNING = """\
 # Managed by campus-search (embedded mode).
 jit = off
 shared_buffers = '256MB'
-maintenance_work_mem = '512MB'
+maintenance_work_mem = '1GB'
 max_connections = 200
 effective_cache_size = '2GB'
 random_page_cost = 1.1
+max_wal_size = '4GB'
+checkpoint_timeout = '15min'
 """
 
 
