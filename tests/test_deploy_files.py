@@ -639,3 +639,16 @@ def test_the_cli_and_make_run_share_the_checkouts_data_dir() -> None:
     dry = subprocess.run(["make", "-n", "run"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert f'DATA_DIR="{_default_data_dir()}" ' in dry.stdout
     assert _default_data_dir() == str(ROOT / ".data")
+
+
+def test_nginx_blanks_every_identity_header_a_proxy_could_set() -> None:
+    """Identity headers (security/auth.py) count only from TRUSTED_PROXIES, and nginx is that proxy:
+    it must blank each one a client could send, the groups header included, even while it is off."""
+    from campus_search.config import Settings
+
+    text = (ROOT / "nginx" / "nginx.conf").read_text(encoding="utf-8")
+    defaults = Settings()
+    headers = {defaults.proxy_role_header, defaults.proxy_department_header, defaults.proxy_campus_header,
+               "X-Remote-User", "X-Remote-Groups"}  # the documented values of the two settings off by default
+    for header in sorted(headers):
+        assert f'proxy_set_header {header} "";' in text, header
