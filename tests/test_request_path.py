@@ -35,9 +35,24 @@ def _record(request_id: str) -> AuditRecord:
                        user_id="u1", role="student", result_count=3)
 
 
+def test_audit_batches_wait_for_the_flush_by_default(settings_factory: Any, services_factory: Any) -> None:
+    services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1))
+    assert services.settings.audit_wait_for_flush is True
+    with psycopg.connect(services.dsn, autocommit=True) as admin:
+        admin.execute(PROBE)
+    auditor = Auditor(services.db, services.settings)
+    try:
+        auditor.append(_record("r-1"))
+    finally:
+        auditor.close()
+    with psycopg.connect(services.dsn) as conn:
+        assert [r[0] for r in conn.execute("SELECT setting FROM commit_probe")] == ["on"]
+
+
 def test_audit_batch_commits_without_waiting_for_the_flush_in_its_own_transaction_only(
         settings_factory: Any, services_factory: Any) -> None:
-    services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1))
+    services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1,
+                                                 audit_wait_for_flush=False))
     with psycopg.connect(services.dsn, autocommit=True) as admin:
         admin.execute(PROBE)
     auditor = Auditor(services.db, services.settings)
@@ -57,7 +72,7 @@ def test_audit_batch_commits_without_waiting_for_the_flush_in_its_own_transactio
 
 def test_records_the_database_lost_are_logged_in_full_by_the_next_append(
         settings_factory: Any, services_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
-    services = services_factory(settings_factory())
+    services = services_factory(settings_factory(audit_wait_for_flush=False))
     auditor = Auditor(services.db, services.settings)
     try:
         first = auditor.append(_record("kept-1"))

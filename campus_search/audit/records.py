@@ -16,16 +16,17 @@ point across threads, processes and replicas; batching means that lock and the f
 batch, not once per search, so auditing does not cap throughput under load, and a single request waits
 no longer than before.
 
-Durability: a search is answered only once its record is committed (chained, visible to ``audit show`` and
-``audit verify``), but the batch's transaction commits with ``synchronous_commit = off`` (that transaction
-only), so requests do not wait for the WAL to reach disk; PostgreSQL's WAL writer flushes it within
-3 x ``wal_writer_delay`` (600 ms by default). A crash of the application loses no answered search's
-record. A crash of PostgreSQL or of the machine within that window can undo the last committed records
-together with the chain head (the chain stays whole and verifiable, it is only shorter): each process keeps
-its last ``RECENT_RECORDS`` committed records in memory, and its next append, finding the head behind the
-last record it committed, writes those records in full to the error log (``_check_head``). Only a crash of
-the machine that also ends the application can lose them without that log line. Admin changes commit
-their record synchronously, in the change's own transaction.
+Durability: by default (``AUDIT_WAIT_FOR_FLUSH=true``) a search is answered only once its record's commit
+is on disk. With ``AUDIT_WAIT_FOR_FLUSH=false`` it is answered once its record is committed (chained,
+visible to ``audit show`` and ``audit verify``), but the batch's transaction commits with
+``synchronous_commit = off`` (that transaction only), so requests do not wait for the WAL to reach disk;
+PostgreSQL's WAL writer flushes it within 3 x ``wal_writer_delay`` (600 ms by default). A crash of the
+application loses no answered search's record. A crash of PostgreSQL or of the machine within that window
+can undo the last committed records together with the chain head (the chain stays whole and verifiable, it
+is only shorter): each process keeps its last ``RECENT_RECORDS`` committed records in memory, and its next
+append, finding the head behind the last record it committed, writes those records in full to the error
+log (``_check_head``). Only a crash of the machine that also ends the application can lose them without
+that log line. Admin changes always commit their record synchronously, in the change's own transaction.
 
 A record the database refuses fails only its own request (a refused batch is retried record by
 record); a request that gives up waiting (``WRITE_TIMEOUT``) before the writer took its record is
@@ -104,7 +105,8 @@ class _Pending:
             return True
 
 
-#: The audit batch's transaction commits without waiting for its WAL flush (that transaction only).
+#: With AUDIT_WAIT_FOR_FLUSH=false the audit batch's transaction commits without waiting for its WAL flush
+#: (that transaction only).
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 RECENT_RECORDS = 4096
 
@@ -237,12 +239,14 @@ class Auditor:
 
     def _append_batch(self, records: list[AuditRecord]) -> None:
         # Pipelined on a direct connection (the head lock is held for less time); behind pgbouncer's
-        # transaction pooling (prepared statements off), one statement at a time. The batch commits without
-        # waiting for its WAL flush (for this transaction only): the requests wait for the commit, not for
-        # the disk; a database crash can undo the last moments of records, which the next append notices
-        # and logs in full (see the module docstring, "Durability", and _check_head).
+        # transaction pooling (prepared statements off), one statement at a time. With
+        # AUDIT_WAIT_FOR_FLUSH=false the batch commits without waiting for its WAL flush (for this
+        # transaction only): the requests wait for the commit, not for the disk; a database crash can undo
+        # the last moments of records, which the next append notices and logs in full (see the module
+        # docstring, "Durability", and _check_head).
         with self.db.connection() as conn, (conn.pipeline() if self._pipeline else contextlib.nullcontext()):
-            conn.execute(ASYNC_COMMIT)
+            if not self.settings.audit_wait_for_flush:
+                conn.execute(ASYNC_COMMIT)
             self._insert(conn, records)
             conn.commit()
         with self._recent_lock:

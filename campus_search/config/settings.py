@@ -218,6 +218,11 @@ class Settings:
         "Key for the audit log's query hashes. Development generates one under DATA_DIR.", secret=True)
     audit_raw_queries: bool = setting(("AUDIT_RAW_QUERIES",), False,
         "Also store raw query text in the audit log.", parse_bool)
+    audit_wait_for_flush: bool = setting(("AUDIT_WAIT_FOR_FLUSH",), True,
+        "Answer a search only after its audit record's commit is on disk (`synchronous_commit`). `false` "
+        "answers after the commit without waiting for the WAL flush: faster, but a database crash can undo "
+        "the last ~600 ms of records, which are then logged in full (docs/security.md, \"Durability\").",
+        parse_bool)
     audit_failure_mode: str = setting(("AUDIT_FAILURE_MODE",), "refuse",
         "When an audit record cannot be written: `refuse` answers 503 and withholds the results; `log` "
         "serves them and writes the record to the error log instead (docs/security.md).", str.lower)
