@@ -1,5 +1,6 @@
 """Shared by the audit tests: an app on a fresh database holding two demo documents, and the audit rows
-a request left (conftest's ``pytest_plugins`` registers the fixture)."""
+a request left, and a database that refuses audit writes (conftest's ``pytest_plugins`` registers the
+fixture)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,15 @@ def by_request(services: Any, response: Any) -> dict[str, Any]:
     found = rows(services, "request_id = %s", (response.headers["X-Request-ID"],))
     assert len(found) == 1, found
     return found[0]
+
+
+def break_audit_writes(services: Any, broken: bool = True) -> None:
+    """The database refuses audit inserts (as it would when out of disk or permissions)."""
+    with psycopg.connect(services.dsn, autocommit=True) as conn:
+        if broken:
+            conn.execute("CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS "
+                         "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$")
+            conn.execute("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
+                         "FOR EACH ROW EXECUTE FUNCTION refuse_audit()")
+        else:
+            conn.execute("DROP TRIGGER refuse_audit ON audit_log")

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from auditing import by_request, rows
+from auditing import break_audit_writes, by_request, rows
 
 from campus_search.api.auditing import request_context
 from campus_search.app import create_app
@@ -267,18 +267,6 @@ def test_verify_with_another_key_says_so(settings_factory: Any, services_factory
 
 
 # --- when the audit write fails ---------------------------------------------------------------------
-
-def break_audit_writes(services: Any, broken: bool = True) -> None:
-    """The database refuses audit inserts (as it would when out of disk or permissions)."""
-    with psycopg.connect(services.dsn, autocommit=True) as conn:
-        if broken:
-            conn.execute("CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS "
-                         "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$")
-            conn.execute("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
-                         "FOR EACH ROW EXECUTE FUNCTION refuse_audit()")
-        else:
-            conn.execute("DROP TRIGGER refuse_audit ON audit_log")
-
 
 def test_search_fails_closed_when_audit_cannot_be_written(audited: Any, token: Any,
                                                           caplog: pytest.LogCaptureFixture) -> None:

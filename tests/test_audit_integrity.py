@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from auditing import by_request, rows
+from auditing import break_audit_writes, by_request, rows
 
 from campus_search.audit import records as audit
 from campus_search.audit.chain import AuditRecord
@@ -22,18 +22,6 @@ from campus_search.audit.records import Auditor, AuditUnavailable, auditor_of
 from campus_search.audit.verify import verify
 
 DOC = "it-staff-password-management.md"
-
-
-def break_audit_writes(services: Any, broken: bool = True) -> None:
-    """The database refuses audit inserts (as it would when out of disk or permissions)."""
-    with psycopg.connect(services.dsn, autocommit=True) as conn:
-        if broken:
-            conn.execute("CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS "
-                         "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$")
-            conn.execute("CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log "
-                         "FOR EACH ROW EXECUTE FUNCTION refuse_audit()")
-        else:
-            conn.execute("DROP TRIGGER refuse_audit ON audit_log")
 
 
 def stored(services: Any, doc_id: str) -> tuple[Any, ...] | None:
