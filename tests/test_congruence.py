@@ -67,6 +67,17 @@ def stored_meta(rows: list[Any]) -> list[dict[str, Any]]:
     """Rows of (id, embedding, *the declared metadata columns) -> metadata dicts for the reference rule."""
     return [dict(zip(METADATA_FIELDS, r[2:], strict=True)) for r in rows]
 
+
+def read_back(services: Services) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """The stored chunks, planner statistics fresh: ids, their vectors (row-aligned) and metadata dicts."""
+    with services.db.connection() as conn:
+        conn.execute("ANALYZE documents, chunks")
+        rows = conn.execute(f"SELECT id, embedding, {columns()} FROM chunks ORDER BY id").fetchall()
+    ids = np.array([r[0] for r in rows])
+    vectors = np.stack([np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows])
+    return ids, vectors, stored_meta(rows)
+
+
 @dataclass
 class Corpus:
     services: Services
@@ -143,12 +154,7 @@ def corpus(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPathF
                 m = docs[d]
                 copy.write_row((doc_ids[f"doc-{d}"], c, text, f"c{d}-{c}", v, *(m[n] for n in METADATA_FIELDS)))
         conn.execute("UPDATE index_state SET generation = generation + 1")
-    with services.db.connection() as conn:
-        conn.execute("ANALYZE documents, chunks")
-        rows = conn.execute(f"SELECT id, embedding, {columns()} FROM chunks ORDER BY id").fetchall()
-    ids = np.array([r[0] for r in rows])
-    vectors = np.stack([np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows])
-    meta = stored_meta(rows)
+    ids, vectors, meta = read_back(services)
     texts = random.Random(11).sample(demo_texts()[1], 30)  # section headings: how users phrase questions
     real = list(zip(texts, embedder.embed(texts), strict=True))
     synthetic = []
@@ -563,12 +569,7 @@ def ingested(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPat
                                    blocks=[Block(paragraphs[(d * 7) % len(paragraphs)])], metadata=meta))
     report = services.ingester.ingest(docs, AccessMetadata())
     assert report.failed == 0 and report.added == N_INGESTED
-    with services.db.connection() as conn:
-        conn.execute("ANALYZE documents, chunks")
-        rows = conn.execute(f"SELECT id, embedding, {columns()} FROM chunks ORDER BY id").fetchall()
-    ids = np.array([r[0] for r in rows])
-    vectors = np.stack([np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows])
-    meta_rows = stored_meta(rows)
+    ids, vectors, meta_rows = read_back(services)
     texts = random.Random(3).sample(headings, 12)
     yield Corpus(services, ids, vectors, meta_rows, list(zip(texts, embedder.embed(texts), strict=True)))
     services.close()
