@@ -57,22 +57,8 @@ SECRET = "bench-secret-" + "x" * 40
 CHROMA_VERSION = "chromadb==1.5.9"  # the release this script was written against (HTTP API v2)
 COLLECTION = "campus_search_peer"
 CHROMA_DB = "api/v2/tenants/default_tenant/databases/default_database"
-LUA = r"""
-local queries = {}
-for line in io.lines(os.getenv("BENCH_QUERIES")) do queries[#queries + 1] = line end
-local token = os.getenv("BENCH_TOKEN")
-local tag = os.getenv("BENCH_TAG")
-local counter = 0
-local thread_id = 0
-setup = function(thread) thread:set("tid", thread_id); thread_id = thread_id + 1 end
-request = function()
-  counter = counter + 1
-  local q = queries[(counter % #queries) + 1] .. " (" .. tag .. tid .. "-" .. counter .. ")"
-  local body = '{"query": "' .. q:gsub('\\', '\\\\'):gsub('"', '\\"') .. '", "config": {"max_results": 10}}'
-  return wrk.format("POST", "/api/search", {["Content-Type"] = "application/json",
-                                           ["Authorization"] = "Bearer " .. token}, body)
-end
-"""
+#: the wrk script (shared with bench_search.py)
+LUA = Path(__file__).resolve().parent / "search.lua"
 
 
 def free_port() -> int:
@@ -342,9 +328,9 @@ def sequential(servers: dict[str, str], token: str, queries: list[str], n: int,
     return latencies
 
 
-def run_wrk(url: str, token: str, qfile: str, lua: str, connections: int, seconds: int, tag: str) -> dict[str, float]:
+def run_wrk(url: str, token: str, qfile: str, connections: int, seconds: int, tag: str) -> dict[str, float]:
     out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "30s",
-                          "-s", lua, url],
+                          "-s", str(LUA), url],
                          env={**os.environ, "BENCH_QUERIES": qfile, "BENCH_TOKEN": token, "BENCH_TAG": tag},
                          capture_output=True, text=True, timeout=seconds + 120)
     if out.returncode != 0:
@@ -453,13 +439,11 @@ def main() -> int:
 
         token = subprocess.check_output([str(Path(sys.executable).parent / "campus-search"), "token", "--sub",
                                          "bench", "--role", "admin"], env=env, text=True).strip()
-        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua, \
-                tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as qfile:
-            lua.write(LUA)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as qfile:
             qfile.write("\n".join(queries))
         say("warming up (every worker loads its model) ...")
         for name, url in servers.items():
-            run_wrk(url, token, qfile.name, lua.name, args.concurrency, 4, f"w{name[0]}")
+            run_wrk(url, token, qfile.name, args.concurrency, 4, f"w{name[0]}")
 
         say(f"concurrency 1: {args.sequential} requests per server, taking turns ...")
         returned: dict[str, int] = {}
@@ -493,7 +477,7 @@ def main() -> int:
                                         "-o", str(profiles[name])],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before = cpu_snapshot(roots)
-            figures = run_wrk(servers[name], token, qfile.name, lua.name, args.concurrency, args.duration,
+            figures = run_wrk(servers[name], token, qfile.name, args.concurrency, args.duration,
                               f"r{i}{name[0]}")
             figures["cpu_ms_per_request"] = cpu_per_request(before, cpu_snapshot(roots),  # type: ignore[assignment]
                                                             figures.get("requests", 0))

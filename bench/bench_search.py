@@ -35,27 +35,8 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-LUA = r"""
-local queries = {}
-for line in io.lines(os.getenv("BENCH_QUERIES")) do queries[#queries + 1] = line end
-local token = os.getenv("BENCH_TOKEN")
-local counter = 0
-local thread_id = 0
-setup = function(thread) thread:set("tid", thread_id); thread_id = thread_id + 1 end
-request = function()
-  counter = counter + 1
-  local q = queries[(counter % #queries) + 1]
-  if os.getenv("BENCH_CACHED") ~= "1" then q = q .. " (" .. tid .. "-" .. counter .. ")" end
-  local body = '{"query": "' .. q:gsub('\\', '\\\\'):gsub('"', '\\"') .. '", "config": {"max_results": 10}}'
-  return wrk.format("POST", "/api/search", {["Content-Type"] = "application/json",
-                                           ["Authorization"] = "Bearer " .. token}, body)
-end
-local pause = tonumber(os.getenv("BENCH_PAUSE_MS") or "0")
-if pause > 0 then
-  -- paced users: each connection waits between its requests, so the offered load is a fixed rate
-  delay = function() return math.random(math.floor(pause / 2), math.floor(pause * 3 / 2)) end
-end
-"""
+#: the wrk script (shared with bench_peer.py)
+LUA = Path(__file__).resolve().parent / "search.lua"
 
 
 def free_port() -> int:
@@ -152,12 +133,10 @@ def main() -> int:
             if r.status_code != 200:
                 raise SystemExit(f"search failed: {r.status_code} {r.text[:200]}")
         latencies.sort()
-        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua, \
-                tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as qfile:
-            lua.write(LUA)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as qfile:
             qfile.write("\n".join(q.replace("\n", " ") for q in (queries[:args.popular] if args.cached else queries)))
         wrk = subprocess.run(["wrk", "-t2", f"-c{args.concurrency}", f"-d{args.duration}s", "--latency",
-                              "-s", lua.name, url],
+                              "-s", str(LUA), url],
                              env={**env, "BENCH_QUERIES": qfile.name, "BENCH_TOKEN": token,
                                   "BENCH_CACHED": "1" if args.cached else "0",
                                   "BENCH_PAUSE_MS": str(int(1000 * args.concurrency / args.rate) if args.rate else 0)},
