@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,8 +464,8 @@ def test_visible_fraction_is_cached_per_rule_then_recounted(corpus: Corpus, monk
                              "AND clearance_level <= 2 ORDER BY id LIMIT 200) RETURNING id").fetchall()
     try:
         assert searcher.visible_fraction(user, {}) == before  # cached
-        clock = search_module.time.monotonic
-        monkeypatch.setattr(search_module.time, "monotonic", lambda: clock() + search_module.FRACTION_TTL + 1)
+        clock = time.monotonic
+        monkeypatch.setattr(time, "monotonic", lambda: clock() + search_module.FRACTION_TTL + 1)
         assert searcher.visible_fraction(user, {}) == pytest.approx(before + len(moved) / len(corpus.ids))
     finally:
         with corpus.services.db.connection() as conn:

@@ -23,15 +23,13 @@ to it.
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from campus_search.embedding.base import Embedder
+from campus_search.expiring import ExpiringLRU
 from campus_search.retrieval.fusion import FusionConfig, fuse
 from campus_search.retrieval.lexical import BM25
 from campus_search.retrieval.params import SearchParams
@@ -97,8 +95,7 @@ class Searcher:
         #: where query vectors are kept (query_vectors.py: this process's LRU unless given one)
         self.query_vectors: QueryVectors = query_vectors if query_vectors is not None else QueryEmbeddingCache()
         self.iterative_scan = "relaxed_order"  # pgvector 0.8: keep scanning the index until the page is full
-        self._fractions: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._fractions_lock = threading.Lock()
+        self._fractions: ExpiringLRU[str, float] = ExpiringLRU(4096)  # visible share per rule
 
     def describe(self) -> dict[str, Any]:
         """The retrieval configuration, reported next to evaluation metrics."""
@@ -154,11 +151,9 @@ class Searcher:
         Above the threshold the value returned is a lower bound."""
         where, params = _where(user, filters)
         key = where + "\x00" + json.dumps(params, sort_keys=True, default=str)
-        now = time.monotonic()
-        with self._fractions_lock:
-            cached = self._fractions.get(key)
-            if cached is not None and cached[1] > now:
-                return cached[0]
+        cached = self._fractions.get(key)
+        if cached is not None:
+            return cached
         with self.db.connection(read=True) as conn:
             conn.execute(self.db.search_settings())
             row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'chunks'::regclass").fetchone()
@@ -173,11 +168,7 @@ class Searcher:
         fraction = min(1.0, seen / total) if total > 0 else 0.0
         if seen >= cap:  # reltuples is an estimate: never let it put a large share under the threshold
             fraction = max(fraction, self.exact_max_fraction + 1e-9)
-        with self._fractions_lock:
-            self._fractions[key] = (fraction, now + FRACTION_TTL)
-            self._fractions.move_to_end(key)
-            while len(self._fractions) > 4096:
-                self._fractions.popitem(last=False)
+        self._fractions.put(key, fraction, self._fractions.clock() + FRACTION_TTL)
         return fraction
 
     def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int) -> bool:

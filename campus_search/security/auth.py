@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +39,7 @@ from flask_jwt_extended.exceptions import JWTDecodeError, JWTExtendedException
 
 from campus_search.config import Settings
 from campus_search.errors import Forbidden, Unauthorized
+from campus_search.expiring import ExpiringLRU
 from campus_search.security.access import clean_groups
 from campus_search.security.proxies import from_identity_proxy
 from campus_search.security.roles import Principal, map_role, role_table, sso_value_for
@@ -251,29 +250,15 @@ class VerifiedTokens:
     def __init__(self, seconds: float, size: int = 10_000) -> None:
         self.seconds = seconds
         self.size = size
-        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: ExpiringLRU[str, Principal] = ExpiringLRU(size, clock=time.time)  # exp is epoch time
 
     def get(self, token: str) -> Principal | None:
-        with self._lock:
-            entry = self._entries.get(token)
-            if entry is None:
-                return None
-            if entry[0] <= time.time():
-                del self._entries[token]
-                return None
-            self._entries.move_to_end(token)
-            return entry[1]
+        return self._entries.get(token)
 
     def put(self, token: str, principal: Principal, exp: Any) -> None:
         if self.seconds <= 0 or not isinstance(exp, int | float):
             return
-        until = min(float(exp), time.time() + self.seconds)
-        with self._lock:
-            self._entries[token] = (until, principal)
-            self._entries.move_to_end(token)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+        self._entries.put(token, principal, min(float(exp), time.time() + self.seconds))
 
 
 def _verified_tokens() -> VerifiedTokens | None:
