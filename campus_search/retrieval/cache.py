@@ -18,8 +18,9 @@ A result key is the SHA-256 of everything that decides the answer:
 - the retrieval configuration (``Searcher.describe()``) and the result format.
 
 Freshness: a process reuses the generation tag it read for at most ``CACHE_GENERATION_CHECK`` seconds
-(default 1) on cache hits; a miss always reads it afresh. So a committed change stops cached answers
-within that bound. An entry is stored only when the generation read just before the search equals the
+(default 1) on cache hits; a miss always uses a tag read afresh during that request (the lookup's own
+read when it had to make one, else a new read just before the search). So a committed change stops cached
+answers within that bound. An entry is stored only when the generation read just before the search equals the
 one read just after it, so it holds exactly that generation's answer (one database server, whose
 snapshots only move forward; see the doc for load-balanced replicas).
 
@@ -128,6 +129,7 @@ class ResultCache:
     def fetch(self, user: Principal, params: SearchParams, compute: Callable[[], list[Hit]]) -> SearchOutcome:
         if not self.enabled:
             return SearchOutcome(compute())
+        asked = self.generation.clock()
         raw = self.backend.get(self.key(user, params, self.generation.current()))
         if raw is not None:
             entry = decode_results(raw)
@@ -139,7 +141,9 @@ class ResultCache:
                                      stored_by_caller=bool(owner) and entry[2] == owner)
         self.misses += 1
         _count("get", "miss")
-        before = self.generation.refresh()
+        # The tag just read for the lookup (when it had to be read afresh) brackets the search as well as
+        # a new read would: no second round trip for it.
+        before = self.generation.read_since(asked) or self.generation.refresh()
         hits = compute()
         # Stored only if the generation did not move during the search: then the answer is exactly
         # generation ``before``'s. (If it moved, the next request computes and stores it.)

@@ -20,29 +20,39 @@ class GenerationTracker:
         self._read = read
         self.max_age = max_age
         self.clock = clock
-        self._value: str | None = None
-        self._read_at = float("-inf")
+        # (tag, clock reading when its read started): one attribute, so a thread never pairs one read's tag
+        # with another read's time
+        self._state: tuple[str | None, float] = (None, float("-inf"))
 
     def current(self) -> str:
-        if self._value is not None and self.clock() - self._read_at < self.max_age:
-            return self._value
+        value, read_at = self._state
+        if value is not None and self.clock() - read_at < self.max_age:
+            return value
         return self.refresh()
+
+    def read_since(self, moment: float) -> str | None:
+        """The tag if a read of it (by any thread of this process) started at or after ``moment`` (a
+        :attr:`clock` reading) and has finished, else None. Such a read took its snapshot after
+        ``moment`` and before now, so it brackets a search that starts now as tightly as a new read
+        would, without the round trip."""
+        value, read_at = self._state
+        return value if value is not None and read_at >= moment else None
 
     def invalidate(self) -> None:
         """Make the next :meth:`current` read the tag afresh (a write this process knows of moved it)."""
-        self._read_at = float("-inf")
+        self._state = (self._state[0], float("-inf"))
 
     def refresh(self) -> str:
         started = self.clock()  # age counts from before the read: conservative
         value = self._read()
-        self._value, self._read_at = value, started
+        self._state = (value, started)
         return value
 
 
 def read_generation(db: Any) -> str:
-    """``sysid:database:generation:xmin`` of ``index_state``, from the read pool (where searches run)."""
-    with db.connection(read=True) as conn:
-        row = conn.execute(GENERATION_SQL).fetchone()
+    """``sysid:database:generation:xmin`` of ``index_state``, from the read pool (where searches run): one
+    statement in autocommit, one round trip (``Database.read_statement``)."""
+    row = db.read_statement(GENERATION_SQL, read=True)
     if row is None:
         return "none"
     generation, xmin, database, sysid = row

@@ -272,6 +272,19 @@ class Database:
             raise ServiceUnavailable("database unavailable",
                                      headers={"Retry-After": str(guard.retry_after())}) from exc
 
+    def read_statement(self, sql: str, params: Any = None, *, read: bool = False) -> tuple[Any, ...] | None:
+        """The first row of one read-only statement, run in autocommit: its own implicit transaction, one
+        round trip to PostgreSQL, where :meth:`connection`'s explicit transaction costs three (``BEGIN``,
+        the statement, ``COMMIT``). One statement sees one snapshot either way. Same errors as
+        :meth:`connection`; pgbouncer-safe (nothing outlives the statement)."""
+        with self.connection(read=read) as conn:
+            conn.autocommit = True
+            try:
+                return conn.execute(sql, params).fetchone()
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False  # the pool hands out connections in transaction mode
+
     def bump_generation(self, conn: psycopg.Connection) -> None:
         """Move ``index_state.generation`` in the caller's write transaction: cached answers retire, and
         once the transaction commits, the primary's WAL position becomes the write fence (replicas.py)."""

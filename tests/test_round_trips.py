@@ -1,0 +1,81 @@
+"""Round trips of one uncached search (issue 14), counted on real PostgreSQL and Redis: the index
+generation tag is read in one statement without an explicit transaction, and a miss does not read it a
+second time before the search when the lookup has just read it."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+from campus_search.app import create_app
+from campus_search.ingest.metadata import AccessMetadata
+from campus_search.ingest.sources import Block, ParsedDocument
+from campus_search.retrieval.generation import read_generation
+
+QUERY = {"query": "eduroam wifi connection", "config": {"similarity_threshold": -1.0}}
+
+
+def _app(services: Any) -> Any:
+    services.ingester.ingest([ParsedDocument(external_id="wifi", title="Eduroam wifi setup", blocks=[Block(
+        "Connect your laptop to the eduroam wifi network with your university username.")], metadata={},
+        source="wifi")], AccessMetadata())
+    app = create_app(services)
+    app.config["TESTING"] = True
+    return app.test_client()
+
+
+def _frontend_messages(conn: psycopg.Connection, action: Callable[[], Any]) -> list[str]:
+    """What the client sent while ``action`` ran on ``conn`` (libpq's protocol trace)."""
+    with tempfile.NamedTemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            action()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        return [line for line in trace.read().splitlines() if line.startswith("F\t")]
+
+
+def test_the_generation_tag_is_read_in_one_query_without_begin_or_commit(settings_factory: Any, services_factory: Any) -> None:
+    services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1))
+    db = services.db
+    with db.write_pool.connection() as conn:  # the pool's one connection: read_statement gets it next
+        pass
+    tag: list[str] = []
+    sent = _frontend_messages(conn, lambda: tag.append(read_generation(db)))
+    assert len(sent) == 1 and "\tQuery\t" in sent[0] and "index_state" in sent[0], sent
+    assert tag[0].count(":") >= 3
+    assert conn.autocommit is False  # handed back as the pool hands connections out
+    with db.connection() as again:  # and the next user still gets a transaction
+        again.execute("SELECT 1")
+        assert again.info.transaction_status == pq.TransactionStatus.INTRANS
+
+
+def test_a_miss_uses_the_tag_its_lookup_just_read(settings_factory: Any, services_factory: Any, token: Any) -> None:
+    services = services_factory(settings_factory(cache_generation_check=60.0))
+    client = _app(services)
+    tracker = services.cache.generation
+    reads: list[str] = []
+    original = tracker._read
+
+    def counted() -> str:
+        reads.append(original())
+        return reads[-1]
+
+    tracker._read = counted
+    tracker.invalidate()  # the memo is stale: the lookup reads the tag
+    auth = {"Authorization": token("student", sub="s1")}
+    first = client.post("/api/search", json=QUERY, headers=auth).get_json()
+    assert first["from_cache"] is False
+    assert len(reads) == 2, reads  # the lookup's read brackets the search's start; one more after it
+    reads.clear()
+    other = client.post("/api/search", json={**QUERY, "query": "wifi username"}, headers=auth).get_json()
+    assert other["from_cache"] is False
+    assert len(reads) == 2, reads  # memo fresh: the lookup reads nothing, so one read before, one after
+    again = client.post("/api/search", json=QUERY, headers=auth).get_json()
+    assert again["from_cache"] is True and again["results"] == first["results"]  # stored under that tag
