@@ -100,6 +100,32 @@ def test_per_hour_limit_applies_too(limited_app: Any, token: Any) -> None:
     assert 60 < int(refused.headers["Retry-After"]) <= 3600
 
 
+def test_the_headers_come_from_the_hit_without_more_redis_round_trips(limited_app: Any, token: Any,
+                                                                      redis_server: Any) -> None:
+    """With Redis and the default fixed window, each limit costs one call per request (the increment, which
+    also returns the window's lifetime); the RateLimit header and a 429's Retry-After need no GET and no
+    TTL afterwards (issue 14: round trips per search)."""
+    client = limited_app(rate_limit_per_minute=2, cache_enabled=False)
+    auth = token("student", sub="erin")
+    server = redis_server.client()
+
+    def calls() -> dict[str, int]:
+        stats = server.info("commandstats")
+        return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "get", "ttl")}
+
+    post(client, auth)  # the scripts are loaded on first use
+    before = calls()
+    second = post(client, auth)
+    after = calls()
+    assert second.status_code == 200 and ratelimit_field(second)[:2] == ("per-minute", 0)
+    assert {k: after[k] - before[k] for k in after} == {"evalsha": 2, "get": 0, "ttl": 0}
+    refused = post(client, auth)
+    assert refused.status_code == 429 and ratelimit_field(refused)[:2] == ("per-minute", 0)
+    reset = ratelimit_field(refused)[2]
+    assert 1 <= reset <= 60 and refused.headers["Retry-After"] == str(reset)
+    assert calls()["get"] == after["get"] and calls()["ttl"] == after["ttl"]
+
+
 def test_anonymous_callers_are_limited_by_client_address(limited_app: Any) -> None:
     client = limited_app(allow_anonymous=True, rate_limit_per_minute=2)
     assert [post(client, addr="198.51.100.7").status_code for _ in range(3)] == [200, 200, 429]

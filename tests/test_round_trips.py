@@ -41,7 +41,8 @@ def _frontend_messages(conn: psycopg.Connection, action: Callable[[], Any]) -> l
         return [line for line in trace.read().splitlines() if line.startswith("F\t")]
 
 
-def test_the_generation_tag_is_read_in_one_query_without_begin_or_commit(settings_factory: Any, services_factory: Any) -> None:
+def test_the_generation_tag_is_read_in_one_query_without_begin_or_commit(settings_factory: Any,
+                                                                        services_factory: Any) -> None:
     services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1))
     db = services.db
     with db.write_pool.connection() as conn:  # the pool's one connection: read_statement gets it next
