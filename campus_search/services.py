@@ -155,7 +155,7 @@ class Services:
         ingester = Ingester(db, embedder, default_visibility=self.settings.default_visibility,
                             limits=ParseLimits.from_settings(self.settings),
                             max_chunks=self.settings.max_document_chunks)
-        cache = build_cache(self.settings, db, backend, searcher.describe())
+        cache = build_cache(self.settings, db, backend, searcher.describe(), searcher.query_vectors)
         if db.router is not None and isinstance(cache.backend, RedisBackend):
             fence = db.router.fence  # shared by every process of every instance (replicas.py)
             fence.shared_get, fence.shared_advance = cache.backend.fence_get, cache.backend.fence_advance

@@ -1,6 +1,7 @@
 """Round trips of one uncached search (issue 14), counted on real PostgreSQL and Redis: the index
-generation tag is read in one statement without an explicit transaction, and a miss does not read it a
-second time before the search when the lookup has just read it."""
+generation tag is read in one statement without an explicit transaction, a miss does not read it a
+second time before the search when the lookup has just read it, and the result cache and the shared
+query vectors share their Redis round trips (one read, one write)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import psycopg
+import redis.connection
 from psycopg import pq
 
 from campus_search.app import create_app
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import Block, ParsedDocument
 from campus_search.retrieval.generation import read_generation
+from campus_search.services import Services
 
 QUERY = {"query": "eduroam wifi connection", "config": {"similarity_threshold": -1.0}}
 
@@ -80,3 +84,53 @@ def test_a_miss_uses_the_tag_its_lookup_just_read(settings_factory: Any, service
     assert len(reads) == 2, reads  # memo fresh: the lookup reads nothing, so one read before, one after
     again = client.post("/api/search", json=QUERY, headers=auth).get_json()
     assert again["from_cache"] is True and again["results"] == first["results"]  # stored under that tag
+
+
+def test_an_uncached_search_reads_redis_once_and_writes_once(settings_factory: Any, services_factory: Any,
+                                                             redis_server: Any, redis_prefix: str, token: Any,
+                                                             embedder: Any, monkeypatch: Any) -> None:
+    settings = settings_factory(redis_url=redis_server.url, redis_key_prefix=redis_prefix)
+    services = services_factory(settings)
+    client = _app(services)
+    sent: list[bytes] = []
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        parts = [command] if isinstance(command, bytes | bytearray) else list(command)
+        sent.append(b"".join(bytes(p) for p in parts))
+        return send(self, command, *args, **kwargs)
+
+    services.cache.backend.client.ping()  # connected: the handshake is not the search's
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    auth = {"Authorization": token("student", sub="s1")}
+    first = client.post("/api/search", json=QUERY, headers=auth).get_json()
+    assert first["from_cache"] is False and first["results"]
+    assert len(sent) == 2, sent  # MGET result + vector; one pipeline: SET vector, SET result
+    assert sent[0].startswith(b"*3\r\n$4\r\nMGET") and sent[1].count(b"SET") == 2
+    stored = redis_server.client().keys(redis_prefix + "emb:*")
+    assert len(stored) == 1
+    np.testing.assert_array_equal(np.frombuffer(redis_server.client().get(stored[0]), dtype=np.float32),
+                                  embedder.embed([QUERY["query"]])[0])
+
+    # Another process (empty local LRU) with a result miss finds the vector in the lookup's MGET: it
+    # embeds nothing and asks Redis for nothing else before writing its result.
+    other = Services(settings, embedder=embedder).ensure_open()
+    try:
+        calls: list[Any] = []
+        original = other.searcher.embedder.embed
+        monkeypatch.setattr(other.searcher.embedder, "embed",  # this Services' wrapper, not the shared model
+                            lambda texts, *a, **k: calls.append(texts) or original(texts, *a, **k))
+        other.cache.backend.client.ping()
+        sent.clear()
+        body = _app_without_ingest(other).post("/api/search", json={**QUERY, "config": {"max_results": 3}},
+                                               headers=auth).get_json()
+        assert body["from_cache"] is False and body["results"][0] == first["results"][0]
+        assert calls == [] and len(sent) == 2 and sent[1].count(b"SET") == 1, sent
+    finally:
+        other.close()
+
+
+def _app_without_ingest(services: Any) -> Any:
+    app = create_app(services)
+    app.config["TESTING"] = True
+    return app.test_client()

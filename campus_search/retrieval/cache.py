@@ -30,6 +30,7 @@ for ``REDIS_RETRY_AFTER`` seconds after a failure, then lets one request try aga
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -46,7 +47,7 @@ from campus_search.config import Settings
 from campus_search.retrieval.cache_backends import Backend, RedisBackend
 from campus_search.retrieval.generation import GenerationTracker, read_generation
 from campus_search.retrieval.params import SearchParams
-from campus_search.retrieval.query_vectors import EMBEDDING_NS
+from campus_search.retrieval.query_vectors import EMBEDDING_NS, TieredEmbeddingCache
 from campus_search.retrieval.results import Hit, SearchOutcome, render_results
 from campus_search.security.roles import Principal
 
@@ -105,9 +106,12 @@ class ResultCache:
     """Cache-aside for :meth:`Services.run_search`. ``fetch`` returns ``(hits, from_cache)``."""
 
     def __init__(self, settings: Settings, backend: Backend, generation: GenerationTracker,
-                 retrieval: dict[str, Any] | None = None) -> None:
+                 retrieval: dict[str, Any] | None = None, vectors: TieredEmbeddingCache | None = None) -> None:
         self.settings = settings
         self.backend = backend
+        #: the searcher's query vectors when they are kept in the same Redis: read with the result's key and
+        #: written with the result (one round trip each way for a search that runs, not two)
+        self.vectors = vectors
         self.generation = generation
         self.prefix = settings.redis_key_prefix
         self.enabled = settings.cache_enabled
@@ -129,27 +133,39 @@ class ResultCache:
     def fetch(self, user: Principal, params: SearchParams, compute: Callable[[], list[Hit]]) -> SearchOutcome:
         if not self.enabled:
             return SearchOutcome(compute())
-        asked = self.generation.clock()
-        raw = self.backend.get(self.key(user, params, self.generation.current()))
-        if raw is not None:
-            entry = decode_results(raw)
-            if entry is not None:
-                self.hits += 1
-                _count("get", "hit")
-                owner = owner_tag(user)
-                return SearchOutcome([], from_cache=True, rendered=entry[1], count=entry[0],
-                                     stored_by_caller=bool(owner) and entry[2] == owner)
-        self.misses += 1
-        _count("get", "miss")
-        # The tag just read for the lookup (when it had to be read afresh) brackets the search as well as
-        # a new read would: no second round trip for it.
-        before = self.generation.read_since(asked) or self.generation.refresh()
-        hits = compute()
+        vectors = self.vectors
+        scope: contextlib.AbstractContextManager[list[tuple[str, bytes, int]]] = (
+            vectors.request() if vectors is not None else contextlib.nullcontext([]))
+        with scope as writes:
+            asked = self.generation.clock()
+            key = self.key(user, params, self.generation.current())
+            if vectors is None or vectors.local.get(params.query) is not None:
+                raw = self.backend.get(key)
+            else:  # the query's vector in the same round trip, in case the search has to run
+                raw, vector = self.backend.get_many([key, vectors.key(params.query)])
+                vectors.seed(params.query, vector)
+            if raw is not None:
+                entry = decode_results(raw)
+                if entry is not None:
+                    self.hits += 1
+                    _count("get", "hit")
+                    owner = owner_tag(user)
+                    return SearchOutcome([], from_cache=True, rendered=entry[1], count=entry[0],
+                                         stored_by_caller=bool(owner) and entry[2] == owner)
+            self.misses += 1
+            _count("get", "miss")
+            # The tag just read for the lookup (when it had to be read afresh) brackets the search as well
+            # as a new read would: no second round trip for it.
+            before = self.generation.read_since(asked) or self.generation.refresh()
+            hits = compute()
         # Stored only if the generation did not move during the search: then the answer is exactly
-        # generation ``before``'s. (If it moved, the next request computes and stores it.)
-        if self.generation.refresh() == before and self.backend.set(
-                self.key(user, params, before), encode_results(hits, owner_tag(user)),
-                self.settings.cache_ttl_search):
+        # generation ``before``'s. (If it moved, the next request computes and stores it.) A query vector
+        # embedded meanwhile goes out in the same round trip.
+        store = self.generation.refresh() == before
+        if store:
+            writes.append((self.key(user, params, before), encode_results(hits, owner_tag(user)),
+                           self.settings.cache_ttl_search))
+        if self.backend.set_many(writes) and store:
             self.stores += 1
             _count("set", "ok")
         return SearchOutcome(hits)
@@ -189,8 +205,12 @@ class ResultCache:
         self.backend.close()
 
 
-def build_cache(settings: Settings, db: Any, backend: Backend, retrieval: dict[str, Any] | None = None) -> ResultCache:
+def build_cache(settings: Settings, db: Any, backend: Backend, retrieval: dict[str, Any] | None = None,
+                query_vectors: Any = None) -> ResultCache:
     """The process's result cache in ``backend``, keyed by ``db``'s index generation and the retrieval
-    configuration (``Searcher.describe()``)."""
+    configuration (``Searcher.describe()``); ``query_vectors``, the searcher's, share its round trips when
+    they are kept in the same Redis."""
     generation = GenerationTracker(lambda: read_generation(db), settings.cache_generation_check)
-    return ResultCache(settings, backend, generation, retrieval)
+    vectors = query_vectors if isinstance(query_vectors, TieredEmbeddingCache) and \
+        query_vectors.backend is backend else None
+    return ResultCache(settings, backend, generation, retrieval, vectors)

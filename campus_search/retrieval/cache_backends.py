@@ -67,6 +67,20 @@ class RedisBackend:
     def set(self, key: str, value: bytes, ttl: int) -> bool:
         return bool(self._run("set", lambda: self.client.set(key, value, ex=ttl), False))
 
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Several keys in one round trip (MGET); all None when Redis fails."""
+        return self._run("get", lambda: self.client.mget(keys)) or [None] * len(keys)
+
+    def set_many(self, items: list[tuple[str, bytes, int]]) -> bool:
+        """(key, value, ttl) items written in one round trip (a pipeline, not a transaction: each SET
+        stands alone, as separate calls would)."""
+        def write() -> bool:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value, ttl in items:
+                pipe.set(key, value, ex=ttl)
+            return all(pipe.execute())
+        return bool(self._run("set", write, False)) if items else True
+
     # The write fence (replicas.py): the primary's WAL position after the latest search-visible write,
     # kept at its maximum. An hour's TTL: a fence from an abandoned timeline (point-in-time recovery) or
     # another cluster stops holding reads on the primary by then.
@@ -164,6 +178,12 @@ class LocalBackend:
             while self.used > self.max_bytes:
                 self._drop(next(iter(self._data)))
         return True
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self.get(key) for key in keys]
+
+    def set_many(self, items: list[tuple[str, bytes, int]]) -> bool:
+        return all([self.set(key, value, ttl) for key, value, ttl in items])
 
     def _drop(self, key: str) -> None:
         _, value = self._data.pop(key)
