@@ -1,7 +1,8 @@
 """Round trips of one uncached search (issue 14), counted on real PostgreSQL and Redis: the index
 generation tag is read in one statement without an explicit transaction, a miss does not read it a
-second time before the search when the lookup has just read it, and the result cache and the shared
-query vectors share their Redis round trips (one read, one write)."""
+second time before the search when the lookup has just read it, the result cache and the shared
+query vectors share their Redis round trips (one read, one write), and an audit batch is two round trips
+(the chain head, then INSERT and COMMIT together)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import redis.connection
 from psycopg import pq
 
 from campus_search.app import create_app
+from campus_search.audit.records import Auditor, AuditRecord
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import Block, ParsedDocument
 from campus_search.retrieval.generation import read_generation
@@ -134,3 +136,27 @@ def _app_without_ingest(services: Any) -> Any:
     app = create_app(services)
     app.config["TESTING"] = True
     return app.test_client()
+
+
+def test_an_audit_batch_is_two_round_trips_and_committed_when_acknowledged(settings_factory: Any,
+                                                                         services_factory: Any) -> None:
+    # a direct connection (as the embedded cluster's): pipelined; behind pgbouncer one statement at a time
+    services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1, db_prepare_threshold="5"))
+    assert services.settings.audit_wait_for_flush is True  # the default: COMMIT answered = flushed
+    with services.db.write_pool.connection() as conn:  # the pool's one connection: the writer gets it
+        pass
+    auditor = Auditor(services.db, services.settings)
+    record = AuditRecord(kind="search", action="search", success=True, status=200, request_id="r-1",
+                         user_id="u1", role="student", result_count=3)
+    try:
+        auditor.append(AuditRecord(kind="search", action="search", success=True, status=200,
+                                   request_id="r-0", user_id="u1", role="student", result_count=1))
+        sent = _frontend_messages(conn, lambda: auditor.append(record))
+    finally:
+        auditor.close()
+    # each Sync is a point where the client waits for the server: the head read, then INSERT + COMMIT
+    assert sum("\tSync" in line for line in sent) == 2, sent
+    assert any("COMMIT" in line for line in sent)
+    assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+    with psycopg.connect(services.dsn) as other:  # visible to another session once append returned
+        assert other.execute("SELECT count(*) FROM audit_log WHERE request_id = 'r-1'").fetchone() == (1,)

@@ -46,7 +46,6 @@ nothing disappears silently.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -244,11 +243,26 @@ class Auditor:
         # transaction only): the requests wait for the commit, not for the disk; a database crash can undo
         # the last moments of records, which the next append notices and logs in full (see the module
         # docstring, "Durability", and _check_head).
-        with self.db.connection() as conn, (conn.pipeline() if self._pipeline else contextlib.nullcontext()):
-            if not self.settings.audit_wait_for_flush:
-                conn.execute(ASYNC_COMMIT)
-            self._insert(conn, records)
-            conn.commit()
+        #
+        # Round trips on a direct connection: two. The head's SELECT ... FOR UPDATE is read at once (its
+        # row is needed to chain the records); the INSERT and the COMMIT then go out together and the
+        # pipeline's closing Sync waits for both (conn.commit() inside a pipeline would wait for its own
+        # Sync, and the pipeline's exit for another). The batch is acknowledged only after that COMMIT is
+        # answered, i.e. committed (and flushed, unless AUDIT_WAIT_FOR_FLUSH=false).
+        with self.db.connection() as conn:
+            if not self._pipeline:
+                if not self.settings.audit_wait_for_flush:
+                    conn.execute(ASYNC_COMMIT)
+                self._insert(conn, records)
+                conn.commit()
+            else:
+                with conn.pipeline():
+                    if not self.settings.audit_wait_for_flush:
+                        conn.execute(ASYNC_COMMIT)
+                    self._insert(conn, records)
+                    conn.execute("COMMIT")
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    raise psycopg.OperationalError("the audit batch's COMMIT did not end its transaction")
         with self._recent_lock:
             self._recent.extend(records)
             self._last_seq = max(self._last_seq, int(records[-1].seq or 0))
