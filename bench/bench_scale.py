@@ -443,11 +443,23 @@ def main() -> int:
     with db.connection() as conn:
         target_doc = conn.execute("SELECT external_id FROM documents WHERE id = %s", (doc_ids[-1],)).fetchone()[0]
     assert target_doc not in {h.document_id for h in searchers["dense"].dense_candidates(student, probe_vec, {}, 10)}
+    # the change goes through ingestion's own writer (Ingester._write_metadata: what a sync's metadata-only
+    # changes and the admin API's PATCH run), all documents in one transaction
+    import dataclasses
+
+    from campus_search.ingest.metadata import AccessMetadata
+    from campus_search.security.access import METADATA_FIELDS, columns
+
+    with db.connection() as conn:
+        rows = conn.execute(f"SELECT id, {columns()}, source FROM documents WHERE id = ANY(%s)", (doc_ids,)).fetchall()
+        moved = conn.execute("SELECT count(*) FROM chunks WHERE document_id = ANY(%s)", (doc_ids,)).fetchone()[0]
+    n_meta = len(METADATA_FIELDS)
+    changes = [(r[0], dataclasses.replace(AccessMetadata.from_row(r[1:1 + n_meta]), visibility="public"), r[-1])
+               for r in rows]
     started = time.perf_counter()
     with db.connection() as conn:
-        conn.execute("UPDATE documents SET visibility = 'public', updated_at = now() WHERE id = ANY(%s)", (doc_ids,))
-        moved = conn.execute("SELECT count(*) FROM chunks WHERE document_id = ANY(%s)", (doc_ids,)).fetchone()[0]
-        conn.execute("UPDATE index_state SET generation = generation + 1")
+        services.ingester._write_metadata(conn, changes)
+        db.bump_generation(conn)
     committed = time.perf_counter() - started
     while True:
         if target_doc in {h.document_id for h in searchers["dense"].dense_candidates(student, probe_vec, {}, 10)}:
