@@ -234,6 +234,21 @@ def test_statistics_exact_after_add_change_delete(small: Any) -> None:
         conn.execute("UPDATE chunks SET text = text || ' Quantum cryptography seminar.' "
                      "WHERE document_id = (SELECT id FROM documents WHERE external_id = 'ethics')")
     _stats_consistent(small)
+    # chunks deleted directly (not by their document) take their postings with them (migration 019: the
+    # chunk trigger, not a foreign key, removes them); a chunk cannot change document; TRUNCATE is refused
+    import psycopg
+
+    with small.db.connection() as conn:
+        assert conn.execute("DELETE FROM chunks WHERE document_id = "
+                            "(SELECT id FROM documents WHERE external_id = 'library')").rowcount > 0
+    _stats_consistent(small)
+    with small.db.connection() as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE chunks SET document_id = (SELECT min(id) FROM documents) WHERE document_id = "
+                     "(SELECT max(id) FROM documents) AND document_id <> (SELECT min(id) FROM documents)")
+    for statement in ("TRUNCATE chunks", "TRUNCATE documents CASCADE"):
+        with small.db.connection() as conn, pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute(statement)
+    _stats_consistent(small)
 
 
 def test_concurrent_writers_do_not_deadlock(small: Any) -> None:
