@@ -183,15 +183,11 @@ def load(conn_factory: Callable[[], Any], material: Material, start_doc: int, n_
                                     ([d[0] for d in docs],)).fetchall())
             with conn.cursor().copy(
                     "COPY chunks (document_id, chunk_index, section_title, page_number, text, content_hash, "
-                    "embedding, department, visibility, clearance_level, campus, priority, last_reviewed) "
-                    "FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["int8", "int4", "text", "int4", "text", "text", "vector", "text", "text", "int2",
-                                "text", "int2", "timestamp"])
-                for ext, _, meta, chunks in docs:
+                    "embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "int4", "text", "int4", "text", "text", "vector"])
+                for ext, _, _meta, chunks in docs:
                     for i, (text, vector) in enumerate(chunks):
-                        copy.write_row((ids[ext], i, None, None, text, f"{ext}:{i}", vector, meta["department"],
-                                        meta["visibility"], meta["clearance_level"], meta["campus"],
-                                        meta["priority"], None))
+                        copy.write_row((ids[ext], i, None, None, text, f"{ext}:{i}", vector))
             conn.execute("UPDATE index_state SET generation = generation + 1")
         with conn_factory() as conn:
             compact(conn)  # fold the statistics deltas, as ingestion does after each batch
@@ -205,31 +201,6 @@ def load(conn_factory: Callable[[], Any], material: Material, start_doc: int, n_
     if progress:
         print(file=sys.stderr)
     return db_seconds
-
-
-def change_breakdown(dsn: str, doc_ids: list[int]) -> dict[str, float]:
-    """Where the metadata change's time goes, each part timed in a transaction that is rolled back (the
-    database is left as it was; the DDL's locks block searches for the moment it runs): the chunk rows
-    alone (the postings trigger disabled), the same without the HNSW index (so no graph inserts), and
-    the whole change with the trigger (chunks + the postings' access copies)."""
-    import psycopg
-
-    out = {}
-    sql = "UPDATE chunks SET visibility = 'public' WHERE document_id = ANY(%s)"
-    with psycopg.connect(dsn) as conn:
-        for label, setup in (("chunks_and_postings", ""),
-                             ("chunks_only", "ALTER TABLE chunks DISABLE TRIGGER chunks_updated"),
-                             ("chunks_without_hnsw", "ALTER TABLE chunks DISABLE TRIGGER chunks_updated; "
-                                                     "DROP INDEX chunks_embedding_hnsw")):
-            if setup:
-                conn.execute(setup)
-            started = time.perf_counter()
-            conn.execute(sql, (doc_ids,))
-            out[label] = round(time.perf_counter() - started, 2)
-            conn.rollback()
-    out["postings_copies"] = round(out["chunks_and_postings"] - out["chunks_only"], 2)
-    out["hnsw_inserts"] = round(out["chunks_only"] - out["chunks_without_hnsw"], 2)
-    return out
 
 
 def main() -> int:
@@ -259,6 +230,7 @@ def main() -> int:
 
     from campus_search.config import load_settings
     from campus_search.retrieval.fusion import FusionConfig
+    from campus_search.retrieval.lexical import allowed_top_sql
     from campus_search.retrieval.params import SearchParams
     from campus_search.retrieval.querytext import normalise_query
     from campus_search.retrieval.search import Searcher, _where
@@ -339,7 +311,8 @@ def main() -> int:
     with db.connection() as conn:
         for label, user in principals.items():
             where, params = _where(user, {})
-            share[label] = round(conn.execute(f"SELECT count(*) FROM chunks c WHERE {where}", params)
+            share[label] = round(conn.execute(f"SELECT count(*) FROM documents d JOIN chunks c "
+                                              f"ON c.document_id = d.id WHERE {where}", params)
                                  .fetchone()[0] / total, 4)
     result["visible_share"] = share
     assert share["admin"] == 1.0 > share["staff:Finance"] > share["student"], share  # three distinct principals
@@ -364,11 +337,12 @@ def main() -> int:
     bm25 = searchers["hybrid"].bm25
 
     def lexical(user: Any, q: str) -> int:
-        where_p, params = _where(user, {}, alias="p")
-        sql = (f"WITH {bm25.scored_cte(where_p)} SELECT s.chunk_id FROM lex_scores s "
-               f"ORDER BY s.score DESC, s.chunk_id LIMIT 40")
+        """The hybrid statement's BM25 half alone: every chunk with a query term scored, the best 40 whose
+        documents the principal may see."""
+        where, params = _where(user, {})
+        sql = f"WITH {bm25.scored_cte()}, top AS ({allowed_top_sql('lex_scores', where)}) SELECT id FROM top"
         with db.connection(read=True) as conn:
-            return len(conn.execute(sql, {"qtext": q, **params}).fetchall())
+            return len(conn.execute(sql, {"qtext": q, "k": 40, **params}).fetchall())
 
     def run(mode: str, user: Any, q: str) -> int:
         if mode == "lexical":
@@ -469,11 +443,23 @@ def main() -> int:
     with db.connection() as conn:
         target_doc = conn.execute("SELECT external_id FROM documents WHERE id = %s", (doc_ids[-1],)).fetchone()[0]
     assert target_doc not in {h.document_id for h in searchers["dense"].dense_candidates(student, probe_vec, {}, 10)}
+    # the change goes through ingestion's own writer (Ingester._write_metadata: what a sync's metadata-only
+    # changes and the admin API's PATCH run), all documents in one transaction
+    import dataclasses
+
+    from campus_search.ingest.metadata import AccessMetadata
+    from campus_search.security.access import METADATA_FIELDS, columns
+
+    with db.connection() as conn:
+        rows = conn.execute(f"SELECT id, {columns()}, source FROM documents WHERE id = ANY(%s)", (doc_ids,)).fetchall()
+        moved = conn.execute("SELECT count(*) FROM chunks WHERE document_id = ANY(%s)", (doc_ids,)).fetchone()[0]
+    n_meta = len(METADATA_FIELDS)
+    changes = [(r[0], dataclasses.replace(AccessMetadata.from_row(r[1:1 + n_meta]), visibility="public"), r[-1])
+               for r in rows]
     started = time.perf_counter()
     with db.connection() as conn:
-        moved = conn.execute("UPDATE chunks SET visibility = 'public' WHERE document_id = ANY(%s)", (doc_ids,)).rowcount
-        conn.execute("UPDATE documents SET visibility = 'public', updated_at = now() WHERE id = ANY(%s)", (doc_ids,))
-        conn.execute("UPDATE index_state SET generation = generation + 1")
+        services.ingester._write_metadata(conn, changes)
+        db.bump_generation(conn)
     committed = time.perf_counter() - started
     while True:
         if target_doc in {h.document_id for h in searchers["dense"].dense_candidates(student, probe_vec, {}, 10)}:
@@ -483,12 +469,10 @@ def main() -> int:
         time.sleep(0.05)
     visible_after = time.perf_counter() - started
     with db.connection() as conn:  # put it back, so a re-run measures the same change
-        conn.execute("UPDATE chunks SET visibility = 'department' WHERE document_id = ANY(%s)", (doc_ids,))
         conn.execute("UPDATE documents SET visibility = 'department' WHERE id = ANY(%s)", (doc_ids,))
         conn.execute("UPDATE index_state SET generation = generation + 1")
-    result["metadata_change"] = {"chunks": moved, "commit_seconds": round(committed, 2),
-                                 "visible_after_seconds": round(visible_after, 2),
-                                 "breakdown_seconds": change_breakdown(services.dsn, doc_ids)}
+    result["metadata_change"] = {"chunks": moved, "documents": len(doc_ids), "commit_seconds": round(committed, 2),
+                                 "visible_after_seconds": round(visible_after, 2)}
     del probe_text
 
     result["rss_mb"] = {"postgres_all_processes": round(postgres_rss_mb(data_dir)),

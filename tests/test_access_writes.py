@@ -617,3 +617,35 @@ def test_random_write_sequences_never_loosen_without_an_explicit_act(
             assert seen[p.user_id] == expected, (step, kind, p.user_id)
         before = after
     assert explicit_steps >= 3  # the sequence exercised explicit acts too
+
+
+def test_a_department_wide_change_is_applied_in_one_transaction(services: Any) -> None:
+    """A change of many documents' access (a folder's visibility, more documents than one write batch)
+    is seen by searches all at once: between the run's batches nothing of it is visible, at the end all
+    of it. Observed from another session after every batch (ingestion's progress callback)."""
+    import psycopg
+
+    from campus_search.ingest import pipeline
+    from campus_search.ingest.sources import Block, ParsedDocument
+    from campus_search.security.access import visible_sql
+
+    n = pipeline.DOC_BATCH * 2 + 10
+    docs = [ParsedDocument(external_id=f"fin-{i}", title=f"Finance note {i}", source=f"finance/{i}.md",
+                           blocks=[Block(f"Expense claim rule {i} of the finance office.")]) for i in range(n)]
+    dept = {"department": "Finance", "visibility": "department", "clearance_level": 1}
+    assert services.ingester.ingest(docs, dept).added == n
+    rule, params = visible_sql(STUDENT)
+
+    def visible_to_a_student() -> int:
+        with psycopg.connect(services.dsn, autocommit=True) as conn:  # committed state only
+            return int(conn.execute(f"SELECT count(*) FROM documents d WHERE external_id LIKE 'fin-%%' AND {rule}",
+                                    params).fetchone()[0])
+
+    seen: list[int] = []
+    report = services.ingester.ingest(docs, {**dept, "visibility": "public"}, allow_loosening=True,
+                                      progress=lambda *_: seen.append(visible_to_a_student()))
+    assert report.failed == 0 and report.metadata_updated == n and report.loosened == n
+    assert seen == [0, 0, n]  # after each full batch nothing, after the run (the last batch) all of it
+    hits = services.searcher.search(STUDENT, SearchParams(query="expense claim rule finance office", max_results=5,
+                                                          similarity_threshold=-1))
+    assert hits and all(h.document_id.startswith("fin-") for h in hits)

@@ -70,10 +70,12 @@ def stored_meta(rows: list[Any]) -> list[dict[str, Any]]:
 
 
 def read_back(services: Services) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """The stored chunks, planner statistics fresh: ids, their vectors (row-aligned) and metadata dicts."""
+    """The stored chunks, planner statistics fresh: ids, their vectors (row-aligned) and their documents'
+    metadata dicts (access lives on the document, migration 017)."""
     with services.db.connection() as conn:
         conn.execute("ANALYZE documents, chunks")
-        rows = conn.execute(f"SELECT id, embedding, {columns()} FROM chunks ORDER BY id").fetchall()
+        rows = conn.execute(f"SELECT c.id, c.embedding, {columns('d')} FROM chunks c "
+                            "JOIN documents d ON d.id = c.document_id ORDER BY c.id").fetchall()
     ids = np.array([r[0] for r in rows])
     vectors = np.stack([np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows])
     return ids, vectors, stored_meta(rows)
@@ -147,13 +149,11 @@ def corpus(make_database: Any, embedder: Any, tmp_path_factory: pytest.TempPathF
             for d, m in enumerate(docs):
                 copy.write_row((f"doc-{d}", f"Document {d}", f"h{d}", *(m[n] for n in METADATA_FIELDS)))
         doc_ids = dict(conn.execute("SELECT external_id, id FROM documents").fetchall())
-        with conn.cursor().copy(
-                f"COPY chunks (document_id, chunk_index, text, content_hash, embedding, {columns()}) "
-                "FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["int8", "int4", "text", "text", "vector", *COPY_TYPES])
+        with conn.cursor().copy("COPY chunks (document_id, chunk_index, text, content_hash, embedding) "
+                                "FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int4", "text", "text", "vector"])
             for d, c, v, text in chunks:
-                m = docs[d]
-                copy.write_row((doc_ids[f"doc-{d}"], c, text, f"c{d}-{c}", v, *(m[n] for n in METADATA_FIELDS)))
+                copy.write_row((doc_ids[f"doc-{d}"], c, text, f"c{d}-{c}", v))
         conn.execute("UPDATE index_state SET generation = generation + 1")
     ids, vectors, meta = read_back(services)
     texts = random.Random(11).sample(demo_texts()[1], 30)  # section headings: how users phrase questions
@@ -296,7 +296,9 @@ def test_control_without_iterative_scan_pages_come_back_short(corpus: Corpus) ->
     db.open()
     try:
         user = Principal("anon", ROLES["anonymous"])
-        where, params = "c.clearance_level <= 1 AND c.visibility = 'public'", {}
+        where = ("(SELECT d.clearance_level <= 1 AND d.visibility = 'public' FROM documents d "
+                 "WHERE d.id = c.document_id)")
+        params: dict[str, Any] = {}
         with db.connection(read=True) as conn:
             conn.execute("SET LOCAL hnsw.iterative_scan = off")
             rows = conn.execute(f"SELECT c.id FROM chunks c WHERE {where} ORDER BY c.embedding <=> %(q)s LIMIT 40",
@@ -459,17 +461,18 @@ def test_visible_fraction_is_cached_per_rule_then_recounted(corpus: Corpus, monk
     user = Principal("chap", ROLES["staff"], ("Chaplaincy",))
     before = searcher.visible_fraction(user, {})
     with corpus.services.db.connection() as conn:  # a change the cache has not seen, undone below
-        moved = conn.execute("UPDATE chunks SET department = 'Chaplaincy' WHERE id IN "
-                             "(SELECT id FROM chunks WHERE department = 'Medicine' AND visibility = 'department' "
-                             "AND clearance_level <= 2 ORDER BY id LIMIT 200) RETURNING id").fetchall()
+        moved = conn.execute("UPDATE documents SET department = 'Chaplaincy' WHERE id IN "
+                             "(SELECT id FROM documents WHERE department = 'Medicine' AND visibility = 'department' "
+                             "AND clearance_level <= 2 ORDER BY id LIMIT 50) RETURNING id").fetchall()
     try:
         assert searcher.visible_fraction(user, {}) == before  # cached
         clock = time.monotonic
         monkeypatch.setattr(time, "monotonic", lambda: clock() + search_module.FRACTION_TTL + 1)
-        assert searcher.visible_fraction(user, {}) == pytest.approx(before + len(moved) / len(corpus.ids))
+        assert len(moved) == 50
+        assert searcher.visible_fraction(user, {}) == pytest.approx(before + 50 * CHUNKS_PER_DOC / len(corpus.ids))
     finally:
         with corpus.services.db.connection() as conn:
-            conn.execute("UPDATE chunks SET department = 'Medicine' WHERE id = ANY(%s)", ([r[0] for r in moved],))
+            conn.execute("UPDATE documents SET department = 'Medicine' WHERE id = ANY(%s)", ([r[0] for r in moved],))
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.03, 1.0])
@@ -521,7 +524,7 @@ def assert_lexical_congruent(corpus: Corpus, searcher: Searcher, pool: list[tupl
         vector = corpus.services.embedder.embed([text])[0]
         with corpus.services.db.connection(read=True) as conn:  # every chunk's score, no rule at all
             scores = {int(c): float(s) for c, s in conn.execute(
-                f"WITH {searcher.bm25.scored_cte('true')} SELECT chunk_id, score FROM lex_scores",
+                f"WITH {searcher.bm25.scored_cte()} SELECT chunk_id, score FROM lex_scores",
                 {"qtext": text}).fetchall()}
         by_id = {int(i): m for i, m in zip(corpus.ids, corpus.meta, strict=True)}
         for user, filters in pool:

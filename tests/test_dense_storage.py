@@ -22,8 +22,8 @@ def test_vectors_of_realistic_chunks_stay_in_the_row(make_database: Any, embedde
             for i in range(20):  # prose-sized chunks, many distinct terms: the row is over the toast target
                 text = " ".join(rng.choice(words, 160))
                 v = rng.standard_normal(384).astype(np.float32)
-                conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding, "
-                             "visibility, clearance_level, priority) VALUES (%s, %s, %s, %s, %s, 'public', 1, 3)",
+                conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding) "
+                             "VALUES (%s, %s, %s, %s, %s)",
                              (doc, i, text, f"c{i}", v / np.linalg.norm(v)))
             rows = conn.execute("SELECT pg_column_toast_chunk_id(embedding) IS NULL, "
                                 "pg_column_toast_chunk_id(lexical) IS NOT NULL, pg_column_size(text) "

@@ -54,12 +54,10 @@ def _stats_consistent(services: Any) -> None:
         stats = conn.execute("SELECT chunks, total_length FROM lexical_corpus").fetchone()
         postings = conn.execute("SELECT count(*) FROM lexical_postings").fetchone()[0]
         expected_postings = conn.execute("SELECT count(*) FROM chunks c, unnest(c.lexical) u").fetchone()[0]
-        # every posting carries exactly its chunk's current access and filter columns
+        # every posting carries exactly its chunk's document and length
         stale = conn.execute(
             "SELECT count(*) FROM lexical_postings p JOIN chunks c ON c.id = p.chunk_id "
-            "WHERE (p.clearance_level, p.visibility, p.department, p.campus, p.priority, p.last_reviewed, p.dl) "
-            "IS DISTINCT FROM (c.clearance_level, c.visibility, c.department, c.campus, c.priority, "
-            "c.last_reviewed, c.lexical_length)").fetchone()[0]
+            "WHERE (p.document_id, p.dl) IS DISTINCT FROM (c.document_id, c.lexical_length)").fetchone()[0]
     assert stored_df == expected_df
     assert stats == (n, total)
     assert postings == expected_postings
@@ -102,10 +100,9 @@ def _add_empty_chunk(services: Any, ext_id: str, section: str) -> int:
     """A chunk with no text of its own (any writer may store one): its terms are its titles'."""
     with services.db.connection() as conn:
         return int(conn.execute(
-            "INSERT INTO chunks (document_id, chunk_index, section_title, text, content_hash, embedding, department, "
-            "visibility, clearance_level, campus, priority, last_reviewed) "
-            "SELECT c.document_id, 99, %s, '', 'empty', c.embedding, c.department, c.visibility, c.clearance_level, "
-            "c.campus, c.priority, c.last_reviewed FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "INSERT INTO chunks (document_id, chunk_index, section_title, text, content_hash, embedding) "
+            "SELECT c.document_id, 99, %s, '', 'empty', c.embedding "
+            "FROM chunks c JOIN documents d ON d.id = c.document_id "
             "WHERE d.external_id = %s AND c.chunk_index = 0 RETURNING id", (section, ext_id)).fetchone()[0])
 
 
@@ -157,16 +154,17 @@ def test_lexical_path_obeys_visibility(small: Any) -> None:
     assert small.searcher.search(staff_it, params)[0].document_id == "secret"
 
 
-def test_stale_postings_copy_never_surfaces_a_hidden_chunk(small: Any, token: Any) -> None:
-    """Defence in depth: the postings' copies of the access columns are made to lie (as a disabled trigger
-    or a hand edit would leave them), claiming the restricted playbook is public at clearance 1. The
-    chunk row still says IT Services, clearance 3, so nobody else may see it -- by either path."""
+def test_lying_posting_never_surfaces_a_hidden_chunk(small: Any, token: Any) -> None:
+    """Defence in depth: the restricted playbook's postings are made to lie about their document (as a
+    hand edit could leave them), naming a public document, so the BM25 cut admits them. The chunk row
+    still belongs to the IT Services document at clearance 3, so nobody else may see it -- by either
+    path."""
     from campus_search.app import create_app
 
     query = "ZR-9042 data breach playbook"
     with small.db.connection() as conn:
         stale = conn.execute(
-            "UPDATE lexical_postings p SET visibility = 'public', clearance_level = 1, department = NULL "
+            "UPDATE lexical_postings p SET document_id = (SELECT id FROM documents WHERE external_id = 'ease') "
             "FROM chunks c JOIN documents d ON d.id = c.document_id "
             "WHERE p.chunk_id = c.id AND d.external_id = 'secret'").rowcount
     assert stale > 0
@@ -236,6 +234,21 @@ def test_statistics_exact_after_add_change_delete(small: Any) -> None:
         conn.execute("UPDATE chunks SET text = text || ' Quantum cryptography seminar.' "
                      "WHERE document_id = (SELECT id FROM documents WHERE external_id = 'ethics')")
     _stats_consistent(small)
+    # chunks deleted directly (not by their document) take their postings with them (migration 019: the
+    # chunk trigger, not a foreign key, removes them); a chunk cannot change document; TRUNCATE is refused
+    import psycopg
+
+    with small.db.connection() as conn:
+        assert conn.execute("DELETE FROM chunks WHERE document_id = "
+                            "(SELECT id FROM documents WHERE external_id = 'library')").rowcount > 0
+    _stats_consistent(small)
+    with small.db.connection() as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE chunks SET document_id = (SELECT min(id) FROM documents) WHERE document_id = "
+                     "(SELECT max(id) FROM documents) AND document_id <> (SELECT min(id) FROM documents)")
+    for statement in ("TRUNCATE chunks", "TRUNCATE documents CASCADE"):
+        with small.db.connection() as conn, pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute(statement)
+    _stats_consistent(small)
 
 
 def test_concurrent_writers_do_not_deadlock(small: Any) -> None:
@@ -251,8 +264,8 @@ def test_concurrent_writers_do_not_deadlock(small: Any) -> None:
     def add(conn: Any, ext: str, text: str) -> None:
         doc = conn.execute("INSERT INTO documents (external_id, title, content_hash) VALUES (%s, %s, 'h') "
                            "RETURNING id", (ext, ext)).fetchone()[0]
-        conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding, visibility, "
-                     "clearance_level, priority) VALUES (%s, 0, %s, 'h', %s, 'public', 1, 3)", (doc, text, vector))
+        conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding) "
+                     "VALUES (%s, 0, %s, 'h', %s)", (doc, text, vector))
 
     a = psycopg.connect(small.dsn)
     b = psycopg.connect(small.dsn)
@@ -298,8 +311,8 @@ def _writer(dsn: str) -> Any:
 def _add(conn: Any, vector: Any, ext: str, text: str) -> None:
     doc = conn.execute("INSERT INTO documents (external_id, title, content_hash) VALUES (%s, %s, 'h') "
                        "RETURNING id", (ext, ext)).fetchone()[0]
-    conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding, visibility, "
-                 "clearance_level, priority) VALUES (%s, 0, %s, 'h', %s, 'public', 1, 3)", (doc, text, vector))
+    conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding) "
+                 "VALUES (%s, 0, %s, 'h', %s)", (doc, text, vector))
 
 
 def test_concurrent_writers_run_side_by_side(small: Any) -> None:

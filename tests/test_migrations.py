@@ -66,11 +66,15 @@ def test_backfills_bring_a_populated_schema_002_database_up_to_date(make_databas
     assert version == max(n for n, _, _ in _migrations()) and version >= 5
     with psycopg.connect(dsn) as conn:
         chunks = conn.execute(
-            "SELECT c.id, d.title, c.section_title, c.text, c.lexical_length, c.clearance_level, c.visibility, "
-            "c.department, c.campus, c.priority, c.last_reviewed FROM chunks c JOIN documents d ON d.id = c.document_id"
-        ).fetchall()
-        postings = conn.execute("SELECT term, chunk_id, tf, dl, clearance_level, visibility, department, campus, "
-                                "priority, last_reviewed FROM lexical_postings").fetchall()
+            "SELECT c.id, d.title, c.section_title, c.text, c.lexical_length, c.document_id "
+            "FROM chunks c JOIN documents d ON d.id = c.document_id").fetchall()
+        postings = conn.execute("SELECT term, chunk_id, tf, dl, document_id FROM lexical_postings").fetchall()
+        # 017: the access copies are gone from chunks and postings (access lives on documents only)
+        copies = conn.execute("SELECT table_name, column_name FROM information_schema.columns "
+                              "WHERE table_name IN ('chunks', 'lexical_postings') AND column_name IN "
+                              "('department', 'visibility', 'clearance_level', 'campus', 'priority', "
+                              "'last_reviewed', 'groups')").fetchall()
+        assert copies == []
         terms = dict(conn.execute("SELECT term, df FROM lexical_terms").fetchall())
         stats = conn.execute("SELECT chunks, total_length FROM lexical_stats").fetchone()
         expected_postings = set()
@@ -84,7 +88,7 @@ def test_backfills_bring_a_populated_schema_002_database_up_to_date(make_databas
             lengths[cid] = sum(n for _, n in lexemes)
             assert length == lengths[cid]
             expected_postings |= {(term, cid, tf, lengths[cid], *access) for term, tf in lexemes}
-    assert set(postings) == expected_postings  # 003: terms and tf; 005: every access column copied
+    assert set(postings) == expected_postings  # 003: terms and tf; 017: the chunk's document
     assert len(postings) == len(expected_postings)
     assert terms == dict(Counter(p[0] for p in postings))
     assert stats == (len(chunks), sum(lengths.values()))
@@ -94,12 +98,18 @@ def test_backfills_bring_a_populated_schema_002_database_up_to_date(make_databas
     assert len(titles_only) == 3  # the title word reaches all three of its document's chunks
 
     # The brought-up database searches like a fresh one, and new writes keep the statistics exact.
-    from campus_search.retrieval.lexical import BM25
+    from campus_search.retrieval.lexical import BM25, allowed_top_sql
 
     with psycopg.connect(dsn) as conn:
-        hits = conn.execute(f"WITH {BM25().scored_cte('p.clearance_level <= 1')} SELECT chunk_id FROM lex_scores",
-                            {"qtext": "printing credit"}).fetchall()
-        assert hits and {h[0] for h in hits} <= {p[1] for p in postings if p[4] <= 1}
+        top = allowed_top_sql("lex_scores", "d.clearance_level <= 1")
+        hits = conn.execute(f"WITH {BM25().scored_cte()}, top AS ({top}) "
+                            "SELECT t.id, d.clearance_level FROM top t JOIN chunks c ON c.id = t.id "
+                            "JOIN documents d ON d.id = c.document_id",
+                            {"qtext": "printing credit annual leave", "k": 40}).fetchall()
+        scored = conn.execute(f"WITH {BM25().scored_cte()} SELECT count(*) FROM lex_scores",
+                              {"qtext": "printing credit annual leave"}).fetchone()[0]
+        assert hits and all(level <= 1 for _, level in hits)
+        assert scored > len(hits)  # the leave policy (clearance 3) was scored, and cut by its document
         conn.execute("DELETE FROM documents WHERE external_id = 'hr'")
         after = conn.execute("SELECT chunks, total_length FROM lexical_corpus").fetchone()
         real = conn.execute("SELECT count(*), sum(lexical_length) FROM chunks").fetchone()

@@ -73,8 +73,9 @@ def find_document(conn: Any, external_id: str) -> tuple[int, str, str, AccessMet
 
 def visible_chunk_counts(conn: Any, user: Principal, document_pk: int) -> tuple[int, int]:
     """(chunks of the document, those ``user`` may see by the SQL predicate retrieval runs)."""
-    predicate, params = visible_sql(user, "c")
+    predicate, params = visible_sql(user, "d")
     total, allowed = conn.execute(
-        f"SELECT count(*), count(*) FILTER (WHERE {predicate}) FROM chunks c WHERE c.document_id = %(doc)s",
+        f"SELECT count(*), count(*) FILTER (WHERE {predicate}) "
+        "FROM chunks c JOIN documents d ON d.id = c.document_id WHERE c.document_id = %(doc)s",
         {**params, "doc": document_pk}).fetchone()
     return int(total), int(allowed)

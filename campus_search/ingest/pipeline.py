@@ -2,7 +2,8 @@
 
 Per document, by content hash:
 - unchanged content and metadata: nothing happens;
-- only metadata changed (e.g. clearance raised): documents and chunks are updated in place, no embedding;
+- only metadata changed (e.g. clearance raised): the document row is updated in place (access metadata
+  lives there only, migration 017), no chunk is touched, nothing is embedded;
 - content changed or new: re-chunked; chunks whose embedding input is unchanged reuse their stored
   vector (matched by hash), only new text is embedded; the old chunks are replaced in one transaction,
   so a search sees the old version or the new one, never a mixture.
@@ -16,9 +17,11 @@ states gets ``DEFAULT_VISIBILITY``. A document belongs to its source: an id whos
 came from another file (that still exists) or from the API is refused, never overwritten, and so is
 the second of two files that claim one id in a run.
 
-Chunks are written in exactly three places: :meth:`Ingester._replace` (new or changed content),
-:meth:`Ingester._update_metadata` (access metadata copied onto chunks) and :meth:`Ingester.delete`
-(which :meth:`Ingester.prune` uses). Folder sync (walking, ``--prune`` scopes) is in :mod:`.sync`.
+Chunks are written in exactly two places: :meth:`Ingester._replace` (new or changed content) and
+:meth:`Ingester.delete` (which :meth:`Ingester.prune` uses); access metadata is written to the
+document row only (:meth:`Ingester._write_metadata`), where retrieval reads it; a run's metadata-only
+changes are written together at its end, in one transaction (:meth:`Ingester._apply_metadata`). Folder sync (walking,
+``--prune`` scopes) is in :mod:`.sync`.
 
 Every document is checked before anything is written (:meth:`Ingester._checked`): its id and text
 follow :mod:`.textrules` (titles are shortened to their caps, NUL characters and lone surrogates
@@ -55,7 +58,7 @@ from campus_search.ingest.formats import DEFAULT_LIMITS, ParseLimits
 from campus_search.ingest.metadata import METADATA_FIELDS, AccessMetadata, Change, Resolution, check_keys, resolve
 from campus_search.ingest.sources import ParsedDocument
 from campus_search.ingest.textrules import MAX_SECTION_TITLE_CHARS, MAX_TITLE_CHARS, id_problem, shorten, text_problem
-from campus_search.security.access import COPY_TYPES, columns
+from campus_search.security.access import columns
 from campus_search.storage.db import Database
 from campus_search.storage.index_state import compact_lexical
 
@@ -205,6 +208,7 @@ class Ingester:
         started = time.perf_counter()
         base = stated(defaults)
         batch: list[_Pending] = []
+        deferred: list[_Pending] = []  # metadata-only changes: all applied at the end, in one transaction
         seen = 0
         for item in items:
             seen += 1
@@ -227,12 +231,14 @@ class Ingester:
                 continue
             batch.append(pending)
             if len(batch) >= DOC_BATCH:
-                self._flush(batch, report, allow_loosening, respect_pins, audit)
+                self._flush(batch, report, allow_loosening, respect_pins, audit, deferred)
                 batch = []
                 if progress:
                     progress(seen, report)
         if batch:
-            self._flush(batch, report, allow_loosening, respect_pins, audit)
+            self._flush(batch, report, allow_loosening, respect_pins, audit, deferred)
+        if deferred:
+            self._apply_metadata(deferred, report, audit)
         if progress:
             progress(seen, report)
         report.seconds = time.perf_counter() - started
@@ -333,7 +339,11 @@ class Ingester:
                                 + ", ".join(str(c) for c in res.loosened))
 
     def _flush(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool = False,
-               respect_pins: bool = True, audit: AuditHook | None = None) -> None:
+               respect_pins: bool = True, audit: AuditHook | None = None,
+               deferred: list[_Pending] | None = None) -> None:
+        """Write one batch: new and changed documents (embedded here) in one transaction. Metadata-only
+        changes go to ``deferred`` (:meth:`_apply_metadata` writes them all at the end of the run), or are
+        written with the batch when there is no such list."""
         batch = self._resolve(batch, report, allow_loosening, respect_pins)
         unchanged: list[_Pending] = []
         meta_only: list[_Pending] = []
@@ -346,6 +356,11 @@ class Ingester:
             (unchanged if stored == p.meta else meta_only).append(p)
         report.unchanged += len(unchanged)
         moved = [p for p in unchanged if p.doc.source and p.existing and p.existing[_SOURCE] != p.doc.source]
+        if deferred is not None:
+            for p in meta_only:
+                p.doc = dataclasses.replace(p.doc, blocks=[])  # only its id, source and metadata are needed
+            deferred.extend(meta_only)
+            meta_only = []
         if changed:
             changed = self._prepare_chunks(changed, report)
             vectors = self._vectors_for(changed, report)
@@ -356,9 +371,7 @@ class Ingester:
                     assert p.existing is not None
                     conn.execute("UPDATE documents SET source = %s WHERE id = %s", (p.doc.source, p.existing[1]))
             meta_only = [p for p in meta_only if id(p) in current]
-            for p in meta_only:
-                assert p.existing is not None
-                self._update_metadata(conn, p.existing[1], p.meta, p.doc)
+            self._write_metadata(conn, [(p.existing[1], p.meta, p.doc.source) for p in meta_only if p.existing])
             written = False
             for p in changed:
                 if id(p) not in current:
@@ -510,11 +523,29 @@ class Ingester:
     def _meta_params(meta: AccessMetadata) -> tuple[Any, ...]:
         return meta.row()
 
-    def _update_metadata(self, conn: Any, doc_id: int, meta: AccessMetadata, doc: ParsedDocument) -> None:
-        params = self._meta_params(meta)
-        conn.execute(f"UPDATE documents SET {_SET}, source=%s, updated_at=now() WHERE id=%s",
-                     (*params, doc.source, doc_id))
-        conn.execute(f"UPDATE chunks SET {_SET} WHERE document_id=%s", (*params, doc_id))
+    def _write_metadata(self, conn: Any, rows: list[tuple[int, AccessMetadata, str | None]]) -> None:
+        """Store (document pk, metadata, source) rows in ``conn``'s transaction. Access lives on the
+        document row only (migration 017): no chunk, posting or vector index entry is touched, so a change
+        of any size is one short transaction, and a search sees all of it or none."""
+        if rows:
+            with conn.cursor() as cur:
+                cur.executemany(f"UPDATE documents SET {_SET}, source=%s, updated_at=now() WHERE id=%s",
+                                [(*self._meta_params(meta), source, doc_id) for doc_id, meta, source in rows])
+
+    def _apply_metadata(self, pending: list[_Pending], report: IngestReport, audit: AuditHook | None) -> None:
+        """The run's metadata-only changes, in one transaction: a department-wide change (a folder's
+        ``.campus-search.yaml``, ``--visibility`` over a tree) becomes visible to searches all at once,
+        never half-applied batch by batch. Rows another writer changed since they were read fail loudly
+        (:meth:`_still_current`), as in a batch."""
+        with self.db.connection() as conn:
+            current = self._still_current(conn, pending, report)
+            todo = [p for p in pending if id(p) in current and p.existing is not None]
+            self._write_metadata(conn, [(p.existing[1], p.meta, p.doc.source) for p in todo if p.existing])
+            report.metadata_updated += len(todo)
+            if todo:
+                self.db.bump_generation(conn)
+            if audit is not None:
+                audit(conn, report)
 
     def _replace(self, conn: Any, p: _Pending, vectors: Mapping[str, np.ndarray]) -> bool:
         """Write a new or changed document and its chunks. A document that was new when read but
@@ -535,10 +566,10 @@ class Ingester:
         conn.execute("DELETE FROM chunks WHERE document_id = %s", (doc_id,))
         with conn.cursor().copy(
                 "COPY chunks (document_id, chunk_index, section_title, page_number, text, content_hash, "
-                f"embedding, {_META}) FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["int8", "int4", "text", "int4", "text", "text", "vector", *COPY_TYPES])
+                "embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["int8", "int4", "text", "int4", "text", "text", "vector"])
             for i, (c, h) in enumerate(zip(p.chunks, p.chunk_hashes, strict=True)):
-                copy.write_row((doc_id, i, c.section_title, c.page_number, c.text, h, vectors[h], *params))
+                copy.write_row((doc_id, i, c.section_title, c.page_number, c.text, h, vectors[h]))
         return True
 
     def update_metadata(self, external_id: str, overrides: Mapping[str, Any], *, allow_loosening: bool = False,
@@ -566,7 +597,7 @@ class Ingester:
             pinned = sorted((set(pins or ()) | {k for k in overrides if k in METADATA_FIELDS}) - set(unpin))
             doc = ParsedDocument(external_id=external_id, title="", blocks=[], source=source)
             if res.meta != before:
-                self._update_metadata(conn, row[0], res.meta, doc)
+                self._write_metadata(conn, [(row[0], res.meta, doc.source)])
                 self.db.bump_generation(conn)
             if pinned != sorted(pins or ()):
                 conn.execute("UPDATE documents SET pinned = %s WHERE id = %s", (pinned, row[0]))

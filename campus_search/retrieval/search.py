@@ -3,14 +3,16 @@
 results.py's, the final score ranking.py's, its query vectors query_vectors.py's.
 
 Candidates come from PostgreSQL with the visibility rule (``security.roles.visible_sql``) and the
-client's filters inside the same ``WHERE`` as the vector search, using pgvector 0.8's iterative HNSW
-scan so a restrictive rule still fills the page.
+client's filters inside the same statement as the vector search, using pgvector 0.8's iterative HNSW
+scan so a restrictive rule still fills the page. Access metadata lives on the chunk's document only
+(migration 017): the rule is a predicate on ``documents`` (alias ``d``), reached by ``document_id``.
 
 The dense plan is chosen per query from the share of chunks the principal's rule and filters admit
 (counted, bounded, and cached per rule for ``FRACTION_TTL`` seconds): at most ``exact_max_fraction``
-(``DENSE_EXACT_FRACTION``) and the top k come from an exact scan of the allowed rows through the access
-index (exact, and cheaper than walking the graph past hidden neighbours); above it, from the HNSW index
-with an iterative scan (``hnsw.ef_search``, ``hnsw.iterative_scan``, ``hnsw.max_scan_tuples`` set with
+(``DENSE_EXACT_FRACTION``) and the top k come from an exact scan of the allowed chunks, reached through
+the documents' access index and then by ``document_id`` (exact, and cheaper than walking the graph past
+hidden neighbours); above it, from the HNSW index with an iterative scan, each candidate's document
+probed by primary key (``hnsw.ef_search``, ``hnsw.iterative_scan``, ``hnsw.max_scan_tuples`` set with
 ``SET LOCAL`` in the search transaction, so they end with it and are safe behind pgbouncer's transaction
 pooling). Either way the visibility rule is inside the same ``WHERE``; a stale share only picks the
 slower plan, never a different answer: an HNSW list that comes back short is redone exactly.
@@ -31,7 +33,7 @@ import numpy as np
 from campus_search.embedding.base import Embedder
 from campus_search.expiring import ExpiringLRU
 from campus_search.retrieval.fusion import FusionConfig, fuse
-from campus_search.retrieval.lexical import BM25
+from campus_search.retrieval.lexical import BM25, allowed_top_sql
 from campus_search.retrieval.params import SearchParams
 from campus_search.retrieval.query_vectors import QueryEmbeddingCache, QueryVectors
 from campus_search.retrieval.querytext import normalise_query
@@ -49,7 +51,7 @@ CANDIDATE_FLOOR = 40  # candidates fetched beyond max_results so business terms 
 CASE_INSENSITIVE_FILTERS = frozenset({"department", "campus"})
 
 
-def filter_sql(filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[str, Any]]:
+def filter_sql(filters: Mapping[str, Any], alias: str = "d") -> tuple[str, dict[str, Any]]:
     clauses, params = [], {}
     ops = {"department": "=", "campus": "=", "visibility": "=", "min_priority": ">=",
            "clearance_level": "<=", "last_reviewed_after": ">="}
@@ -66,7 +68,7 @@ def filter_sql(filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[
 
 #: A candidate row: the chunk and its document, then the metadata columns (security.access declares them).
 _HEAD = ("id", "external_id", "title", "section_title", "text", "page_number")
-_COLUMNS = f"c.id, d.external_id, d.title, c.section_title, c.text, c.page_number, {columns('c')}"
+_COLUMNS = f"c.id, d.external_id, d.title, c.section_title, c.text, c.page_number, {columns('d')}"
 _N = len(_HEAD) + len(METADATA_FIELDS)
 
 
@@ -162,8 +164,8 @@ class Searcher:
                 counted = conn.execute("SELECT count(*) FROM chunks").fetchone()
                 total = int(counted[0]) if counted else 0
             cap = int(total * self.exact_max_fraction) + 1
-            allowed = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM chunks c WHERE {where} LIMIT %(cap)s) s",
-                                   {"cap": cap, **params}).fetchone()
+            allowed = conn.execute(f"SELECT count(*) FROM (SELECT 1 {_ALLOWED_CHUNKS} WHERE {where} "
+                                   f"LIMIT %(cap)s) s", {"cap": cap, **params}).fetchone()
             seen = int(allowed[0]) if allowed else 0
         fraction = min(1.0, seen / total) if total > 0 else 0.0
         if seen >= cap:  # reltuples is an estimate: never let it put a large share under the threshold
@@ -176,7 +178,7 @@ class Searcher:
         where, params = _where(user, filters)
         with self.db.connection(read=True) as conn:
             conn.execute(self.db.search_settings())
-            row = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM chunks c WHERE {where} LIMIT %(k)s) s",
+            row = conn.execute(f"SELECT count(*) FROM (SELECT 1 {_ALLOWED_CHUNKS} WHERE {where} LIMIT %(k)s) s",
                                {"k": k, **params}).fetchone()
         return bool(row and row[0] >= k)
 
@@ -205,23 +207,19 @@ class Searcher:
                           k: int, *, exact: bool = False) -> list[Hit]:
         """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
         exact cosine and BM25 score, fused into ``relevance`` (fusion.py). One statement, one round trip.
-        The rule is checked on the postings' copies before the BM25 cut and again on the chunk rows
+        The rule is checked on each candidate's document before either cut, and again on the rows
         that are returned."""
         where, params = _where(user, filters)
-        where_p, _ = _where(user, filters, alias="p")  # same rule and filters, on the postings' copies
-        sql = (f"WITH dense AS MATERIALIZED ("
-               f"  SELECT c.id FROM chunks c WHERE {where} ORDER BY {_distance(exact)} LIMIT %(k)s), "
-               f"{self.bm25.scored_cte(where_p)}, "
-               f"lex_top AS MATERIALIZED ("
-               f"  SELECT s.chunk_id AS id FROM lex_scores s ORDER BY s.score DESC, s.chunk_id LIMIT %(k)s), "
+        sql = (f"WITH dense AS MATERIALIZED ({_dense_sql(where, exact)}), "
+               f"{self.bm25.scored_cte()}, "
+               f"lex_top AS MATERIALIZED ({allowed_top_sql('lex_scores', where)}), "
                f"cand AS (SELECT id FROM dense UNION SELECT id FROM lex_top) "
                f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, coalesce(ls.score, 0) AS bm25, "
                f"  c.id IN (SELECT id FROM dense) AS in_dense, c.id IN (SELECT id FROM lex_top) AS in_lex "
                f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id "
-               # Defence in depth: the lexical list was cut on the postings' copies of the access columns;
-               # the rule is applied once more to the chunk row itself, so a stale copy (a trigger
-               # disabled, a hand-edited table) can never surface a hidden chunk.
+               # Defence in depth: both lists were cut under the rule; it is applied once more to the rows
+               # returned, so no later change to either list's statement can surface a hidden chunk.
                f"WHERE {where}")
         rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params}, k)
         cos = [float(r[_N]) for r in rows]
@@ -239,9 +237,8 @@ class Searcher:
     def dense_candidates(self, user: Principal, vector: np.ndarray, filters: Mapping[str, Any],
                          k: int, *, exact: bool = False) -> list[Hit]:
         where, params = _where(user, filters)
-        sql = (f"WITH candidates AS MATERIALIZED ("
-               f"  SELECT c.id, c.embedding <=> %(q)s AS distance FROM chunks c WHERE {where}"
-               f"  ORDER BY {_distance(exact)} LIMIT %(k)s) "
+        nearest = _dense_sql(where, exact, "c.id, c.embedding <=> %(q)s AS distance")
+        sql = (f"WITH candidates AS MATERIALIZED ({nearest}) "
                f"SELECT {_COLUMNS}, 1 - cand.distance AS similarity FROM candidates cand "
                f"JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"ORDER BY cand.distance, c.id")
@@ -249,14 +246,27 @@ class Searcher:
         return [_hit(row, float(row[-1])) for row in rows]
 
 
-def _distance(exact: bool) -> str:
-    """The dense ordering. ``+ 0`` hides the operator from the planner, so no HNSW index is used: an exact
-    scan (by the access-column index or sequentially) that always finds the true top k allowed chunks."""
-    return "(c.embedding <=> %(q)s) + 0" if exact else "c.embedding <=> %(q)s"
+#: The chunks of the documents a predicate on ``d`` admits (the exact plan and the counts).
+_ALLOWED_CHUNKS = "FROM documents d JOIN chunks c ON c.document_id = d.id"
 
 
-def _where(user: Principal, filters: Mapping[str, Any], alias: str = "c") -> tuple[str, dict[str, Any]]:
-    """The visibility rule AND the client's filters, over a row with the chunk's access columns."""
+def _dense_sql(where: str, exact: bool, select: str = "c.id") -> str:
+    """The top ``%(k)s`` chunks by cosine distance to ``%(q)s`` whose document satisfies ``where`` (a
+    predicate on ``d``).
+
+    exact: the allowed documents through their access index, their chunks by ``document_id``, every
+    distance computed (``+ 0`` hides the operator from the planner, so no HNSW index is used): always the
+    true top k. HNSW: the index's iterative scan over all chunks, each candidate's document probed by
+    primary key (a scalar subquery: a per-row lookup the planner cannot turn into a join that would
+    lose the index order), until k pass."""
+    if exact:
+        return f"SELECT {select} {_ALLOWED_CHUNKS} WHERE {where} ORDER BY (c.embedding <=> %(q)s) + 0 LIMIT %(k)s"
+    return (f"SELECT {select} FROM chunks c WHERE (SELECT {where} FROM documents d WHERE d.id = c.document_id) "
+            f"ORDER BY c.embedding <=> %(q)s LIMIT %(k)s")
+
+
+def _where(user: Principal, filters: Mapping[str, Any], alias: str = "d") -> tuple[str, dict[str, Any]]:
+    """The visibility rule AND the client's filters, over a ``documents`` row (alias ``d``)."""
     vis, vis_params = visible_sql(user, alias)
     flt, flt_params = filter_sql(filters, alias)
     return vis + (f" AND {flt}" if flt else ""), {**vis_params, **flt_params}

@@ -1,18 +1,19 @@
 """The access model, declared once (SPEC §2): which attributes a document carries, which a principal
 carries, and how they meet. Everything else follows from the two tables below:
 
-- :data:`DOCUMENT_FIELDS`: the metadata every document carries and copies onto its chunks (and the
-  lexical postings): names, COPY types, which of them decide access, which may be cleared. The column
-  lists of ingestion (``COPY``, ``UPDATE``), of retrieval (``SELECT``), of the admin API's document JSON
-  and of the tests' DDL check are :func:`columns` of it.
+- :data:`DOCUMENT_FIELDS`: the metadata every document carries, on its ``documents`` row only (chunks
+  and lexical postings reach it by ``document_id``: access by reference, migration 017): names, column
+  types, which of them decide access, which may be cleared. The column lists of ingestion (``UPDATE``),
+  of retrieval (``SELECT``), of the admin API's document JSON and of the tests' DDL check are
+  :func:`columns` of it.
 - :data:`AUDIENCES`: one entry per value of ``visibility``. It names the document field that says who
   may see such a document (``department``, ``groups``), the principal's attribute matched against it
   (``departments``, ``groups``), the role field that decides whether a role's holders see it regardless
   (``department_scope``, ``group_scope``: ``none`` / the membership value / ``all``) and whether the
   field is a list (share one value) or a single value (be one of the principal's). From it follow:
 
-  - :func:`visible_sql`, the SQL predicate compiled into every retrieval query (alias ``c`` for chunks,
-    ``p`` for the postings' copies);
+  - :func:`visible_sql`, the SQL predicate compiled into every retrieval query, over the chunk's
+    document (alias ``d``);
   - :func:`is_visible`, the plain-Python reference; :func:`explain`, the reasons the explain endpoint
     gives;
   - :func:`scope_key`, the cache's permission scope (two principals with equal keys see the same chunks);
@@ -21,18 +22,20 @@ carries, and how they meet. Everything else follows from the two tables below:
 
 The rule, as these functions spell it::
 
-    visible(chunk, user) = chunk.clearance_level <= user.clearance            -- the ceiling, always
-                           AND (chunk.visibility = 'public'
-                                OR (chunk.visibility = 'department'
-                                    AND (role.department_scope = 'all'
-                                         OR (role.department_scope = 'own' AND chunk.department IN user.departments)))
-                                OR (chunk.visibility = 'group'
-                                    AND (role.group_scope = 'all'
-                                         OR (role.group_scope = 'member' AND chunk.groups && user.groups))))
+    visible(doc, user) = doc.clearance_level <= user.clearance            -- the ceiling, always
+                         AND (doc.visibility = 'public'
+                              OR (doc.visibility = 'department'
+                                  AND (role.department_scope = 'all'
+                                       OR (role.department_scope = 'own' AND doc.department IN user.departments)))
+                              OR (doc.visibility = 'group'
+                                  AND (role.group_scope = 'all'
+                                       OR (role.group_scope = 'member' AND doc.groups && user.groups))))
+
+A chunk is visible exactly when its document is.
 
 Adding an attribute: a :class:`DocumentField` (and, if it restricts an audience, an :class:`Audience`
-with its role scope and principal attribute), a migration adding the column to ``documents``, ``chunks``
-and ``lexical_postings`` (see migration 015 for the postings' copy), and the metadata validator.
+with its role scope and principal attribute), a migration adding the column to ``documents`` (and an
+index if the rule filters on it), and the metadata validator.
 ``tests/test_access_model.py`` checks that the migrations, the dataclasses and this declaration agree.
 """
 
@@ -47,10 +50,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class DocumentField:
-    """One metadata attribute of a document, copied onto its chunks and postings."""
+    """One metadata attribute of a document (a column of ``documents``)."""
 
     name: str
-    copy_type: str  # the type psycopg's binary COPY writes (``chunks`` columns)
+    copy_type: str  # the column's type, as psycopg's binary COPY names it
     access: bool = False  # decides who may see the document (the rest only rank or filter)
     clearable: bool = False  # ``null`` may clear it (``department`` only while no audience needs it)
 
@@ -155,9 +158,9 @@ def _matches(a: Audience, chunk: Mapping[str, Any], user: Any) -> bool:
 
 # --- the rule, three forms ----------------------------------------------------------------------------
 
-def visible_sql(user: Any, alias: str = "c") -> tuple[str, dict[str, Any]]:
-    """The rule as a SQL predicate over a row carrying the access columns (``c``: chunks, ``p``: the
-    lexical postings' copies). Parameters are named ``vis_*``."""
+def visible_sql(user: Any, alias: str = "d") -> tuple[str, dict[str, Any]]:
+    """The rule as a SQL predicate over a ``documents`` row (alias ``d``; a chunk is visible when its
+    document is). Parameters are named ``vis_*``."""
     params: dict[str, Any] = {"vis_clearance": user.clearance}
     clause = f"{alias}.{CEILING_FIELD} <= %(vis_clearance)s"
     whole: list[str] = []
