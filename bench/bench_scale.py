@@ -259,7 +259,7 @@ def main() -> int:
 
     from campus_search.config import load_settings
     from campus_search.retrieval.fusion import FusionConfig
-    from campus_search.retrieval.lexical import allowed_top_sql
+    from campus_search.retrieval.lexical import BM25, allowed_top_sql
     from campus_search.retrieval.params import SearchParams
     from campus_search.retrieval.querytext import normalise_query
     from campus_search.retrieval.search import Searcher, _where
@@ -327,6 +327,7 @@ def main() -> int:
             "SELECT 'hnsw', pg_relation_size('chunks_embedding_hnsw') UNION ALL "
             "SELECT 'chunks_other_indexes', pg_indexes_size('chunks') - pg_relation_size('chunks_embedding_hnsw') "
             "UNION ALL SELECT 'postings', pg_total_relation_size('lexical_postings') UNION ALL "
+            "SELECT 'postings_impact_index', pg_relation_size('lexical_postings_impact') UNION ALL "
             "SELECT 'terms', pg_total_relation_size('lexical_terms') UNION ALL "
             "SELECT 'documents', pg_total_relation_size('documents') UNION ALL "
             "SELECT 'database', pg_database_size(current_database())").fetchall())
@@ -369,15 +370,13 @@ def main() -> int:
     for s in searchers.values():
         for q, v in zip(queries, qvecs, strict=True):
             s.query_vectors.put(normalise_query(q), np.asarray(v, dtype=np.float32))
-    bm25 = searchers["hybrid"].bm25
 
     def lexical(user: Any, q: str) -> int:
-        """The hybrid statement's BM25 half alone: every chunk with a query term scored, the best 40 whose
-        documents the principal may see."""
-        where, params = _where(user, {})
-        sql = f"WITH {bm25.scored_cte()}, top AS ({allowed_top_sql('lex_scores', where)}) SELECT id FROM top"
+        """The hybrid statement's BM25 half alone, as production runs it (Searcher.lexical_sql: rare terms
+        read whole, common ones in impact order and cut, migration 018): the best 40 the principal may see."""
+        ctes, params = searchers["hybrid"].lexical_sql(user, {})
         with db.connection(read=True) as conn:
-            return len(conn.execute(sql, {"qtext": q, "k": 40, **params}).fetchall())
+            return len(conn.execute(f"WITH {ctes} SELECT id FROM lex_top", {"qtext": q, "k": 40, **params}).fetchall())
 
     def run(mode: str, user: Any, q: str) -> int:
         if mode == "lexical":
@@ -423,6 +422,42 @@ def main() -> int:
                   f"{latency[f'{mode}/{label}']['c8_per_s']:6}/s", file=sys.stderr)
     result["latency_ms"] = latency
 
+    # BM25 bounded (production) against exhaustive, paired query by query at concurrency 1 so both see the
+    # same machine load: exhaustive = every posting of every query term scored (the statement before
+    # migration 018 for lexical; the hybrid searcher with BM25_CUT_DF above the corpus size for hybrid)
+    exhaustive = Searcher(db, services.embedder, ef_search=ef, exact_max_fraction=fraction,
+                          fusion=FusionConfig(method="convex"),
+                          bm25=BM25(searchers["hybrid"].bm25.k1, searchers["hybrid"].bm25.b, cut_df=2**62))
+    exhaustive.query_vectors = searchers["hybrid"].query_vectors
+
+    def lexical_exhaustive(user: Any, q: str) -> int:
+        where, params = _where(user, {})
+        sql = (f"WITH {exhaustive.bm25.scored_cte()}, top AS ({allowed_top_sql('lex_scores', where)}) "
+               f"SELECT id FROM top")
+        with db.connection(read=True) as conn:
+            return len(conn.execute(sql, {"qtext": q, "k": 40, **params}).fetchall())
+
+    paired_runs: dict[str, Callable[[Any, str], int]] = {
+        "lexical": lexical, "lexical_exhaustive": lexical_exhaustive,
+        "hybrid": lambda u, q: run("hybrid", u, q),
+        "hybrid_exhaustive": lambda u, q: len(exhaustive.search(u, SearchParams(q, {}, 10, 0.0)))}
+    paired: dict[str, Any] = {}
+    for label, user in principals.items():
+        times_by: dict[str, list[float]] = {name: [] for name in paired_runs}
+        for i, q in enumerate(queries[:args.queries]):
+            order = list(paired_runs.items())
+            for name, fn in (order if i % 2 == 0 else order[::-1]):
+                t = time.perf_counter()
+                fn(user, q)
+                times_by[name].append((time.perf_counter() - t) * 1000)
+        for name, times in times_by.items():
+            paired[f"{name}/{label}"] = {"c1_p50": round(statistics.median(times), 1),
+                                         "c1_p95": round(pct(times, .95), 1)}
+            print(f"  paired {name:18} {label:14} c1 p50 {paired[f'{name}/{label}']['c1_p50']:7} "
+                  f"p95 {paired[f'{name}/{label}']['c1_p95']:7}", file=sys.stderr)
+    result["bm25_paired_ms"] = paired
+    result["load_average"] = os.getloadavg()
+
     # dense recall@10 against an exact allowed-only scan, on the production plan (the plan the principal's
     # visible share picks, with the production candidate depth k = CANDIDATE_FLOOR, first 10 compared).
     # strict: |approx top 10 & exact top 10| / 10. tolerant: an approximate result also counts when its
@@ -465,6 +500,10 @@ def main() -> int:
     # a metadata change moving --change-chunks chunks (one department's documents become public), timed
     # from the start of the change until a principal who could not see them finds one
     change = 0 if args.skip_change else args.change_chunks or max(CHUNKS_PER_DOC, total // 20)
+    if not change:  # --skip-change: the figures so far are the run's
+        print(json.dumps(result))
+        services.close()
+        return 0
     with db.connection() as conn:
         doc_ids = [r[0] for r in conn.execute(
             "SELECT id FROM documents WHERE source = 'bench_scale' AND department = 'Medicine' AND "

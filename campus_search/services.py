@@ -150,7 +150,8 @@ class Services:
         backend = build_backend(self.settings)  # the result cache's and the query vectors' store
         searcher = Searcher(db, embedder, ef_search=self.settings.hnsw_ef_search,
                             exact_max_fraction=self.settings.dense_exact_fraction, fusion=fusion_config(self.settings),
-                            bm25=BM25(self.settings.bm25_k1, self.settings.bm25_b),
+                            bm25=BM25(self.settings.bm25_k1, self.settings.bm25_b, depth=self.settings.bm25_depth,
+                                      cut_df=self.settings.bm25_cut_df),
                             query_vectors=query_vector_cache(self.settings, backend, embedder))
         ingester = Ingester(db, embedder, default_visibility=self.settings.default_visibility,
                             limits=ParseLimits.from_settings(self.settings),

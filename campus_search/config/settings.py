@@ -249,6 +249,13 @@ class Settings:
     rrf_k: int = setting(("RRF_K",), 60, "Rank constant of reciprocal rank fusion.", int)
     bm25_k1: float = setting(("BM25_K1",), 0.9, "BM25 term-frequency saturation k1.", float)
     bm25_b: float = setting(("BM25_B",), 0.4, "BM25 length normalisation b (0-1).", float)
+    bm25_cut_df: int = setting(("BM25_CUT_DF",), 1000,
+        "BM25 reads a query term with at most this many postings completely (exact BM25); a more common "
+        "term is read in impact order, the principal's allowed postings only, and cut after BM25_DEPTH of "
+        "them, with exact rescoring of the best candidates (docs/performance.md). 0 cuts every term; a "
+        "value above the corpus's chunk count turns the cut off.", int)
+    bm25_depth: int = setting(("BM25_DEPTH",), 500,
+        "Allowed postings read per common query term (BM25_CUT_DF), at least the candidate depth.", int)
     scores_bm25_roles: tuple[str, ...] = setting(("SCORES_BM25_ROLES",), ("admin",),
         "Roles whose results carry `scores.bm25`. BM25 uses corpus-wide term statistics that include "
         "documents the caller cannot see, so other roles do not get the raw score (docs/ranking.md); "

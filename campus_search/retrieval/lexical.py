@@ -1,4 +1,4 @@
-"""BM25 over the in-database inverted index (migration 003_lexical_bm25.sql).
+"""BM25 over the in-database inverted index (migrations 003, 013, 017, 018).
 
     bm25(q, c) = sum over terms t of q:  qtf(t) * idf(t) * tf(t,c) * (k1 + 1)
                                           / (tf(t,c) + k1 * (1 - b + b * len(c) / avglen))
@@ -8,39 +8,86 @@ Terms are PostgreSQL full-text lexemes (``english``: stemmed, stop words removed
 document title, section title and text. N, df and avglen are corpus-wide and exact: base tables plus the
 delta rows writers insert (migration 013), folded by
 :func:`campus_search.storage.index_state.compact_lexical` without changing any sum.
-Candidates are restricted by the same visibility predicate and filters as dense retrieval, applied to
-their documents before the top-k cut (:func:`allowed_top_sql`), so a restricted user still gets a full
-page.
+
+**Bounded reading (migration 018, issue 14).** Scoring every posting of every query term costs as much
+as the terms' document frequencies, i.e. grows with the corpus. So a query term is read in one of two
+ways (:meth:`BM25.bounded_cte`):
+
+- a term with at most :attr:`BM25.cut_df` postings is read completely (exact, and cheap at that size);
+- a *common* term (more postings) is read in *impact order* through ``lexical_postings_impact`` on
+  ``(term, key DESC)``, ``key = tf / (tf + C1 + C2 * dl)`` (:data:`IMPACT_KEY`: BM25's tf saturation at
+  k1 0.9, b 0.4 and a reference length of 100 terms), keeping only postings whose document the principal
+  may see, and stops after ``max(depth, k)`` of them.
+
+The access test in the read is chosen per rule (``access``): ``all`` -- the rule and filters admit every
+document, no test; ``docs`` -- a narrow principal: a hashed ``document_id = ANY(ids)`` against
+the allowed documents' ids (fetched once per rule and cached by the searcher); ``probe`` -- each read
+posting's document probed by primary key. None of these decides what is returned: the pool is walked
+best first and each candidate not probed already is probed with the exact rule of this moment (and the
+final cut, :func:`allowed_top_sql`, probes again), so a stale cached set can only leave a newly visible
+document out, never let a hidden one in nor crowd allowed ones out of the pool.
+
+Every read posting is scored exactly with the statistics of this moment. A candidate (a chunk in any
+read list) has an exact partial score ``lb`` (the terms it was read for) and an upper bound ``ub = lb +
+sum over the cut terms it was not read for of that term's bound``; the best ``pool`` allowed candidates by
+``lb`` are rescored exactly (one primary-key probe per cut term they were not read for) and ranked.
+
+Why a cut is safe, and how much it can miss: a cut term's list that ended before ``depth`` allowed
+postings was read completely (its bound is 0). Otherwise, with ``G`` the smallest key read and ``r = G /
+(1 - G)``, every unread allowed posting has ``key <= G``, so its exact contribution is at most::
+
+    w(t) * (k1 + 1) * max(r C1 / (r C1 + k1 (1 - b)),  r C2 / (r C2 + k1 b / avgdl))
+
+for *any* current k1, b and avgdl (tf <= r (C1 + C2 dl) on the unread side; the saturation is increasing
+in tf and monotone in dl). An allowed chunk outside the pool scores at most ``lex_cut.bound``
+(``lex_cut.cut``: some term's list was not read to its end); when the k-th exact score reaches it, the
+top k is exactly exhaustive BM25's. When every query term has at most ``cut_df`` postings nothing is cut
+and the top k *is* exhaustive BM25's top k over the allowed chunks.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 DEFAULT_K1 = 0.9
 DEFAULT_B = 0.4
+DEFAULT_DEPTH = 500  # allowed postings read per common query term, in impact order
+DEFAULT_POOL = 300  # allowed candidates rescored exactly (at least 2k), the best by their exact partial score
+DEFAULT_CUT_DF = 1000  # a term with more postings than this is read in impact order and cut
+
+# The impact order of migration 018's index. The expression must stay textually equivalent to the index's
+# (PostgreSQL matches index expressions structurally): C1 = k1 (1 - b), C2 = k1 b / 100 at k1 0.9, b 0.4.
+IMPACT_C1 = 0.54
+IMPACT_C2 = 0.0036
+IMPACT_KEY = "(p.tf::float8 / (p.tf + 0.54::float8 + 0.0036::float8 * p.dl))"
+
+#: How the read tests access (see the module docstring).
+ACCESS_MODES = ("all", "docs", "probe")
+_INT_ARRAY = re.compile(r"\{(\d+(,\d+)*)?\}")
+
+
+def _probe(where: str, document: str) -> str:
+    """A scalar subquery: the predicate ``where`` (on alias ``d``) for the document ``document`` (by PK)."""
+    return f"(SELECT {where} FROM documents d WHERE d.id = {document})"
 
 
 @dataclass(frozen=True)
 class BM25:
     k1: float = DEFAULT_K1
     b: float = DEFAULT_B
+    depth: int = DEFAULT_DEPTH
+    pool: int = DEFAULT_POOL
+    cut_df: int = DEFAULT_CUT_DF
 
-    def scored_cte(self) -> str:
-        """CTEs ``lex_query``, ``lex_df``, ``lex_weights``, ``lex_scores`` (chunk_id, document_id, score)
-        for the query text in ``%(qtext)s``: every chunk containing a query term, scored. The visibility
-        rule is not applied here: access lives on the chunk's document (migration 017), and the caller
-        cuts the list by walking it best first and probing each candidate's document
-        (:func:`allowed_top_sql`), so a restricted user still gets a full page.
-
-        Postings are fetched per query term through the (term, chunk_id) primary key, index-only (tf, dl
-        and document_id are carried in it; the LATERAL join makes that the only plan), so the cost grows
-        with the postings of the query's terms, not with the corpus. Corpus statistics are single-row
-        scalar subqueries, evaluated once."""
+    def _consts(self) -> tuple[str, str, str, str]:
         n = "(SELECT greatest(chunks, 1)::float8 FROM lexical_corpus)"
         avgdl = "(SELECT greatest(total_length, 1)::float8 / greatest(chunks, 1) FROM lexical_corpus)"
         # float8 literals: a bare 0.4 is numeric in PostgreSQL, and numeric arithmetic per posting is slow
-        k1, b = f"{self.k1:.6f}::float8", f"{self.b:.6f}::float8"
+        return n, avgdl, f"{self.k1:.6f}::float8", f"{self.b:.6f}::float8"
+
+    def _weights_cte(self) -> str:
+        n, avgdl, _, _ = self._consts()
         return f"""
         lex_query AS (
             SELECT u.lexeme AS term, coalesce(array_length(u.positions, 1), 1) AS qtf
@@ -51,15 +98,111 @@ class BM25:
                    + coalesce((SELECT sum(d.delta) FROM lexical_term_deltas d WHERE d.term = q.term), 0) AS df
             FROM lex_query q),
         lex_weights AS MATERIALIZED (
-            SELECT t.term, t.qtf * ln(1 + ({n} - t.df + 0.5::float8) / (t.df + 0.5::float8)) AS w
+            SELECT t.term, t.df, t.qtf * ln(1 + ({n} - t.df + 0.5::float8) / (t.df + 0.5::float8)) AS w,
+                   (row_number() OVER (ORDER BY t.term) - 1)::int AS idx
             FROM lex_df t WHERE t.df > 0),
+        lex_avgdl AS MATERIALIZED (SELECT {avgdl} AS avgdl)"""
+
+    def _saturation(self, tf: str, dl: str) -> str:
+        _, _, k1, b = self._consts()
+        return f"({tf} * ({k1} + 1) / ({tf} + {k1} * (1 - {b} + {b} * {dl} / (SELECT avgdl FROM lex_avgdl))))"
+
+    def exact_score_sql(self, chunk: str) -> str:
+        """A scalar subquery: the exact BM25 score of chunk id ``chunk`` (0 when no query term occurs in it),
+        by one primary-key probe per query term. Needs the CTEs of :meth:`scored_cte` or :meth:`bounded_cte`."""
+        return (f"(SELECT coalesce(sum(lw.w * {self._saturation('lp.tf', 'lp.dl')}), 0) FROM lex_weights lw "
+                f"CROSS JOIN LATERAL (SELECT p.tf, p.dl FROM lexical_postings p "
+                f"WHERE p.term = lw.term AND p.chunk_id = {chunk}) lp)")
+
+    def scored_cte(self) -> str:
+        """CTEs ending in ``lex_scores`` (chunk_id, document_id, score): *every* chunk containing a query
+        term of ``%(qtext)s``, scored, no rule applied. Exhaustive BM25: the reference the bounded read is
+        checked against (tests, benchmarks); its cost grows with the terms' document frequencies."""
+        return f"""{self._weights_cte()},
         lex_scores AS MATERIALIZED (
-            SELECT p.chunk_id, min(p.document_id) AS document_id,
-                   sum(w.w * p.tf * ({k1} + 1) / (p.tf + {k1} * (1 - {b} + {b} * p.dl / {avgdl}))) AS score
+            SELECT p.chunk_id, min(p.document_id) AS document_id, sum(w.w * {self._saturation('p.tf', 'p.dl')}) AS score
             FROM lex_weights w
             CROSS JOIN LATERAL (SELECT p.chunk_id, p.document_id, p.tf, p.dl FROM lexical_postings p
                                 WHERE p.term = w.term) p
             GROUP BY p.chunk_id)"""
+
+    def bounded_cte(self, access: str, where: str, docs: str | None = None, k: str = "%(k)s") -> str:
+        """CTEs ending in ``lex_scores`` (chunk_id, document_id, score): exact BM25 scores of a pool of
+        candidates that holds the best ``k`` chunks whose document satisfies ``where`` (a predicate on
+        alias ``d``) -- exactly when no query term has more than ``cut_df`` postings, else up to the bound
+        ``lex_cut`` (bound) reports (module docstring). ``access`` is how the read tests access
+        (:data:`ACCESS_MODES`); ``docs`` needs ``docs``, the allowed document ids as a ``bigint[]`` text
+        literal (``{1,2,3}``). The pool only narrows the candidates: the caller cuts it with the exact rule
+        (:func:`allowed_top_sql`).
+
+        The ids are written into the statement as a constant, not passed as a parameter: PostgreSQL hashes
+        ``= ANY(array)`` only for a constant array (a prepared statement's generic plan would otherwise test
+        each posting against the array one element at a time)."""
+        if access not in ACCESS_MODES:
+            raise ValueError(f"access must be one of {ACCESS_MODES}, not {access!r}")
+        if access == "docs" and (docs is None or not _INT_ARRAY.fullmatch(docs)):
+            raise ValueError("access 'docs' needs the allowed document ids as a bigint[] literal")
+        _, _, k1, b = self._consts()
+        depth = f"greatest({int(self.depth)}, {k})"  # one term's list alone fills a page unless exhausted
+        pool = f"greatest(2 * ({k}), {int(self.pool)})"
+        cut = f"w.df > {int(self.cut_df)}"
+        in_docs = f"p.document_id = ANY('{docs}'::bigint[])"
+        # rare terms: read whole; filtered by the allowed set when there is one (cheap, hashed), else not
+        rare_filter = f" AND {in_docs}" if access == "docs" else ""
+        # common terms: read in impact order, allowed postings only, until depth of them
+        cut_filter = {"all": "", "docs": f" AND {in_docs}",
+                      "probe": f" AND {_probe(where, 'p.document_id')}"}[access]
+        # known: the row's document was probed with the exact rule in this statement (common terms' rows in
+        # probe mode); every other row is probed as the pool is walked, so a stale cached answer (all, or
+        # the allowed set) only ever narrows what is read, never admits a document hidden since
+        cut_known = "true" if access == "probe" else "false"
+        r = "(min(r.key) / (1 - min(r.key)))"
+        # the bound on one unread allowed posting's saturation, for the current k1, b and avgdl
+        bound = (f"greatest({r} * {IMPACT_C1}::float8 / ({r} * {IMPACT_C1}::float8 + {k1} * (1 - {b})), "
+                 f"{r} * {IMPACT_C2}::float8 / ({r} * {IMPACT_C2}::float8 "
+                 f"+ {k1} * {b} / (SELECT avgdl FROM lex_avgdl)))")
+        allowed = f"(x.known OR {_probe(where, 'x.document_id')})"
+        return f"""{self._weights_cte()},
+        lex_read AS MATERIALIZED (
+            SELECT w.term, w.idx, r.chunk_id, r.document_id, r.key, r.known,
+                   w.w * {self._saturation('r.tf', 'r.dl')} AS part
+            FROM lex_weights w
+            CROSS JOIN LATERAL (
+                SELECT p.chunk_id, p.document_id, p.tf, p.dl, {IMPACT_KEY} AS key, false AS known
+                FROM lexical_postings p WHERE p.term = w.term AND NOT ({cut}){rare_filter}
+                UNION ALL
+                (SELECT p.chunk_id, p.document_id, p.tf, p.dl, {IMPACT_KEY} AS key, {cut_known} AS known
+                 FROM lexical_postings p WHERE p.term = w.term AND {cut}{cut_filter}
+                 ORDER BY {IMPACT_KEY} DESC LIMIT {depth})) r),
+        lex_bound AS MATERIALIZED (
+            SELECT w.term, CASE WHEN NOT ({cut}) OR count(r.chunk_id) < {depth} THEN 0::float8
+                                ELSE w.w * ({k1} + 1) * {bound} END AS ub
+            FROM lex_weights w LEFT JOIN lex_read r ON r.term = w.term
+            GROUP BY w.term, w.w, w.df),
+        lex_ranked AS MATERIALIZED (  -- seen: a bit per query term (the first 63) the chunk was read for
+            SELECT r.chunk_id, min(r.document_id) AS document_id, bool_or(r.known) AS known, sum(r.part) AS lb,
+                   bit_or(CASE WHEN r.idx < 63 THEN 1::int8 << r.idx ELSE 0::int8 END) AS seen,
+                   sum(r.part) + (SELECT coalesce(sum(ub), 0) FROM lex_bound) - sum(bd.ub) AS ub
+            FROM lex_read r JOIN lex_bound bd ON bd.term = r.term
+            GROUP BY r.chunk_id),
+        lex_pool AS MATERIALIZED (  -- best first by the exact partial score, allowed by the exact rule now
+            SELECT x.chunk_id, x.document_id, x.lb, x.seen
+            FROM (SELECT * FROM lex_ranked ORDER BY lb DESC, chunk_id OFFSET 0) x WHERE {allowed}
+            LIMIT {pool}),
+        lex_scores AS MATERIALIZED (  -- read parts are exact; probe only the cut terms a chunk was not read for
+            SELECT x.chunk_id, x.document_id, x.lb + (
+                       SELECT coalesce(sum(lw.w * {self._saturation('lp.tf', 'lp.dl')}), 0)
+                       FROM lex_bound cb JOIN lex_weights lw ON lw.term = cb.term
+                       CROSS JOIN LATERAL (SELECT p.tf, p.dl FROM lexical_postings p
+                                           WHERE p.term = cb.term AND p.chunk_id = x.chunk_id) lp
+                       WHERE cb.ub > 0 AND (lw.idx >= 63 OR x.seen & (1::int8 << lw.idx) = 0)) AS score
+            FROM lex_pool x),
+        lex_cut AS (  -- tests and benchmarks: no allowed chunk outside the pool scores above this
+            SELECT greatest(
+                (SELECT coalesce(max(x.ub), 0) FROM lex_ranked x
+                 WHERE NOT EXISTS (SELECT 1 FROM lex_pool l WHERE l.chunk_id = x.chunk_id) AND {allowed}),
+                (SELECT coalesce(sum(ub), 0) FROM lex_bound)) AS bound,
+                (SELECT coalesce(sum(ub), 0) > 0 FROM lex_bound) AS cut)"""
 
 
 def allowed_top_sql(scores: str, where: str, limit: str = "%(k)s") -> str:
@@ -72,5 +215,5 @@ def allowed_top_sql(scores: str, where: str, limit: str = "%(k)s") -> str:
     chunk), and the scalar subquery keeps the probe a per-row index lookup whatever the statistics say."""
     return (f"SELECT s.chunk_id AS id FROM (SELECT chunk_id, document_id, score FROM {scores} "
             f"ORDER BY score DESC, chunk_id OFFSET 0) s "
-            f"WHERE (SELECT {where} FROM documents d WHERE d.id = s.document_id) "
+            f"WHERE {_probe(where, 's.document_id')} "
             f"LIMIT {limit}")

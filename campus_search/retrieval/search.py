@@ -76,6 +76,13 @@ _N = len(_HEAD) + len(METADATA_FIELDS)
 FRACTION_TTL = 60.0
 #: hnsw.max_scan_tuples: how far an iterative scan may walk before it gives up (then the exact scan runs).
 MAX_SCAN_TUPLES = 20_000
+#: The bounded BM25 read (lexical.py) filters by the allowed documents' ids when a rule admits at most
+#: this share of the documents (at least LEXICAL_DOCS_MIN, at most LEXICAL_DOCS_MAX of them); the ids are
+#: cached per rule for LEXICAL_ACCESS_TTL seconds (Searcher.lexical_access).
+LEXICAL_NARROW_FRACTION = 0.1
+LEXICAL_DOCS_MIN = 1000
+LEXICAL_DOCS_MAX = 50_000
+LEXICAL_ACCESS_TTL = 30.0
 #: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
 #: pipelined statement): the statement timeout and the HNSW scan's settings.
 SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
@@ -87,7 +94,8 @@ SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true
 class Searcher:
     def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100,
                  fusion: FusionConfig | None = None, bm25: BM25 | None = None,
-                 query_vectors: QueryVectors | None = None, exact_max_fraction: float = 0.03) -> None:
+                 query_vectors: QueryVectors | None = None, exact_max_fraction: float = 0.03,
+                 lexical_narrow_fraction: float = LEXICAL_NARROW_FRACTION) -> None:
         self.db = db
         self.embedder = embedder
         self.ef_search = int(ef_search)
@@ -98,13 +106,18 @@ class Searcher:
         self.query_vectors: QueryVectors = query_vectors if query_vectors is not None else QueryEmbeddingCache()
         self.iterative_scan = "relaxed_order"  # pgvector 0.8: keep scanning the index until the page is full
         self._fractions: ExpiringLRU[str, float] = ExpiringLRU(4096)  # visible share per rule
+        self.lexical_narrow_fraction = float(lexical_narrow_fraction)
+        #: per rule: how the BM25 read tests access, and a narrow rule's allowed document ids (lexical_access)
+        # 64 rules: an entry holds up to LEXICAL_DOCS_MAX ids as text (~0.4 MB), so at most ~25 MB a process
+        self._lexical_access: ExpiringLRU[str, tuple[str, str | None]] = ExpiringLRU(64)
 
     def describe(self) -> dict[str, Any]:
         """The retrieval configuration, reported next to evaluation metrics."""
         out: dict[str, Any] = {"retrieval": "dense" if self.fusion.method == "dense" else "hybrid",
                                "model": self.embedder.model_name, **self.fusion.describe()}
         if self.fusion.method != "dense":
-            out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b})
+            out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b, "bm25_cut_df": self.bm25.cut_df,
+                        "bm25_depth": self.bm25.depth})
         out.update({"ef_search": self.ef_search, "iterative_scan": self.iterative_scan,
                     "dense_exact_fraction": self.exact_max_fraction,
                     "priority_weight": PRIORITY_WEIGHT, "freshness_weight": FRESHNESS_WEIGHT})
@@ -173,6 +186,53 @@ class Searcher:
         self._fractions.put(key, fraction, self._fractions.clock() + FRACTION_TTL)
         return fraction
 
+    def lexical_access(self, user: Principal, filters: Mapping[str, Any]) -> tuple[str, str | None]:
+        """How the bounded BM25 read (lexical.py, ``BM25.bounded_cte``) tests access for this rule and these
+        filters, cached per rule for ``LEXICAL_ACCESS_TTL`` seconds:
+
+        - ``("docs", ids)``: at most ``lexical_narrow_fraction`` of the documents (and never more than
+          ``LEXICAL_DOCS_MAX``; at least ``LEXICAL_DOCS_MIN`` on a small corpus) are allowed: their ids, a
+          ``bigint[]`` text literal the read tests each posting against with a hashed ``= ANY``;
+        - ``("all", None)``: the rule and filters admit every document: no test in the read;
+        - ``("probe", None)``: otherwise: each read posting's document is probed by primary key.
+
+        A cached answer can be stale after a metadata change; it only ever *narrows* the candidates: the
+        final cut (``allowed_top_sql``) and the returned rows are checked with the exact rule of this
+        moment, so a stale set can leave a document that just became visible out (until the entry
+        expires), never let one that just became hidden in."""
+        where, params = _where(user, filters)
+        key = where + "\x00" + json.dumps(params, sort_keys=True, default=str)
+        cached = self._lexical_access.get(key)
+        if cached is not None:
+            return cached
+        with self.db.connection(read=True) as conn:
+            conn.execute(self.db.search_settings())
+            row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'documents'::regclass").fetchone()
+            total = int(row[0]) if row else -1
+            if total < 0:  # never analysed (a new table): count it once, this result is cached
+                counted = conn.execute("SELECT count(*) FROM documents").fetchone()
+                total = int(counted[0]) if counted else 0
+            cap = min(LEXICAL_DOCS_MAX, max(LEXICAL_DOCS_MIN, int(total * self.lexical_narrow_fraction)))
+            ids = [int(r[0]) for r in conn.execute(f"SELECT d.id FROM documents d WHERE {where} LIMIT %(cap)s",
+                                                   {"cap": cap + 1, **params}).fetchall()]
+            if len(ids) <= cap:
+                answer: tuple[str, str | None] = ("docs", "{" + ",".join(map(str, sorted(ids))) + "}")
+            else:
+                everything = conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM documents d WHERE ({where}) IS NOT TRUE)",
+                                          params).fetchone()
+                answer = ("all", None) if everything and everything[0] else ("probe", None)
+        self._lexical_access.put(key, answer, self._lexical_access.clock() + LEXICAL_ACCESS_TTL)
+        return answer
+
+    def lexical_sql(self, user: Principal, filters: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The BM25 half of the hybrid statement: CTEs ending in ``lex_scores`` (chunk_id, document_id,
+        score: the exactly scored pool) and ``lex_top`` (id: the best ``%(k)s`` of it whose document
+        satisfies the rule and filters, probed now), and their parameters (besides ``qtext`` and ``k``)."""
+        where, params = _where(user, filters)
+        access, docs = self.lexical_access(user, filters)
+        return (f"{self.bm25.bounded_cte(access, where, docs)}, "
+                f"lex_top AS MATERIALIZED ({allowed_top_sql('lex_scores', where)})"), params
+
     def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int) -> bool:
         """Whether at least k chunks pass the rule and filters (cheap: stops counting at k)."""
         where, params = _where(user, filters)
@@ -210,18 +270,19 @@ class Searcher:
         The rule is checked on each candidate's document before either cut, and again on the rows
         that are returned."""
         where, params = _where(user, filters)
-        sql = (f"WITH dense AS MATERIALIZED ({_dense_sql(where, exact)}), "
-               f"{self.bm25.scored_cte()}, "
-               f"lex_top AS MATERIALIZED ({allowed_top_sql('lex_scores', where)}), "
+        lexical, lex_params = self.lexical_sql(user, filters)
+        sql = (f"WITH dense AS MATERIALIZED ({_dense_sql(where, exact)}), {lexical}, "
                f"cand AS (SELECT id FROM dense UNION SELECT id FROM lex_top) "
-               f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, coalesce(ls.score, 0) AS bm25, "
+               # a dense candidate outside the BM25 pool gets its exact score by primary-key probes
+               f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, "
+               f"  coalesce(ls.score, {self.bm25.exact_score_sql('c.id')}) AS bm25, "
                f"  c.id IN (SELECT id FROM dense) AS in_dense, c.id IN (SELECT id FROM lex_top) AS in_lex "
                f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id "
                # Defence in depth: both lists were cut under the rule; it is applied once more to the rows
                # returned, so no later change to either list's statement can surface a hidden chunk.
                f"WHERE {where}")
-        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params}, k)
+        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params, **lex_params}, k)
         cos = [float(r[_N]) for r in rows]
         bm25 = [float(r[_N + 1]) for r in rows]
         relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)
