@@ -165,17 +165,13 @@ class Searcher:
         ``exact_max_fraction`` (so an admin's count stops early) and cached per rule for FRACTION_TTL s.
         Above the threshold the value returned is a lower bound."""
         where, params = _where(user, filters)
-        key = where + "\x00" + json.dumps(params, sort_keys=True, default=str)
+        key = _rule_key(where, params)
         cached = self._fractions.get(key)
         if cached is not None:
             return cached
         with self.db.connection(read=True) as conn:
             conn.execute(self.db.search_settings())
-            row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'chunks'::regclass").fetchone()
-            total = int(row[0]) if row else -1
-            if total < 0:  # never analysed (a new table): count it once, this result is cached
-                counted = conn.execute("SELECT count(*) FROM chunks").fetchone()
-                total = int(counted[0]) if counted else 0
+            total = _estimated_rows(conn, "chunks")
             cap = int(total * self.exact_max_fraction) + 1
             allowed = conn.execute(f"SELECT count(*) FROM (SELECT 1 {_ALLOWED_CHUNKS} WHERE {where} "
                                    f"LIMIT %(cap)s) s", {"cap": cap, **params}).fetchone()
@@ -201,17 +197,13 @@ class Searcher:
         moment, so a stale set can leave a document that just became visible out (until the entry
         expires), never let one that just became hidden in."""
         where, params = _where(user, filters)
-        key = where + "\x00" + json.dumps(params, sort_keys=True, default=str)
+        key = _rule_key(where, params)
         cached = self._lexical_access.get(key)
         if cached is not None:
             return cached
         with self.db.connection(read=True) as conn:
             conn.execute(self.db.search_settings())
-            row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'documents'::regclass").fetchone()
-            total = int(row[0]) if row else -1
-            if total < 0:  # never analysed (a new table): count it once, this result is cached
-                counted = conn.execute("SELECT count(*) FROM documents").fetchone()
-                total = int(counted[0]) if counted else 0
+            total = _estimated_rows(conn, "documents")
             cap = min(LEXICAL_DOCS_MAX, max(LEXICAL_DOCS_MIN, int(total * self.lexical_narrow_fraction)))
             ids = [int(r[0]) for r in conn.execute(f"SELECT d.id FROM documents d WHERE {where} LIMIT %(cap)s",
                                                    {"cap": cap + 1, **params}).fetchall()]
@@ -305,6 +297,22 @@ class Searcher:
                f"ORDER BY cand.distance, c.id")
         rows = self._fetch(sql, {"q": vector, "k": k, **params}, k)
         return [_hit(row, float(row[-1])) for row in rows]
+
+
+def _rule_key(where: str, params: Mapping[str, Any]) -> str:
+    """A cache key for a compiled rule and its parameter values."""
+    return where + "\x00" + json.dumps(params, sort_keys=True, default=str)
+
+
+def _estimated_rows(conn: Any, table: str) -> int:
+    """The planner's row estimate of ``table`` (``chunks`` or ``documents``), or an exact count when the
+    table was never analysed (a new table; the callers cache what they derive from it)."""
+    row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
+    total = int(row[0]) if row else -1
+    if total < 0:
+        counted = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        total = int(counted[0]) if counted else 0
+    return total
 
 
 #: The chunks of the documents a predicate on ``d`` admits (the exact plan and the counts).
