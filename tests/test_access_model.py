@@ -94,14 +94,19 @@ def grid_principals() -> Iterator[Principal]:
                 yield Principal(f"{role.name}", role, depts, groups=tuple(groups))
 
 
+def access_table(conn: Any, name: str, rows: list[dict[str, Any]]) -> None:
+    """A temporary table ``name`` of documents' access columns, holding ``rows``."""
+    conn.execute(f"CREATE TEMP TABLE {name} (id int, clearance_level int, visibility text, department text, "
+                 "groups text[])")
+    with conn.cursor().copy(f"COPY {name} FROM STDIN") as copy:
+        for ch in rows:
+            copy.write_row((ch["id"], ch["clearance_level"], ch["visibility"], ch["department"], ch["groups"]))
+
+
 def test_sql_predicate_equals_the_python_rule_with_groups(services: Services) -> None:
     chunks = grid_chunks()
     with psycopg.connect(services.dsn) as conn:
-        conn.execute("CREATE TEMP TABLE t (id int, clearance_level int, visibility text, department text, "
-                     "groups text[])")
-        with conn.cursor().copy("COPY t FROM STDIN") as copy:
-            for ch in chunks:
-                copy.write_row((ch["id"], ch["clearance_level"], ch["visibility"], ch["department"], ch["groups"]))
+        access_table(conn, "t", chunks)
         checked = 0
         for user in grid_principals():
             expected = {ch["id"] for ch in chunks if is_visible(ch, user)}
@@ -232,11 +237,7 @@ def test_random_principals_and_documents_agree_in_sql_and_python(services: Servi
              "department": rng.choice(["A", "B", "C"]), "groups": rng.sample(names, rng.randint(0, 3))}
             for i in range(400)]
     with psycopg.connect(services.dsn) as conn:
-        conn.execute("CREATE TEMP TABLE r (id int, clearance_level int, visibility text, department text, "
-                     "groups text[])")
-        with conn.cursor().copy("COPY r FROM STDIN") as copy:
-            for ch in rows:
-                copy.write_row((ch["id"], ch["clearance_level"], ch["visibility"], ch["department"], ch["groups"]))
+        access_table(conn, "r", rows)
         for i in range(150):
             role = rng.choice([*DEFAULT_ROLES.values(), ANONYMOUS_ROLE])
             user = Principal(f"u{i}", role, tuple(rng.sample(["A", "B", "C"], rng.randint(0, 2))),
