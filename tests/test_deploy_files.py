@@ -205,13 +205,7 @@ def test_shell_scripts_parse() -> None:
 # --- PostgreSQL ----------------------------------------------------------------------------------------
 
 def conf_settings(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            key, value = (part.strip() for part in line.split("=", 1))
-            out[key] = value.strip("'")
-    return out
+    return conf_settings_text(path.read_text(encoding="utf-8"))
 
 
 def test_postgresql_conf_is_accepted_by_postgresql_18(tmp_path: Path) -> None:
@@ -652,3 +646,34 @@ def test_nginx_blanks_every_identity_header_a_proxy_could_set() -> None:
                "X-Remote-User", "X-Remote-Groups"}  # the documented values of the two settings off by default
     for header in sorted(headers):
         assert f'proxy_set_header {header} "";' in text, header
+
+
+def test_embedded_cluster_memory_follows_the_machine() -> None:
+    """Embedded mode sizes PostgreSQL's memory from the machine's RAM (storage/embedded_pg.py), as
+    postgresql.conf's comments say for production: shared_buffers a quarter, within 128MB-4GB;
+    effective_cache_size a half. Every other line stays fixed."""
+    from campus_search.storage.embedded_pg import tuning
+
+    def memory(ram_gb: float) -> tuple[str, str]:
+        s = conf_settings_text(tuning(int(ram_gb * 2**30)))
+        return s["shared_buffers"], s["effective_cache_size"]
+
+    assert memory(0.25) == ("128MB", "512MB")  # floors: a tiny container still gets a working cluster
+    assert memory(2) == ("512MB", "1024MB")
+    assert memory(8) == ("2048MB", "4096MB")
+    assert memory(24) == ("4096MB", "12288MB")  # this machine: postgresql.conf's 4GB, its 12GB
+    assert memory(64) == ("4096MB", "32768MB")  # capped: beyond 4GB the OS cache does the rest
+    fixed = {k: v for k, v in conf_settings_text(tuning(8 * 2**30)).items()
+             if k not in {"shared_buffers", "effective_cache_size"}}
+    assert fixed == {"jit": "off", "maintenance_work_mem": "1GB", "max_connections": "200",
+                     "random_page_cost": "1.1", "max_wal_size": "4GB", "checkpoint_timeout": "15min"}
+
+
+def conf_settings_text(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, value = (part.strip() for part in line.split("=", 1))
+            out[key] = value.strip("'")
+    return out

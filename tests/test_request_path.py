@@ -16,6 +16,7 @@ from psycopg_pool import ConnectionPool
 
 from campus_search.audit.records import Auditor, AuditRecord
 from campus_search.audit.verify import verify
+from campus_search.expiring import ExpiringLRU
 from campus_search.retrieval.params import SearchParams
 from campus_search.security.auth import principal_from_claims
 
@@ -106,6 +107,45 @@ def test_search_settings_end_with_its_transaction(settings_factory: Any, service
     with services.db.connection() as conn:  # the pool's only connection, the one the search used
         assert conn.execute("SELECT current_setting('hnsw.ef_search', true), "
                             "current_setting('statement_timeout')").fetchone() in {(None, "0"), ("40", "0")}
+
+
+def test_ef_search_grows_with_the_corpus_and_reaches_the_server(settings_factory: Any, services_factory: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """hnsw.ef_search is HNSW_EF_SEARCH, raised to one candidate per 2,500 chunks of the corpus (400 at a
+    million, where 100 loses dense recall), as PostgreSQL's row estimate of ``chunks`` says."""
+    from campus_search.retrieval import search as search_module
+
+    services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1, hnsw_ef_search=100))
+    searcher, user = services.searcher, principal_from_claims({"sub": "a", "role": "admin"}, services.settings)
+    # the value the search transaction set, kept in a session setting so it can be read after the COMMIT
+    monkeypatch.setattr(search_module, "SEARCH_SETTINGS_SQL", search_module.SEARCH_SETTINGS_SQL
+                        + ", set_config('campus_search.seen_ef', %(ef_search)s, false)")
+
+    def ef_used() -> int:
+        searcher._fractions = ExpiringLRU(16)  # count the visible share (and the corpus) again
+        searcher.search(user, SearchParams(query="exam timetable"))
+        with services.db.connection() as conn:  # the pool's only connection, the one the search used
+            return int(conn.execute("SELECT current_setting('campus_search.seen_ef')").fetchone()[0])
+
+    assert ef_used() == 100  # a small corpus: the setting decides
+    with psycopg.connect(services.dsn, autocommit=True) as conn:  # what a million chunks looks like to the planner
+        conn.execute("UPDATE pg_class SET reltuples = 1000000 WHERE oid = 'chunks'::regclass")
+    assert ef_used() == 400
+    with psycopg.connect(services.dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pg_class SET reltuples = 50000000 WHERE oid = 'chunks'::regclass")
+    assert ef_used() == 1000  # pgvector's maximum
+
+
+def test_ef_search_for_a_top_k() -> None:
+    from campus_search.retrieval.search import Searcher
+
+    searcher = Searcher.__new__(Searcher)
+    searcher.ef_search, searcher._corpus_chunks = 100, 0
+    assert searcher.ef_search_for(40) == 100 and searcher.ef_search_for(300) == 300  # never below k
+    searcher._corpus_chunks = 600_000
+    assert searcher.ef_search_for(40) == 240
+    searcher.ef_search = 500
+    assert searcher.ef_search_for(40) == 500  # HNSW_EF_SEARCH is the floor
 
 
 def _wait_gone(dsn: str, pid: int) -> None:

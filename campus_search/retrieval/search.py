@@ -76,6 +76,11 @@ _N = len(_HEAD) + len(METADATA_FIELDS)
 FRACTION_TTL = 60.0
 #: hnsw.max_scan_tuples: how far an iterative scan may walk before it gives up (then the exact scan runs).
 MAX_SCAN_TUPLES = 20_000
+#: hnsw.ef_search grows with the corpus: at least one per EF_CHUNKS_PER_CANDIDATE chunks (400 at 1M, where
+#: it gives dense recall@10 0.975 against 0.938 at 200: docs/performance.md), at most pgvector's 1000.
+#: HNSW_EF_SEARCH is the floor (100 by default: below 250,000 chunks it decides).
+EF_CHUNKS_PER_CANDIDATE = 2500
+EF_SEARCH_MAX = 1000
 #: The bounded BM25 read (lexical.py) filters by the allowed documents' ids when a rule admits at most
 #: this share of the documents (at least LEXICAL_DOCS_MIN, at most LEXICAL_DOCS_MAX of them); the ids are
 #: cached per rule for LEXICAL_ACCESS_TTL seconds (Searcher.lexical_access).
@@ -106,6 +111,7 @@ class Searcher:
         self.query_vectors: QueryVectors = query_vectors if query_vectors is not None else QueryEmbeddingCache()
         self.iterative_scan = "relaxed_order"  # pgvector 0.8: keep scanning the index until the page is full
         self._fractions: ExpiringLRU[str, float] = ExpiringLRU(4096)  # visible share per rule
+        self._corpus_chunks = 0  # the chunks table's size when a visible share was last counted
         self.lexical_narrow_fraction = float(lexical_narrow_fraction)
         #: per rule: how the BM25 read tests access, and a narrow rule's allowed document ids (lexical_access)
         # 64 rules: an entry holds up to LEXICAL_DOCS_MAX ids as text (~0.4 MB), so at most ~25 MB a process
@@ -172,6 +178,7 @@ class Searcher:
         with self.db.connection(read=True) as conn:
             conn.execute(self.db.search_settings())
             total = _estimated_rows(conn, "chunks")
+            self._corpus_chunks = total
             cap = int(total * self.exact_max_fraction) + 1
             allowed = conn.execute(f"SELECT count(*) FROM (SELECT 1 {_ALLOWED_CHUNKS} WHERE {where} "
                                    f"LIMIT %(cap)s) s", {"cap": cap, **params}).fetchone()
@@ -181,6 +188,13 @@ class Searcher:
             fraction = max(fraction, self.exact_max_fraction + 1e-9)
         self._fractions.put(key, fraction, self._fractions.clock() + FRACTION_TTL)
         return fraction
+
+    def ef_search_for(self, k: int) -> int:
+        """``hnsw.ef_search`` for a top-``k`` search: ``HNSW_EF_SEARCH``, raised with the corpus size (one
+        candidate per EF_CHUNKS_PER_CANDIDATE chunks, as counted by the last ``visible_fraction``; at most
+        EF_SEARCH_MAX), and never below k."""
+        by_size = min(EF_SEARCH_MAX, self._corpus_chunks // EF_CHUNKS_PER_CANDIDATE)
+        return max(self.ef_search, by_size, k)
 
     def lexical_access(self, user: Principal, filters: Mapping[str, Any]) -> tuple[str, str | None]:
         """How the bounded BM25 read (lexical.py, ``BM25.bounded_cte``) tests access for this rule and these
@@ -243,7 +257,7 @@ class Searcher:
         one round trip to PostgreSQL per search instead of three. Behind pgbouncer's transaction pooling
         (prepared statements off, like the audit writer) one statement at a time."""
         settings = {"timeout": str(int(self.db.settings.db_statement_timeout_ms)),
-                    "ef_search": str(max(self.ef_search, k)), "iterative_scan": self.iterative_scan,
+                    "ef_search": str(self.ef_search_for(k)), "iterative_scan": self.iterative_scan,
                     "max_scan_tuples": str(MAX_SCAN_TUPLES)}
         with self.db.connection(read=True) as conn:
             if conn.prepare_threshold is None:

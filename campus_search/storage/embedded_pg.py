@@ -19,22 +19,35 @@ log = logging.getLogger(__name__)
 
 DATABASE = "campus_search"
 
-# Written beside postgresql.conf on first start. JIT compilation costs milliseconds per query and
-# buys nothing for short index lookups; HNSW builds want maintenance memory (allocated only while an
-# index builds). At a million chunks a bulk load or a department-wide metadata change writes gigabytes
-# of WAL: with the default max_wal_size (1GB) that forces a checkpoint (and full-page images) every few
-# seconds; 4GB and a 15-minute timeout keep them apart (docs/performance.md).
-TUNING = """\
+# Written beside postgresql.conf on first start (and rewritten when it differs). JIT compilation costs
+# milliseconds per query and buys nothing for short index lookups; HNSW builds want maintenance memory
+# (allocated only while an index builds). At a million chunks a bulk load or a department-wide metadata
+# change writes gigabytes of WAL: with the default max_wal_size (1GB) that forces a checkpoint (and
+# full-page images) every few seconds; 4GB and a 15-minute timeout keep them apart. Memory follows the
+# machine as postgresql.conf's comments say: shared_buffers a quarter of RAM, within 128MB-4GB (the
+# production file's value; shared memory is only touched as it is used), effective_cache_size a half.
+# At 1M chunks that keeps the HNSW index and the hot postings in PostgreSQL's own cache instead of
+# copying them in from the OS cache page by page (docs/performance.md).
+_TUNING = """\
 # Managed by campus-search (embedded mode).
 jit = off
-shared_buffers = '256MB'
+shared_buffers = '{shared_buffers}MB'
 maintenance_work_mem = '1GB'
 max_connections = 200
-effective_cache_size = '2GB'
+effective_cache_size = '{effective_cache_size}MB'
 random_page_cost = 1.1
 max_wal_size = '4GB'
 checkpoint_timeout = '15min'
 """
+
+
+def tuning(ram_bytes: int | None = None) -> str:
+    """The embedded cluster's settings for a machine with ``ram_bytes`` of memory (default: this one's)."""
+    if ram_bytes is None:
+        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram_mb = ram_bytes // 2**20
+    return _TUNING.format(shared_buffers=min(4096, max(128, ram_mb // 4)),
+                          effective_cache_size=max(512, ram_mb // 2))
 
 
 def ensure_embedded_database(data_dir: str) -> str:
@@ -50,8 +63,9 @@ def ensure_embedded_database(data_dir: str) -> str:
     with server._lock:  # same inter-process lock pgserver uses for start-up
         server.ensure_pgdata_inited()
         conf = pgdata / "campus_search.conf"
-        if not conf.exists() or conf.read_text() != TUNING:
-            conf.write_text(TUNING)
+        wanted = tuning()
+        if not conf.exists() or conf.read_text() != wanted:
+            conf.write_text(wanted)
             main_conf = pgdata / "postgresql.conf"
             text = main_conf.read_text()
             if "include_if_exists = 'campus_search.conf'" not in text:
