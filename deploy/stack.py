@@ -140,7 +140,7 @@ class Stack:
             ("shared_buffers = '4GB'", "shared_buffers = '256MB'",
              "sized for a 16 GB host; two clusters share this one"),
             ("effective_cache_size = '12GB'", "effective_cache_size = '2GB'", "as above"),
-            ("maintenance_work_mem = '2GB'", "maintenance_work_mem = '256MB'", "as above"),
+            ("maintenance_work_mem = '3GB'", "maintenance_work_mem = '256MB'", "as above"),
             ("archive_command = '/bin/true'",
              f"archive_command = 'test ! -f {self.root}/wal-archive/%f && cp %p {self.root}/wal-archive/%f'",
              "WAL archiving for the point-in-time recovery drill (docs/deployment.md)"),

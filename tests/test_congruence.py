@@ -435,9 +435,9 @@ def test_dense_plan_follows_the_visible_fraction(corpus: Corpus) -> None:
     calls: list[bool] = []
 
     class Recording(Searcher):
-        def _candidates(self, *args: Any, exact: bool) -> Any:
+        def _candidates(self, *args: Any, exact: bool, **kwargs: Any) -> Any:
             calls.append(exact)
-            return super()._candidates(*args, exact=exact)
+            return super()._candidates(*args, exact=exact, **kwargs)
 
     recording = Recording(corpus.services.db, corpus.services.embedder, exact_max_fraction=0.03)
     text, q = corpus.queries[0]

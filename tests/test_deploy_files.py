@@ -223,7 +223,7 @@ def test_postgresql_conf_is_accepted_by_postgresql_18(tmp_path: Path) -> None:
     proc = subprocess.run([str(postgres), "-C", "maintenance_work_mem", "-c", f"config_file={conf}",
                            "-D", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(2 * 1024 * 1024)  # kB
+    assert proc.stdout.strip() == str(3 * 1024 * 1024)  # kB
 
 
 # --- nginx ---------------------------------------------------------------------------------------------

@@ -186,6 +186,87 @@ def test_lying_posting_never_surfaces_a_hidden_chunk(small: Any, token: Any) -> 
     assert small.searcher.search(staff_it, params)[0].document_id == "secret"
 
 
+def test_a_bm25_pool_read_before_a_change_never_surfaces_a_now_hidden_chunk(small: Any) -> None:
+    """The BM25 pool is one statement and the chunks are returned by another (Searcher.hybrid_candidates),
+    possibly after a change committed in between. A pool read for the restricted playbook's rightful
+    reader, handed to a student's search as if the student's own read had seen it, still cannot surface
+    the playbook: the statement that returns chunks applies the student's rule to every row."""
+    from concurrent.futures import Future
+
+    query = "ZR-9042 data breach playbook"
+    staff_it = Principal("t2", DEFAULT_ROLES["staff"], departments=("IT Services",))
+    pool = small.searcher.lexical_pool(staff_it, query, {}, 40)
+    with small.db.connection() as conn:
+        secret = {r[0] for r in conn.execute("SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id "
+                                             "WHERE d.external_id = 'secret'").fetchall()}
+    assert any(chunk in secret and top for chunk, _, top in pool)  # the stale pool does name it, in the top k
+    stale: Future[list[tuple[int, float, bool]]] = Future()
+    stale.set_result(pool)
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    vector = small.searcher.embed_query(query)
+    hits = small.searcher.hybrid_candidates(student, vector, query, {}, 40, lexical=stale)
+    assert hits and not {h.chunk_id for h in hits} & secret
+    assert {h.chunk_id for h in small.searcher.hybrid_candidates(staff_it, vector, query, {}, 40,
+                                                                 lexical=stale)} & secret
+
+
+def test_bm25_runs_while_the_query_is_embedded(small: Any) -> None:
+    """A hybrid search starts its BM25 statement on a connection of its own before it embeds the query:
+    an embedder that waits for that statement to finish returns (it would wait in vain, and fail, if the
+    statement ran only after the embedding). Handing the pool over changes nothing: the candidates are
+    those of the path that reads the pool itself."""
+    import threading
+    from concurrent.futures import Future
+
+    searcher = small.searcher
+    finished, embedded = threading.Event(), threading.Event()
+    original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed
+
+    def pool(*args: Any) -> Any:
+        rows = original_pool(*args)
+        finished.set()
+        return rows
+
+    def embed(texts: list[str]) -> Any:
+        assert finished.wait(10), "the BM25 statement had not run by the time the query was embedded"
+        embedded.set()
+        return original_embed(texts)
+
+    query = "EASE password reset"
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    searcher.lexical_pool, searcher.embedder.embed = pool, embed
+    try:
+        hits = searcher.search(student, SearchParams(query=query, max_results=5, similarity_threshold=-1))
+    finally:
+        searcher.lexical_pool, searcher.embedder.embed = original_pool, original_embed
+    assert embedded.is_set() and hits
+    vector = searcher.embed_query(query)
+    handed: Future[list[tuple[int, float, bool]]] = Future()
+    handed.set_result(searcher.lexical_pool(student, query, {}, 40))
+    own = searcher.hybrid_candidates(student, vector, query, {}, 40)
+    given = searcher.hybrid_candidates(student, vector, query, {}, 40, lexical=handed)
+    assert [(h.chunk_id, h.bm25, h.relevance, h.in_dense, h.in_lexical) for h in own] == \
+        [(h.chunk_id, h.bm25, h.relevance, h.in_dense, h.in_lexical) for h in given]
+    assert {h.chunk_id for h in hits} <= {h.chunk_id for h in own}
+
+
+def test_the_bm25_threads_belong_to_the_process_that_uses_them(small: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gunicorn worker forked from a master that searched must not reuse the master's thread pool (its
+    threads do not exist in the child): the pool is made again in a process with another pid."""
+    import os
+
+    searcher = small.searcher
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    searcher.start_lexical(student, "EASE", {}, 40).result(timeout=30)
+    first = searcher._runner
+    searcher.start_lexical(student, "EASE", {}, 40).result(timeout=30)
+    assert searcher._runner is first  # one pool per process
+    real = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: real + 1)
+    assert searcher.start_lexical(student, "EASE", {}, 40).result(timeout=30) is not None
+    assert searcher._runner is not first and searcher._runner[0] == real + 1
+
+
 def test_metadata_change_applies_to_lexical_path_at_once(small: Any) -> None:
     query = "XQ-7731 replacement EASE token"
     student = Principal("s1", DEFAULT_ROLES["student"])

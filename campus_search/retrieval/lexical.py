@@ -86,6 +86,11 @@ class BM25:
         # float8 literals: a bare 0.4 is numeric in PostgreSQL, and numeric arithmetic per posting is slow
         return n, avgdl, f"{self.k1:.6f}::float8", f"{self.b:.6f}::float8"
 
+    def weights_cte(self) -> str:
+        """CTEs ``lex_query``, ``lex_df``, ``lex_weights`` and ``lex_avgdl`` for ``%(qtext)s``: what
+        :meth:`exact_score_sql` needs."""
+        return self._weights_cte()
+
     def _weights_cte(self) -> str:
         n, avgdl, _, _ = self._consts()
         return f"""

@@ -17,6 +17,10 @@ probed by primary key (``hnsw.ef_search``, ``hnsw.iterative_scan``, ``hnsw.max_s
 pooling). Either way the visibility rule is inside the same ``WHERE``; a stale share only picks the
 slower plan, never a different answer: an HNSW list that comes back short is redone exactly.
 
+A hybrid search is two statements: the BM25 pool (started first on its own connection, so it runs while
+the query is embedded), then the dense top k and the union's chunks with both scores, in one snapshot,
+under the rule once more (``hybrid_candidates``).
+
 Ranking: ranking.py (docs/ranking.md). ``relevance`` is the cosine similarity for dense retrieval;
 ``similarity`` in the response is always the raw cosine similarity and ``similarity_threshold`` applies
 to it.
@@ -25,7 +29,10 @@ to it.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -88,6 +95,9 @@ LEXICAL_NARROW_FRACTION = 0.1
 LEXICAL_DOCS_MIN = 1000
 LEXICAL_DOCS_MAX = 50_000
 LEXICAL_ACCESS_TTL = 30.0
+#: Threads per process that run hybrid searches' BM25 statements (Searcher.start_lexical): at most this
+#: many run at once, the rest queue (each holds a pooled connection while it runs).
+LEXICAL_THREADS = 8
 #: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
 #: pipelined statement): the statement timeout and the HNSW scan's settings.
 SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
@@ -116,6 +126,10 @@ class Searcher:
         #: per rule: how the BM25 read tests access, and a narrow rule's allowed document ids (lexical_access)
         # 64 rules: an entry holds up to LEXICAL_DOCS_MAX ids as text (~0.4 MB), so at most ~25 MB a process
         self._lexical_access: ExpiringLRU[str, tuple[str, str | None]] = ExpiringLRU(64)
+        #: runs a hybrid search's BM25 statement beside its embedding and dense statement (start_lexical);
+        #: made in the process that uses it (a pool forked with its threads' state would never run them)
+        self._runner: tuple[int, ThreadPoolExecutor] | None = None
+        self._runner_lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         """The retrieval configuration, reported next to evaluation metrics."""
@@ -138,15 +152,18 @@ class Searcher:
         return vector
 
     def search(self, user: Principal, params: SearchParams) -> list[Hit]:
-        vector = self.embed_query(params.query)
         k = max(params.max_results, CANDIDATE_FLOOR)
+        # hybrid: the BM25 statement starts first, on its own connection, and runs while the query is
+        # embedded (two cores: the model on one, PostgreSQL's backend on the other)
+        lexical = self.start_lexical(user, params.query, params.filters, k) if self.fusion.method != "dense" else None
+        vector = self.embed_query(params.query)
         exact = self.dense_plan(user, params.filters) == "exact"
-        hits = self._candidates(user, vector, params, k, exact=exact)
+        hits = self._candidates(user, vector, params, k, exact=exact, lexical=lexical)
         if not exact and sum(h.in_dense for h in hits) < k and self._allowed_at_least(user, params.filters, k):
             # A short dense list means either that fewer than k chunks are allowed, or that the index scan
             # gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles it, so
             # a page is never short because hidden chunks crowded the index's neighbourhood.
-            hits = self._candidates(user, vector, params, k, exact=True)
+            hits = self._candidates(user, vector, params, k, exact=True, lexical=lexical)
         hits = [h for h in hits if h.similarity >= params.similarity_threshold]
         for h in hits:
             h.combined_score = business_score(h.relevance, h.raw_meta, user)
@@ -154,10 +171,33 @@ class Searcher:
         return hits[:params.max_results]
 
     def _candidates(self, user: Principal, vector: np.ndarray, params: SearchParams, k: int,
-                    exact: bool) -> list[Hit]:
+                    exact: bool, lexical: Future[list[tuple[int, float, bool]]] | None = None) -> list[Hit]:
         if self.fusion.method == "dense":
             return self.dense_candidates(user, vector, params.filters, k, exact=exact)
-        return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact)
+        return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact, lexical=lexical)
+
+    def start_lexical(self, user: Principal, query: str, filters: Mapping[str, Any],
+                      k: int) -> Future[list[tuple[int, float, bool]]]:
+        """:meth:`lexical_pool` on a thread of this process, now; its rows (or its error) come from the
+        returned future's ``result()``."""
+        with self._runner_lock:
+            if self._runner is None or self._runner[0] != os.getpid():
+                self._runner = (os.getpid(), ThreadPoolExecutor(max_workers=LEXICAL_THREADS,
+                                                                thread_name_prefix="search-bm25"))
+            runner = self._runner[1]
+        return runner.submit(self.lexical_pool, user, query, filters, k)
+
+    def lexical_pool(self, user: Principal, query: str, filters: Mapping[str, Any],
+                     k: int) -> list[tuple[int, float, bool]]:
+        """The BM25 half of a hybrid search, one statement: ``(chunk_id, exact BM25 score, in the top k)``
+        for the pool of candidates (lexical.py, ``BM25.bounded_cte``) whose document satisfied the rule
+        and filters when it ran. Ids and scores only: the statement that returns chunks
+        (:meth:`hybrid_candidates`) applies the rule again, so a document hidden since cannot surface."""
+        lexical, lex_params = self.lexical_sql(user, filters)
+        sql = (f"WITH {lexical} SELECT s.chunk_id, s.score, s.chunk_id IN (SELECT id FROM lex_top) "
+               f"FROM lex_scores s")
+        return [(int(r[0]), float(r[1]), bool(r[2]))
+                for r in self._fetch(sql, {"k": k, "qtext": query, **lex_params}, k)]
 
     def dense_plan(self, user: Principal, filters: Mapping[str, Any]) -> str:
         """``exact`` when the rule and filters admit at most ``exact_max_fraction`` of the chunks, else
@@ -254,7 +294,7 @@ class Searcher:
         transaction; pgbouncer-safe).
 
         On a direct connection the settings, the query and the ``COMMIT`` go out together in one pipeline:
-        one round trip to PostgreSQL per search instead of three. Behind pgbouncer's transaction pooling
+        one round trip to PostgreSQL per statement instead of three. Behind pgbouncer's transaction pooling
         (prepared statements off, like the audit writer) one statement at a time."""
         settings = {"timeout": str(int(self.db.settings.db_statement_timeout_ms)),
                     "ef_search": str(self.ef_search_for(k)), "iterative_scan": self.iterative_scan,
@@ -270,25 +310,35 @@ class Searcher:
             return cur.fetchall()
 
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
-                          k: int, *, exact: bool = False) -> list[Hit]:
+                          k: int, *, exact: bool = False,
+                          lexical: Future[list[tuple[int, float, bool]]] | None = None) -> list[Hit]:
         """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
-        exact cosine and BM25 score, fused into ``relevance`` (fusion.py). One statement, one round trip.
-        The rule is checked on each candidate's document before either cut, and again on the rows
-        that are returned."""
+        exact cosine and BM25 score, fused into ``relevance`` (fusion.py).
+
+        Two statements: the BM25 pool (:meth:`lexical_pool`; ``lexical`` when :meth:`start_lexical`
+        already runs it, beside the query's embedding, else run here), then one that finds the dense top k
+        and returns the union's chunks with both scores: a dense candidate outside the BM25 pool gets its
+        exact BM25 score by primary-key probes. The dense list and the rows returned come from one
+        snapshot, so a document rewritten meanwhile is seen whole, one version or the other; the pool's
+        ids of chunks gone since simply find no row. The rule is applied once more to every row
+        returned, so neither list, nor a change committed between the statements, can surface a hidden
+        chunk."""
         where, params = _where(user, filters)
-        lexical, lex_params = self.lexical_sql(user, filters)
-        sql = (f"WITH dense AS MATERIALIZED ({_dense_sql(where, exact)}), {lexical}, "
-               f"cand AS (SELECT id FROM dense UNION SELECT id FROM lex_top) "
-               # a dense candidate outside the BM25 pool gets its exact score by primary-key probes
+        pool = lexical.result() if lexical is not None else self.lexical_pool(user, query, filters, k)
+        sql = (f"WITH dense AS MATERIALIZED ({_dense_sql(where, exact)}), {self.bm25.weights_cte()}, "
+               f"ls AS (SELECT * FROM unnest(%(ls_ids)s::bigint[], %(ls_scores)s::float8[], %(ls_top)s::bool[]) "
+               f"       AS t(chunk_id, score, in_lex)), "
+               f"cand AS (SELECT id FROM dense UNION SELECT chunk_id FROM ls WHERE in_lex) "
                f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, "
                f"  coalesce(ls.score, {self.bm25.exact_score_sql('c.id')}) AS bm25, "
-               f"  c.id IN (SELECT id FROM dense) AS in_dense, c.id IN (SELECT id FROM lex_top) AS in_lex "
+               f"  c.id IN (SELECT id FROM dense) AS in_dense, coalesce(ls.in_lex, false) AS in_lex "
                f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
-               f"LEFT JOIN lex_scores ls ON ls.chunk_id = c.id "
+               f"LEFT JOIN ls ON ls.chunk_id = c.id "
                # Defence in depth: both lists were cut under the rule; it is applied once more to the rows
                # returned, so no later change to either list's statement can surface a hidden chunk.
                f"WHERE {where}")
-        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params, **lex_params}, k)
+        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, "ls_ids": [p[0] for p in pool],
+                                 "ls_scores": [p[1] for p in pool], "ls_top": [p[2] for p in pool], **params}, k)
         cos = [float(r[_N]) for r in rows]
         bm25 = [float(r[_N + 1]) for r in rows]
         relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)
