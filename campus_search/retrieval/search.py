@@ -126,7 +126,7 @@ class Searcher:
         #: per rule: how the BM25 read tests access, and a narrow rule's allowed document ids (lexical_access)
         # 64 rules: an entry holds up to LEXICAL_DOCS_MAX ids as text (~0.4 MB), so at most ~25 MB a process
         self._lexical_access: ExpiringLRU[str, tuple[str, str | None]] = ExpiringLRU(64)
-        #: runs a hybrid search's BM25 statement beside its embedding and dense statement (start_lexical);
+        #: runs a hybrid search's BM25 statement beside the query's embedding (start_lexical);
         #: made in the process that uses it (a pool forked with its threads' state would never run them)
         self._runner: tuple[int, ThreadPoolExecutor] | None = None
         self._runner_lock = threading.Lock()
