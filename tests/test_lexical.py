@@ -210,15 +210,23 @@ def test_a_bm25_pool_read_before_a_change_never_surfaces_a_now_hidden_chunk(smal
                                                                  lexical=stale)} & secret
 
 
-def test_bm25_runs_while_the_query_is_embedded(small: Any) -> None:
-    """A hybrid search starts its BM25 statement on a connection of its own before it embeds the query:
-    an embedder that waits for that statement to finish returns (it would wait in vain, and fail, if the
-    statement ran only after the embedding). Handing the pool over changes nothing: the candidates are
-    those of the path that reads the pool itself."""
+def test_bm25_runs_while_the_query_is_embedded(small: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a large corpus a hybrid search starts its BM25 statement on a connection of its own before it
+    embeds the query: an embedder that waits for that statement to finish returns (it would wait in vain,
+    and fail, if the statement ran only after the embedding). Handing the pool over changes nothing: the
+    candidates are those of the path that reads the pool itself. On a small corpus it runs in line."""
     import threading
     from concurrent.futures import Future
 
+    from campus_search.retrieval import search as search_module
+
     searcher = small.searcher
+    started: list[int] = []
+    original_start = searcher.start_lexical
+    monkeypatch.setattr(searcher, "start_lexical", lambda *a: started.append(1) or original_start(*a))
+    searcher.search(Principal("s1", DEFAULT_ROLES["student"]), SearchParams(query="library", max_results=5))
+    assert not started  # 5 chunks: BM25 in line, no hand-over
+    monkeypatch.setattr(search_module, "LEXICAL_BESIDE_MIN_CHUNKS", 0)  # as on a large corpus
     finished, embedded = threading.Event(), threading.Event()
     original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed
 

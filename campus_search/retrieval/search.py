@@ -98,6 +98,10 @@ LEXICAL_ACCESS_TTL = 30.0
 #: Threads per process that run hybrid searches' BM25 statements (Searcher.start_lexical): at most this
 #: many run at once, the rest queue (each holds a pooled connection while it runs).
 LEXICAL_THREADS = 8
+#: ... and only on a corpus of at least this many chunks: below it BM25 takes a few milliseconds and the
+#: hand-over costs more CPU than it saves (SciFact's 4,369 chunks, bench_peer.py: 14.1 -> 16.3 ms of
+#: worker CPU a request, 86 -> 78 requests/s, for 0.6 ms at concurrency 1).
+LEXICAL_BESIDE_MIN_CHUNKS = 100_000
 #: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
 #: pipelined statement): the statement timeout and the HNSW scan's settings.
 SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
@@ -153,9 +157,10 @@ class Searcher:
 
     def search(self, user: Principal, params: SearchParams) -> list[Hit]:
         k = max(params.max_results, CANDIDATE_FLOOR)
-        # hybrid: the BM25 statement starts first, on its own connection, and runs while the query is
-        # embedded (two cores: the model on one, PostgreSQL's backend on the other)
-        lexical = self.start_lexical(user, params.query, params.filters, k) if self.fusion.method != "dense" else None
+        # hybrid on a large corpus: the BM25 statement starts first, on its own connection, and runs while
+        # the query is embedded (two cores: the model on one, PostgreSQL's backend on the other)
+        beside = self.fusion.method != "dense" and self._corpus_chunks >= LEXICAL_BESIDE_MIN_CHUNKS
+        lexical = self.start_lexical(user, params.query, params.filters, k) if beside else None
         vector = self.embed_query(params.query)
         exact = self.dense_plan(user, params.filters) == "exact"
         hits = self._candidates(user, vector, params, k, exact=exact, lexical=lexical)
