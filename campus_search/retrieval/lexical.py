@@ -89,9 +89,6 @@ class BM25:
     def weights_cte(self) -> str:
         """CTEs ``lex_query``, ``lex_df``, ``lex_weights`` and ``lex_avgdl`` for ``%(qtext)s``: what
         :meth:`exact_score_sql` needs."""
-        return self._weights_cte()
-
-    def _weights_cte(self) -> str:
         n, avgdl, _, _ = self._consts()
         return f"""
         lex_query AS (
@@ -123,7 +120,7 @@ class BM25:
         """CTEs ending in ``lex_scores`` (chunk_id, document_id, score): *every* chunk containing a query
         term of ``%(qtext)s``, scored, no rule applied. Exhaustive BM25: the reference the bounded read is
         checked against (tests, benchmarks); its cost grows with the terms' document frequencies."""
-        return f"""{self._weights_cte()},
+        return f"""{self.weights_cte()},
         lex_scores AS MATERIALIZED (
             SELECT p.chunk_id, min(p.document_id) AS document_id, sum(w.w * {self._saturation('p.tf', 'p.dl')}) AS score
             FROM lex_weights w
@@ -167,7 +164,7 @@ class BM25:
                  f"{r} * {IMPACT_C2}::float8 / ({r} * {IMPACT_C2}::float8 "
                  f"+ {k1} * {b} / (SELECT avgdl FROM lex_avgdl)))")
         allowed = f"(x.known OR {_probe(where, 'x.document_id')})"
-        return f"""{self._weights_cte()},
+        return f"""{self.weights_cte()},
         lex_read AS MATERIALIZED (
             SELECT w.term, w.idx, r.chunk_id, r.document_id, r.key, r.known,
                    w.w * {self._saturation('r.tf', 'r.dl')} AS part

@@ -17,9 +17,9 @@ probed by primary key (``hnsw.ef_search``, ``hnsw.iterative_scan``, ``hnsw.max_s
 pooling). Either way the visibility rule is inside the same ``WHERE``; a stale share only picks the
 slower plan, never a different answer: an HNSW list that comes back short is redone exactly.
 
-A hybrid search is two statements: the BM25 pool (started first on its own connection, so it runs while
-the query is embedded), then the dense top k and the union's chunks with both scores, in one snapshot,
-under the rule once more (``hybrid_candidates``).
+A hybrid search is one statement; on a large corpus two: the BM25 pool (started first on its own
+connection, so it runs while the query is embedded), then the dense top k and the union's chunks with
+both scores, in one snapshot, under the rule once more (``hybrid_candidates``).
 
 Ranking: ranking.py (docs/ranking.md). ``relevance`` is the cosine similarity for dense retrieval;
 ``similarity`` in the response is always the raw cosine similarity and ``similarity_threshold`` applies
@@ -199,8 +199,7 @@ class Searcher:
         and filters when it ran. Ids and scores only: the statement that returns chunks
         (:meth:`hybrid_candidates`) applies the rule again, so a document hidden since cannot surface."""
         lexical, lex_params = self.lexical_sql(user, filters)
-        sql = (f"WITH {lexical} SELECT s.chunk_id, s.score, s.chunk_id IN (SELECT id FROM lex_top) "
-               f"FROM lex_scores s")
+        sql = f"WITH {lexical} {_POOL_ROWS}"
         return [(int(r[0]), float(r[1]), bool(r[2]))
                 for r in self._fetch(sql, {"k": k, "qtext": query, **lex_params}, k)]
 
@@ -320,19 +319,25 @@ class Searcher:
         """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
         exact cosine and BM25 score, fused into ``relevance`` (fusion.py).
 
-        Two statements: the BM25 pool (:meth:`lexical_pool`; ``lexical`` when :meth:`start_lexical`
-        already runs it, beside the query's embedding, else run here), then one that finds the dense top k
-        and returns the union's chunks with both scores: a dense candidate outside the BM25 pool gets its
-        exact BM25 score by primary-key probes. The dense list and the rows returned come from one
-        snapshot, so a document rewritten meanwhile is seen whole, one version or the other; the pool's
-        ids of chunks gone since simply find no row. The rule is applied once more to every row
-        returned, so neither list, nor a change committed between the statements, can surface a hidden
-        chunk."""
+        One statement, one snapshot, when ``lexical`` is None: the BM25 pool, the dense top k and the
+        union's chunks with both scores. When :meth:`start_lexical` already runs the pool (``lexical``,
+        beside the query's embedding), this statement takes its rows and does the rest. Either way a
+        dense candidate outside the BM25 pool gets its exact BM25 score by primary-key probes, the dense
+        list and the rows returned come from one snapshot (a document rewritten meanwhile is seen whole,
+        one version or the other; a handed-over pool's chunks gone since find no row), and the rule is
+        applied once more to every row returned, so neither list, nor a change committed between the
+        statements, can surface a hidden chunk."""
         where, params = _where(user, filters)
-        pool = lexical.result() if lexical is not None else self.lexical_pool(user, query, filters, k)
-        sql = (f"WITH dense AS MATERIALIZED ({_dense_sql(where, exact)}), {self.bm25.weights_cte()}, "
-               f"ls AS (SELECT * FROM unnest(%(ls_ids)s::bigint[], %(ls_scores)s::float8[], %(ls_top)s::bool[]) "
-               f"       AS t(chunk_id, score, in_lex)), "
+        if lexical is None:
+            lex_ctes, lex_params = self.lexical_sql(user, filters)
+            pool_source = f"{lex_ctes}, ls AS ({_POOL_ROWS})"
+        else:
+            pool = lexical.result()
+            pool_source = (f"{self.bm25.weights_cte()}, ls AS (SELECT * FROM unnest(%(ls_ids)s::bigint[], "
+                           f"%(ls_scores)s::float8[], %(ls_top)s::bool[]) AS t(chunk_id, score, in_lex))")
+            lex_params = {"ls_ids": [p[0] for p in pool], "ls_scores": [p[1] for p in pool],
+                          "ls_top": [p[2] for p in pool]}
+        sql = (f"WITH dense AS MATERIALIZED ({_dense_sql(where, exact)}), {pool_source}, "
                f"cand AS (SELECT id FROM dense UNION SELECT chunk_id FROM ls WHERE in_lex) "
                f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, "
                f"  coalesce(ls.score, {self.bm25.exact_score_sql('c.id')}) AS bm25, "
@@ -342,8 +347,7 @@ class Searcher:
                # Defence in depth: both lists were cut under the rule; it is applied once more to the rows
                # returned, so no later change to either list's statement can surface a hidden chunk.
                f"WHERE {where}")
-        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, "ls_ids": [p[0] for p in pool],
-                                 "ls_scores": [p[1] for p in pool], "ls_top": [p[2] for p in pool], **params}, k)
+        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params, **lex_params}, k)
         cos = [float(r[_N]) for r in rows]
         bm25 = [float(r[_N + 1]) for r in rows]
         relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)
@@ -383,6 +387,9 @@ def _estimated_rows(conn: Any, table: str) -> int:
         total = int(counted[0]) if counted else 0
     return total
 
+
+#: The BM25 pool's rows (chunk_id, score, in_lex: among the best k allowed), after lexical_sql's CTEs.
+_POOL_ROWS = "SELECT s.chunk_id, s.score, s.chunk_id IN (SELECT id FROM lex_top) AS in_lex FROM lex_scores s"
 
 #: The chunks of the documents a predicate on ``d`` admits (the exact plan and the counts).
 _ALLOWED_CHUNKS = "FROM documents d JOIN chunks c ON c.document_id = d.id"
