@@ -15,6 +15,7 @@ from campus_search.ingest.sources import ParsedDocument
 from campus_search.retrieval.fusion import FusionConfig
 from campus_search.retrieval.lexical import BM25
 from campus_search.retrieval.params import SearchParams
+from campus_search.retrieval.query_vectors import QueryEmbeddingCache
 from campus_search.security.roles import DEFAULT_ROLES, Principal, superuser
 
 DOCS = [
@@ -187,12 +188,10 @@ def test_lying_posting_never_surfaces_a_hidden_chunk(small: Any, token: Any) -> 
 
 
 def test_a_bm25_pool_read_before_a_change_never_surfaces_a_now_hidden_chunk(small: Any) -> None:
-    """The BM25 pool is one statement and the chunks are returned by another (Searcher.hybrid_candidates),
-    possibly after a change committed in between. A pool read for the restricted playbook's rightful
-    reader, handed to a student's search as if the student's own read had seen it, still cannot surface
-    the playbook: the statement that returns chunks applies the student's rule to every row."""
-    from concurrent.futures import Future
-
+    """The statement that returns chunks (Searcher.hybrid_candidates) can be handed a BM25 pool read by
+    another statement. A pool read for the restricted playbook's rightful reader, handed to a student's
+    search as if the student's own read had seen it, still cannot surface the playbook: the statement that
+    returns chunks applies the student's rule to every row."""
     query = "ZR-9042 data breach playbook"
     staff_it = Principal("t2", DEFAULT_ROLES["staff"], departments=("IT Services",))
     pool = small.searcher.lexical_pool(staff_it, query, {}, 40)
@@ -200,33 +199,34 @@ def test_a_bm25_pool_read_before_a_change_never_surfaces_a_now_hidden_chunk(smal
         secret = {r[0] for r in conn.execute("SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id "
                                              "WHERE d.external_id = 'secret'").fetchall()}
     assert any(chunk in secret and top for chunk, _, top in pool)  # the stale pool does name it, in the top k
-    stale: Future[list[tuple[int, float, bool]]] = Future()
-    stale.set_result(pool)
     student = Principal("s1", DEFAULT_ROLES["student"])
     vector = small.searcher.embed_query(query)
-    hits = small.searcher.hybrid_candidates(student, vector, query, {}, 40, lexical=stale)
+    hits = small.searcher.hybrid_candidates(student, vector, query, {}, 40, pool=pool)
     assert hits and not {h.chunk_id for h in hits} & secret
-    assert {h.chunk_id for h in small.searcher.hybrid_candidates(staff_it, vector, query, {}, 40,
-                                                                 lexical=stale)} & secret
+    assert {h.chunk_id for h in small.searcher.hybrid_candidates(staff_it, vector, query, {}, 40, pool=pool)} & secret
+
+
+def _as_large_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from campus_search.retrieval import search as search_module
+
+    monkeypatch.setattr(search_module, "LEXICAL_BESIDE_MIN_CHUNKS", 0)
 
 
 def test_bm25_runs_while_the_query_is_embedded(small: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a large corpus a hybrid search starts its BM25 statement on a connection of its own before it
     embeds the query: an embedder that waits for that statement to finish returns (it would wait in vain,
-    and fail, if the statement ran only after the embedding). Handing the pool over changes nothing: the
-    candidates are those of the path that reads the pool itself. On a small corpus it runs in line."""
+    and fail, if the statement ran only after the embedding). Handing the pool and the dense list over
+    changes nothing: the candidates are those of the one statement that reads both itself. On a small
+    corpus it runs in line."""
     import threading
-    from concurrent.futures import Future
-
-    from campus_search.retrieval import search as search_module
 
     searcher = small.searcher
     started: list[int] = []
     original_start = searcher.start_lexical
-    monkeypatch.setattr(searcher, "start_lexical", lambda *a: started.append(1) or original_start(*a))
+    monkeypatch.setattr(searcher, "start_lexical", lambda *a, **kw: started.append(1) or original_start(*a, **kw))
     searcher.search(Principal("s1", DEFAULT_ROLES["student"]), SearchParams(query="library", max_results=5))
     assert not started  # 5 chunks: BM25 in line, no hand-over
-    monkeypatch.setattr(search_module, "LEXICAL_BESIDE_MIN_CHUNKS", 0)  # as on a large corpus
+    _as_large_corpus(monkeypatch)
     finished, embedded = threading.Event(), threading.Event()
     original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed
 
@@ -242,20 +242,85 @@ def test_bm25_runs_while_the_query_is_embedded(small: Any, monkeypatch: pytest.M
 
     query = "EASE password reset"
     student = Principal("s1", DEFAULT_ROLES["student"])
+    params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
     searcher.lexical_pool, searcher.embedder.embed = pool, embed
     try:
-        hits = searcher.search(student, SearchParams(query=query, max_results=5, similarity_threshold=-1))
+        hits = searcher.search(student, params)
     finally:
         searcher.lexical_pool, searcher.embedder.embed = original_pool, original_embed
     assert embedded.is_set() and hits
     vector = searcher.embed_query(query)
-    handed: Future[list[tuple[int, float, bool]]] = Future()
-    handed.set_result(searcher.lexical_pool(student, query, {}, 40))
     own = searcher.hybrid_candidates(student, vector, query, {}, 40)
-    given = searcher.hybrid_candidates(student, vector, query, {}, 40, lexical=handed)
-    assert [(h.chunk_id, h.bm25, h.relevance, h.in_dense, h.in_lexical) for h in own] == \
-        [(h.chunk_id, h.bm25, h.relevance, h.in_dense, h.in_lexical) for h in given]
-    assert {h.chunk_id for h in hits} <= {h.chunk_id for h in own}
+    dense = [h.chunk_id for h in searcher.dense_candidates(student, vector, {}, 40, exact=True)]
+    given = searcher.hybrid_candidates(student, vector, query, {}, 40,
+                                       pool=searcher.lexical_pool(student, query, {}, 40), dense=dense)
+    key = sorted((h.chunk_id, h.bm25, h.relevance, h.in_dense, h.in_lexical) for h in own)
+    assert key == sorted((h.chunk_id, h.bm25, h.relevance, h.in_dense, h.in_lexical) for h in given)
+    monkeypatch.undo()  # the same search on a small corpus: one statement, the same answer
+    assert [(h.chunk_id, h.combined_score) for h in hits] == \
+        [(h.chunk_id, h.combined_score) for h in searcher.search(student, params)]
+
+
+def test_both_halves_of_a_split_hybrid_search_read_one_snapshot(small: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a large corpus the BM25 half runs on a second connection while the first finds the dense top k
+    and returns the chunks. Both read the snapshot the search's transaction exported: a document deleted
+    after the search began, before its BM25 statement ran, is still in that statement's pool -- found by
+    BM25 as by the dense half, as a search begun a moment earlier finds it -- never half there."""
+    import threading
+
+    searcher = small.searcher
+    _as_large_corpus(monkeypatch)
+    query = "XQ-7731 replacement EASE token"
+    params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
+    before = searcher.search(superuser(), params)
+    assert before[0].document_id == "ease" and before[0].in_lexical and before[0].in_dense
+    deleted = threading.Event()
+    original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed
+
+    def pool(*args: Any) -> Any:
+        assert deleted.wait(10)
+        return original_pool(*args)
+
+    def embed(texts: list[str]) -> Any:  # after the snapshot's export, before the BM25 statement runs
+        assert small.ingester.delete(["ease"]) == 1
+        deleted.set()
+        return original_embed(texts)
+
+    monkeypatch.setattr(searcher, "query_vectors", QueryEmbeddingCache())  # so the query is embedded again
+    searcher.lexical_pool, searcher.embedder.embed = pool, embed
+    try:
+        during = searcher.search(superuser(), params)
+    finally:
+        searcher.lexical_pool, searcher.embedder.embed = original_pool, original_embed
+    assert deleted.is_set()
+    assert [(h.chunk_id, h.in_lexical, h.in_dense, h.bm25) for h in during] == \
+        [(h.chunk_id, h.in_lexical, h.in_dense, h.bm25) for h in before]
+    assert all(h.document_id != "ease" for h in searcher.search(superuser(), params))  # and gone now
+
+
+def test_a_split_search_without_a_second_connection_runs_bm25_itself(small: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the pool has no second connection to spare at once (every one held by a search), the BM25
+    half is not waited for: the search runs it in its own last statement and answers the same."""
+    from campus_search.errors import ServiceUnavailable
+
+    searcher = small.searcher
+    query = "EASE password reset"
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
+    inline = searcher.search(student, params)
+    _as_large_corpus(monkeypatch)
+    original = small.db.connection
+
+    def connection(**kw: Any) -> Any:
+        if kw.get("spare") is not None:
+            raise ServiceUnavailable("database busy, try again shortly")
+        return original(**kw)
+
+    monkeypatch.setattr(small.db, "connection", connection)
+    busy = searcher.search(student, params)
+    assert [(h.chunk_id, h.combined_score, h.in_lexical) for h in busy] == \
+        [(h.chunk_id, h.combined_score, h.in_lexical) for h in inline]
 
 
 def test_the_bm25_threads_belong_to_the_process_that_uses_them(small: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -452,3 +517,35 @@ def test_compaction_is_skipped_while_another_runs_and_changes_no_sum(small: Any)
         assert compact(conn) >= 0
         assert conn.execute("SELECT count(*) FROM lexical_term_deltas").fetchone()[0] == 0
     _stats_consistent(small)
+
+
+def test_a_spare_connection_is_never_waited_for_while_every_one_is_in_use(small: Any) -> None:
+    """The BM25 half asks for a second connection while its search holds one (Database.connection's
+    ``spare``). With every pooled connection in use it must not wait -- those searches may be waiting
+    for their own BM25 halves -- but be told "busy" at once; with one idle, or room to open one, it gets it."""
+    import threading
+
+    from campus_search.errors import ServiceUnavailable
+
+    pool = small.db.write_pool
+    held = [pool.getconn(timeout=10) for _ in range(pool.max_size - 1)]
+    try:
+        with small.db.connection(read=True, spare=30) as conn:  # the last one: room to open it, or idle
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            outcome: list[BaseException | None] = []
+
+            def second() -> None:
+                try:
+                    with small.db.connection(read=True, spare=30):
+                        outcome.append(None)
+                except BaseException as exc:  # noqa: BLE001 - recorded and asserted below
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=second, daemon=True)
+            thread.start()
+            thread.join(10)
+            assert not thread.is_alive(), "waited for a connection in use"
+            assert isinstance(outcome[0], ServiceUnavailable)
+    finally:
+        for conn in held:
+            pool.putconn(conn)

@@ -183,6 +183,43 @@ def test_searches_read_from_a_current_replica(database: tuple[str, str], pair: P
         services.close()
 
 
+def test_a_split_hybrid_search_reads_both_halves_on_the_replica(database: tuple[str, str], pair: Pair,
+                                                                tmp_path: Path, embedder: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a large corpus the BM25 half runs on a second connection that imports the search's snapshot
+    (Searcher.search_beside). On a replica both connections are the replica's and the import works there:
+    a document only the replica still has is found by BM25 as well, not by a fallback."""
+    from campus_search.retrieval import search as search_module
+
+    monkeypatch.setattr(search_module, "LEXICAL_BESIDE_MIN_CHUNKS", 0)
+    services = open_services(database, tmp_path, embedder, replica_max_lag_seconds=3600.0)
+    try:
+        ingest(services, "parking", "eduroam")
+        pair.caught_up()
+        services.db.router.probe()
+        pair.pause()
+        delete_outside_the_app(database[0], "parking")  # the primary no longer has it; the replica does
+        pools: list[Any] = []
+        original = services.searcher.lexical_pool
+
+        def pool(*args: Any) -> Any:
+            try:
+                pools.append(original(*args))
+            except BaseException as exc:
+                pools.append(exc)
+                raise
+            return pools[-1]
+
+        monkeypatch.setattr(services.searcher, "lexical_pool", pool)
+        hits = services.searcher.search(superuser(), SearchParams(query="car parking permit", max_results=5,
+                                                                 similarity_threshold=0.3))
+        assert len(pools) == 1 and isinstance(pools[0], list), pools  # the BM25 half ran, on the replica
+        assert any(h.document_id == "parking" and h.in_lexical for h in hits)
+        assert services.db.reads()["node"] == "replica1"
+    finally:
+        services.close()
+
+
 def test_a_lagging_replica_is_skipped_until_it_catches_up(database: tuple[str, str], pair: Pair, tmp_path: Path,
                                                           embedder: Any) -> None:
     services = open_services(database, tmp_path, embedder, replica_max_lag_seconds=0.0, cache_enabled=False)

@@ -17,9 +17,11 @@ probed by primary key (``hnsw.ef_search``, ``hnsw.iterative_scan``, ``hnsw.max_s
 pooling). Either way the visibility rule is inside the same ``WHERE``; a stale share only picks the
 slower plan, never a different answer: an HNSW list that comes back short is redone exactly.
 
-A hybrid search is one statement; on a large corpus two: the BM25 pool (started first on its own
-connection, so it runs while the query is embedded), then the dense top k and the union's chunks with
-both scores, in one snapshot, under the rule once more (``hybrid_candidates``).
+A hybrid search is one statement. On a large corpus (``LEXICAL_BESIDE_MIN_CHUNKS``) its two halves run on
+two connections at once, in one snapshot (``Searcher.search_beside``): the search's transaction exports
+its snapshot, the BM25 pool runs on a second connection that imports it (while the query is embedded and
+the dense top k found), and the search's transaction returns the union's chunks with both scores, under
+the rule once more (``hybrid_candidates``).
 
 Ranking: ranking.py (docs/ranking.md). ``relevance`` is the cosine similarity for dense retrieval;
 ``similarity`` in the response is always the raw cosine similarity and ``similarity_threshold`` applies
@@ -30,17 +32,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import psycopg
 
 from campus_search.embedding.base import Embedder
+from campus_search.errors import ServiceUnavailable
 from campus_search.expiring import ExpiringLRU
 from campus_search.retrieval.fusion import FusionConfig, fuse
-from campus_search.retrieval.lexical import BM25, allowed_top_sql
+from campus_search.retrieval.lexical import BM25, allowed_top_sql, document_mask
 from campus_search.retrieval.params import SearchParams
 from campus_search.retrieval.query_vectors import QueryEmbeddingCache, QueryVectors
 from campus_search.retrieval.querytext import normalise_query
@@ -102,6 +107,14 @@ LEXICAL_THREADS = 8
 #: hand-over costs more CPU than it saves (SciFact's 4,369 chunks, bench_peer.py: 14.1 -> 16.3 ms of
 #: worker CPU a request, 86 -> 78 requests/s, for 0.6 ms at concurrency 1).
 LEXICAL_BESIDE_MIN_CHUNKS = 100_000
+#: Seconds the BM25 thread waits for a second pooled connection (time to open one). The search already
+#: holds one, so when every connection is in use it would be waiting for itself: then it does not wait
+#: (Database.connection's ``spare``) and the search runs BM25 in its own statement instead (same
+#: snapshot, same answer; only not in parallel).
+LEXICAL_CONNECTION_WAIT = 0.5
+#: An exported snapshot's identifier (pg_export_snapshot): written into SET TRANSACTION SNAPSHOT, which
+#: takes no parameter, so it is checked first.
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
 #: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
 #: pipelined statement): the statement timeout and the HNSW scan's settings.
 SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
@@ -127,9 +140,9 @@ class Searcher:
         self._fractions: ExpiringLRU[str, float] = ExpiringLRU(4096)  # visible share per rule
         self._corpus_chunks = 0  # the chunks table's size when a visible share was last counted
         self.lexical_narrow_fraction = float(lexical_narrow_fraction)
-        #: per rule: how the BM25 read tests access, and a narrow rule's allowed document ids (lexical_access)
-        # 64 rules: an entry holds up to LEXICAL_DOCS_MAX ids as text (~0.4 MB), so at most ~25 MB a process
-        self._lexical_access: ExpiringLRU[str, tuple[str, str | None]] = ExpiringLRU(64)
+        #: per rule: how the BM25 read tests access, and a narrow rule's allowed documents (lexical_access)
+        # 64 rules: an entry is a bitmap of one bit per document id (125 KB at a million documents)
+        self._lexical_access: ExpiringLRU[str, tuple[str, bytes | None]] = ExpiringLRU(64)
         #: runs a hybrid search's BM25 statement beside the query's embedding (start_lexical);
         #: made in the process that uses it (a pool forked with its threads' state would never run them)
         self._runner: tuple[int, ThreadPoolExecutor] | None = None
@@ -157,32 +170,81 @@ class Searcher:
 
     def search(self, user: Principal, params: SearchParams) -> list[Hit]:
         k = max(params.max_results, CANDIDATE_FLOOR)
-        # hybrid on a large corpus: the BM25 statement starts first, on its own connection, and runs while
-        # the query is embedded (two cores: the model on one, PostgreSQL's backend on the other)
-        beside = self.fusion.method != "dense" and self._corpus_chunks >= LEXICAL_BESIDE_MIN_CHUNKS
-        lexical = self.start_lexical(user, params.query, params.filters, k) if beside else None
-        vector = self.embed_query(params.query)
-        exact = self.dense_plan(user, params.filters) == "exact"
-        hits = self._candidates(user, vector, params, k, exact=exact, lexical=lexical)
-        if not exact and sum(h.in_dense for h in hits) < k and self._allowed_at_least(user, params.filters, k):
-            # A short dense list means either that fewer than k chunks are allowed, or that the index scan
-            # gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles it, so
-            # a page is never short because hidden chunks crowded the index's neighbourhood.
-            hits = self._candidates(user, vector, params, k, exact=True, lexical=lexical)
+        if self.fusion.method != "dense" and self._corpus_chunks >= LEXICAL_BESIDE_MIN_CHUNKS:
+            hits = self.search_beside(user, params, k)
+        else:
+            vector = self.embed_query(params.query)
+            exact = self.dense_plan(user, params.filters) == "exact"
+            hits = self._candidates(user, vector, params, k, exact=exact)
+            if not exact and sum(h.in_dense for h in hits) < k and self._allowed_at_least(user, params.filters, k):
+                # A short dense list means either that fewer than k chunks are allowed, or that the index
+                # scan gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles
+                # it, so a page is never short because hidden chunks crowded the index's neighbourhood.
+                hits = self._candidates(user, vector, params, k, exact=True)
         hits = [h for h in hits if h.similarity >= params.similarity_threshold]
         for h in hits:
             h.combined_score = business_score(h.relevance, h.raw_meta, user)
         hits.sort(key=lambda h: (-h.combined_score, -h.similarity, h.chunk_id))
         return hits[:params.max_results]
 
+    def search_beside(self, user: Principal, params: SearchParams, k: int) -> list[Hit]:
+        """A hybrid search's candidates with its two halves on two connections at once, in one snapshot.
+
+        The search's transaction (REPEATABLE READ, read only) exports its snapshot; the BM25 pool
+        (:meth:`lexical_pool`) starts on a thread of this process, on a second connection that imports
+        it; meanwhile the query is embedded and the dense top k found in the search's transaction; last,
+        that transaction returns the union's chunks with both scores (:meth:`hybrid_candidates`), the
+        rule applied to every row once more. Every statement reads the same snapshot, so a document
+        rewritten or re-permissioned meanwhile is seen whole, before or after, by both halves. When the
+        second connection cannot be had at once (every pooled connection busy) or the snapshot cannot be
+        imported (another server), BM25 runs inside the last statement instead: the same answer."""
+        filters = params.filters
+        exact = self.dense_plan(user, filters) == "exact"  # both cached per rule: no connection held below
+        self.lexical_access(user, filters)
+        where, where_params = _where(user, filters)
+        with self.db.connection(read=True) as conn:
+            snapshot = self._export_snapshot(conn, k)
+            lexical = self.start_lexical(user, params.query, filters, k, snapshot=snapshot)
+            vector = self.embed_query(params.query)
+            dense_sql = f"SELECT array_agg(id) FROM ({_dense_sql(where, exact)}) t"
+            values = {"q": vector, "k": k, **where_params}
+            row = conn.execute(dense_sql, values).fetchone()
+            dense = list(row[0] or []) if row else []
+            if not exact and len(dense) < k and self._allowed_at_least(user, filters, k, conn=conn):
+                row = conn.execute(f"SELECT array_agg(id) FROM ({_dense_sql(where, True)}) t", values).fetchone()
+                dense = list(row[0] or []) if row else []
+            try:
+                pool: list[tuple[int, float, bool]] | None = lexical.result()
+            except (ServiceUnavailable, psycopg.errors.InvalidParameterValue,
+                    psycopg.errors.ObjectNotInPrerequisiteState):
+                pool = None  # no second connection now, or not on this server: BM25 in the statement below
+            return self.hybrid_candidates(user, vector, params.query, filters, k, pool=pool, dense=dense, conn=conn)
+
+    def _export_snapshot(self, conn: psycopg.Connection, k: int) -> str:
+        """Make ``conn``'s new transaction a read-only REPEATABLE READ one with the search settings, and
+        export its snapshot (one round trip on a direct connection)."""
+        statements = [("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", None),
+                      (SEARCH_SETTINGS_SQL, self._settings(k))]
+        if conn.prepare_threshold is None:
+            for sql, args in statements:
+                conn.execute(sql, args)
+            row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        else:
+            with conn.pipeline():
+                for sql, args in statements:
+                    conn.execute(sql, args)
+                cur = conn.execute("SELECT pg_export_snapshot()")
+            row = cur.fetchone()
+        return str(row[0]) if row else ""
+
     def _candidates(self, user: Principal, vector: np.ndarray, params: SearchParams, k: int,
-                    exact: bool, lexical: Future[list[tuple[int, float, bool]]] | None = None) -> list[Hit]:
+                    exact: bool) -> list[Hit]:
         if self.fusion.method == "dense":
             return self.dense_candidates(user, vector, params.filters, k, exact=exact)
-        return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact, lexical=lexical)
+        return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact)
 
-    def start_lexical(self, user: Principal, query: str, filters: Mapping[str, Any],
-                      k: int) -> Future[list[tuple[int, float, bool]]]:
+    def start_lexical(self, user: Principal, query: str, filters: Mapping[str, Any], k: int,
+                      snapshot: str | None = None) -> Future[list[tuple[int, float, bool]]]:
         """:meth:`lexical_pool` on a thread of this process, now; its rows (or its error) come from the
         returned future's ``result()``."""
         with self._runner_lock:
@@ -190,18 +252,21 @@ class Searcher:
                 self._runner = (os.getpid(), ThreadPoolExecutor(max_workers=LEXICAL_THREADS,
                                                                 thread_name_prefix="search-bm25"))
             runner = self._runner[1]
-        return runner.submit(self.lexical_pool, user, query, filters, k)
+        return runner.submit(self.lexical_pool, user, query, filters, k, snapshot)
 
-    def lexical_pool(self, user: Principal, query: str, filters: Mapping[str, Any],
-                     k: int) -> list[tuple[int, float, bool]]:
+    def lexical_pool(self, user: Principal, query: str, filters: Mapping[str, Any], k: int,
+                     snapshot: str | None = None) -> list[tuple[int, float, bool]]:
         """The BM25 half of a hybrid search, one statement: ``(chunk_id, exact BM25 score, in the top k)``
         for the pool of candidates (lexical.py, ``BM25.bounded_cte``) whose document satisfied the rule
         and filters when it ran. Ids and scores only: the statement that returns chunks
-        (:meth:`hybrid_candidates`) applies the rule again, so a document hidden since cannot surface."""
+        (:meth:`hybrid_candidates`) applies the rule again, so a document hidden since cannot surface.
+
+        ``snapshot``: an exported snapshot (:meth:`search_beside`) the statement reads, on a connection
+        had within ``LEXICAL_CONNECTION_WAIT`` seconds or not at all (ServiceUnavailable)."""
         lexical, lex_params = self.lexical_sql(user, filters)
         sql = f"WITH {lexical} {_POOL_ROWS}"
         return [(int(r[0]), float(r[1]), bool(r[2]))
-                for r in self._fetch(sql, {"k": k, "qtext": query, **lex_params}, k)]
+                for r in self._fetch(sql, {"k": k, "qtext": query, **lex_params}, k, snapshot=snapshot)]
 
     def dense_plan(self, user: Principal, filters: Mapping[str, Any]) -> str:
         """``exact`` when the rule and filters admit at most ``exact_max_fraction`` of the chunks, else
@@ -240,13 +305,14 @@ class Searcher:
         by_size = min(EF_SEARCH_MAX, self._corpus_chunks // EF_CHUNKS_PER_CANDIDATE)
         return max(self.ef_search, by_size, k)
 
-    def lexical_access(self, user: Principal, filters: Mapping[str, Any]) -> tuple[str, str | None]:
+    def lexical_access(self, user: Principal, filters: Mapping[str, Any]) -> tuple[str, bytes | None]:
         """How the bounded BM25 read (lexical.py, ``BM25.bounded_cte``) tests access for this rule and these
         filters, cached per rule for ``LEXICAL_ACCESS_TTL`` seconds:
 
-        - ``("docs", ids)``: at most ``lexical_narrow_fraction`` of the documents (and never more than
-          ``LEXICAL_DOCS_MAX``; at least ``LEXICAL_DOCS_MIN`` on a small corpus) are allowed: their ids, a
-          ``bigint[]`` text literal the read tests each posting against with a hashed ``= ANY``;
+        - ``("docs", mask)``: at most ``lexical_narrow_fraction`` of the documents (and never more than
+          ``LEXICAL_DOCS_MAX``; at least ``LEXICAL_DOCS_MIN`` on a small corpus) are allowed: their ids as a
+          bitmap (lexical.py, ``document_mask``; ~25 KB for 200,000 documents) the read tests each posting
+          against with ``get_bit``;
         - ``("all", None)``: the rule and filters admit every document: no test in the read;
         - ``("probe", None)``: otherwise: each read posting's document is probed by primary key.
 
@@ -266,7 +332,7 @@ class Searcher:
             ids = [int(r[0]) for r in conn.execute(f"SELECT d.id FROM documents d WHERE {where} LIMIT %(cap)s",
                                                    {"cap": cap + 1, **params}).fetchall()]
             if len(ids) <= cap:
-                answer: tuple[str, str | None] = ("docs", "{" + ",".join(map(str, sorted(ids))) + "}")
+                answer: tuple[str, bytes | None] = ("docs", document_mask(ids))
             else:
                 everything = conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM documents d WHERE ({where}) IS NOT TRUE)",
                                           params).fetchone()
@@ -280,64 +346,90 @@ class Searcher:
         satisfies the rule and filters, probed now), and their parameters (besides ``qtext`` and ``k``)."""
         where, params = _where(user, filters)
         access, docs = self.lexical_access(user, filters)
-        return (f"{self.bm25.bounded_cte(access, where, docs)}, "
+        if docs is not None:
+            params = {**params, "lex_docs": docs}
+        return (f"{self.bm25.bounded_cte(access, where)}, "
                 f"lex_top AS MATERIALIZED ({allowed_top_sql('lex_scores', where)})"), params
 
-    def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int) -> bool:
-        """Whether at least k chunks pass the rule and filters (cheap: stops counting at k)."""
+    def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int,
+                          conn: psycopg.Connection | None = None) -> bool:
+        """Whether at least k chunks pass the rule and filters (cheap: stops counting at k); on ``conn``
+        (a search transaction's) when given."""
         where, params = _where(user, filters)
-        with self.db.connection(read=True) as conn:
-            conn.execute(self.db.search_settings())
-            row = conn.execute(f"SELECT count(*) FROM (SELECT 1 {_ALLOWED_CHUNKS} WHERE {where} LIMIT %(k)s) s",
-                               {"k": k, **params}).fetchone()
+        sql = f"SELECT count(*) FROM (SELECT 1 {_ALLOWED_CHUNKS} WHERE {where} LIMIT %(k)s) s"
+        if conn is not None:
+            row = conn.execute(sql, {"k": k, **params}).fetchone()
+        else:
+            with self.db.connection(read=True) as own:
+                own.execute(self.db.search_settings())
+                row = own.execute(sql, {"k": k, **params}).fetchone()
         return bool(row and row[0] >= k)
 
-    def _fetch(self, sql: str, params: Mapping[str, Any], k: int) -> list[tuple[Any, ...]]:
+    def _settings(self, k: int) -> dict[str, str]:
+        """SEARCH_SETTINGS_SQL's values for a top-``k`` search."""
+        return {"timeout": str(int(self.db.settings.db_statement_timeout_ms)),
+                "ef_search": str(self.ef_search_for(k)), "iterative_scan": self.iterative_scan,
+                "max_scan_tuples": str(MAX_SCAN_TUPLES)}
+
+    def _fetch(self, sql: str, params: Mapping[str, Any], k: int, snapshot: str | None = None) -> list[tuple[Any, ...]]:
         """Run a candidate query on a read connection, with the search timeout and this searcher's HNSW
         settings, all transaction-local (``set_config(..., true)`` = ``SET LOCAL``: they end with the
         transaction; pgbouncer-safe).
 
         On a direct connection the settings, the query and the ``COMMIT`` go out together in one pipeline:
         one round trip to PostgreSQL per statement instead of three. Behind pgbouncer's transaction pooling
-        (prepared statements off, like the audit writer) one statement at a time."""
-        settings = {"timeout": str(int(self.db.settings.db_statement_timeout_ms)),
-                    "ef_search": str(self.ef_search_for(k)), "iterative_scan": self.iterative_scan,
-                    "max_scan_tuples": str(MAX_SCAN_TUPLES)}
-        with self.db.connection(read=True) as conn:
+        (prepared statements off, like the audit writer) one statement at a time.
+
+        ``snapshot``: read that exported snapshot (a read-only REPEATABLE READ transaction importing it),
+        on a connection had within ``LEXICAL_CONNECTION_WAIT`` seconds."""
+        statements: list[tuple[str, Mapping[str, Any] | None]] = []
+        if snapshot is not None:
+            if not _SNAPSHOT_ID.fullmatch(snapshot):
+                raise ValueError(f"not a snapshot identifier: {snapshot!r}")
+            statements += [("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", None),
+                           (f"SET TRANSACTION SNAPSHOT '{snapshot}'", None)]
+        statements.append((SEARCH_SETTINGS_SQL, self._settings(k)))
+        wait = LEXICAL_CONNECTION_WAIT if snapshot is not None else None
+        with self.db.connection(read=True, spare=wait) as conn:
             if conn.prepare_threshold is None:
-                conn.execute(SEARCH_SETTINGS_SQL, settings)
+                for statement, args in statements:
+                    conn.execute(statement, args)
                 return conn.execute(sql, params).fetchall()
             with conn.pipeline():
-                conn.execute(SEARCH_SETTINGS_SQL, settings)
+                for statement, args in statements:
+                    conn.execute(statement, args)
                 cur = conn.execute(sql, params)
                 conn.commit()
             return cur.fetchall()
 
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
-                          k: int, *, exact: bool = False,
-                          lexical: Future[list[tuple[int, float, bool]]] | None = None) -> list[Hit]:
+                          k: int, *, exact: bool = False, pool: list[tuple[int, float, bool]] | None = None,
+                          dense: list[int] | None = None, conn: psycopg.Connection | None = None) -> list[Hit]:
         """Top-k dense and top-k BM25 chunks (both under the visibility rule and filters), each with its
         exact cosine and BM25 score, fused into ``relevance`` (fusion.py).
 
-        One statement, one snapshot, when ``lexical`` is None: the BM25 pool, the dense top k and the
-        union's chunks with both scores. When :meth:`start_lexical` already runs the pool (``lexical``,
-        beside the query's embedding), this statement takes its rows and does the rest. Either way a
-        dense candidate outside the BM25 pool gets its exact BM25 score by primary-key probes, the dense
-        list and the rows returned come from one snapshot (a document rewritten meanwhile is seen whole,
-        one version or the other; a handed-over pool's chunks gone since find no row), and the rule is
-        applied once more to every row returned, so neither list, nor a change committed between the
-        statements, can surface a hidden chunk."""
+        One statement, one snapshot: the BM25 pool, the dense top k and the union's chunks with both
+        scores. :meth:`search_beside` hands over what it found already, in the same snapshot: the BM25
+        pool's rows (``pool``, :meth:`lexical_pool`) and the dense top k's ids (``dense``), and its
+        transaction (``conn``); this statement does the rest. A dense candidate outside the BM25 pool gets
+        its exact BM25 score by primary-key probes, and the rule is applied once more to every row
+        returned, so neither list -- nor a handed-over one read in another snapshot -- can surface a hidden
+        chunk."""
         where, params = _where(user, filters)
-        if lexical is None:
+        if pool is None:
             lex_ctes, lex_params = self.lexical_sql(user, filters)
             pool_source = f"{lex_ctes}, ls AS ({_POOL_ROWS})"
         else:
-            pool = lexical.result()
             pool_source = (f"{self.bm25.weights_cte()}, ls AS (SELECT * FROM unnest(%(ls_ids)s::bigint[], "
                            f"%(ls_scores)s::float8[], %(ls_top)s::bool[]) AS t(chunk_id, score, in_lex))")
             lex_params = {"ls_ids": [p[0] for p in pool], "ls_scores": [p[1] for p in pool],
                           "ls_top": [p[2] for p in pool]}
-        sql = (f"WITH dense AS MATERIALIZED ({_dense_sql(where, exact)}), {pool_source}, "
+        if dense is None:
+            dense_source = f"dense AS MATERIALIZED ({_dense_sql(where, exact)})"
+        else:
+            dense_source = "dense AS MATERIALIZED (SELECT unnest(%(dense_ids)s::bigint[]) AS id)"
+            lex_params["dense_ids"] = dense
+        sql = (f"WITH {dense_source}, {pool_source}, "
                f"cand AS (SELECT id FROM dense UNION SELECT chunk_id FROM ls WHERE in_lex) "
                f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, "
                f"  coalesce(ls.score, {self.bm25.exact_score_sql('c.id')}) AS bm25, "
@@ -347,7 +439,8 @@ class Searcher:
                # Defence in depth: both lists were cut under the rule; it is applied once more to the rows
                # returned, so no later change to either list's statement can surface a hidden chunk.
                f"WHERE {where}")
-        rows = self._fetch(sql, {"q": vector, "k": k, "qtext": query, **params, **lex_params}, k)
+        values = {"q": vector, "k": k, "qtext": query, **params, **lex_params}
+        rows = conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k)
         cos = [float(r[_N]) for r in rows]
         bm25 = [float(r[_N + 1]) for r in rows]
         relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)

@@ -142,6 +142,14 @@ class PoolGuard:
         return max(1, round(self.breaker.pause))
 
 
+def _can_spare(pool: ConnectionPool) -> bool:
+    """Whether ``pool`` can hand out a connection without waiting for one in use: an idle one nobody
+    waits for, or room to open one."""
+    stats = pool.get_stats()
+    idle = stats.get("pool_available", 0) - stats.get("requests_waiting", 0)
+    return idle > 0 or stats.get("pool_size", 0) < stats.get("pool_max", 0)
+
+
 class Database:
     """Pooled access to PostgreSQL. Writes (ingestion, audit) on the primary; reads (searches) on a replica
     chosen by :class:`~campus_search.storage.replicas.ReadRouter` when ``DATABASE_READ_URL`` names any, else on
@@ -226,18 +234,24 @@ class Database:
         return f"SET LOCAL statement_timeout = {int(self.settings.db_statement_timeout_ms)}"
 
     @contextmanager
-    def connection(self, *, read: bool = False, timeout: float | None = None) -> Iterator[psycopg.Connection]:
+    def connection(self, *, read: bool = False, timeout: float | None = None,
+                   spare: float | None = None) -> Iterator[psycopg.Connection]:
         """A pooled connection in a transaction, committed on success. Pool exhaustion and lost
         connections become ServiceUnavailable (503), never a hang or a stack trace: "database busy"
         when every connection is in use, "database unavailable" when the server cannot be reached
         (then at once, without waiting, until the circuit breaker lets a probe through).
         ``timeout``: longest wait for a connection (default ``DB_POOL_TIMEOUT``). ``read=True``: on the
         replica the read router chooses, if any (its failure raises ReplicaFailed, see replicas.py; the
-        router is that replica's breaker), else on the primary."""
+        router is that replica's breaker), else on the primary. ``spare``: a connection the caller can do
+        without (it holds one of the same pool already, so waiting for one in use could be waiting for
+        itself): "database busy" at once unless the pool has one idle or room to open one, and at most
+        this long a wait for it; a busy replica is not marked down for it."""
         replica = self.router.choose() if read and self.router is not None else None
+        if spare is not None and not _can_spare(replica.pool if replica is not None else self.write_pool):
+            raise ServiceUnavailable("database busy, try again shortly", headers={"Retry-After": "1"})
         if replica is not None and self.router is not None:
             try:
-                with self.router.connection(replica) as (conn, _node):
+                with self.router.connection(replica, wait=spare) as (conn, _node):
                     yield conn
             except ReplicaFailed:
                 raise
@@ -251,7 +265,7 @@ class Database:
         guard = self.guard(pool)
         guard.admit()
         try:
-            with pool.connection(timeout=timeout) as conn:
+            with pool.connection(timeout=spare if spare is not None else timeout) as conn:
                 try:
                     yield conn
                 except BaseException:

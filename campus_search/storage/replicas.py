@@ -312,18 +312,27 @@ class ReadRouter:
         self._publish()
 
     @contextlib.contextmanager
-    def connection(self, replica: Replica | None = None) -> Iterator[tuple[psycopg.Connection, Replica | None]]:
+    def connection(self, replica: Replica | None = None,
+                   wait: float | None = None) -> Iterator[tuple[psycopg.Connection, Replica | None]]:
         """A pooled connection on the chosen node: ``(conn, replica or None for the primary)``.
 
         A replica that cannot hand out a connection in time is marked down and the primary is used at
         once. A failure of the replica during the caller's block raises :class:`ReplicaFailed` (after
-        marking it down, unless it was a recovery conflict) so the caller can run the read again."""
+        marking it down, unless it was a recovery conflict) so the caller can run the read again.
+        ``wait``: a caller that holds a connection of this pool already and can do without a second one
+        waits this long at most; then PoolTimeout, and the replica is not marked down (it is busy, not
+        failing)."""
         replica = replica or self.choose()
         if replica is not None:
             with contextlib.ExitStack() as stack:
                 try:
-                    conn = stack.enter_context(replica.pool.connection(timeout=self.connect_timeout))
-                except (PoolTimeout, psycopg.OperationalError) as exc:
+                    conn = stack.enter_context(replica.pool.connection(
+                        timeout=self.connect_timeout if wait is None else wait))
+                except PoolTimeout as exc:
+                    if wait is not None:
+                        raise
+                    self.mark_down(replica, exc)
+                except psycopg.OperationalError as exc:
                     self.mark_down(replica, exc)
                 else:
                     try:
