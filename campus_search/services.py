@@ -40,6 +40,11 @@ def fusion_config(settings: Settings) -> FusionConfig:
     return FusionConfig(settings.search_fusion, alpha=settings.fusion_alpha, rrf_k=settings.rrf_k)
 
 
+def bm25_config(settings: Settings) -> BM25:
+    return BM25(settings.bm25_k1, settings.bm25_b, depth=settings.bm25_depth, cut_df=settings.bm25_cut_df,
+                scan=settings.bm25_scan)
+
+
 @dataclass(frozen=True)
 class Opened:
     """What :class:`Services` opens in one process: never shared across fork."""
@@ -150,8 +155,7 @@ class Services:
         backend = build_backend(self.settings)  # the result cache's and the query vectors' store
         searcher = Searcher(db, embedder, ef_search=self.settings.hnsw_ef_search,
                             exact_max_fraction=self.settings.dense_exact_fraction, fusion=fusion_config(self.settings),
-                            bm25=BM25(self.settings.bm25_k1, self.settings.bm25_b, depth=self.settings.bm25_depth,
-                                      cut_df=self.settings.bm25_cut_df),
+                            bm25=bm25_config(self.settings),
                             query_vectors=query_vector_cache(self.settings, backend, embedder))
         ingester = Ingester(db, embedder, default_visibility=self.settings.default_visibility,
                             limits=ParseLimits.from_settings(self.settings),

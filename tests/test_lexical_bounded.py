@@ -224,11 +224,35 @@ def test_a_stale_allowed_set_never_admits_a_document_that_became_hidden(corpus: 
 def test_common_terms_are_read_through_the_impact_index_and_stop_early(corpus: Any) -> None:
     """The read's order must be migration 018's index expression (or every list is sorted in full), and
     for a narrow rule the read of a common term stops after ``depth`` allowed postings."""
+    _read_stops_after(corpus, BM25(depth=5, cut_df=20), 5)
+
+
+def test_a_narrow_rule_reads_fewer_postings_of_a_common_term(corpus: Any) -> None:
+    """BM25.depth_for: for a rule admitting a share s of the documents the read of a common term stops
+    after about scan * s allowed postings (scanning about ``scan``), not ``depth``; never below the page.
+    The contract (allowed only, exact scores, a sound bound, a full page) holds at that depth."""
+    with corpus.db.connection(read=True) as conn:
+        where, params = _where(STUDENT, {})
+        allowed, total = conn.execute(f"SELECT count(*) FILTER (WHERE {where}), count(*) FROM documents d",
+                                      params).fetchone()
+    share = allowed / total
+    bm25 = BM25(depth=12, pool=10, cut_df=20, scan=round(8 / share))
+    assert bm25.depth_for(share) == 8 and bm25.depth_for(1.0) == 12 and bm25.depth_for(1e-9) == 1
+    _read_stops_after(corpus, bm25, 8)
+    searcher = _searcher(corpus, BM25(depth=12, pool=10, cut_df=20, scan=1))  # depth 1: reads k
+    for user in (STAFF, STUDENT):
+        for qtext in _queries(random.Random(5), 12):
+            _check(corpus, searcher, user, qtext, 5)
+
+
+def _read_stops_after(corpus: Any, bm25: BM25, depth: int) -> None:
+    """A student's read of two common terms keeps ``depth`` allowed postings of each, through the impact
+    index, without reading either list to its end."""
     import psycopg
 
     with psycopg.connect(corpus.dsn, autocommit=True) as conn:  # as autovacuum keeps a live corpus
         conn.execute("VACUUM ANALYZE lexical_postings")
-    searcher = _searcher(corpus, BM25(depth=5, cut_df=20))
+    searcher = _searcher(corpus, bm25)
     qtext = "ledger audit"
     ctes, params = searcher.lexical_sql(STUDENT, {})
     assert searcher.lexical_access(STUDENT, {})[0] == "docs"
@@ -249,7 +273,7 @@ def test_common_terms_are_read_through_the_impact_index_and_stop_early(corpus: A
     read = sum((n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in impact)
     kept = sum(n["Actual Rows"] * n["Actual Loops"] for n in impact)
     assert df > 40 and 0 < read < df  # stopped before the end of the lists
-    assert kept == 2 * 5  # depth allowed postings for each of the two terms
+    assert kept == 2 * depth  # depth allowed postings for each of the two terms
 
 
 def test_document_mask_holds_exactly_its_ids() -> None:

@@ -323,9 +323,8 @@ def _eval_searcher(settings: Settings, *, migrate: bool) -> tuple[Any, Any]:
         services = _services(settings)  # searches run with the serving configuration (1 thread)
         return services.searcher, services.close
     from campus_search.embedding.factory import get_embedder, index_model
-    from campus_search.retrieval.lexical import BM25
     from campus_search.retrieval.search import Searcher
-    from campus_search.services import fusion_config
+    from campus_search.services import bm25_config, fusion_config
     from campus_search.storage.db import Database
     from campus_search.storage.index_state import indexed_model
 
@@ -339,7 +338,7 @@ def _eval_searcher(settings: Settings, *, migrate: bool) -> tuple[Any, Any]:
                           f"{index_model(settings)!r}; --live cannot evaluate it with this configuration")
     searcher = Searcher(db, get_embedder(settings), ef_search=settings.hnsw_ef_search,
                         exact_max_fraction=settings.dense_exact_fraction,
-                        fusion=fusion_config(settings), bm25=BM25(settings.bm25_k1, settings.bm25_b))
+                        fusion=fusion_config(settings), bm25=bm25_config(settings))
     return searcher, db.close
 
 

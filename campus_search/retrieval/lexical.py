@@ -58,6 +58,7 @@ DEFAULT_B = 0.4
 DEFAULT_DEPTH = 500  # allowed postings read per common query term, in impact order
 DEFAULT_POOL = 300  # allowed candidates rescored exactly (at least 2k), the best by their exact partial score
 DEFAULT_CUT_DF = 1000  # a term with more postings than this is read in impact order and cut
+DEFAULT_SCAN = 20_000  # postings a narrow rule's read of a common term scans, about (depth_for)
 
 # The impact order of migration 018's index. The expression must stay textually equivalent to the index's
 # (PostgreSQL matches index expressions structurally): C1 = k1 (1 - b), C2 = k1 b / 100 at k1 0.9, b 0.4.
@@ -98,6 +99,16 @@ class BM25:
     depth: int = DEFAULT_DEPTH
     pool: int = DEFAULT_POOL
     cut_df: int = DEFAULT_CUT_DF
+    scan: int = DEFAULT_SCAN
+
+    def depth_for(self, share: float) -> int:
+        """The read depth for a rule that admits ``share`` of the documents: :attr:`depth`, lowered so that
+        reading it scans about :attr:`scan` postings of a common term (``scan * share`` allowed ones), for
+        a narrow rule whose allowed postings are sparse in each list. Never below 1; the read itself never
+        goes below the page size k (``bounded_cte``), so a page is never short for it."""
+        if share <= 0:
+            return self.depth
+        return max(1, min(self.depth, round(self.scan * share)))
 
     def _consts(self) -> tuple[str, str, str, str]:
         n = "(SELECT greatest(chunks, 1)::float8 FROM lexical_corpus)"
@@ -147,18 +158,19 @@ class BM25:
                                 WHERE p.term = w.term) p
             GROUP BY p.chunk_id)"""
 
-    def bounded_cte(self, access: str, where: str, k: str = "%(k)s") -> str:
+    def bounded_cte(self, access: str, where: str, k: str = "%(k)s", depth: int | None = None) -> str:
         """CTEs ending in ``lex_scores`` (chunk_id, document_id, score): exact BM25 scores of a pool of
         candidates that holds the best ``k`` chunks whose document satisfies ``where`` (a predicate on
         alias ``d``) -- exactly when no query term has more than ``cut_df`` postings, else up to the bound
         ``lex_cut`` (bound) reports (module docstring). ``access`` is how the read tests access
         (:data:`ACCESS_MODES`); ``docs`` needs the parameter ``lex_docs``, the allowed documents'
-        :func:`document_mask`. The pool only narrows the candidates: the caller cuts it with the exact rule
-        (:func:`allowed_top_sql`)."""
+        :func:`document_mask`. ``depth``: allowed postings read per common term (default :attr:`depth`;
+        see :meth:`depth_for`). The pool only narrows the candidates: the caller cuts it with the exact
+        rule (:func:`allowed_top_sql`)."""
         if access not in ACCESS_MODES:
             raise ValueError(f"access must be one of {ACCESS_MODES}, not {access!r}")
         _, _, k1, b = self._consts()
-        depth = f"greatest({int(self.depth)}, {k})"  # one term's list alone fills a page unless exhausted
+        reads = f"greatest({int(self.depth if depth is None else depth)}, {k})"  # one list fills a page
         pool = f"greatest(2 * ({k}), {int(self.pool)})"
         cut = f"w.df > {int(self.cut_df)}"
         # a document beyond the mask's last byte is not in the set (CASE: get_bit would raise on it)
@@ -190,9 +202,9 @@ class BM25:
                 UNION ALL
                 (SELECT p.chunk_id, p.document_id, p.tf, p.dl, {IMPACT_KEY} AS key, {cut_known} AS known
                  FROM lexical_postings p WHERE p.term = w.term AND {cut}{cut_filter}
-                 ORDER BY {IMPACT_KEY} DESC LIMIT {depth})) r),
+                 ORDER BY {IMPACT_KEY} DESC LIMIT {reads})) r),
         lex_bound AS MATERIALIZED (
-            SELECT w.term, CASE WHEN NOT ({cut}) OR count(r.chunk_id) < {depth} THEN 0::float8
+            SELECT w.term, CASE WHEN NOT ({cut}) OR count(r.chunk_id) < {reads} THEN 0::float8
                                 ELSE w.w * ({k1} + 1) * {bound} END AS ub
             FROM lex_weights w LEFT JOIN lex_read r ON r.term = w.term
             GROUP BY w.term, w.w, w.df),

@@ -139,6 +139,7 @@ class Searcher:
         self.iterative_scan = "relaxed_order"  # pgvector 0.8: keep scanning the index until the page is full
         self._fractions: ExpiringLRU[str, float] = ExpiringLRU(4096)  # visible share per rule
         self._corpus_chunks = 0  # the chunks table's size when a visible share was last counted
+        self._corpus_documents = 0  # the documents table's size when an allowed set was last read
         self.lexical_narrow_fraction = float(lexical_narrow_fraction)
         #: per rule: how the BM25 read tests access, and a narrow rule's allowed documents (lexical_access)
         # 64 rules: an entry is a bitmap of one bit per document id (125 KB at a million documents)
@@ -154,7 +155,7 @@ class Searcher:
                                "model": self.embedder.model_name, **self.fusion.describe()}
         if self.fusion.method != "dense":
             out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b, "bm25_cut_df": self.bm25.cut_df,
-                        "bm25_depth": self.bm25.depth})
+                        "bm25_depth": self.bm25.depth, "bm25_scan": self.bm25.scan})
         out.update({"ef_search": self.ef_search, "iterative_scan": self.iterative_scan,
                     "dense_exact_fraction": self.exact_max_fraction,
                     "priority_weight": PRIORITY_WEIGHT, "freshness_weight": FRESHNESS_WEIGHT})
@@ -328,6 +329,7 @@ class Searcher:
         with self.db.connection(read=True) as conn:
             conn.execute(self.db.search_settings())
             total = _estimated_rows(conn, "documents")
+            self._corpus_documents = total
             cap = min(LEXICAL_DOCS_MAX, max(LEXICAL_DOCS_MIN, int(total * self.lexical_narrow_fraction)))
             ids = [int(r[0]) for r in conn.execute(f"SELECT d.id FROM documents d WHERE {where} LIMIT %(cap)s",
                                                    {"cap": cap + 1, **params}).fetchall()]
@@ -346,9 +348,12 @@ class Searcher:
         satisfies the rule and filters, probed now), and their parameters (besides ``qtext`` and ``k``)."""
         where, params = _where(user, filters)
         access, docs = self.lexical_access(user, filters)
+        depth = None
         if docs is not None:
             params = {**params, "lex_docs": docs}
-        return (f"{self.bm25.bounded_cte(access, where)}, "
+            # a narrow rule reads fewer allowed postings per common term, about BM25.scan scanned (depth_for)
+            depth = self.bm25.depth_for(int.from_bytes(docs, "little").bit_count() / max(1, self._corpus_documents))
+        return (f"{self.bm25.bounded_cte(access, where, depth=depth)}, "
                 f"lex_top AS MATERIALIZED ({allowed_top_sql('lex_scores', where)})"), params
 
     def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int,
