@@ -114,3 +114,30 @@ def test_backfills_bring_a_populated_schema_002_database_up_to_date(make_databas
         after = conn.execute("SELECT chunks, total_length FROM lexical_corpus").fetchone()
         real = conn.execute("SELECT count(*), sum(lexical_length) FROM chunks").fetchone()
     assert after == real
+
+
+def test_a_posting_is_in_two_b_trees_and_a_chunk_s_postings_are_one_run(make_database: Any) -> None:
+    """Migration 021: the postings' key is (chunk_id, term) with tf and dl, and there is no other index but
+    the impact order's. A chunk's exact-score probe and the delete of a chunk's postings use the key (an
+    index-only probe); a term's whole list is read through the impact index."""
+    dsn = make_database()
+    migrate(dsn, model=MODEL, dimension=DIM)
+    with psycopg.connect(dsn) as conn:
+        register_vector(conn)
+        doc = conn.execute("INSERT INTO documents (external_id, title, content_hash) VALUES ('g', 'Printer guide', "
+                           "'h') RETURNING id").fetchone()[0]
+        conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding) "
+                     "VALUES (%s, 0, 'Install the printer driver.', 'c', %s)", (doc, np.ones(DIM, np.float32)))
+        indexes = dict(conn.execute("SELECT indexname, indexdef FROM pg_indexes "
+                                    "WHERE tablename = 'lexical_postings'").fetchall())
+        assert set(indexes) == {"lexical_postings_pkey", "lexical_postings_impact"}
+        assert "(chunk_id, term) INCLUDE (tf, dl)" in indexes["lexical_postings_pkey"]
+        conn.execute("SET enable_seqscan = off")  # a 3-document table: ask which index serves, not whether
+        chunk = conn.execute("SELECT min(chunk_id) FROM lexical_postings WHERE term = 'printer'").fetchone()[0]
+        probe = conn.execute("EXPLAIN SELECT tf, dl FROM lexical_postings WHERE term = 'printer' AND chunk_id = %s",
+                             (chunk,)).fetchall()
+        assert "Index Only Scan using lexical_postings_pkey" in probe[0][0]
+        per_chunk = conn.execute("EXPLAIN DELETE FROM lexical_postings WHERE chunk_id = %s", (chunk,)).fetchall()
+        assert any("lexical_postings_pkey" in row[0] for row in per_chunk)
+        whole = conn.execute("EXPLAIN SELECT chunk_id, tf FROM lexical_postings WHERE term = 'printer'").fetchall()
+        assert any("lexical_postings_impact" in row[0] for row in whole)
