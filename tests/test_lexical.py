@@ -268,14 +268,22 @@ def test_both_halves_of_a_split_hybrid_search_read_one_snapshot(small: Any, monk
     BM25 as by the dense half, as a search begun a moment earlier finds it -- never half there."""
     import threading
 
+    from campus_search.retrieval import search as search_module
+
     searcher = small.searcher
     _as_large_corpus(monkeypatch)
     query = "XQ-7731 replacement EASE token"
     params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
     before = searcher.search(superuser(), params)
     assert before[0].document_id == "ease" and before[0].in_lexical and before[0].in_dense
-    deleted = threading.Event()
+    deleted, claimed = threading.Event(), threading.Event()
     original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed
+    original_claim = search_module.SharedSnapshot.claim
+
+    def claim(shared: Any) -> bool:
+        went_on = original_claim(shared)
+        claimed.set()
+        return went_on
 
     def pool(*args: Any) -> Any:
         assert deleted.wait(10)
@@ -284,7 +292,10 @@ def test_both_halves_of_a_split_hybrid_search_read_one_snapshot(small: Any, monk
     def embed(texts: list[str]) -> Any:  # after the snapshot's export, before the BM25 statement runs
         assert small.ingester.delete(["ease"]) == 1
         deleted.set()
+        assert claimed.wait(10)  # the BM25 half imported the snapshot (after the delete) and goes on
         return original_embed(texts)
+
+    monkeypatch.setattr(search_module.SharedSnapshot, "claim", claim)
 
     monkeypatch.setattr(searcher, "query_vectors", QueryEmbeddingCache())  # so the query is embedded again
     searcher.lexical_pool, searcher.embedder.embed = pool, embed
@@ -549,3 +560,76 @@ def test_a_spare_connection_is_never_waited_for_while_every_one_is_in_use(small:
     finally:
         for conn in held:
             pool.putconn(conn)
+
+
+def test_a_split_search_never_waits_for_a_bm25_half_that_has_not_started(small: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BM25 half that has not imported the search's snapshot by the time the dense half is done (queued
+    behind other searches' halves in this process, or for a server connection behind pgbouncer, where the
+    searches holding server connections may be the ones waiting) is not waited for at all: the search
+    runs BM25 itself and answers the same, and the half, when it does start, runs no statement. One that
+    has started is waited for LEXICAL_RESULT_WAIT seconds at most."""
+    import threading
+    import time
+
+    from campus_search.retrieval import search as search_module
+
+    searcher = small.searcher
+    query = "EASE password reset"
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
+    inline = [(h.chunk_id, h.combined_score, h.in_lexical) for h in searcher.search(student, params)]
+    _as_large_corpus(monkeypatch)
+    release = threading.Event()
+    ran: list[Any] = []
+    original_pool, original_claim = searcher.lexical_pool, search_module.SharedSnapshot.claim
+
+    def search_in_a_thread() -> list[Any]:
+        answers: list[Any] = []
+        thread = threading.Thread(target=lambda: answers.append(searcher.search(student, params)), daemon=True)
+        thread.start()
+        thread.join(10)
+        release.set()
+        assert answers, "the search waited for its BM25 half"
+        return [(h.chunk_id, h.combined_score, h.in_lexical) for h in answers[0]]
+
+    def queued(*args: Any) -> Any:
+        release.wait(60)
+        try:
+            rows = original_pool(*args)
+        except Exception as exc:  # noqa: BLE001 - the snapshot is gone when the search has ended
+            ran.append(exc)
+            raise
+        ran.append(rows)
+        return rows
+
+    monkeypatch.setattr(search_module, "LEXICAL_RESULT_WAIT", 60.0)  # not this: never waited at all
+    monkeypatch.setattr(searcher, "lexical_pool", queued)
+    assert search_in_a_thread() == inline
+    for _ in range(200):
+        if ran:
+            break
+        time.sleep(0.05)
+    # it started after the search went on: abandoned (no statement), or the snapshot already gone
+    assert len(ran) == 1 and (ran[0] == [] or isinstance(ran[0], Exception))
+
+    claimed = threading.Event()
+    original_embed = searcher.embedder.embed
+
+    def slow(shared: Any) -> bool:  # imported and claimed, then slow
+        went_on = original_claim(shared)
+        claimed.set()
+        release.wait(60)
+        return went_on
+
+    def embed(texts: list[str]) -> Any:  # the dense half starts once the BM25 half has claimed
+        assert claimed.wait(10)
+        return original_embed(texts)
+
+    release.clear()
+    monkeypatch.setattr(searcher, "lexical_pool", original_pool)
+    monkeypatch.setattr(search_module.SharedSnapshot, "claim", slow)
+    monkeypatch.setattr(search_module, "LEXICAL_RESULT_WAIT", 0.05)
+    monkeypatch.setattr(searcher, "query_vectors", QueryEmbeddingCache())  # so the query is embedded again
+    monkeypatch.setattr(searcher.embedder, "embed", embed)
+    assert search_in_a_thread() == inline

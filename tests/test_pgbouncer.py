@@ -132,8 +132,14 @@ def test_prepared_statements_collide_behind_transaction_pooling(pgbouncer: tuple
                 conn.commit()
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-statement", "bm25-beside"])
 def test_the_app_works_through_pgbouncer(pgbouncer: tuple[str, str], tmp_path: Path, embedder: Any,
-                                         token: Any) -> None:
+                                         token: Any, split: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with a hybrid search's BM25 half meant for a second connection importing the search's
+    snapshot (as on a large corpus). This pgbouncer has one server connection, held by the search's own
+    transaction: the half waits in pgbouncer's queue and can never import a live snapshot, so every
+    search goes on without it (SharedSnapshot) and answers the same -- no search waits for it, none hangs."""
+    from campus_search.retrieval import search as search_module
     from campus_search.services import Services
 
     url, direct = pgbouncer
@@ -152,6 +158,17 @@ def test_the_app_works_through_pgbouncer(pgbouncer: tuple[str, str], tmp_path: P
             direct_services.close()
         assert all(expected.values())
 
+        halves: list[Any] = []
+        if split:
+            monkeypatch.setattr(search_module, "LEXICAL_BESIDE_MIN_CHUNKS", 0)
+            original = via_bouncer.searcher.lexical_pool
+
+            def pool(*args: Any) -> Any:
+                rows = original(*args)
+                halves.append(rows)  # [] when the search had gone on without it
+                return rows
+
+            monkeypatch.setattr(via_bouncer.searcher, "lexical_pool", pool)
         app = create_app(via_bouncer)
         app.config["TESTING"] = True
         auth = {"Authorization": token("admin")}
@@ -173,6 +190,7 @@ def test_the_app_works_through_pgbouncer(pgbouncer: tuple[str, str], tmp_path: P
         for t in threads:
             t.join(120)
         assert not failures, failures[:3]
+        assert not any(halves)  # no half ever ran a statement: the searches above went on without them
     finally:
         via_bouncer.close()
 

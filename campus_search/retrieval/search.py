@@ -112,9 +112,44 @@ LEXICAL_BESIDE_MIN_CHUNKS = 100_000
 #: (Database.connection's ``spare``) and the search runs BM25 in its own statement instead (same
 #: snapshot, same answer; only not in parallel).
 LEXICAL_CONNECTION_WAIT = 0.5
+#: Seconds a split search waits for its BM25 half before running BM25 itself. A BM25 statement takes
+#: tens of milliseconds at a million chunks; a longer wait means it is queued behind others: in this
+#: process's threads, or for a server connection behind pgbouncer, whose server pool the process cannot
+#: see and where the searches holding server connections may be the ones waiting.
+LEXICAL_RESULT_WAIT = 1.0
 #: An exported snapshot's identifier (pg_export_snapshot): written into SET TRANSACTION SNAPSHOT, which
 #: takes no parameter, so it is checked first.
 _SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
+
+
+class SharedSnapshot:
+    """A search transaction's exported snapshot, handed to its BM25 half (``Searcher.search_beside``).
+
+    The half *claims* it once it has imported the snapshot; the search *abandons* it when the half has
+    not claimed it by the time the dense half is done (queued behind other halves in this process, or
+    for a server connection behind pgbouncer): one or the other, never both, so a search never waits for
+    a half that has not started, and an abandoned half does not run its statement."""
+
+    def __init__(self, snapshot_id: str) -> None:
+        if not _SNAPSHOT_ID.fullmatch(snapshot_id):
+            raise ValueError(f"not a snapshot identifier: {snapshot_id!r}")
+        self.id = snapshot_id
+        self._lock = threading.Lock()
+        self._state = ""  # "", "claimed" or "abandoned"
+
+    def claim(self) -> bool:
+        """The BM25 half, after importing: True to go on, False when the search went on without it."""
+        with self._lock:
+            if not self._state:
+                self._state = "claimed"
+            return self._state == "claimed"
+
+    def abandon(self) -> bool:
+        """The search: True when the half had not claimed the snapshot (now it never will)."""
+        with self._lock:
+            if not self._state:
+                self._state = "abandoned"
+            return self._state == "abandoned"
 #: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
 #: pipelined statement): the statement timeout and the HNSW scan's settings.
 SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
@@ -197,15 +232,17 @@ class Searcher:
         that transaction returns the union's chunks with both scores (:meth:`hybrid_candidates`), the
         rule applied to every row once more. Every statement reads the same snapshot, so a document
         rewritten or re-permissioned meanwhile is seen whole, before or after, by both halves. When the
-        second connection cannot be had at once (every pooled connection busy) or the snapshot cannot be
-        imported (another server), BM25 runs inside the last statement instead: the same answer."""
+        second connection cannot be had at once (every pooled connection busy), the BM25 half has not
+        imported the snapshot by the time the dense half is done (queued: :class:`SharedSnapshot`) or has
+        not answered within ``LEXICAL_RESULT_WAIT`` seconds, or the snapshot cannot be imported (another
+        server), BM25 runs inside the last statement instead: the same answer."""
         filters = params.filters
         exact = self.dense_plan(user, filters) == "exact"  # both cached per rule: no connection held below
         self.lexical_access(user, filters)
         where, where_params = _where(user, filters)
         with self.db.connection(read=True) as conn:
-            snapshot = self._export_snapshot(conn, k)
-            lexical = self.start_lexical(user, params.query, filters, k, snapshot=snapshot)
+            shared = SharedSnapshot(self._export_snapshot(conn, k))
+            lexical = self.start_lexical(user, params.query, filters, k, snapshot=shared)
             vector = self.embed_query(params.query)
             dense_sql = f"SELECT array_agg(id) FROM ({_dense_sql(where, exact)}) t"
             values = {"q": vector, "k": k, **where_params}
@@ -214,11 +251,15 @@ class Searcher:
             if not exact and len(dense) < k and self._allowed_at_least(user, filters, k, conn=conn):
                 row = conn.execute(f"SELECT array_agg(id) FROM ({_dense_sql(where, True)}) t", values).fetchone()
                 dense = list(row[0] or []) if row else []
-            try:
-                pool: list[tuple[int, float, bool]] | None = lexical.result()
-            except (ServiceUnavailable, psycopg.errors.InvalidParameterValue,
-                    psycopg.errors.ObjectNotInPrerequisiteState):
-                pool = None  # no second connection now, or not on this server: BM25 in the statement below
+            pool: list[tuple[int, float, bool]] | None = None
+            if shared.abandon():  # the BM25 half has not started: not waited for, BM25 in the statement below
+                lexical.cancel()
+            else:
+                try:
+                    pool = lexical.result(timeout=LEXICAL_RESULT_WAIT)
+                except (TimeoutError, ServiceUnavailable, psycopg.errors.InvalidParameterValue,
+                        psycopg.errors.ObjectNotInPrerequisiteState):
+                    pool = None  # no second connection, too slow, or not on this server: BM25 below
             return self.hybrid_candidates(user, vector, params.query, filters, k, pool=pool, dense=dense, conn=conn)
 
     def _export_snapshot(self, conn: psycopg.Connection, k: int) -> str:
@@ -245,7 +286,7 @@ class Searcher:
         return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact)
 
     def start_lexical(self, user: Principal, query: str, filters: Mapping[str, Any], k: int,
-                      snapshot: str | None = None) -> Future[list[tuple[int, float, bool]]]:
+                      snapshot: SharedSnapshot | None = None) -> Future[list[tuple[int, float, bool]]]:
         """:meth:`lexical_pool` on a thread of this process, now; its rows (or its error) come from the
         returned future's ``result()``."""
         with self._runner_lock:
@@ -256,14 +297,15 @@ class Searcher:
         return runner.submit(self.lexical_pool, user, query, filters, k, snapshot)
 
     def lexical_pool(self, user: Principal, query: str, filters: Mapping[str, Any], k: int,
-                     snapshot: str | None = None) -> list[tuple[int, float, bool]]:
+                     snapshot: SharedSnapshot | None = None) -> list[tuple[int, float, bool]]:
         """The BM25 half of a hybrid search, one statement: ``(chunk_id, exact BM25 score, in the top k)``
         for the pool of candidates (lexical.py, ``BM25.bounded_cte``) whose document satisfied the rule
         and filters when it ran. Ids and scores only: the statement that returns chunks
         (:meth:`hybrid_candidates`) applies the rule again, so a document hidden since cannot surface.
 
         ``snapshot``: an exported snapshot (:meth:`search_beside`) the statement reads, on a connection
-        had within ``LEXICAL_CONNECTION_WAIT`` seconds or not at all (ServiceUnavailable)."""
+        had within ``LEXICAL_CONNECTION_WAIT`` seconds or not at all (ServiceUnavailable); no rows, and no
+        statement, when the search went on without this half (:meth:`SharedSnapshot.claim`)."""
         lexical, lex_params = self.lexical_sql(user, filters)
         sql = f"WITH {lexical} {_POOL_ROWS}"
         return [(int(r[0]), float(r[1]), bool(r[2]))
@@ -376,7 +418,8 @@ class Searcher:
                 "ef_search": str(self.ef_search_for(k)), "iterative_scan": self.iterative_scan,
                 "max_scan_tuples": str(MAX_SCAN_TUPLES)}
 
-    def _fetch(self, sql: str, params: Mapping[str, Any], k: int, snapshot: str | None = None) -> list[tuple[Any, ...]]:
+    def _fetch(self, sql: str, params: Mapping[str, Any], k: int,
+               snapshot: SharedSnapshot | None = None) -> list[tuple[Any, ...]]:
         """Run a candidate query on a read connection, with the search timeout and this searcher's HNSW
         settings, all transaction-local (``set_config(..., true)`` = ``SET LOCAL``: they end with the
         transaction; pgbouncer-safe).
@@ -385,17 +428,24 @@ class Searcher:
         one round trip to PostgreSQL per statement instead of three. Behind pgbouncer's transaction pooling
         (prepared statements off, like the audit writer) one statement at a time.
 
-        ``snapshot``: read that exported snapshot (a read-only REPEATABLE READ transaction importing it),
-        on a connection had within ``LEXICAL_CONNECTION_WAIT`` seconds."""
-        statements: list[tuple[str, Mapping[str, Any] | None]] = []
-        if snapshot is not None:
-            if not _SNAPSHOT_ID.fullmatch(snapshot):
-                raise ValueError(f"not a snapshot identifier: {snapshot!r}")
-            statements += [("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", None),
-                           (f"SET TRANSACTION SNAPSHOT '{snapshot}'", None)]
-        statements.append((SEARCH_SETTINGS_SQL, self._settings(k)))
+        ``snapshot``: first import that exported snapshot (a read-only REPEATABLE READ transaction), on a
+        connection had within ``LEXICAL_CONNECTION_WAIT`` seconds, and claim it; nothing more when the
+        search it belongs to went on without it."""
+        statements: list[tuple[str, Mapping[str, Any] | None]] = [(SEARCH_SETTINGS_SQL, self._settings(k))]
         wait = LEXICAL_CONNECTION_WAIT if snapshot is not None else None
         with self.db.connection(read=True, spare=wait) as conn:
+            if snapshot is not None:
+                imports = ["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                           f"SET TRANSACTION SNAPSHOT '{snapshot.id}'"]
+                if conn.prepare_threshold is None:
+                    for statement in imports:
+                        conn.execute(statement)
+                else:
+                    with conn.pipeline():
+                        for statement in imports:
+                            conn.execute(statement)
+                if not snapshot.claim():
+                    return []
             if conn.prepare_threshold is None:
                 for statement, args in statements:
                     conn.execute(statement, args)
