@@ -239,6 +239,12 @@ def test_a_narrow_rule_reads_fewer_postings_of_a_common_term(corpus: Any) -> Non
     bm25 = BM25(depth=12, pool=10, cut_df=20, scan=round(8 / share))
     assert bm25.depth_for(share) == 8 and bm25.depth_for(1.0) == 12 and bm25.depth_for(1e-9) == 1
     _read_stops_after(corpus, bm25, 8)
+    searcher = _searcher(corpus, bm25)  # the pool rescored shrinks with the depth: 10 * 8 / 12 -> 7
+    ctes, params = searcher.lexical_sql(STUDENT, {})
+    with corpus.db.connection(read=True) as conn:
+        pooled = conn.execute(f"WITH {ctes} SELECT count(*) FROM lex_scores",
+                              {"qtext": "ledger audit", "k": 2, **params}).fetchone()[0]
+    assert pooled == 7
     searcher = _searcher(corpus, BM25(depth=12, pool=10, cut_df=20, scan=1))  # depth 1: reads k
     for user in (STAFF, STUDENT):
         for qtext in _queries(random.Random(5), 12):

@@ -165,13 +165,15 @@ class BM25:
         ``lex_cut`` (bound) reports (module docstring). ``access`` is how the read tests access
         (:data:`ACCESS_MODES`); ``docs`` needs the parameter ``lex_docs``, the allowed documents'
         :func:`document_mask`. ``depth``: allowed postings read per common term (default :attr:`depth`;
-        see :meth:`depth_for`). The pool only narrows the candidates: the caller cuts it with the exact
-        rule (:func:`allowed_top_sql`)."""
+        see :meth:`depth_for`); the pool rescored exactly shrinks in proportion (never below 2k). The pool
+        only narrows the candidates: the caller cuts it with the exact rule (:func:`allowed_top_sql`)."""
         if access not in ACCESS_MODES:
             raise ValueError(f"access must be one of {ACCESS_MODES}, not {access!r}")
         _, _, k1, b = self._consts()
         reads = f"greatest({int(self.depth if depth is None else depth)}, {k})"  # one list fills a page
-        pool = f"greatest(2 * ({k}), {int(self.pool)})"
+        # a lowered depth (depth_for) reads fewer candidates: the pool rescored shrinks with it
+        rescored = self.pool if depth is None else max(1, round(self.pool * min(depth, self.depth) / self.depth))
+        pool = f"greatest(2 * ({k}), {int(rescored)})"
         cut = f"w.df > {int(self.cut_df)}"
         # a document beyond the mask's last byte is not in the set (CASE: get_bit would raise on it)
         in_docs = ("CASE WHEN p.document_id < 8 * octet_length(%(lex_docs)s::bytea) "
