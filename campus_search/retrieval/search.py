@@ -150,6 +150,8 @@ class SharedSnapshot:
             if not self._state:
                 self._state = "abandoned"
             return self._state == "abandoned"
+
+
 #: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
 #: pipelined statement): the statement timeout and the HNSW scan's settings.
 SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
@@ -243,14 +245,20 @@ class Searcher:
         with self.db.connection(read=True) as conn:
             shared = SharedSnapshot(self._export_snapshot(conn, k))
             lexical = self.start_lexical(user, params.query, filters, k, snapshot=shared)
-            vector = self.embed_query(params.query)
-            dense_sql = f"SELECT array_agg(id) FROM ({_dense_sql(where, exact)}) t"
-            values = {"q": vector, "k": k, **where_params}
-            row = conn.execute(dense_sql, values).fetchone()
-            dense = list(row[0] or []) if row else []
-            if not exact and len(dense) < k and self._allowed_at_least(user, filters, k, conn=conn):
-                row = conn.execute(f"SELECT array_agg(id) FROM ({_dense_sql(where, True)}) t", values).fetchone()
+            try:
+                vector = self.embed_query(params.query)
+                dense_sql = f"SELECT array_agg(id) FROM ({_dense_sql(where, exact)}) t"
+                values = {"q": vector, "k": k, **where_params}
+                row = conn.execute(dense_sql, values).fetchone()
                 dense = list(row[0] or []) if row else []
+                if not exact and len(dense) < k and self._allowed_at_least(user, filters, k, conn=conn):
+                    row = conn.execute(f"SELECT array_agg(id) FROM ({_dense_sql(where, True)}) t",
+                                       values).fetchone()
+                    dense = list(row[0] or []) if row else []
+            except BaseException:
+                shared.abandon()  # the search failed (the model, the dense statement): no BM25 half for it
+                lexical.cancel()
+                raise
             pool: list[tuple[int, float, bool]] | None = None
             if shared.abandon():  # the BM25 half has not started: not waited for, BM25 in the statement below
                 lexical.cancel()
