@@ -178,7 +178,7 @@ class BM25:
         # a document beyond the mask's last byte is not in the set (CASE: get_bit would raise on it)
         in_docs = ("CASE WHEN p.document_id < 8 * octet_length(%(lex_docs)s::bytea) "
                    "THEN get_bit(%(lex_docs)s::bytea, p.document_id) = 1 ELSE false END")
-        # rare terms: read whole; filtered by the allowed set when there is one (cheap, hashed), else not
+        # rare terms: read whole; filtered by the allowed set when there is one (one bit a posting), else not
         rare_filter = f" AND {in_docs}" if access == "docs" else ""
         # common terms: read in impact order, allowed postings only, until depth of them
         cut_filter = {"all": "", "docs": f" AND {in_docs}",
