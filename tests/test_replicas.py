@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -210,10 +211,24 @@ def test_a_split_hybrid_search_reads_both_halves_on_the_replica(database: tuple[
                 raise
             return pools[-1]
 
+        claimed = threading.Event()
+        original_claim, original_embed = search_module.SharedSnapshot.claim, services.searcher.embedder.embed
+
+        def claim(shared: Any) -> bool:
+            went_on = original_claim(shared)
+            claimed.set()
+            return went_on
+
+        def embed(texts: list[str]) -> Any:  # the dense half waits until the BM25 half imported the snapshot
+            assert claimed.wait(10)
+            return original_embed(texts)
+
+        monkeypatch.setattr(search_module.SharedSnapshot, "claim", claim)
+        monkeypatch.setattr(services.searcher.embedder, "embed", embed)
         monkeypatch.setattr(services.searcher, "lexical_pool", pool)
         hits = services.searcher.search(superuser(), SearchParams(query="car parking permit", max_results=5,
                                                                  similarity_threshold=0.3))
-        assert len(pools) == 1 and isinstance(pools[0], list), pools  # the BM25 half ran, on the replica
+        assert len(pools) == 1 and isinstance(pools[0], list) and pools[0], pools  # it ran, on the replica
         assert any(h.document_id == "parking" and h.in_lexical for h in hits)
         assert services.db.reads()["node"] == "replica1"
     finally:
