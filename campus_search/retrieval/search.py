@@ -34,7 +34,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -247,14 +247,16 @@ class Searcher:
             lexical = self.start_lexical(user, params.query, filters, k, snapshot=shared)
             try:
                 vector = self.embed_query(params.query)
-                dense_sql = f"SELECT array_agg(id) FROM ({_dense_sql(where, exact)}) t"
                 values = {"q": vector, "k": k, **where_params}
-                row = conn.execute(dense_sql, values).fetchone()
-                dense = list(row[0] or []) if row else []
-                if not exact and len(dense) < k and self._allowed_at_least(user, filters, k, conn=conn):
-                    row = conn.execute(f"SELECT array_agg(id) FROM ({_dense_sql(where, True)}) t",
+
+                def dense_ids(exact_scan: bool) -> list[int]:
+                    row = conn.execute(f"SELECT array_agg(id) FROM ({_dense_sql(where, exact_scan)}) t",
                                        values).fetchone()
-                    dense = list(row[0] or []) if row else []
+                    return list(row[0] or []) if row else []
+
+                dense = dense_ids(exact)
+                if not exact and len(dense) < k and self._allowed_at_least(user, filters, k, conn=conn):
+                    dense = dense_ids(True)  # short: as in search(), an exact scan settles it
             except BaseException:
                 shared.abandon()  # the search failed (the model, the dense statement): no BM25 half for it
                 lexical.cancel()
@@ -273,18 +275,8 @@ class Searcher:
     def _export_snapshot(self, conn: psycopg.Connection, k: int) -> str:
         """Make ``conn``'s new transaction a read-only REPEATABLE READ one with the search settings, and
         export its snapshot (one round trip on a direct connection)."""
-        statements = [("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", None),
-                      (SEARCH_SETTINGS_SQL, self._settings(k))]
-        if conn.prepare_threshold is None:
-            for sql, args in statements:
-                conn.execute(sql, args)
-            row = conn.execute("SELECT pg_export_snapshot()").fetchone()
-        else:
-            with conn.pipeline():
-                for sql, args in statements:
-                    conn.execute(sql, args)
-                cur = conn.execute("SELECT pg_export_snapshot()")
-            row = cur.fetchone()
+        row = _one_trip(conn, [(_READ_ONLY_REPEATABLE, None), (SEARCH_SETTINGS_SQL, self._settings(k)),
+                               ("SELECT pg_export_snapshot()", None)]).fetchone()
         return str(row[0]) if row else ""
 
     def _candidates(self, user: Principal, vector: np.ndarray, params: SearchParams, k: int,
@@ -439,31 +431,13 @@ class Searcher:
         ``snapshot``: first import that exported snapshot (a read-only REPEATABLE READ transaction), on a
         connection had within ``LEXICAL_CONNECTION_WAIT`` seconds, and claim it; nothing more when the
         search it belongs to went on without it."""
-        statements: list[tuple[str, Mapping[str, Any] | None]] = [(SEARCH_SETTINGS_SQL, self._settings(k))]
         wait = LEXICAL_CONNECTION_WAIT if snapshot is not None else None
         with self.db.connection(read=True, spare=wait) as conn:
             if snapshot is not None:
-                imports = ["SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-                           f"SET TRANSACTION SNAPSHOT '{snapshot.id}'"]
-                if conn.prepare_threshold is None:
-                    for statement in imports:
-                        conn.execute(statement)
-                else:
-                    with conn.pipeline():
-                        for statement in imports:
-                            conn.execute(statement)
+                _one_trip(conn, [(_READ_ONLY_REPEATABLE, None), (f"SET TRANSACTION SNAPSHOT '{snapshot.id}'", None)])
                 if not snapshot.claim():
                     return []
-            if conn.prepare_threshold is None:
-                for statement, args in statements:
-                    conn.execute(statement, args)
-                return conn.execute(sql, params).fetchall()
-            with conn.pipeline():
-                for statement, args in statements:
-                    conn.execute(statement, args)
-                cur = conn.execute(sql, params)
-                conn.commit()
-            return cur.fetchall()
+            return _one_trip(conn, [(SEARCH_SETTINGS_SQL, self._settings(k)), (sql, params)], commit=True).fetchall()
 
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
                           k: int, *, exact: bool = False, pool: list[tuple[int, float, bool]] | None = None,
@@ -526,6 +500,27 @@ class Searcher:
                f"ORDER BY cand.distance, c.id")
         rows = self._fetch(sql, {"q": vector, "k": k, **params}, k)
         return [_hit(row, float(row[-1])) for row in rows]
+
+
+_READ_ONLY_REPEATABLE = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+def _one_trip(conn: psycopg.Connection, statements: Sequence[tuple[str, Mapping[str, Any] | None]],
+              commit: bool = False) -> psycopg.Cursor[Any]:
+    """Run ``statements`` in order on ``conn`` and return the last one's cursor: on a direct connection in
+    one pipeline, one round trip (with the ``COMMIT`` when ``commit``); behind pgbouncer's transaction
+    pooling (prepared statements off, like the audit writer) one statement at a time, the transaction
+    committed when the caller's connection block ends."""
+    if conn.prepare_threshold is None:
+        for sql, args in statements:
+            cur = conn.execute(sql, args)
+        return cur
+    with conn.pipeline():
+        for sql, args in statements:
+            cur = conn.execute(sql, args)
+        if commit:
+            conn.commit()
+    return cur
 
 
 def _rule_key(where: str, params: Mapping[str, Any]) -> str:
