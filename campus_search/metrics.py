@@ -324,9 +324,15 @@ class InstrumentedEmbedder:
         self.dimension = inner.dimension
 
     def embed(self, texts: Sequence[str], *args: Any, **kwargs: Any) -> np.ndarray:
+        return self._timed(self.inner.embed, texts, *args, **kwargs)
+
+    def embed_query(self, texts: Sequence[str]) -> np.ndarray:
+        return self._timed(self.inner.embed_query, texts)
+
+    def _timed(self, call: Any, texts: Sequence[str], *args: Any, **kwargs: Any) -> np.ndarray:
         started = time.perf_counter()
         try:
-            out = self.inner.embed(texts, *args, **kwargs)
+            out = call(texts, *args, **kwargs)
         except Exception:
             embedding_request(self.provider, time.perf_counter() - started, False, len(texts))
             raise

@@ -72,7 +72,12 @@ def _with_dbname(dsn: str, name: str) -> str:
 
 @pytest.fixture(scope="session")
 def embedder() -> LocalMiniLM:
-    return LocalMiniLM(threads=2)
+    """The bundled model as a server builds it on this machine: queries by the int8 query graph where the
+    CPU has VNNI (EMBEDDING_QUERY_INT8=auto), documents by the shipped graph."""
+    from campus_search.embedding.factory import model_cache_dir
+    from campus_search.embedding.quantized import query_int8_enabled
+
+    return LocalMiniLM(threads=2, query_int8=query_int8_enabled("auto"), cache_dir=model_cache_dir())
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from campus_search.app import create_app
+from campus_search.embedding.local import LocalMiniLM
 from campus_search.ingest.metadata import AccessMetadata
 from campus_search.ingest.sources import Block, ParsedDocument
-from campus_search.retrieval.query_vectors import QueryEmbeddingCache, TieredEmbeddingCache
+from campus_search.retrieval.query_vectors import TieredEmbeddingCache, query_vector_cache
 from campus_search.security.roles import DEFAULT_ROLES, Principal, is_visible
 
 QUERY = {"query": "eduroam wifi connection", "config": {"max_results": 10, "similarity_threshold": -1.0}}
@@ -198,12 +199,16 @@ def test_query_embeddings_are_shared_through_redis(cached_app: Any, redis_server
     keys = r.keys(redis_prefix + "emb:*")
     assert len(keys) == 1 and len(r.get(keys[0])) == embedder.dimension * 4
     # A process with an empty local LRU (another worker) finds the vector in Redis.
-    fresh = TieredEmbeddingCache(QueryEmbeddingCache(), services.cache.backend, model=embedder.model_name,
-                                 dimension=embedder.dimension, ttl=60)
+    fresh = query_vector_cache(services.settings, services.cache.backend, embedder)
+    assert isinstance(fresh, TieredEmbeddingCache)
     vector = fresh.get(QUERY["query"])
     assert vector is not None
-    np.testing.assert_allclose(vector, embedder.embed([QUERY["query"]])[0], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(vector, embedder.embed_query([QUERY["query"]])[0])
     assert fresh.get("a query nobody asked") is None
+    # ...but a process that embeds queries with the other graph (EMBEDDING_QUERY_INT8) does not: its
+    # vectors are another computation, and the two are never mixed
+    other = LocalMiniLM(threads=1, query_int8=embedder.query_graph != "int8", cache_dir=embedder.cache_dir)
+    assert query_vector_cache(services.settings, services.cache.backend, other).get(QUERY["query"]) is None
 
 
 def test_without_redis_the_in_process_cache_serves_repeats(client: Any, token: Any, demo_services: Any) -> None:

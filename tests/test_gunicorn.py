@@ -363,3 +363,29 @@ def test_keepalive_spelling_works_with_python_m_gunicorn(tmp_path: Path, launche
         out, err = proc.communicate(timeout=60)
     assert "KEEPALIVE=10" in out, out + err
     assert proc.returncode == 0, err
+
+
+def test_the_master_derives_the_query_graph_once_before_its_workers_load_it(served_dsn: str, tmp_path: Path) -> None:
+    """With an empty MODEL_CACHE_DIR, the int8 query graph is derived by a child of the master (the master
+    itself must not load onnxruntime before forking) and every worker loads the cached file."""
+    pytest.importorskip("onnx")
+    from campus_search.embedding.quantized import cpu_has_vnni
+
+    if not cpu_has_vnni():
+        pytest.skip("EMBEDDING_QUERY_INT8=auto keeps the float32 graph on a CPU without VNNI")
+    cache = tmp_path / "models"
+    srv = Server(served_dsn, tmp_path, MODEL_CACHE_DIR=str(cache))
+    try:
+        srv.wait_ready()
+        names = sorted(p.name for p in cache.iterdir())
+        assert len(names) == 2 and names[0].endswith(".onnx") and names[1] == names[0] + ".sha256", names
+        health = srv.request("GET", "/health").json()
+        assert health["components"]["embedding_service"]["query_graph"] == "int8"
+        assert admin_search(srv, "eduroam certificate").json()["results"]
+        maps = Path(f"/proc/{srv.proc.pid}/maps").read_text()
+        assert "onnxruntime" not in maps, "the master loaded onnxruntime before forking its workers"
+    finally:
+        code = srv.stop()
+    text = srv.stderr_path.read_text(encoding="utf-8", errors="replace")
+    assert "derived the int8 query graph" not in text  # no worker had to: the master's child had
+    assert "terminate called" not in text and code == 0, text[-3000:]

@@ -36,6 +36,9 @@ class CountingEmbedder:
         self.texts.extend(texts)
         return self.inner.embed(texts)
 
+    def embed_query(self, texts: Sequence[str]) -> np.ndarray:  # searches: not counted
+        return self.inner.embed_query(texts)
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.inner.count_tokens(texts)
 

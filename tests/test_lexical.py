@@ -228,7 +228,7 @@ def test_bm25_runs_while_the_query_is_embedded(small: Any, monkeypatch: pytest.M
     assert not started  # 5 chunks: BM25 in line, no hand-over
     _as_large_corpus(monkeypatch)
     finished, embedded = threading.Event(), threading.Event()
-    original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed
+    original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed_query
 
     def pool(*args: Any) -> Any:
         rows = original_pool(*args)
@@ -243,11 +243,11 @@ def test_bm25_runs_while_the_query_is_embedded(small: Any, monkeypatch: pytest.M
     query = "EASE password reset"
     student = Principal("s1", DEFAULT_ROLES["student"])
     params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
-    searcher.lexical_pool, searcher.embedder.embed = pool, embed
+    searcher.lexical_pool, searcher.embedder.embed_query = pool, embed
     try:
         hits = searcher.search(student, params)
     finally:
-        searcher.lexical_pool, searcher.embedder.embed = original_pool, original_embed
+        searcher.lexical_pool, searcher.embedder.embed_query = original_pool, original_embed
     assert embedded.is_set() and hits
     vector = searcher.embed_query(query)
     own = searcher.hybrid_candidates(student, vector, query, {}, 40)
@@ -277,7 +277,7 @@ def test_both_halves_of_a_split_hybrid_search_read_one_snapshot(small: Any, monk
     before = searcher.search(superuser(), params)
     assert before[0].document_id == "ease" and before[0].in_lexical and before[0].in_dense
     deleted, claimed = threading.Event(), threading.Event()
-    original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed
+    original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed_query
     original_claim = search_module.SharedSnapshot.claim
 
     def claim(shared: Any) -> bool:
@@ -298,11 +298,11 @@ def test_both_halves_of_a_split_hybrid_search_read_one_snapshot(small: Any, monk
     monkeypatch.setattr(search_module.SharedSnapshot, "claim", claim)
 
     monkeypatch.setattr(searcher, "query_vectors", QueryEmbeddingCache())  # so the query is embedded again
-    searcher.lexical_pool, searcher.embedder.embed = pool, embed
+    searcher.lexical_pool, searcher.embedder.embed_query = pool, embed
     try:
         during = searcher.search(superuser(), params)
     finally:
-        searcher.lexical_pool, searcher.embedder.embed = original_pool, original_embed
+        searcher.lexical_pool, searcher.embedder.embed_query = original_pool, original_embed
     assert deleted.is_set()
     assert [(h.chunk_id, h.in_lexical, h.in_dense, h.bm25) for h in during] == \
         [(h.chunk_id, h.in_lexical, h.in_dense, h.bm25) for h in before]
@@ -614,7 +614,7 @@ def test_a_split_search_never_waits_for_a_bm25_half_that_has_not_started(small: 
     assert len(ran) == 1 and (ran[0] == [] or isinstance(ran[0], Exception))
 
     claimed = threading.Event()
-    original_embed = searcher.embedder.embed
+    original_embed = searcher.embedder.embed_query
 
     def slow(shared: Any) -> bool:  # imported and claimed, then slow
         went_on = original_claim(shared)
@@ -631,5 +631,5 @@ def test_a_split_search_never_waits_for_a_bm25_half_that_has_not_started(small: 
     monkeypatch.setattr(search_module.SharedSnapshot, "claim", slow)
     monkeypatch.setattr(search_module, "LEXICAL_RESULT_WAIT", 0.05)
     monkeypatch.setattr(searcher, "query_vectors", QueryEmbeddingCache())  # so the query is embedded again
-    monkeypatch.setattr(searcher.embedder, "embed", embed)
+    monkeypatch.setattr(searcher.embedder, "embed_query", embed)
     assert search_in_a_thread() == inline

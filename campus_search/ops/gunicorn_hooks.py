@@ -76,14 +76,31 @@ def _services(server: Any) -> Any:
 
 
 def when_ready(server: Any) -> None:
-    """Master, listening sockets bound: announce the configuration and endpoints."""
+    """Master, listening sockets bound, no worker yet: derive the int8 query graph into its cache once
+    (each worker would otherwise derive it on a first start), then announce the configuration."""
     from campus_search.ops.banner import announce
 
     app = flask_app(server)
     if app is not None:
+        prepare_query_graph(app.extensions["campus_search"].settings)
         cfg = server.cfg
         announce(app.extensions["campus_search"].settings, workers=cfg.workers, threads=cfg.threads, app=app,
                  bind=", ".join(cfg.bind), metrics_dir=os.environ.get(ENV_DIR))
+
+
+def prepare_query_graph(settings: Any) -> None:
+    """Have the int8 query graph in MODEL_CACHE_DIR (quantized.py) before workers load it, derived by a
+    child process: the master must not import onnxruntime before it forks. A failure is logged, not raised:
+    each worker then derives the graph for itself, or fails to load its model and says so."""
+    from campus_search.embedding.factory import local_query_int8, model_cache_dir
+
+    if local_query_int8(settings):
+        from campus_search.embedding.quantized import prepare_in_child
+
+        try:
+            prepare_in_child(model_cache_dir(settings.model_cache_dir))
+        except Exception as exc:  # a timeout, no interpreter to start
+            log.warning("could not prepare the int8 query graph (%s)", exc.__class__.__name__)
 
 
 def _drop_inherited_exit_handlers() -> None:
@@ -150,6 +167,9 @@ def post_fork(server: Any, worker: Any) -> None:
     services = _services(server)
     _harden(worker, services.settings if services is not None else None)
     if services is not None and not stop:
+        warm = getattr(getattr(services, "embedder", None), "warm", None)
+        if callable(warm):
+            warm()  # the graph queries use, loaded now: the first search does not wait for it
         try:
             services.ensure_open()
         except Exception as exc:

@@ -114,11 +114,12 @@ class HealthMonitor:
 
     def _embedding(self) -> dict[str, Any]:
         embedder = self.services.embedder
-        vector = np.asarray(embedder.embed([PROBE_TEXT])[0], dtype=np.float64)
+        vector = np.asarray(embedder.embed_query([PROBE_TEXT])[0], dtype=np.float64)  # as a search does
         norm = float(np.linalg.norm(vector))
         ok = vector.shape == (embedder.dimension,) and math.isfinite(norm) and abs(norm - 1.0) < 1e-3
         return {"healthy": ok, "embedding_length": int(vector.shape[0]),
-                "provider": self.services.settings.embedding_provider, "model": embedder.model_name}
+                "provider": self.services.settings.embedding_provider, "model": embedder.model_name,
+                "query_graph": getattr(embedder, "query_graph", None)}
 
     def _cache(self) -> dict[str, Any]:
         opened = self.services.opened  # None until this process opened its components

@@ -143,6 +143,9 @@ def query_vector_cache(settings: Settings, backend: Backend, embedder: Any) -> Q
     remote embedder learns its dimension from the server)."""
     local = QueryEmbeddingCache()
     if settings.cache_enabled and isinstance(backend, RedisBackend):
-        return TieredEmbeddingCache(local, backend, model=embedder.model_name, dimension=embedder.dimension,
+        # the query graph is part of the model: vectors of the int8 and float32 graphs are not mixed
+        graph = getattr(embedder, "query_graph", None)
+        model = embedder.model_name if graph in (None, "float32") else f"{embedder.model_name}/{graph}"
+        return TieredEmbeddingCache(local, backend, model=model, dimension=embedder.dimension,
                                     ttl=settings.cache_ttl_embedding)
     return local

