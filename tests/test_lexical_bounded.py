@@ -313,3 +313,21 @@ def test_a_document_newer_than_the_cached_set_is_left_out_without_error(corpus: 
     searcher._lexical_access.clock = lambda: float("inf")  # the entry expires
     top, _, _, _ = _bounded(searcher, STUDENT, qtext, 5)
     assert {c for c, _ in top} & set(new[1])
+
+
+def test_a_query_of_more_than_63_terms_scores_each_pooled_chunk_exactly_once(corpus: Any) -> None:
+    """Which terms a candidate was read for is a bit per term for the first 63 (alphabetically); a cut term
+    beyond those must still not be added twice to a chunk that was read for it."""
+    words = [f"aaword{i:03d}" for i in range(70)]  # sort before every VOCAB word: the VOCAB terms get idx >= 70
+    vec = "[" + ",".join("0.05" for _ in range(corpus.embedder.dimension)) + "]"
+    with corpus.db.connection() as conn:
+        doc_id = conn.execute(
+            "INSERT INTO documents (external_id, title, source, content_hash, department, visibility, "
+            "clearance_level, campus, priority) VALUES ('many', '', 'test', 'many', 'Finance', 'public', 1, NULL, 3) "
+            "RETURNING id").fetchone()[0]
+        conn.execute("INSERT INTO chunks (document_id, chunk_index, text, content_hash, embedding) "
+                     "VALUES (%s, 0, %s, 'many:0', %s)", (doc_id, " ".join(words + ["ledger", "audit"]), vec))
+    searcher = _searcher(corpus, BM25(depth=4, pool=30, cut_df=20))
+    for qtext in (" ".join(words + ["ledger", "audit"]), " ".join(words[:64] + ["invoice", "ledger"])):
+        cut, _ = _check(corpus, searcher, ADMIN, qtext, 5)
+        assert cut  # the common VOCAB terms were cut: their bits are beyond the 63 tracked

@@ -187,50 +187,57 @@ class BM25:
         # probe mode); every other row is probed as the pool is walked, so a stale cached answer (all, or
         # the allowed set) only ever narrows what is read, never admits a document hidden since
         cut_known = "true" if access == "probe" else "false"
-        r = "(min(r.key) / (1 - min(r.key)))"
+        r = "(r.g / (1 - r.g))"
         # the bound on one unread allowed posting's saturation, for the current k1, b and avgdl
         bound = (f"greatest({r} * {IMPACT_C1}::float8 / ({r} * {IMPACT_C1}::float8 + {k1} * (1 - {b})), "
                  f"{r} * {IMPACT_C2}::float8 / ({r} * {IMPACT_C2}::float8 "
                  f"+ {k1} * {b} / (SELECT avgdl FROM lex_avgdl)))")
         allowed = f"(x.known OR {_probe(where, 'x.document_id')})"
+        # candidate x was not read for cut term ct: its bit, for the first 63 terms; beyond, looked up
+        unread = ("CASE WHEN ct.idx < 63 THEN x.seen & (1::int8 << ct.idx) = 0 ELSE NOT EXISTS "
+                  "(SELECT 1 FROM lex_read r WHERE r.term = ct.term AND r.chunk_id = x.chunk_id) END")
         return f"""{self.weights_cte()},
         lex_read AS MATERIALIZED (
             SELECT w.term, w.idx, r.chunk_id, r.document_id, r.key, r.known,
                    w.w * {self._saturation('r.tf', 'r.dl')} AS part
             FROM lex_weights w
             CROSS JOIN LATERAL (
-                SELECT p.chunk_id, p.document_id, p.tf, p.dl, {IMPACT_KEY} AS key, false AS known
+                SELECT p.chunk_id, p.document_id, p.tf, p.dl, NULL::float8 AS key, false AS known
                 FROM lexical_postings p WHERE p.term = w.term AND NOT ({cut}){rare_filter}
                 UNION ALL
                 (SELECT p.chunk_id, p.document_id, p.tf, p.dl, {IMPACT_KEY} AS key, {cut_known} AS known
                  FROM lexical_postings p WHERE p.term = w.term AND {cut}{cut_filter}
                  ORDER BY {IMPACT_KEY} DESC LIMIT {reads})) r),
-        lex_bound AS MATERIALIZED (
-            SELECT w.term, CASE WHEN NOT ({cut}) OR count(r.chunk_id) < {reads} THEN 0::float8
+        lex_bound AS MATERIALIZED (  -- only a cut term's rows carry a key: rare terms' rows are not grouped
+            SELECT w.term, CASE WHEN NOT ({cut}) OR coalesce(r.n, 0) < {reads} THEN 0::float8
                                 ELSE w.w * ({k1} + 1) * {bound} END AS ub
-            FROM lex_weights w LEFT JOIN lex_read r ON r.term = w.term
-            GROUP BY w.term, w.w, w.df),
+            FROM lex_weights w
+            LEFT JOIN (SELECT r.term, count(*) AS n, min(r.key) AS g FROM lex_read r WHERE r.key IS NOT NULL
+                       GROUP BY r.term) r ON r.term = w.term),
         lex_ranked AS MATERIALIZED (  -- seen: a bit per query term (the first 63) the chunk was read for
             SELECT r.chunk_id, min(r.document_id) AS document_id, bool_or(r.known) AS known, sum(r.part) AS lb,
-                   bit_or(CASE WHEN r.idx < 63 THEN 1::int8 << r.idx ELSE 0::int8 END) AS seen,
-                   sum(r.part) + (SELECT coalesce(sum(ub), 0) FROM lex_bound) - sum(bd.ub) AS ub
-            FROM lex_read r JOIN lex_bound bd ON bd.term = r.term
+                   bit_or(CASE WHEN r.idx < 63 THEN 1::int8 << r.idx ELSE 0::int8 END) AS seen
+            FROM lex_read r
             GROUP BY r.chunk_id),
+        lex_cut_terms AS MATERIALIZED (  -- the terms some allowed chunk may score in without being read for
+            SELECT lw.term, lw.idx, lw.w, cb.ub FROM lex_bound cb JOIN lex_weights lw ON lw.term = cb.term
+            WHERE cb.ub > 0),
         lex_pool AS MATERIALIZED (  -- best first by the exact partial score, allowed by the exact rule now
             SELECT x.chunk_id, x.document_id, x.lb, x.seen
             FROM (SELECT * FROM lex_ranked ORDER BY lb DESC, chunk_id OFFSET 0) x WHERE {allowed}
             LIMIT {pool}),
         lex_scores AS MATERIALIZED (  -- read parts are exact; probe only the cut terms a chunk was not read for
             SELECT x.chunk_id, x.document_id, x.lb + (
-                       SELECT coalesce(sum(lw.w * {self._saturation('lp.tf', 'lp.dl')}), 0)
-                       FROM lex_bound cb JOIN lex_weights lw ON lw.term = cb.term
+                       SELECT coalesce(sum(ct.w * {self._saturation('lp.tf', 'lp.dl')}), 0)
+                       FROM lex_cut_terms ct
                        CROSS JOIN LATERAL (SELECT p.tf, p.dl FROM lexical_postings p
-                                           WHERE p.term = cb.term AND p.chunk_id = x.chunk_id) lp
-                       WHERE cb.ub > 0 AND (lw.idx >= 63 OR x.seen & (1::int8 << lw.idx) = 0)) AS score
+                                           WHERE p.term = ct.term AND p.chunk_id = x.chunk_id) lp
+                       WHERE {unread}) AS score
             FROM lex_pool x),
         lex_cut AS (  -- tests and benchmarks: no allowed chunk outside the pool scores above this
             SELECT greatest(
-                (SELECT coalesce(max(x.ub), 0) FROM lex_ranked x
+                (SELECT coalesce(max(x.lb + (SELECT coalesce(sum(ct.ub), 0) FROM lex_cut_terms ct WHERE {unread})), 0)
+                 FROM lex_ranked x
                  WHERE NOT EXISTS (SELECT 1 FROM lex_pool l WHERE l.chunk_id = x.chunk_id) AND {allowed}),
                 (SELECT coalesce(sum(ub), 0) FROM lex_bound)) AS bound,
                 (SELECT coalesce(sum(ub), 0) > 0 FROM lex_bound) AS cut)"""
