@@ -14,6 +14,9 @@ RUN pip install --no-compile -r /src/requirements-prod.txt
 COPY pyproject.toml setup.py campus_search_gunicorn_keepalive.pth README.md /src/
 COPY campus_search /src/campus_search
 RUN pip install --no-deps --no-compile /src
+# The int8 query graph (campus_search/embedding/quantized.py), derived once here from the verified model
+# file instead of at each container's first start; read-only at run time, checked by sha256 when loaded.
+RUN python -m campus_search.embedding.quantized /opt/venv/share/campus-search/models
 
 FROM python:3.11-slim-bookworm
 RUN groupadd --system --gid 10001 campus \
@@ -27,6 +30,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     FLASK_ENV=production \
     DATA_DIR=/var/lib/campus-search \
+    MODEL_CACHE_DIR=/opt/venv/share/campus-search/models \
     HOST=0.0.0.0 \
     PORT=5100
 USER campus

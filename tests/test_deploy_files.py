@@ -677,3 +677,17 @@ def conf_settings_text(text: str) -> dict[str, str]:
             key, value = (part.strip() for part in line.split("=", 1))
             out[key] = value.strip("'")
     return out
+
+
+def test_the_image_derives_the_query_graph_where_its_model_cache_dir_points(tmp_path: Path) -> None:
+    """The Dockerfile derives the int8 query graph at build time (no 2 s derivation at each container's first
+    start, no write at run time) into the directory its MODEL_CACHE_DIR names; the command it runs works."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    run = re.search(r"^RUN python -m campus_search\.embedding\.quantized (\S+)$", text, re.M)
+    env = re.search(r"MODEL_CACHE_DIR=(\S+)", text)
+    assert run and env and run.group(1) == env.group(1)
+    done = subprocess.run([sys.executable, "-m", "campus_search.embedding.quantized", str(tmp_path / "models")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert len(names) == 2 and names[1] == names[0] + ".sha256" and done.stdout.strip().endswith(names[0])

@@ -81,8 +81,9 @@ def cached_name(source_sha256: str) -> str:
             f"-onnx{version('onnx')}.onnx")
 
 
-def derive(source: Path, target: Path) -> None:
-    """Write the query graph of ``source`` (the verified shipped file) to ``target``."""
+def derive(source: Path, target: Path, *, keep_down_float32: bool = True) -> None:
+    """Write the query graph of ``source`` (the verified shipped file) to ``target``. Without
+    ``keep_down_float32`` the down projections are quantized too (bench/bench_query_graph.py only)."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -100,6 +101,8 @@ def derive(source: Path, target: Path) -> None:
                 if node.op_type == "MatMul" and any(shapes.get(name) == KEEP_FLOAT for name in node.input)]
         if len(keep) != 6:  # one per layer: anything else is not the graph this recipe was measured on
             raise ConfigError(f"query graph: expected 6 feed-forward down projections, found {len(keep)}")
+        if not keep_down_float32:
+            keep = []
         quantize_dynamic(str(folded), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                          per_channel=True, nodes_to_exclude=keep)
 
