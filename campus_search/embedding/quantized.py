@@ -107,23 +107,34 @@ def derive(source: Path, target: Path, *, keep_down_float32: bool = True) -> Non
                          per_channel=True, nodes_to_exclude=keep)
 
 
+def cached(source_sha256: str, cache_dir: Path) -> Path | None:
+    """The cached query graph in ``cache_dir`` when it is there and holds the checksum written next to it
+    (a file that fails it is logged and treated as absent). Imports neither onnx nor onnxruntime."""
+    path = cache_dir / cached_name(source_sha256)
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        expected = sidecar.read_text(encoding="ascii").strip()
+        if path.is_file() and _sha256(path) == expected:
+            return path
+        log.warning("cached query graph %s fails its checksum: deriving it again", path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot read the cached query graph %s (%s): deriving it again", path, exc.strerror)
+    return None
+
+
 def query_model(source: Path, source_sha256: str, cache_dir: Path | None) -> tuple[Path, bool]:
     """The query graph derived from ``source`` and whether that file is temporary (the caller removes
     it once loaded): the cached file when its checksum holds, else derived now -- into ``cache_dir`` when
     it is writable, else into a temporary file of this process."""
     with _lock:  # threads of one process derive once; processes race harmlessly (atomic rename)
         if cache_dir is not None:
+            found = cached(source_sha256, cache_dir)
+            if found is not None:
+                return found, False
             path = cache_dir / cached_name(source_sha256)
             sidecar = path.with_name(path.name + ".sha256")
-            try:
-                expected = sidecar.read_text(encoding="ascii").strip()
-                if path.is_file() and _sha256(path) == expected:
-                    return path, False
-                log.warning("cached query graph %s fails its checksum: deriving it again", path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("cannot read the cached query graph %s (%s): deriving it again", path, exc.strerror)
             try:
                 cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=".derive-", suffix=".onnx")
@@ -155,10 +166,16 @@ def query_model(source: Path, source_sha256: str, cache_dir: Path | None) -> tup
 
 
 def prepare_in_child(cache_dir: Path, timeout: float = 300.0) -> bool:
-    """Have the query graph in ``cache_dir``, derived by a child process (this one never imports
-    onnxruntime: see :func:`cached_name`). True when the cached file is there and holds its checksum."""
+    """Have the query graph in ``cache_dir``: checked here, derived by a child process when missing (this
+    one never imports onnxruntime: see :func:`cached_name`). True when the cached file is there and holds
+    its checksum."""
     import subprocess
     import sys
+
+    from campus_search.embedding.base import ONNX_SHA256
+
+    if cached(ONNX_SHA256, cache_dir) is not None:
+        return True
 
     result = subprocess.run([sys.executable, "-m", "campus_search.embedding.quantized", str(cache_dir)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
