@@ -334,6 +334,28 @@ def test_a_split_search_without_a_second_connection_runs_bm25_itself(small: Any,
         [(h.chunk_id, h.combined_score, h.in_lexical) for h in inline]
 
 
+def test_a_split_search_leaves_the_second_core_to_its_bm25_half(small: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split search's own transaction (the dense half, the final statement) runs without parallel workers,
+    which would compete with its BM25 half for the other core; the setting ends with the transaction."""
+    searcher = small.searcher
+    _as_large_corpus(monkeypatch)
+    seen: list[str] = []
+    original = searcher.hybrid_candidates
+
+    def final(*args: Any, **kwargs: Any) -> Any:
+        conn = kwargs.get("conn")
+        if conn is not None:  # the split search's last statement, in its own transaction
+            seen.append(conn.execute("SELECT current_setting('max_parallel_workers_per_gather')").fetchone()[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(searcher, "hybrid_candidates", final)
+    assert searcher.search(Principal("s1", DEFAULT_ROLES["student"]),
+                           SearchParams(query="EASE password reset", max_results=5, similarity_threshold=-1))
+    assert seen == ["0"]
+    with small.db.connection(read=True) as conn:
+        assert conn.execute("SELECT current_setting('max_parallel_workers_per_gather')").fetchone()[0] != "0"
+
+
 def test_the_bm25_threads_belong_to_the_process_that_uses_them(small: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A gunicorn worker forked from a master that searched must not reuse the master's thread pool (its
     threads do not exist in the child): the pool is made again in a process with another pid."""

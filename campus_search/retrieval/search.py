@@ -278,7 +278,7 @@ class Searcher:
         """Make ``conn``'s new transaction a read-only REPEATABLE READ one with the search settings, and
         export its snapshot (one round trip on a direct connection)."""
         row = _one_trip(conn, [(_READ_ONLY_REPEATABLE, None), (SEARCH_SETTINGS_SQL, self._settings(k)),
-                               ("SELECT pg_export_snapshot()", None)]).fetchone()
+                               (SPLIT_EXPORT_SQL, None)]).fetchone()
         return str(row[0]) if row else ""
 
     def _candidates(self, user: Principal, vector: np.ndarray, params: SearchParams, k: int,
@@ -505,6 +505,11 @@ class Searcher:
 
 
 _READ_ONLY_REPEATABLE = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+#: A split search's transaction exports its snapshot (row[0]) and runs without parallel workers: the second
+#: core is its BM25 half's.
+#: A parallel worker for the exact dense scan (a narrow principal at 1M chunks) competed with that half:
+#: the student's split search took 38-42 ms at p50 with it, 32-34 without (docs/performance.md).
+SPLIT_EXPORT_SQL = "SELECT pg_export_snapshot(), set_config('max_parallel_workers_per_gather', '0', true)"
 
 
 def _one_trip(conn: psycopg.Connection, statements: Sequence[tuple[str, Mapping[str, Any] | None]],
