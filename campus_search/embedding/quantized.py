@@ -14,13 +14,16 @@ so the stored vectors, their pinned checksum and any vectors made elsewhere with
 valid; a query vector is within cosine 0.99 of the shipped graph's for the same text.
 
 The derivation is deterministic (onnxruntime's graph optimizer, then ``onnxruntime.quantization``) and
-takes ~2 s, so its result is kept in a cache directory (``DATA_DIR/models``) under a name that carries the
-source file's checksum, the recipe and both libraries' versions, next to its own sha256: a cached file that
-fails it (a torn write, a changed byte) is derived again, never loaded.
+takes ~2 s, so its result is kept in a cache directory (MODEL_CACHE_DIR, default
+``~/.cache/campus-search``; the Docker image derives it at build time) under a name that carries the source
+file's checksum, the recipe and both libraries' versions, next to its own sha256: a cached file that fails
+it (a torn write, a changed byte) is derived again, never loaded. gunicorn's master checks the cache and
+has a child process derive a missing file before it forks its workers (:func:`prepare_in_child`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -43,6 +46,7 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=8)
 def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU reports an 8-bit dot-product extension (:data:`VNNI_FLAGS`)."""
     try:
