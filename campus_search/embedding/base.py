@@ -66,20 +66,26 @@ def count_tokens(texts: Sequence[str]) -> list[int]:
     return [len(e.ids) for e in encodings]
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (model files are tens of MB). Raises OSError."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def package_file(package: str, relative: str, sha256: str) -> Path:
     """Path of a data file inside an installed package, checked against its pinned sha256."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"model package {package!r} is not installed (pip install -e .)")
     path = Path(next(iter(spec.submodule_search_locations))) / relative
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        actual = file_sha256(path)
     except OSError as exc:
         raise ConfigError(f"cannot read model file {path}: {exc.strerror}") from exc
-    if digest.hexdigest() != sha256:
+    if actual != sha256:
         raise ConfigError(f"model file {path} fails its checksum (expected sha256 {sha256[:12]}…, got "
-                          f"{digest.hexdigest()[:12]}…); refusing to load it")
+                          f"{actual[:12]}…); refusing to load it")
     return path

@@ -24,13 +24,13 @@ has a child process derive a missing file before it forks its workers (:func:`pr
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
 
+from campus_search.embedding.base import ONNX_SHA256, file_sha256
 from campus_search.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,6 @@ def query_int8_enabled(setting: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
     if value == "auto":
         return cpu_has_vnni(cpuinfo)
     return value == "true"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cached_name(source_sha256: str) -> str:
@@ -111,21 +103,21 @@ def derive(source: Path, target: Path, *, keep_down_float32: bool = True) -> Non
                          per_channel=True, nodes_to_exclude=keep)
 
 
-def cached(source_sha256: str, cache_dir: Path) -> Path | None:
-    """The cached query graph in ``cache_dir`` when it is there and holds the checksum written next to it
-    (a file that fails it is logged and treated as absent). Imports neither onnx nor onnxruntime."""
-    path = cache_dir / cached_name(source_sha256)
+def cached(path: Path) -> bool:
+    """Whether the query graph cached at ``path`` (``cache_dir / cached_name(...)``) is there and holds the
+    checksum written next to it (a file that fails it is logged and treated as absent). Imports neither onnx
+    nor onnxruntime."""
     sidecar = path.with_name(path.name + ".sha256")
     try:
         expected = sidecar.read_text(encoding="ascii").strip()
-        if path.is_file() and _sha256(path) == expected:
-            return path
+        if path.is_file() and file_sha256(path) == expected:
+            return True
         log.warning("cached query graph %s fails its checksum: deriving it again", path)
     except FileNotFoundError:
         pass
     except OSError as exc:
         log.warning("cannot read the cached query graph %s (%s): deriving it again", path, exc.strerror)
-    return None
+    return False
 
 
 def query_model(source: Path, source_sha256: str, cache_dir: Path | None) -> tuple[Path, bool]:
@@ -134,10 +126,9 @@ def query_model(source: Path, source_sha256: str, cache_dir: Path | None) -> tup
     it is writable, else into a temporary file of this process."""
     with _lock:  # threads of one process derive once; processes race harmlessly (atomic rename)
         if cache_dir is not None:
-            found = cached(source_sha256, cache_dir)
-            if found is not None:
-                return found, False
             path = cache_dir / cached_name(source_sha256)
+            if cached(path):
+                return path, False
             sidecar = path.with_name(path.name + ".sha256")
             try:
                 cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -146,7 +137,7 @@ def query_model(source: Path, source_sha256: str, cache_dir: Path | None) -> tup
                 tmp = Path(tmp_name)
                 try:
                     derive(source, tmp)
-                    digest = _sha256(tmp)
+                    digest = file_sha256(tmp)
                     side_tmp = tmp.with_name(tmp.name + ".sha256")
                     side_tmp.write_text(digest + "\n", encoding="ascii")
                     os.replace(tmp, path)  # the file first: a sidecar never names a file not there yet
@@ -176,9 +167,7 @@ def prepare_in_child(cache_dir: Path, timeout: float = 300.0) -> bool:
     import subprocess
     import sys
 
-    from campus_search.embedding.base import ONNX_SHA256
-
-    if cached(ONNX_SHA256, cache_dir) is not None:
+    if cached(cache_dir / cached_name(ONNX_SHA256)):
         return True
 
     result = subprocess.run([sys.executable, "-m", "campus_search.embedding.quantized", str(cache_dir)],
@@ -194,7 +183,7 @@ def prepare_in_child(cache_dir: Path, timeout: float = 300.0) -> bool:
 
 def main(argv: list[str]) -> int:
     """``python -m campus_search.embedding.quantized CACHE_DIR``: derive (or verify) the cached query graph."""
-    from campus_search.embedding.base import ONNX_FILE, ONNX_PACKAGE, ONNX_SHA256, package_file
+    from campus_search.embedding.base import ONNX_FILE, ONNX_PACKAGE, package_file
 
     if len(argv) != 1:
         print("usage: python -m campus_search.embedding.quantized CACHE_DIR")
