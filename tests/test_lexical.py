@@ -345,13 +345,18 @@ def test_a_split_search_leaves_the_second_core_to_its_bm25_half(small: Any, monk
     def final(*args: Any, **kwargs: Any) -> Any:
         conn = kwargs.get("conn")
         if conn is not None:  # the split search's last statement, in its own transaction
-            seen.append(conn.execute("SELECT current_setting('max_parallel_workers_per_gather')").fetchone()[0])
+            seen.extend(conn.execute("SELECT current_setting('max_parallel_workers_per_gather'), "
+                                     "current_setting('plan_cache_mode')").fetchone())
         return original(*args, **kwargs)
 
     monkeypatch.setattr(searcher, "hybrid_candidates", final)
-    assert searcher.search(Principal("s1", DEFAULT_ROLES["student"]),
-                           SearchParams(query="EASE password reset", max_results=5, similarity_threshold=-1))
-    assert seen == ["0"]
+    student = Principal("s1", DEFAULT_ROLES["student"])
+    for plan in ("exact", "hnsw"):  # a narrow rule's exact dense scan (the one a parallel worker would join)
+        monkeypatch.setattr(searcher, "dense_plan", lambda user, filters, plan=plan: plan)
+        assert searcher.search(student, SearchParams(query="EASE password reset", max_results=5,
+                                                     similarity_threshold=-1))
+    # ... and its statements are planned as any search's (test_a_search_statement_runs_its_generic_plan...)
+    assert seen == ["0", "auto", "0", "force_generic_plan"]
     with small.db.connection(read=True) as conn:
         assert conn.execute("SELECT current_setting('max_parallel_workers_per_gather')").fetchone()[0] != "0"
 
@@ -655,3 +660,31 @@ def test_a_split_search_never_waits_for_a_bm25_half_that_has_not_started(small: 
     monkeypatch.setattr(searcher, "query_vectors", QueryEmbeddingCache())  # so the query is embedded again
     monkeypatch.setattr(searcher.embedder, "embed_query", embed)
     assert search_in_a_thread() == inline
+
+
+def test_a_search_statement_runs_its_generic_plan_unless_its_dense_half_is_exact(settings_factory: Any,
+                                                                                services_factory: Any) -> None:
+    """A prepared search statement on the HNSW plan is planned once (its generic plan), not again for every
+    execution as PostgreSQL's ``auto`` would for the hybrid statement; one whose dense half is the exact
+    plan is left to ``auto`` (custom plans first: the rule's actual values pick its join)."""
+    # prepared statements as on the embedded cluster (a configured URL may lead to pgbouncer: off there)
+    services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1, db_prepare_threshold="5"))
+    assert services.ingester.ingest([_doc(*d) for d in DOCS[:4]], AccessMetadata()).added == 4
+    searcher, admin = services.searcher, superuser("planner")
+    words = ["ease", "wireless", "library", "ethics", "loans", "login", "campus", "form", "books"]
+
+    def plans(marker: str) -> dict[str, tuple[int, int]]:
+        """The prepared hybrid statements of the connection: (generic plans, custom plans) run."""
+        for word in words:  # psycopg prepares a statement at its 5th execution; the rest run prepared
+            searcher.search(admin, SearchParams(f"{word} {marker}"))
+        with services.db.connection() as conn:  # the pool's only connection, the one the searches used
+            return {str(s): (int(g), int(c)) for s, g, c in conn.execute(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
+                "WHERE statement LIKE %s", ("%lex_read%",)).fetchall()}
+
+    assert searcher.dense_plan(admin, {}) == "hnsw"
+    hnsw = list(plans("hnsw").values())
+    assert len(hnsw) == 1 and hnsw[0][0] >= 4 and hnsw[0][1] == 0, hnsw
+    searcher.dense_plan = lambda user, filters: "exact"  # type: ignore[method-assign]  # another statement
+    exact = [p for s, p in plans("exact").items() if ") + 0" in s]
+    assert len(exact) == 1 and exact[0][1] >= 1, exact

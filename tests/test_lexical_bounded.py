@@ -114,6 +114,7 @@ def _check(services: Any, searcher: Searcher, user: Principal, qtext: str, k: in
     certified = len(top) < k or top[-1][1] >= bound
     if not cut:  # every list read to its end: nothing to certify, the top k is exhaustive BM25's
         assert certified, (qtext, user.user_id)
+        assert len(pool) == len(top), (qtext, user.user_id)  # and nothing is rescored beyond the page
     if certified:
         assert [s for _, s in top] == pytest.approx([s for _, s in expected], rel=1e-9, abs=1e-12), qtext
         assert {c for c, _ in top} == {c for c, _ in expected}, (qtext, user.user_id)

@@ -45,7 +45,9 @@ for *any* current k1, b and avgdl (tf <= r (C1 + C2 dl) on the unread side; the 
 in tf and monotone in dl). An allowed chunk outside the pool scores at most ``lex_cut.bound``
 (``lex_cut.cut``: some term's list was not read to its end); when the k-th exact score reaches it, the
 top k is exactly exhaustive BM25's. When every query term has at most ``cut_df`` postings nothing is cut
-and the top k *is* exhaustive BM25's top k over the allowed chunks.
+and the top k *is* exhaustive BM25's top k over the allowed chunks; then (``lex_whole``) every read chunk's
+partial score is its exact score, the pool is the page itself (k, nothing rescored) and the hybrid
+statement takes a dense candidate's BM25 score from ``lex_ranked`` instead of probing its postings.
 """
 
 from __future__ import annotations
@@ -173,7 +175,9 @@ class BM25:
         reads = f"greatest({int(self.depth if depth is None else depth)}, {k})"  # one list fills a page
         # a lowered depth (depth_for) reads fewer candidates: the pool rescored shrinks with it
         rescored = self.pool if depth is None else max(1, round(self.pool * min(depth, self.depth) / self.depth))
-        pool = f"greatest(2 * ({k}), {int(rescored)})"
+        # every list read to its end (no cut term left a bound): each read chunk's partial score is exact, so
+        # the best k allowed are the whole answer and nothing needs rescoring; else the pool
+        pool = f"CASE WHEN (SELECT whole FROM lex_whole) THEN {k} ELSE greatest(2 * ({k}), {int(rescored)}) END"
         cut = f"w.df > {int(self.cut_df)}"
         # a document beyond the mask's last byte is not in the set (CASE: get_bit would raise on it)
         in_docs = ("CASE WHEN p.document_id < 8 * octet_length(%(lex_docs)s::bytea) "
@@ -222,6 +226,8 @@ class BM25:
         lex_cut_terms AS MATERIALIZED (  -- the terms some allowed chunk may score in without being read for
             SELECT lw.term, lw.idx, lw.w, cb.ub FROM lex_bound cb JOIN lex_weights lw ON lw.term = cb.term
             WHERE cb.ub > 0),
+        lex_whole AS MATERIALIZED (  -- no cut term left a bound: lex_ranked's partial scores are exact
+            SELECT NOT EXISTS (SELECT 1 FROM lex_cut_terms) AS whole),
         lex_pool AS MATERIALIZED (  -- best first by the exact partial score, allowed by the exact rule now
             SELECT x.chunk_id, x.document_id, x.lb, x.seen
             FROM (SELECT * FROM lex_ranked ORDER BY lb DESC, chunk_id OFFSET 0) x WHERE {allowed}

@@ -153,11 +153,21 @@ class SharedSnapshot:
 
 
 #: The search transaction's settings in one statement (``SET LOCAL`` cannot take parameters nor share a
-#: pipelined statement): the statement timeout and the HNSW scan's settings.
+#: pipelined statement): the statement timeout, the HNSW scan's settings and the plan cache mode.
 SEARCH_SETTINGS_SQL = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
                        "set_config('hnsw.ef_search', %(ef_search)s, true), "
                        "set_config('hnsw.iterative_scan', %(iterative_scan)s, true), "
-                       "set_config('hnsw.max_scan_tuples', %(max_scan_tuples)s, true)")
+                       "set_config('hnsw.max_scan_tuples', %(max_scan_tuples)s, true), "
+                       "set_config('plan_cache_mode', %(plan_cache_mode)s, true)")
+#: A search statement's shape is fixed by its text (materialised CTEs, primary-key probes as scalar
+#: subqueries, ``OFFSET 0`` fences), so planning it again for every execution buys nothing and costs
+#: about a quarter of its PostgreSQL CPU at SciFact's size (1.4 of 5.6 ms). PostgreSQL's own choice
+#: (``auto``: a prepared statement's generic plan once it is estimated no dearer than the custom ones)
+#: flips with the estimates, so a search statement on the HNSW plan is told to use its generic plan. One
+#: with the exact dense plan keeps ``auto``: the join it starts from (the documents the rule admits) is
+#: chosen from the rule's actual values. Only prepared statements have a generic plan: behind pgbouncer's
+#: transaction pooling (prepared statements off) every statement is planned when it runs.
+GENERIC_PLAN, AUTO_PLAN = "force_generic_plan", "auto"
 
 
 class Searcher:
@@ -245,7 +255,7 @@ class Searcher:
         self.lexical_access(user, filters)
         where, where_params = _where(user, filters)
         with self.db.connection(read=True) as conn:
-            shared = SharedSnapshot(self._export_snapshot(conn, k))
+            shared = SharedSnapshot(self._export_snapshot(conn, k, exact))
             lexical = self.start_lexical(user, params.query, filters, k, snapshot=shared)
             try:
                 vector = self.embed_query(params.query)
@@ -258,7 +268,9 @@ class Searcher:
 
                 dense = dense_ids(exact)
                 if not exact and len(dense) < k and self._allowed_at_least(user, filters, k, conn=conn):
-                    dense = dense_ids(True)  # short: as in search(), an exact scan settles it
+                    exact = True  # short: as in search(), an exact scan settles it (planned as one)
+                    conn.execute("SELECT set_config('plan_cache_mode', %s, true)", (AUTO_PLAN,))
+                    dense = dense_ids(True)
             except BaseException:
                 shared.abandon()  # the search failed (the model, the dense statement): no BM25 half for it
                 lexical.cancel()
@@ -274,10 +286,10 @@ class Searcher:
                     pool = None  # no second connection, too slow, or not on this server: BM25 below
             return self.hybrid_candidates(user, vector, params.query, filters, k, pool=pool, dense=dense, conn=conn)
 
-    def _export_snapshot(self, conn: psycopg.Connection, k: int) -> str:
+    def _export_snapshot(self, conn: psycopg.Connection, k: int, exact: bool = False) -> str:
         """Make ``conn``'s new transaction a read-only REPEATABLE READ one with the search settings, and
         export its snapshot (one round trip on a direct connection)."""
-        row = _one_trip(conn, [(_READ_ONLY_REPEATABLE, None), (SEARCH_SETTINGS_SQL, self._settings(k)),
+        row = _one_trip(conn, [(_READ_ONLY_REPEATABLE, None), (SEARCH_SETTINGS_SQL, self._settings(k, exact)),
                                (SPLIT_EXPORT_SQL, None)]).fetchone()
         return str(row[0]) if row else ""
 
@@ -414,14 +426,14 @@ class Searcher:
                 row = own.execute(sql, {"k": k, **params}).fetchone()
         return bool(row and row[0] >= k)
 
-    def _settings(self, k: int) -> dict[str, str]:
-        """SEARCH_SETTINGS_SQL's values for a top-``k`` search."""
+    def _settings(self, k: int, exact: bool = False) -> dict[str, str]:
+        """SEARCH_SETTINGS_SQL's values for a top-``k`` search (``exact``: its dense half is the exact plan)."""
         return {"timeout": str(int(self.db.settings.db_statement_timeout_ms)),
                 "ef_search": str(self.ef_search_for(k)), "iterative_scan": self.iterative_scan,
-                "max_scan_tuples": str(MAX_SCAN_TUPLES)}
+                "max_scan_tuples": str(MAX_SCAN_TUPLES), "plan_cache_mode": AUTO_PLAN if exact else GENERIC_PLAN}
 
     def _fetch(self, sql: str, params: Mapping[str, Any], k: int,
-               snapshot: SharedSnapshot | None = None) -> list[tuple[Any, ...]]:
+               snapshot: SharedSnapshot | None = None, exact: bool = False) -> list[tuple[Any, ...]]:
         """Run a candidate query on a read connection, with the search timeout and this searcher's HNSW
         settings, all transaction-local (``set_config(..., true)`` = ``SET LOCAL``: they end with the
         transaction; pgbouncer-safe).
@@ -432,14 +444,16 @@ class Searcher:
 
         ``snapshot``: first import that exported snapshot (a read-only REPEATABLE READ transaction), on a
         connection had within ``LEXICAL_CONNECTION_WAIT`` seconds, and claim it; nothing more when the
-        search it belongs to went on without it."""
+        search it belongs to went on without it. ``exact``: ``sql`` holds the exact dense plan (the plan
+        cache mode, SEARCH_SETTINGS_SQL)."""
         wait = LEXICAL_CONNECTION_WAIT if snapshot is not None else None
         with self.db.connection(read=True, spare=wait) as conn:
             if snapshot is not None:
                 _one_trip(conn, [(_READ_ONLY_REPEATABLE, None), (f"SET TRANSACTION SNAPSHOT '{snapshot.id}'", None)])
                 if not snapshot.claim():
                     return []
-            return _one_trip(conn, [(SEARCH_SETTINGS_SQL, self._settings(k)), (sql, params)], commit=True).fetchall()
+            return _one_trip(conn, [(SEARCH_SETTINGS_SQL, self._settings(k, exact)), (sql, params)],
+                             commit=True).fetchall()
 
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
                           k: int, *, exact: bool = False, pool: list[tuple[int, float, bool]] | None = None,
@@ -455,9 +469,15 @@ class Searcher:
         returned, so neither list -- nor a handed-over one read in another snapshot -- can surface a hidden
         chunk."""
         where, params = _where(user, filters)
+        exact_bm25 = self.bm25.exact_score_sql("c.id")
+        read_join = ""
         if pool is None:
             lex_ctes, lex_params = self.lexical_sql(user, filters)
             pool_source = f"{lex_ctes}, ls AS ({_POOL_ROWS})"
+            # every list read to its end (lex_whole): a chunk read for some term has its exact score already
+            read_join = "LEFT JOIN lex_ranked lr ON lr.chunk_id = c.id "
+            exact_bm25 = (f"CASE WHEN lr.chunk_id IS NOT NULL AND (SELECT whole FROM lex_whole) THEN lr.lb "
+                          f"ELSE {exact_bm25} END")
         else:
             pool_source = (f"{self.bm25.weights_cte()}, ls AS (SELECT * FROM unnest(%(ls_ids)s::bigint[], "
                            f"%(ls_scores)s::float8[], %(ls_top)s::bool[]) AS t(chunk_id, score, in_lex))")
@@ -471,15 +491,15 @@ class Searcher:
         sql = (f"WITH {dense_source}, {pool_source}, "
                f"cand AS (SELECT id FROM dense UNION SELECT chunk_id FROM ls WHERE in_lex) "
                f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, "
-               f"  coalesce(ls.score, {self.bm25.exact_score_sql('c.id')}) AS bm25, "
+               f"  coalesce(ls.score, {exact_bm25}) AS bm25, "
                f"  c.id IN (SELECT id FROM dense) AS in_dense, coalesce(ls.in_lex, false) AS in_lex "
                f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
-               f"LEFT JOIN ls ON ls.chunk_id = c.id "
+               f"LEFT JOIN ls ON ls.chunk_id = c.id {read_join}"
                # Defence in depth: both lists were cut under the rule; it is applied once more to the rows
                # returned, so no later change to either list's statement can surface a hidden chunk.
                f"WHERE {where}")
         values = {"q": vector, "k": k, "qtext": query, **params, **lex_params}
-        rows = conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k)
+        rows = conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k, exact=exact)
         cos = [float(r[_N]) for r in rows]
         bm25 = [float(r[_N + 1]) for r in rows]
         relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)
@@ -500,7 +520,7 @@ class Searcher:
                f"SELECT {_COLUMNS}, 1 - cand.distance AS similarity FROM candidates cand "
                f"JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"ORDER BY cand.distance, c.id")
-        rows = self._fetch(sql, {"q": vector, "k": k, **params}, k)
+        rows = self._fetch(sql, {"q": vector, "k": k, **params}, k, exact=exact)
         return [_hit(row, float(row[-1])) for row in rows]
 
 
