@@ -86,7 +86,7 @@ def test_generation_is_reused_for_at_most_max_age_seconds() -> None:
 
 def test_entries_hold_count_and_rendered_results_and_garbage_is_a_miss() -> None:
     hit = Hit(chunk_id=7, document_id="d", document_title="T", section_title=None, text="é 中\n\"q\"",
-              page_number=3, metadata={"priority": 4}, similarity=0.1234567890123, relevance=0.5,
+              page_number=3, raw_meta={"priority": 4}, similarity=0.1234567890123, relevance=0.5,
               combined_score=0.61)
     count, rendered, owner = decode_results(encode_results([hit, hit], "ab12")) or (None, None, None)
     assert count == 2 and json.loads(rendered) == [hit.as_json(), hit.as_json()] and owner == "ab12"

@@ -4,8 +4,16 @@ the result cache stores it (:func:`render_results`), and :class:`SearchOutcome` 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def shown_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A result's metadata as the response shows it: ``last_reviewed`` as ISO text, ``groups`` a list."""
+    reviewed = meta.get("last_reviewed")
+    return {**meta, "last_reviewed": reviewed.isoformat() if reviewed else None,
+            "groups": list(meta.get("groups") or ())}
 
 
 @dataclass
@@ -16,7 +24,6 @@ class Hit:
     section_title: str | None
     text: str
     page_number: int | None
-    metadata: dict[str, Any]
     similarity: float
     relevance: float
     combined_score: float = 0.0
@@ -25,6 +32,15 @@ class Hit:
     in_lexical: bool = False  # among the BM25 top-k
     #: metadata with native types (last_reviewed as datetime) for ranking
     raw_meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    _shown: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The metadata as shown (:func:`shown_metadata`), made when first asked for: a search ranks ~80
+        candidates and shows ten."""
+        if self._shown is None:
+            self._shown = shown_metadata(self.raw_meta)
+        return self._shown
 
     def as_json(self) -> dict[str, Any]:
         return {

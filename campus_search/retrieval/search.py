@@ -30,6 +30,7 @@ to it.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -232,8 +233,9 @@ class Searcher:
                 # it, so a page is never short because hidden chunks crowded the index's neighbourhood.
                 hits = self._candidates(user, vector, params, k, exact=True)
         hits = [h for h in hits if h.similarity >= params.similarity_threshold]
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)  # one "now" for every candidate's freshness
         for h in hits:
-            h.combined_score = business_score(h.relevance, h.raw_meta, user)
+            h.combined_score = business_score(h.relevance, h.raw_meta, user, now)
         hits.sort(key=lambda h: (-h.combined_score, -h.similarity, h.chunk_id))
         return hits[:params.max_results]
 
@@ -597,8 +599,6 @@ def _where(user: Principal, filters: Mapping[str, Any], alias: str = "d") -> tup
 
 def _hit(row: tuple[Any, ...], similarity: float) -> Hit:
     chunk_id, ext_id, title, section, text, page = row[:len(_HEAD)]
-    meta = dict(zip(METADATA_FIELDS, row[len(_HEAD):_N], strict=True))
-    reviewed = meta["last_reviewed"]
-    shown = {**meta, "last_reviewed": reviewed.isoformat() if reviewed else None, "groups": list(meta["groups"] or ())}
     return Hit(chunk_id=chunk_id, document_id=ext_id, document_title=title, section_title=section, text=text,
-               page_number=page, metadata=shown, similarity=similarity, relevance=similarity, raw_meta=meta)
+               page_number=page, similarity=similarity, relevance=similarity,
+               raw_meta=dict(zip(METADATA_FIELDS, row[len(_HEAD):_N], strict=True)))
