@@ -1,12 +1,13 @@
 """The query embedding: the shipped graph (float32 products) against the int8 query graph (quantized.py).
 
-    .venv/bin/python bench/bench_query_graph.py [--queries 400] [--all-int8]
+    .venv/bin/python bench/bench_query_graph.py [--queries 400] [--compare]
 
 Both embed the same SciFact train questions, one at a time on one thread, taking turns query by query;
 each question twice: as asked, and with bench_peer.py's uniqueness suffix (" (r0o1-N)", ~8 more tokens).
 Prints the CPU time per query (median and mean) of each graph and the cosine of each int8 query vector to
-the shipped graph's vector of the same text (min and mean). ``--all-int8`` adds the variant that also
-quantizes the feed-forward down projections (not shipped: docs/performance.md, "Query embedding").
+the shipped graph's vector of the same text (min and mean). ``--compare`` adds two variants not shipped
+(docs/performance.md, "Query embedding"): every layer's feed-forward down projection float32 (the recipe
+before 2026-12-01 10:30 UTC) and none (int8 everywhere).
 One JSON line last. The derived graphs are kept in a temporary directory.
 """
 
@@ -31,7 +32,7 @@ SCIFACT = Path(os.environ.get("SCIFACT_DIR") or ROOT.parent / "shared/data/scifa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=400)
-    ap.add_argument("--all-int8", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="also the two variants not shipped")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from campus_search.embedding import quantized
@@ -45,15 +46,15 @@ def main() -> None:
     model = LocalMiniLM(threads=1, query_int8=True, cache_dir=tmp)
     model.warm()
     graphs: dict[str, Any] = {"shipped": model.session, "int8": model._session("int8")}
-    if args.all_int8:
+    if args.compare:
         import onnxruntime as ort
 
-        path = tmp / "all-int8.onnx"
-        quantized.derive(model.model_path, path, keep_down_float32=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        graphs["int8 everywhere"] = ort.InferenceSession(str(path), sess_options=opts,
-                                                         providers=["CPUExecutionProvider"])
+        for name, layers in (("down proj. float32", 6), ("int8 everywhere", 0)):
+            path = tmp / f"keep-{layers}.onnx"
+            quantized.derive(model.model_path, path, keep_layers=layers)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+            graphs[name] = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     models = {name: (lambda texts, s=session: model._embed(s, texts, 1)) for name, session in graphs.items()}
     report: dict[str, dict[str, float]] = {}
     for label, texts in (("as asked", asked), ("with the bench suffix", [f"{q} (r0o1-{i})" for i, q in
