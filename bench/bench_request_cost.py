@@ -12,6 +12,10 @@ with bench_peer.py's suffix:
 2. concurrency 1, the same request path with the query embedded: the median wall time of the request and
    of its parts (the query embedding, the hybrid statement, the audit append).
 
+``--plans``: instead, the hybrid search's PostgreSQL CPU with its statement run as shipped (its generic
+plan: ``search.GENERIC_PLAN``) and under PostgreSQL's ``auto`` plan cache mode, alternating in blocks of
+20 searches, three passes over the queries.
+
 The machine's speed moves between runs (docs/performance.md): compare rows of one run.
 """
 
@@ -50,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir")
     ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--plans", action="store_true", help="the hybrid search's generic plan against auto")
     args = ap.parse_args()
     os.environ.update(DATA_DIR=args.data_dir, CACHE_ENABLED="false", RATE_LIMITS_ENABLED="false")
     os.environ.pop("DATABASE_URL", None)
@@ -91,6 +96,10 @@ def main() -> None:
     queries = [f"{q} (r0o1-{i})" for i, q in enumerate(texts)]
     for query in queries:
         searcher.query_vectors.put(normalise_query(query), services.embedder.embed_query([query])[0])
+    if args.plans:
+        compare_plans(searcher, admin, queries, report)
+        services.close()
+        return
     fusion = searcher.fusion
     per_search("hybrid search", queries, lambda q: searcher.search(admin, SearchParams(q, {}, 10, -1.0)))
     searcher.fusion = dataclasses.replace(fusion, method="dense")
@@ -134,6 +143,34 @@ def main() -> None:
         print(f"  {label:18s} {statistics.median(values):6.2f}")
     print(json.dumps(report))
     services.close()
+
+
+def compare_plans(searcher: Any, admin: Any, queries: list[str], report: dict[str, Any]) -> None:
+    from campus_search.retrieval import search as search_module
+    from campus_search.retrieval.params import SearchParams
+
+    shipped = search_module.GENERIC_PLAN
+    modes = {"generic plan (shipped)": shipped, "auto": "auto"}
+    cpu = dict.fromkeys(modes, 0.0)
+    for query in queries[:40]:  # warm: pages cached, statements prepared
+        searcher.search(admin, SearchParams(query, {}, 10, -1.0))
+    try:
+        for rep in range(3):
+            for block in range(0, len(queries), 20):
+                order = list(modes) if (block // 20 + rep) % 2 == 0 else list(modes)[::-1]
+                for label in order:
+                    search_module.GENERIC_PLAN = modes[label]
+                    start = postgres_cpu()
+                    for query in queries[block:block + 20]:
+                        searcher.search(admin, SearchParams(query, {}, 10, -1.0))
+                    cpu[label] += postgres_cpu() - start
+    finally:
+        search_module.GENERIC_PLAN = shipped
+    for label in modes:
+        ms = round(cpu[label] * 1000 / (3 * len(queries)), 2)
+        report[f"hybrid search, {label}"] = {"postgres_cpu_ms": ms}
+        print(f"hybrid search, {label:24s} PostgreSQL CPU {ms:6.2f} ms")
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

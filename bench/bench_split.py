@@ -1,7 +1,7 @@
 """Hybrid search on a bench_scale.py data directory: one statement against BM25 beside the dense half.
 
     .venv/bin/python bench/bench_split.py DATA_DIR [--principals admin,staff,student] [--queries 50]
-        [--scan 20000,1000000000]
+        [--scan 20000,1000000000] [--plans]
 
 For each principal and each ``BM25_SCAN`` value, the shipped ``Searcher.search`` with precomputed query
 vectors (bench_scale.py saved them in DATA_DIR: query-vectors-200.npy or -50.npy), run twice over the
@@ -9,6 +9,9 @@ queries: a warm-up pass, then a timed pass in which each query runs both ways, i
 the hybrid search as one statement (the split forced off) and split (BM25 on a second connection that
 imports the search's snapshot, ``Searcher.search_beside``). Prints p50/p95 ms of each and how many top-10
 lists were the same (they must all be). One JSON line per principal and scan value.
+
+``--plans``: instead of one statement against split, the shipped search with its statements run on their
+generic plan (``search.GENERIC_PLAN``, as shipped) against PostgreSQL's ``auto`` plan cache mode.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--principals", default="admin,staff,student")
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--scan", default="20000", help="BM25_SCAN values, comma-separated (default 20000)")
+    ap.add_argument("--plans", action="store_true", help="generic plans (shipped) against auto, not one/split")
     args = ap.parse_args()
     data_dir = Path(args.data_dir)
     os.environ.update(DATA_DIR=str(data_dir), JWT_SECRET_KEY=SECRET, AUDIT_HMAC_KEY=SECRET + "audit",
@@ -63,7 +67,8 @@ def main() -> None:
     lines = (Path(os.environ.get("SCIFACT_DIR", Path(__file__).resolve().parents[2] / "shared/data/scifact"))
              / "queries-train.jsonl").read_text(encoding="utf-8").splitlines()
     queries = [json.loads(line)["text"] for line in lines if line.strip()][:len(qvecs)]
-    threshold = search_module.LEXICAL_BESIDE_MIN_CHUNKS
+    threshold, generic = search_module.LEXICAL_BESIDE_MIN_CHUNKS, search_module.GENERIC_PLAN
+    modes = ("generic", "auto") if args.plans else ("one", "split")
     try:
         for who in args.principals.split(","):
             user = principal_from_claims(CLAIMS[who], settings)
@@ -75,25 +80,28 @@ def main() -> None:
                                                   fusion=FusionConfig(method="convex"), bm25=bm25)
                 for q, v in zip(queries, qvecs, strict=True):
                     searcher.query_vectors.put(normalise_query(q), np.asarray(v, dtype=np.float32))
-                times: dict[str, list[float]] = {"one": [], "split": []}
+                times: dict[str, list[float]] = {m: [] for m in modes}
                 same = 0
                 for timed in (False, True):
                     for i, q in enumerate(queries):
                         top: dict[str, list[int]] = {}
-                        for mode in ("one", "split") if i % 2 == 0 else ("split", "one"):
-                            search_module.LEXICAL_BESIDE_MIN_CHUNKS = 10**15 if mode == "one" else 0
+                        for mode in modes if i % 2 == 0 else modes[::-1]:
+                            if args.plans:
+                                search_module.GENERIC_PLAN = generic if mode == "generic" else "auto"
+                            else:
+                                search_module.LEXICAL_BESIDE_MIN_CHUNKS = 10**15 if mode == "one" else 0
                             t = time.perf_counter()
                             hits = searcher.search(user, SearchParams(q, {}, 10, 0.0))
                             if timed:
                                 times[mode].append((time.perf_counter() - t) * 1000)
                             top[mode] = [h.chunk_id for h in hits]
-                        same += timed and top["one"] == top["split"]
+                        same += timed and top[modes[0]] == top[modes[1]]
                 print(json.dumps({"principal": who, "bm25_scan": scan, "queries": len(queries),
                                   **{f"{m}_p50": round(statistics.median(t), 1) for m, t in times.items()},
                                   **{f"{m}_p95": round(pct(t, .95), 1) for m, t in times.items()},
                                   "same_top10": same, "load_average": os.getloadavg()}), flush=True)
     finally:
-        search_module.LEXICAL_BESIDE_MIN_CHUNKS = threshold
+        search_module.LEXICAL_BESIDE_MIN_CHUNKS, search_module.GENERIC_PLAN = threshold, generic
         services.close()
 
 
