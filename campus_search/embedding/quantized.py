@@ -9,7 +9,7 @@ whose weight matrices are quantized per output channel and whose activations are
 its GELU's wide-ranged output) stays float32: it is where quantizing costs quality (cosine to the shipped
 vector 0.9941 mean with it quantized, 0.9954 kept; SciFact nDCG@10 0.7372 and 0.7387 against the shipped
 graph's 0.7385), and keeping the other five layers' float32 as well costs 1.3 ms a query for no measured
-gain (docs/performance.md, "Query embedding").
+gain (docs/performance.md, "Planned once, a lighter query graph").
 
 Only *queries* are embedded this way (:meth:`LocalMiniLM.embed_query`). Documents keep the shipped graph,
 so the stored vectors, their pinned checksum and any vectors made elsewhere with the published model stay
