@@ -6,8 +6,8 @@ Both embed the same SciFact train questions, one at a time on one thread, taking
 each question twice: as asked, and with bench_peer.py's uniqueness suffix (" (r0o1-N)", ~8 more tokens).
 Prints the CPU time per query (median and mean) of each graph and the cosine of each int8 query vector to
 the shipped graph's vector of the same text (min and mean). ``--compare`` adds two variants not shipped
-(docs/performance.md, "Query embedding"): every layer's feed-forward down projection float32 (the recipe
-before 2026-12-01 10:30 UTC) and none (int8 everywhere).
+(docs/performance.md, "Planned once, a lighter query graph"): every layer's feed-forward down projection
+float32 (the recipe before 2026-12-01 10:14 UTC) and none (int8 everywhere).
 One JSON line last. The derived graphs are kept in a temporary directory.
 """
 

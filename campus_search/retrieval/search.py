@@ -270,7 +270,7 @@ class Searcher:
 
                 dense = dense_ids(exact)
                 if not exact and len(dense) < k and self._allowed_at_least(user, filters, k, conn=conn):
-                    exact = True  # short: as in search(), an exact scan settles it (planned as one)
+                    # short: as in search(), an exact scan settles it (planned as the exact plan is)
                     conn.execute("SELECT set_config('plan_cache_mode', %s, true)", (AUTO_PLAN,))
                     dense = dense_ids(True)
             except BaseException:
