@@ -5,9 +5,10 @@
 Both embed the same SciFact train questions, one at a time on one thread, taking turns query by query;
 each question twice: as asked, and with bench_peer.py's uniqueness suffix (" (r0o1-N)", ~8 more tokens).
 Prints the CPU time per query (median and mean) of each graph and the cosine of each int8 query vector to
-the shipped graph's vector of the same text (min and mean). ``--compare`` adds two variants not shipped
-(docs/performance.md, "Planned once, a lighter query graph"): every layer's feed-forward down projection
-float32 (the recipe before 2026-12-01 10:14 UTC) and none (int8 everywhere).
+the shipped graph's vector of the same text (min and mean). ``--compare`` adds three variants not shipped
+(docs/performance.md, "A fused attention"): the previous recipe (the same products, attention as exported
+and onnxruntime's fused layer normalisation: until 2026-12-01 12:30 UTC), every layer's feed-forward down
+projection float32 with it (until 10:14 UTC), and int8 everywhere (fused).
 One JSON line last. The derived graphs are kept in a temporary directory.
 """
 
@@ -32,7 +33,8 @@ SCIFACT = Path(os.environ.get("SCIFACT_DIR") or ROOT.parent / "shared/data/scifa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=400)
-    ap.add_argument("--compare", action="store_true", help="also the two variants not shipped")
+    ap.add_argument("--compare", action="store_true",
+                    help="also three variants not shipped (the previous recipes, int8 everywhere)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from campus_search.embedding import quantized
@@ -49,12 +51,16 @@ def main() -> None:
     if args.compare:
         import onnxruntime as ort
 
-        for name, layers in (("down proj. float32", 6), ("int8 everywhere", 0)):
-            path = tmp / f"keep-{layers}.onnx"
-            quantized.derive(model.model_path, path, keep_layers=layers)
+        # (name, float32 down projections, attention fused and the session without SkipLayerNormFusion)
+        for name, layers, fused in (("previous recipe", 1, False), ("all down float32", 6, False),
+                                    ("int8 everywhere", 0, True)):
+            path = tmp / f"keep-{layers}-{fused}.onnx"
+            quantized.derive(model.model_path, path, keep_layers=layers, fuse=fused)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-            graphs[name] = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            graphs[name] = ort.InferenceSession(
+                str(path), sess_options=opts, providers=["CPUExecutionProvider"],
+                disabled_optimizers=list(quantized.SESSION_DISABLED_OPTIMIZERS) if fused else [])
     models = {name: (lambda texts, s=session: model._embed(s, texts, 1)) for name, session in graphs.items()}
     report: dict[str, dict[str, float]] = {}
     for label, texts in (("as asked", asked), ("with the bench suffix", [f"{q} (r0o1-{i})" for i, q in

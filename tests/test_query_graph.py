@@ -21,7 +21,7 @@ from test_embedding import PINNED, TEXT
 
 from campus_search.config import load_settings
 from campus_search.embedding.local import LocalMiniLM
-from campus_search.embedding.quantized import cpu_has_vnni, query_int8_enabled
+from campus_search.embedding.quantized import cpu_has_vnni, fuse_attention, query_int8_enabled
 from campus_search.errors import ConfigError
 
 QUERIES = ["password reset instructions for staff", "How do I renew a library book online?",
@@ -55,10 +55,14 @@ def test_queries_use_int8_products_and_documents_keep_the_shipped_graph(int8: Lo
     assert not np.array_equal(queries, documents)
     assert cosines.min() > 0.99, cosines
     assert np.allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-5)
-    # the graph really multiplies in int8, but for the first layer's feed-forward down projection
+    # the graph really multiplies in int8, but for the first layer's feed-forward down projection: each
+    # layer's attention is one int8 QAttention (query, key and value in one product), its output and
+    # feed-forward projections MatMulInteger
     graph = onnx.load(str(cached_graph(model_dir))).graph
     ops = [node.op_type for node in graph.node]
-    assert ops.count("MatMulInteger") == 35 and ops.count("DynamicQuantizeLinear") > 0
+    assert ops.count("QAttention") == 6 and ops.count("MatMulInteger") == 17
+    assert ops.count("DynamicQuantizeLinear") > 0
+    assert not {"Softmax", "Transpose", "Attention"} & set(ops)  # no attention left unfused or in float32
     shapes = {init.name: tuple(init.dims) for init in graph.initializer}
     float_weights = [node for node in graph.node
                      if node.op_type == "MatMul" and any(name in shapes for name in node.input)]
@@ -66,6 +70,45 @@ def test_queries_use_int8_products_and_documents_keep_the_shipped_graph(int8: Lo
     weighted = [node for node in graph.node if node.op_type in ("MatMul", "MatMulInteger")
                 and any(name in shapes for name in node.input)]
     assert weighted.index(float_weights[0]) < 6  # the first layer's (its six weight products come first)
+
+
+def test_the_fused_attention_computes_what_the_exported_attention_does(int8: LocalMiniLM, tmp_path: Path) -> None:
+    # the float32 graph with fuse_attention applied (no quantization): the shipped graph's vectors, for
+    # queries alone and for a padded batch (the mask), within float rounding
+    import onnxruntime as ort
+
+    folded = tmp_path / "folded.onnx"
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(folded)
+    ort.InferenceSession(str(int8.model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = fuse_attention(onnx.load(str(folded)))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("Attention") == 6 and "Softmax" not in ops and len(ops) < 120  # from 261
+    fused = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    texts = QUERIES + ["a much longer text than any of the queries, which pads the others in its batch"]
+    expected = int8.embed(texts)
+    for batch in (1, 5):
+        vectors = int8._embed(fused, texts, batch)
+        assert np.abs(vectors - expected).max() < 1e-5, batch
+
+
+def test_the_query_session_runs_without_the_slow_fused_layer_norm(int8: LocalMiniLM,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    seen: dict[str, Any] = {}
+    real = ort.InferenceSession
+
+    def recording(path: Any, *args: Any, **kwargs: Any) -> Any:
+        seen[Path(str(path)).name] = kwargs.get("disabled_optimizers")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    fresh = LocalMiniLM(threads=1, query_int8=True, cache_dir=int8.cache_dir)
+    fresh.warm()
+    fresh.embed(QUERIES[:1])
+    assert seen == {cached_graph(int8.cache_dir).name: ["SkipLayerNormFusion"], int8.model_path.name: []}
 
 
 def test_a_query_embeds_to_the_same_bits_alone_and_among_others(int8: LocalMiniLM) -> None:

@@ -69,12 +69,16 @@ class LocalMiniLM:
                 opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 path, temporary = self.model_path, False
                 if graph == "int8":
-                    from campus_search.embedding.quantized import query_model
+                    from campus_search.embedding.quantized import SESSION_DISABLED_OPTIMIZERS, query_model
 
                     path, temporary = query_model(self.model_path, ONNX_SHA256, self.cache_dir)
+                    disabled = list(SESSION_DISABLED_OPTIMIZERS)
+                else:
+                    disabled = []  # the shipped graph as it always ran: the index's vectors are its
                 try:
                     self._sessions[graph] = ort.InferenceSession(str(path), sess_options=opts,
-                                                                 providers=["CPUExecutionProvider"])
+                                                                 providers=["CPUExecutionProvider"],
+                                                                 disabled_optimizers=disabled)
                 finally:
                     if temporary:
                         path.unlink(missing_ok=True)
