@@ -200,28 +200,36 @@ class BM25:
         # candidate x was not read for cut term ct: its bit, for the first 63 terms; beyond, looked up
         unread = ("CASE WHEN ct.idx < 63 THEN x.seen & (1::int8 << ct.idx) = 0 ELSE NOT EXISTS "
                   "(SELECT 1 FROM lex_read r WHERE r.term = ct.term AND r.chunk_id = x.chunk_id) END")
+        # Only the common terms' rows are kept (lex_read: their bounds, the bits of the terms each chunk was
+        # read for, and the lookup beyond the 63rd term all concern cut terms only); the rare terms'
+        # postings go straight into lex_ranked's sums: materialising ~2,000 rows a query cost more than
+        # reading them (docs/performance.md, "A fused attention, rare postings summed as read").
         return f"""{self.weights_cte()},
-        lex_read AS MATERIALIZED (
+        lex_read AS MATERIALIZED (  -- the common terms' rows, each term's best allowed ones by impact
             SELECT w.term, w.idx, r.chunk_id, r.document_id, r.key, r.known,
                    w.w * {self._saturation('r.tf', 'r.dl')} AS part
             FROM lex_weights w
             CROSS JOIN LATERAL (
-                SELECT p.chunk_id, p.document_id, p.tf, p.dl, NULL::float8 AS key, false AS known
-                FROM lexical_postings p WHERE p.term = w.term AND NOT ({cut}){rare_filter}
-                UNION ALL
-                (SELECT p.chunk_id, p.document_id, p.tf, p.dl, {IMPACT_KEY} AS key, {cut_known} AS known
-                 FROM lexical_postings p WHERE p.term = w.term AND {cut}{cut_filter}
-                 ORDER BY {IMPACT_KEY} DESC LIMIT {reads})) r),
-        lex_bound AS MATERIALIZED (  -- only a cut term's rows carry a key: rare terms' rows are not grouped
+                SELECT p.chunk_id, p.document_id, p.tf, p.dl, {IMPACT_KEY} AS key, {cut_known} AS known
+                FROM lexical_postings p WHERE p.term = w.term AND {cut}{cut_filter}
+                ORDER BY {IMPACT_KEY} DESC LIMIT {reads}) r),
+        lex_bound AS MATERIALIZED (
             SELECT w.term, CASE WHEN NOT ({cut}) OR coalesce(r.n, 0) < {reads} THEN 0::float8
                                 ELSE w.w * ({k1} + 1) * {bound} END AS ub
             FROM lex_weights w
-            LEFT JOIN (SELECT r.term, count(*) AS n, min(r.key) AS g FROM lex_read r WHERE r.key IS NOT NULL
-                       GROUP BY r.term) r ON r.term = w.term),
-        lex_ranked AS MATERIALIZED (  -- seen: a bit per query term (the first 63) the chunk was read for
+            LEFT JOIN (SELECT r.term, count(*) AS n, min(r.key) AS g FROM lex_read r GROUP BY r.term) r
+                   ON r.term = w.term),
+        lex_ranked AS MATERIALIZED (  -- seen: a bit per cut query term (the first 63) the chunk was read for
             SELECT r.chunk_id, min(r.document_id) AS document_id, bool_or(r.known) AS known, sum(r.part) AS lb,
-                   bit_or(CASE WHEN r.idx < 63 THEN 1::int8 << r.idx ELSE 0::int8 END) AS seen
-            FROM lex_read r
+                   bit_or(r.bit) AS seen
+            FROM (SELECT p.chunk_id, p.document_id, false AS known, w.w * {self._saturation('p.tf', 'p.dl')} AS part,
+                         0::int8 AS bit
+                  FROM lex_weights w JOIN lexical_postings p ON p.term = w.term
+                  WHERE NOT ({cut}){rare_filter}
+                  UNION ALL
+                  SELECT chunk_id, document_id, known, part,
+                         CASE WHEN idx < 63 THEN 1::int8 << idx ELSE 0::int8 END
+                  FROM lex_read) r
             GROUP BY r.chunk_id),
         lex_cut_terms AS MATERIALIZED (  -- the terms some allowed chunk may score in without being read for
             SELECT lw.term, lw.idx, lw.w, cb.ub FROM lex_bound cb JOIN lex_weights lw ON lw.term = cb.term
