@@ -332,3 +332,38 @@ def test_a_query_of_more_than_63_terms_scores_each_pooled_chunk_exactly_once(cor
     for qtext in (" ".join(words + ["ledger", "audit"]), " ".join(words[:64] + ["invoice", "ledger"])):
         cut, _ = _check(corpus, searcher, ADMIN, qtext, 5)
         assert cut  # the common VOCAB terms were cut: their bits are beyond the 63 tracked
+
+
+def test_a_dense_candidate_outside_every_read_list_is_scored_exactly(corpus: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no query term's list was cut, the hybrid statement takes a dense candidate's BM25 score from
+    the read lists, and one no list held contains no query term (0, not probed) -- unless the read was
+    narrowed to a cached allowed set (``docs``), which may not hold a document allowed since: that
+    candidate is probed, so its score stays exact."""
+    searcher = _searcher(corpus, BM25(pool=10))  # cut_df 1000: no list of this corpus is cut
+    qtext = "zymurgy"  # only the late document holds it
+    assert searcher.lexical_access(STUDENT, {})[0] == "docs"  # cached now
+    monkeypatch.setattr(search_module, "LEXICAL_DOCS_MIN", 0)  # no other rule is narrow
+    searcher.lexical_narrow_fraction = 0.0
+    assert searcher.lexical_access(ADMIN, {})[0] == "all" and searcher.lexical_access(STAFF, {})[0] == "probe"
+    with corpus.db.connection() as conn:
+        last = conn.execute("SELECT max(id) FROM documents").fetchone()[0]
+        conn.execute("SELECT setval(pg_get_serial_sequence('documents', 'id'), %s)", (last + 64,))
+    _insert(corpus, random.Random(6), 1, "late")
+    vector = np.zeros(corpus.embedder.dimension, dtype=np.float32)
+    vector[0] = 1.0  # its chunks' own direction: the dense half's nearest
+    with corpus.db.connection() as conn:
+        new = conn.execute("SELECT d.id, array_agg(c.id) FROM documents d JOIN chunks c ON c.document_id = d.id "
+                           "WHERE d.external_id = 'late0' GROUP BY d.id").fetchone()
+        conn.execute("UPDATE documents SET visibility = 'public', clearance_level = 1 WHERE id = %s", (new[0],))
+        conn.execute("UPDATE chunks SET text = text || ' zymurgy', embedding = %s WHERE document_id = %s",
+                     (vector, new[0]))
+    assert new[0] >= 8 * len(searcher.lexical_access(STUDENT, {})[1] or b"")  # not in the cached set
+    full = _exhaustive(corpus, searcher.bm25, qtext)
+    for user in (STUDENT, STAFF, ADMIN):
+        hits = searcher.hybrid_candidates(user, vector, qtext, {}, 5)
+        late = [h for h in hits if h.chunk_id in new[1]]
+        assert late and all(h.in_dense and full[h.chunk_id] > 0 for h in late), user.user_id
+        assert any(full.get(h.chunk_id, 0.0) == 0.0 for h in hits), user.user_id  # some hold no query term
+        for h in hits:
+            assert h.bm25 == pytest.approx(full.get(h.chunk_id, 0.0), rel=1e-9, abs=1e-12), (user.user_id, h.chunk_id)

@@ -241,12 +241,12 @@ class BM25:
             FROM (SELECT * FROM lex_ranked ORDER BY lb DESC, chunk_id OFFSET 0) x WHERE {allowed}
             LIMIT {pool}),
         lex_scores AS MATERIALIZED (  -- read parts are exact; probe only the cut terms a chunk was not read for
-            SELECT x.chunk_id, x.document_id, x.lb + (
+            SELECT x.chunk_id, x.document_id, x.lb + CASE WHEN (SELECT whole FROM lex_whole) THEN 0::float8 ELSE (
                        SELECT coalesce(sum(ct.w * {self._saturation('lp.tf', 'lp.dl')}), 0)
                        FROM lex_cut_terms ct
                        CROSS JOIN LATERAL (SELECT p.tf, p.dl FROM lexical_postings p
                                            WHERE p.term = ct.term AND p.chunk_id = x.chunk_id) lp
-                       WHERE {unread}) AS score
+                       WHERE {unread}) END AS score
             FROM lex_pool x),
         lex_cut AS (  -- tests and benchmarks: no allowed chunk outside the pool scores above this
             SELECT greatest(

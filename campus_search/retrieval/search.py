@@ -400,12 +400,14 @@ class Searcher:
         self._lexical_access.put(key, answer, self._lexical_access.clock() + LEXICAL_ACCESS_TTL)
         return answer
 
-    def lexical_sql(self, user: Principal, filters: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    def lexical_sql(self, user: Principal, filters: Mapping[str, Any],
+                    access: tuple[str, bytes | None] | None = None) -> tuple[str, dict[str, Any]]:
         """The BM25 half of the hybrid statement: CTEs ending in ``lex_scores`` (chunk_id, document_id,
         score: the exactly scored pool) and ``lex_top`` (id: the best ``%(k)s`` of it whose document
-        satisfies the rule and filters, probed now), and their parameters (besides ``qtext`` and ``k``)."""
+        satisfies the rule and filters, probed now), and their parameters (besides ``qtext`` and ``k``).
+        ``access``: :meth:`lexical_access`'s answer, when the caller has it already."""
         where, params = _where(user, filters)
-        access, docs = self.lexical_access(user, filters)
+        access, docs = access or self.lexical_access(user, filters)
         depth = None
         if docs is not None:
             params = {**params, "lex_docs": docs}
@@ -474,11 +476,16 @@ class Searcher:
         exact_bm25 = self.bm25.exact_score_sql("c.id")
         read_join = ""
         if pool is None:
-            lex_ctes, lex_params = self.lexical_sql(user, filters)
+            access = self.lexical_access(user, filters)
+            lex_ctes, lex_params = self.lexical_sql(user, filters, access)
             pool_source = f"{lex_ctes}, ls AS ({_POOL_ROWS})"
-            # every list read to its end (lex_whole): a chunk read for some term has its exact score already
+            # every list read to its end (lex_whole): a chunk read for some term has its exact score already;
+            # and unless the read was narrowed to a cached allowed set (access "docs", which may not hold a
+            # document allowed since), every allowed chunk holding a query term was read: one not read
+            # scores 0 (the dense half admits allowed chunks only)
             read_join = "LEFT JOIN lex_ranked lr ON lr.chunk_id = c.id "
-            exact_bm25 = (f"CASE WHEN lr.chunk_id IS NOT NULL AND (SELECT whole FROM lex_whole) THEN lr.lb "
+            unread = "0::float8" if access[0] != "docs" else exact_bm25
+            exact_bm25 = (f"CASE WHEN (SELECT whole FROM lex_whole) THEN coalesce(lr.lb, {unread}) "
                           f"ELSE {exact_bm25} END")
         else:
             pool_source = (f"{self.bm25.weights_cte()}, ls AS (SELECT * FROM unnest(%(ls_ids)s::bigint[], "
