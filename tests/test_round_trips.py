@@ -1,8 +1,9 @@
 """Round trips of one uncached search (issue 14), counted on real PostgreSQL and Redis: the index
 generation tag is read in one statement without an explicit transaction, a miss does not read it a
 second time before the search when the lookup has just read it, the result cache and the shared
-query vectors share their Redis round trips (one read, one write), and an audit batch is two round trips
-(the chain head, then INSERT and COMMIT together)."""
+query vectors share their Redis round trips (one read, one write), the search itself is one round trip
+without BEGIN or COMMIT, and an audit batch is two round trips (the chain head, then INSERT and COMMIT
+together)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,37 @@ def test_the_generation_tag_is_read_in_one_query_without_begin_or_commit(setting
     with db.connection() as again:  # and the next user still gets a transaction
         again.execute("SELECT 1")
         assert again.info.transaction_status == pq.TransactionStatus.INTRANS
+
+
+def test_a_search_is_one_round_trip_without_begin_or_commit(settings_factory: Any, services_factory: Any) -> None:
+    """On a direct connection the search's settings and its statement go out in one pipeline in autocommit
+    mode: one Sync (the one wait for the server), no BEGIN, no COMMIT; the settings still apply to the
+    statement (the transaction the Sync ends) and end with it."""
+    from campus_search.retrieval.params import SearchParams
+    from campus_search.security.auth import principal_from_claims
+
+    services = services_factory(settings_factory(db_pool_min_size=1, db_pool_max_size=1,
+                                                 db_statement_timeout_ms=4321, db_prepare_threshold="5"))
+    _app(services)
+    services.ingester.ingest([ParsedDocument(external_id=f"note{i}", title=f"Note {i}", blocks=[Block(
+        f"Campus note number {i} about rooms and timetables.")], metadata={}, source=f"note{i}") for i in range(40)],
+        AccessMetadata())  # more chunks than a search's candidates: no short list to settle with a count
+    searcher = services.searcher
+    user = principal_from_claims({"sub": "a", "role": "admin"}, services.settings)
+    searcher.search(user, SearchParams(query="eduroam wifi"))  # the plan's inputs counted and cached
+    with services.db.write_pool.connection() as conn:  # the pool's one connection: the search gets it next
+        pass
+    hits: list[Any] = []
+    sent = _frontend_messages(conn, lambda: hits.extend(searcher.search(user, SearchParams(query="wifi laptop"))))
+    assert hits and hits[0].document_id == "wifi"
+    assert sum("\tSync" in line for line in sent) == 1, sent
+    assert not [line for line in sent if "BEGIN" in line or "COMMIT" in line], sent
+    assert conn.autocommit is False and conn.info.transaction_status == pq.TransactionStatus.IDLE
+    # the statement ran under the search's settings, which ended with it
+    seen = searcher._fetch("SELECT current_setting('statement_timeout')", {}, 1)
+    assert seen == [("4321ms",)]
+    with services.db.connection() as again:
+        assert again.execute("SHOW statement_timeout").fetchone() != ("4321ms",)
 
 
 def test_a_miss_uses_the_tag_its_lookup_just_read(settings_factory: Any, services_factory: Any, token: Any) -> None:
