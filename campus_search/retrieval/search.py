@@ -407,13 +407,13 @@ class Searcher:
         satisfies the rule and filters, probed now), and their parameters (besides ``qtext`` and ``k``).
         ``access``: :meth:`lexical_access`'s answer, when the caller has it already."""
         where, params = _where(user, filters)
-        access, docs = access or self.lexical_access(user, filters)
+        mode, docs = access or self.lexical_access(user, filters)
         depth = None
         if docs is not None:
             params = {**params, "lex_docs": docs}
             # a narrow rule reads fewer allowed postings per common term, about BM25.scan scanned (depth_for)
             depth = self.bm25.depth_for(int.from_bytes(docs, "little").bit_count() / max(1, self._corpus_documents))
-        return (f"{self.bm25.bounded_cte(access, where, depth=depth)}, "
+        return (f"{self.bm25.bounded_cte(mode, where, depth=depth)}, "
                 f"lex_top AS MATERIALIZED ({allowed_top_sql('lex_scores', where)})"), params
 
     def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int,
