@@ -6,9 +6,9 @@ Both embed the same SciFact train questions, one at a time on one thread, taking
 each question twice: as asked, and with bench_peer.py's uniqueness suffix (" (r0o1-N)", ~8 more tokens).
 Prints the CPU time per query (median and mean) of each graph and the cosine of each int8 query vector to
 the shipped graph's vector of the same text (min and mean). ``--compare`` adds three variants not shipped
-(docs/performance.md, "A fused attention"): the previous recipe (the same products, attention as exported
-and onnxruntime's fused layer normalisation: until 2026-12-01 12:30 UTC), every layer's feed-forward down
-projection float32 with it (until 10:14 UTC), and int8 everywhere (fused).
+(docs/performance.md, "A fused attention, rare postings summed as read"): the previous recipe (the same
+products, attention as exported and onnxruntime's fused skip layer norm: until 2026-12-01 12:00 UTC), every
+layer's feed-forward down projection float32 with it (until 10:14 UTC), and int8 everywhere (fused).
 One JSON line last. The derived graphs are kept in a temporary directory.
 """
 
