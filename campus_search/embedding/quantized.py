@@ -15,9 +15,11 @@ Before quantizing, each layer's self-attention -- as exported, some thirty small
 transposes, a NaN guard around the softmax) -- is replaced by onnxruntime's fused ``Attention`` operator
 (:func:`fuse_attention`; onnxruntime's own transformer optimizer does not recognise this export's pattern),
 which quantization turns into ``QAttention``: one int8 product for the query, key and value projections.
-The session is built without onnxruntime's ``SkipLayerNormFusion``, whose fused kernel took four times as
-long here as the plain addition and layer normalisation it replaces (:data:`SESSION_DISABLED_OPTIMIZERS`).
-Together: 4.9 -> 3.9 ms a query, the same vectors to five decimals of their cosine to the shipped graph's.
+The session is built without onnxruntime's ``SkipLayerNormFusion``, whose fused kernel took several times
+as long here as the plain addition and layer normalisation it replaces (:data:`SESSION_DISABLED_OPTIMIZERS`).
+Together: 4.6 -> 3.8 ms a query (bench_query_graph.py --compare, one run), the same vectors to five
+decimals of their cosine to the shipped graph's (docs/performance.md, "A fused attention, rare postings
+summed as read").
 
 Only *queries* are embedded this way (:meth:`LocalMiniLM.embed_query`). Documents keep the shipped graph,
 so the stored vectors, their pinned checksum and any vectors made elsewhere with the published model stay
