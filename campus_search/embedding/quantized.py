@@ -142,17 +142,16 @@ def fuse_attention(model: Any) -> Any:
     scale is the operator's default, 1 / sqrt(head size), which the export applies as two factors of
     its square root. The nodes only the old block used are dropped. Anything unexpected raises
     ConfigError: the pinned file is the graph this was written for."""
-    import collections
-
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    graph = model.graph
-    inits = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
+    graph = OnnxModel(model)
+    inits = {init.name: init for init in model.graph.initializer}
+    producer = graph.output_name_to_node()
 
     def bias_add(bias: str) -> Any:
-        adds = [node for node in graph.node if node.op_type == "Add" and bias in node.input]
+        adds = [node for node in model.graph.node if node.op_type == "Add" and bias in node.input]
         if len(adds) != 1:
             raise ConfigError(f"query graph: expected one addition of {bias}, found {len(adds)}")
         return adds[0]
@@ -165,7 +164,8 @@ def fuse_attention(model: Any) -> Any:
         return node
 
     mask = "attention_mask_int32"
-    fused: dict[str, Any] = {}  # the old block's result -> its fused node
+    graph.add_node(helper.make_node("Cast", ["attention_mask"], [mask], name="attention_mask_to_int32",
+                                    to=TensorProto.INT32))
     for layer in range(LAYERS):
         prefix = f"inner.encoder.layer.{layer}.attention"
         weights, biases, inputs = [], [], set()
@@ -177,46 +177,17 @@ def fuse_attention(model: Any) -> Any:
             biases.append(numpy_helper.to_array(inits[bias]))
         if len(inputs) != 1:
             raise ConfigError(f"query graph: layer {layer}'s attention projections read different inputs")
-        result = projection(f"{prefix}.output.dense.bias").input[0]
+        result = projection(f"{prefix}.output.dense.bias").input[0]  # the old block's result
         name = f"attention_{layer}"
-        graph.initializer.extend([numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}_qkv_weight"),
-                                  numpy_helper.from_array(np.concatenate(biases), f"{name}_qkv_bias")])
-        fused[result] = helper.make_node("Attention", [inputs.pop(), f"{name}_qkv_weight", f"{name}_qkv_bias", mask],
-                                         [f"{name}_output"], name=name, domain="com.microsoft", num_heads=HEADS)
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in fused:
-                node.input[i] = fused[name].output[0]
-    nodes = [helper.make_node("Cast", ["attention_mask"], [mask], name="attention_mask_to_int32",
-                              to=TensorProto.INT32), *graph.node, *fused.values()]
-    # keep what the outputs need, in an order where each node follows its inputs' producers
-    made = {out: node for node in nodes for out in node.output}
-    needed: set[int] = set()
-    pending = [out.name for out in graph.output]
-    while pending:
-        node = made.get(pending.pop())
-        if node is not None and id(node) not in needed:
-            needed.add(id(node))
-            pending.extend(node.input)
-    ready = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
-    ordered: list[Any] = []
-    waiting = [node for node in nodes if id(node) in needed]
-    while waiting:
-        runnable = [node for node in waiting if all(name in ready for name in node.input)]
-        if not runnable:
-            raise ConfigError("query graph: the fused graph has a cycle")
-        for node in runnable:
-            ordered.append(node)
-            ready.update(node.output)
-        placed = {id(node) for node in runnable}
-        waiting = [node for node in waiting if id(node) not in placed]
-    used = collections.Counter(name for node in ordered for name in node.input)
-    live = [init for init in graph.initializer if used[init.name]]
-    del graph.node[:]
-    graph.node.extend(ordered)
-    del graph.initializer[:]
-    graph.initializer.extend(live)
-    del graph.value_info[:]  # shapes inferred for the removed nodes' outputs
+        graph.add_initializer(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}_qkv_weight"))
+        graph.add_initializer(numpy_helper.from_array(np.concatenate(biases), f"{name}_qkv_bias"))
+        graph.replace_input_of_all_nodes(result, f"{name}_output")
+        graph.add_node(helper.make_node("Attention", [inputs.pop(), f"{name}_qkv_weight", f"{name}_qkv_bias", mask],
+                                        [f"{name}_output"], name=name, domain="com.microsoft", num_heads=HEADS))
+    # drop what only the old blocks used (nodes and weights; the graph's inputs stay), then order the nodes
+    graph.prune_graph(allow_remove_graph_inputs=False)
+    graph.topological_sort(is_deterministic=True)
+    del model.graph.value_info[:]  # shapes inferred for the removed nodes' outputs
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
