@@ -54,7 +54,7 @@ from campus_search.retrieval.ranking import FRESHNESS_WEIGHT, PRIORITY_WEIGHT, b
 from campus_search.retrieval.results import Hit
 from campus_search.security.access import METADATA_FIELDS, columns
 from campus_search.security.roles import Principal, visible_sql
-from campus_search.storage.db import Database
+from campus_search.storage.db import Database, autocommit
 
 CANDIDATE_FLOOR = 40  # candidates fetched beyond max_results so business terms can re-order them
 
@@ -571,15 +571,10 @@ def _implicit_trip(conn: psycopg.Connection, statements: Sequence[tuple[str, Map
     return the last one's cursor: one round trip, and one transaction that the pipeline's ``Sync`` ends --
     so transaction-local settings (``set_config(..., true)``) hold for the statements after them and end
     with it, with no ``BEGIN`` or ``COMMIT`` sent. The connection goes back to the pool in transaction mode."""
-    conn.autocommit = True
-    try:
-        with conn.pipeline():
-            for sql, args in statements:
-                cur = conn.execute(sql, args)
-        return cur
-    finally:
-        if not conn.closed:
-            conn.autocommit = False  # the pool hands out connections in transaction mode
+    with autocommit(conn), conn.pipeline():
+        for sql, args in statements:
+            cur = conn.execute(sql, args)
+    return cur
 
 
 def _rule_key(where: str, params: Mapping[str, Any]) -> str:

@@ -291,13 +291,8 @@ class Database:
         round trip to PostgreSQL, where :meth:`connection`'s explicit transaction costs three (``BEGIN``,
         the statement, ``COMMIT``). One statement sees one snapshot either way. Same errors as
         :meth:`connection`; pgbouncer-safe (nothing outlives the statement)."""
-        with self.connection(read=read) as conn:
-            conn.autocommit = True
-            try:
-                return conn.execute(sql, params).fetchone()
-            finally:
-                if not conn.closed:
-                    conn.autocommit = False  # the pool hands out connections in transaction mode
+        with self.connection(read=read) as conn, autocommit(conn):
+            return conn.execute(sql, params).fetchone()
 
     def bump_generation(self, conn: psycopg.Connection) -> None:
         """Move ``index_state.generation`` in the caller's write transaction: cached answers retire, and
@@ -337,6 +332,18 @@ class Database:
         with self.connection(read=True) as conn:
             row = conn.execute("SELECT generation FROM index_state").fetchone()
         return int(row[0]) if row else 0
+
+
+@contextmanager
+def autocommit(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """``conn`` (a pooled connection, idle) in autocommit mode for the block, then back in transaction
+    mode, as the pool hands connections out."""
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        if not conn.closed:
+            conn.autocommit = False
 
 
 def check_connection(conn: psycopg.Connection) -> None:
