@@ -455,15 +455,14 @@ class Searcher:
         cache mode, SEARCH_SETTINGS_SQL)."""
         wait = LEXICAL_CONNECTION_WAIT if snapshot is not None else None
         with self.db.connection(read=True, spare=wait) as conn:
-            if snapshot is not None or conn.prepare_threshold is None:
-                if snapshot is not None:
-                    _one_trip(conn, [(_READ_ONLY_REPEATABLE, None),
-                                     (f"SET TRANSACTION SNAPSHOT '{snapshot.id}'", None)])
-                    if not snapshot.claim():
-                        return []
-                return _one_trip(conn, [(SEARCH_SETTINGS_SQL, self._settings(k, exact)), (sql, params)],
-                                 commit=True).fetchall()
-            return _implicit_trip(conn, [(SEARCH_SETTINGS_SQL, self._settings(k, exact)), (sql, params)]).fetchall()
+            statements = [(SEARCH_SETTINGS_SQL, self._settings(k, exact)), (sql, params)]
+            if snapshot is not None:
+                _one_trip(conn, [(_READ_ONLY_REPEATABLE, None), (f"SET TRANSACTION SNAPSHOT '{snapshot.id}'", None)])
+                if not snapshot.claim():
+                    return []
+            elif conn.prepare_threshold is not None:  # a direct connection
+                return _implicit_trip(conn, statements).fetchall()
+            return _one_trip(conn, statements, commit=True).fetchall()
 
     def hybrid_candidates(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
                           k: int, *, exact: bool = False, pool: list[tuple[int, float, bool]] | None = None,
