@@ -1,7 +1,7 @@
 """Hybrid search on a bench_scale.py data directory: one statement against BM25 beside the dense half.
 
     .venv/bin/python bench/bench_split.py DATA_DIR [--principals admin,staff,student] [--queries 50]
-        [--scan 20000,1000000000] [--plans]
+        [--scan 20000,1000000000] [--plans | --halves]
 
 For each principal and each ``BM25_SCAN`` value, the shipped ``Searcher.search`` with precomputed query
 vectors (bench_scale.py saved them in DATA_DIR: query-vectors-200.npy or -50.npy), run twice over the
@@ -12,6 +12,11 @@ lists were the same (they must all be). One JSON line per principal and scan val
 
 ``--plans``: instead of one statement against split, the shipped search with its statements run on their
 generic plan (``search.GENERIC_PLAN``, as shipped) against PostgreSQL's ``auto`` plan cache mode.
+
+``--halves``: instead, each half of the split search alone, then the whole: the BM25 half
+(``Searcher.lexical_pool``, one statement), the dense half (the shipped dense statement of the principal's
+plan, exact or HNSW) and ``Searcher.search``, one after the other per query; p50/p95 ms of each. Which half
+bounds a principal's search.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +49,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--scan", default="20000", help="BM25_SCAN values, comma-separated (default 20000)")
     ap.add_argument("--plans", action="store_true", help="generic plans (shipped) against auto, not one/split")
+    ap.add_argument("--halves", action="store_true", help="the BM25 half, the dense half and the whole, timed apart")
     args = ap.parse_args()
     data_dir = Path(args.data_dir)
     os.environ.update(DATA_DIR=str(data_dir), JWT_SECRET_KEY=SECRET, AUDIT_HMAC_KEY=SECRET + "audit",
@@ -80,6 +87,10 @@ def main() -> None:
                                                   fusion=FusionConfig(method="convex"), bm25=bm25)
                 for q, v in zip(queries, qvecs, strict=True):
                     searcher.query_vectors.put(normalise_query(q), np.asarray(v, dtype=np.float32))
+                if args.halves:
+                    print(json.dumps({"principal": who, "bm25_scan": scan, **halves(searcher, user, queries, qvecs),
+                                      "load_average": os.getloadavg()}), flush=True)
+                    continue
                 times: dict[str, list[float]] = {m: [] for m in modes}
                 same = 0
                 for timed in (False, True):
@@ -103,6 +114,34 @@ def main() -> None:
     finally:
         search_module.LEXICAL_BESIDE_MIN_CHUNKS, search_module.GENERIC_PLAN = threshold, generic
         services.close()
+
+
+def halves(searcher: Any, user: Any, queries: list[str], qvecs: np.ndarray) -> dict[str, Any]:
+    """p50/p95 ms of the BM25 half alone, the dense half alone and the whole search (a warm-up pass, then a
+    timed one), and the dense plan the principal gets."""
+    from campus_search.retrieval import search as search_module
+    from campus_search.retrieval.params import SearchParams
+
+    where, where_params = search_module._where(user, {})
+    exact = searcher.dense_plan(user, {}) == "exact"
+    dense_sql = f"SELECT array_agg(id) FROM ({search_module._dense_sql(where, exact)}) t"
+    times: dict[str, list[float]] = {"bm25_half": [], "dense_half": [], "search": []}
+    for timed in (False, True):
+        for q, v in zip(queries, qvecs, strict=True):
+            t0 = time.perf_counter()
+            searcher.lexical_pool(user, q, {}, 40)
+            t1 = time.perf_counter()
+            searcher._fetch(dense_sql, {"q": np.asarray(v, dtype=np.float32), "k": 40, **where_params}, 40,
+                            exact=exact)
+            t2 = time.perf_counter()
+            searcher.search(user, SearchParams(q, {}, 10, 0.0))
+            t3 = time.perf_counter()
+            if timed:
+                for name, ms in (("bm25_half", t1 - t0), ("dense_half", t2 - t1), ("search", t3 - t2)):
+                    times[name].append(ms * 1000)
+    return {"dense_plan": "exact" if exact else "hnsw", "queries": len(queries),
+            **{f"{m}_p50": round(statistics.median(t), 1) for m, t in times.items()},
+            **{f"{m}_p95": round(pct(t, .95), 1) for m, t in times.items()}}
 
 
 if __name__ == "__main__":
