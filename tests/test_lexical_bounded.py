@@ -252,22 +252,45 @@ def test_a_narrow_rule_reads_fewer_postings_of_a_common_term(corpus: Any) -> Non
             _check(corpus, searcher, user, qtext, 5)
 
 
-def _read_stops_after(corpus: Any, bm25: BM25, depth: int) -> None:
-    """A student's read of two common terms keeps ``depth`` allowed postings of each, through the impact
-    index, without reading either list to its end."""
+def _weighted_reads(corpus: Any, bm25: BM25, qtext: str, depth: int, k: int) -> dict[str, int]:
+    """What a narrow read keeps of each common term of ``qtext``: ``depth`` for the most weighted,
+    ``ceil(depth * w / w_max)`` for the others, never fewer than k (computed here from the weights, in
+    Python, independently of the statement)."""
+    import math
+
+    where, params = _where(STUDENT, {})
+    with corpus.db.connection(read=True) as conn:
+        weights = {str(t): float(w) for t, w, df in conn.execute(
+            f"WITH {bm25.weights_cte()} SELECT term, w, df FROM lex_weights", {"qtext": qtext}).fetchall()
+            if df > bm25.cut_df}
+        allowed = {str(t): int(n) for t, n in conn.execute(
+            f"SELECT p.term, count(*) FROM lexical_postings p JOIN documents d ON d.id = p.document_id "
+            f"WHERE p.term = ANY(%(terms)s) AND {where} GROUP BY p.term", {"terms": list(weights), **params})}
+    top = max(weights.values())
+    # (a list with fewer allowed postings than that is read to its end)
+    return {t: min(max(math.ceil(depth * w / top - 1e-9), k), allowed.get(t, 0)) for t, w in weights.items()}
+
+
+def _read_stops_after(corpus: Any, bm25: BM25, depth: int, qtext: str = "ledger audit") -> dict[str, int]:
+    """A student's read of the common terms of ``qtext`` keeps, through the impact index and without
+    reading any list to its end, ``depth`` allowed postings of the most weighted term and fewer of the
+    others by weight (:func:`_weighted_reads`); returns what it kept of each term."""
     import psycopg
 
     with psycopg.connect(corpus.dsn, autocommit=True) as conn:  # as autovacuum keeps a live corpus
         conn.execute("VACUUM ANALYZE lexical_postings")
     searcher = _searcher(corpus, bm25)
-    qtext = "ledger audit"
     ctes, params = searcher.lexical_sql(STUDENT, {})
     assert searcher.lexical_access(STUDENT, {})[0] == "docs"
+    terms = qtext.split()
     with corpus.db.connection(read=True) as conn:
         df = sum(int(r[0]) for r in conn.execute(
-            "SELECT df FROM lexical_df WHERE term IN ('ledger', 'audit')").fetchall())
+            "SELECT df FROM lexical_df WHERE term = ANY(%s)", (terms,)).fetchall())
         plan = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) WITH {ctes} SELECT id FROM lex_top",
                             {"qtext": qtext, "k": 5, **params}).fetchone()[0][0]["Plan"]
+        kept_by_term = {str(t): int(n) for t, n in conn.execute(
+            f"WITH {ctes} SELECT term, count(*) FROM lex_read GROUP BY term",
+            {"qtext": qtext, "k": 5, **params}).fetchall()}
     nodes, stack = [], [plan]
     while stack:
         node = stack.pop()
@@ -280,7 +303,24 @@ def _read_stops_after(corpus: Any, bm25: BM25, depth: int) -> None:
     read = sum((n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in impact)
     kept = sum(n["Actual Rows"] * n["Actual Loops"] for n in impact)
     assert df > 40 and 0 < read < df  # stopped before the end of the lists
-    assert kept == 2 * depth  # depth allowed postings for each of the two terms
+    expected = _weighted_reads(corpus, bm25, qtext, depth, 5)
+    assert kept_by_term == expected and kept == sum(expected.values())
+    return kept_by_term
+
+
+def test_a_narrow_read_gives_a_less_weighted_common_term_fewer_postings(corpus: Any) -> None:
+    """A narrow rule's read depth goes to the query's most weighted common term in full and to the others
+    by weight: a term in nearly every chunk (low weight) is read less deep than a rarer one. The contract
+    (allowed only, exact scores, a sound bound, a full page) holds with it."""
+    bm25 = BM25(depth=8, pool=12, cut_df=20)
+    with corpus.db.connection(read=True) as conn:
+        df = dict(conn.execute("SELECT term, df FROM lexical_df WHERE term IN ('ledger', 'librari')"))
+    assert df["ledger"] > 2 * df["librari"] > 2 * 20  # both common, ledger by far the commoner (lighter)
+    kept = _read_stops_after(corpus, bm25, 8, "ledger librari")
+    assert kept["librari"] == 8 and 5 <= kept["ledger"] < 8
+    searcher = _searcher(corpus, bm25)
+    for qtext in ("ledger library", "ledger audit invoice", "library thesis ledger", "audit grant"):
+        _check(corpus, searcher, STUDENT, qtext, 5)
 
 
 def test_document_mask_holds_exactly_its_ids() -> None:

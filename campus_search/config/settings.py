@@ -259,9 +259,10 @@ class Settings:
     bm25_depth: int = setting(("BM25_DEPTH",), 500,
         "Allowed postings read per common query term (BM25_CUT_DF), at least the candidate depth.", int)
     bm25_scan: int = setting(("BM25_SCAN",), 20000,
-        "For a narrow rule (a principal who may see few documents), BM25_DEPTH is lowered so that a common "
-        "term's read scans about this many postings: depth = BM25_SCAN x the rule's share of documents, at "
-        "least the candidate depth (docs/performance.md).", int)
+        "For a narrow rule (a principal who may see few documents), BM25_DEPTH is lowered so that the read "
+        "of the query's most weighted common term scans about this many postings: depth = BM25_SCAN x the "
+        "rule's share of documents; the other common terms read less, in proportion to their BM25 weight; "
+        "never fewer than the page (docs/performance.md).", int)
     scores_bm25_roles: tuple[str, ...] = setting(("SCORES_BM25_ROLES",), ("admin",),
         "Roles whose results carry `scores.bm25`. BM25 uses corpus-wide term statistics that include "
         "documents the caller cannot see, so other roles do not get the raw score (docs/ranking.md); "
