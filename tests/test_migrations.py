@@ -141,3 +141,17 @@ def test_a_posting_is_in_two_b_trees_and_a_chunk_s_postings_are_one_run(make_dat
         assert any("lexical_postings_pkey" in row[0] for row in per_chunk)
         whole = conn.execute("EXPLAIN SELECT chunk_id, tf FROM lexical_postings WHERE term = 'printer'").fetchall()
         assert any("lexical_postings_impact" in row[0] for row in whole)
+
+
+def test_documents_are_vacuumed_once_one_percent_is_dead(make_database: Any) -> None:
+    """Migration 022: every search evaluates its rule on ``documents``, and a metadata change leaves a dead
+    version of each changed document (its access columns are indexed); autovacuum takes the table at 1 %
+    (+ 500 rows) dead, not PostgreSQL's 20 %: the thresholds are the table's own, whatever the server's."""
+    dsn = make_database()
+    migrate(dsn, model=MODEL, dimension=DIM)
+    with psycopg.connect(dsn) as conn:
+        options = conn.execute("SELECT reloptions FROM pg_class WHERE oid = 'documents'::regclass").fetchone()[0]
+        server = float(conn.execute("SHOW autovacuum_vacuum_scale_factor").fetchone()[0])
+    assert set(options or []) >= {"autovacuum_vacuum_scale_factor=0.01", "autovacuum_vacuum_threshold=500",
+                                  "autovacuum_analyze_scale_factor=0.01", "autovacuum_analyze_threshold=500"}
+    assert server > 0.01  # the table's own setting is the stricter one
