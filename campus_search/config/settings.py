@@ -257,7 +257,8 @@ class Settings:
         "them, with exact rescoring of the best candidates (docs/performance.md). 0 cuts every term; a "
         "value above the corpus's chunk count turns the cut off.", int)
     bm25_depth: int = setting(("BM25_DEPTH",), 500,
-        "Allowed postings read per common query term (BM25_CUT_DF), at least the candidate depth.", int)
+        "Allowed postings read per common query term (BM25_CUT_DF), at least the candidate depth; for a "
+        "narrow rule, the query's most weighted common term's (BM25_SCAN).", int)
     bm25_scan: int = setting(("BM25_SCAN",), 20000,
         "For a narrow rule (a principal who may see few documents), BM25_DEPTH is lowered so that the read "
         "of the query's most weighted common term scans about this many postings: depth = BM25_SCAN x the "
