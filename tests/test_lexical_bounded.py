@@ -224,7 +224,8 @@ def test_a_stale_allowed_set_never_admits_a_document_that_became_hidden(corpus: 
 
 def test_common_terms_are_read_through_the_impact_index_and_stop_early(corpus: Any) -> None:
     """The read's order must be migration 018's index expression (or every list is sorted in full), and
-    for a narrow rule the read of a common term stops after ``depth`` allowed postings."""
+    for a narrow rule the read of a common term stops after ``depth`` allowed postings (the most weighted
+    common term; the others after fewer, by weight)."""
     _read_stops_after(corpus, BM25(depth=5, cut_df=20), 5)
 
 
