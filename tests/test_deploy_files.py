@@ -664,9 +664,22 @@ def test_embedded_cluster_memory_follows_the_machine() -> None:
     assert memory(24) == ("4096MB", "12288MB")  # this machine: postgresql.conf's 4GB, its 12GB
     assert memory(64) == ("4096MB", "32768MB")  # capped: beyond 4GB the OS cache does the rest
     fixed = {k: v for k, v in conf_settings_text(tuning(8 * 2**30)).items()
-             if k not in {"shared_buffers", "effective_cache_size"}}
+             if k not in {"shared_buffers", "effective_cache_size"} and not k.startswith("autovacuum")}
     assert fixed == {"jit": "off", "maintenance_work_mem": "1GB", "max_connections": "200",
                      "random_page_cost": "1.1", "max_wal_size": "4GB", "checkpoint_timeout": "15min"}
+
+
+def test_embedded_cluster_vacuums_as_production_does() -> None:
+    """Embedded mode's autovacuum settings are production's (postgresql.conf): when it runs and what it
+    takes. Not its workers and memory: the embedded cluster keeps PostgreSQL's 3 workers and uses its
+    maintenance_work_mem (1GB), sized for a development machine."""
+    from campus_search.storage.embedded_pg import tuning
+
+    production = {k: v for k, v in conf_settings_text((ROOT / "postgresql.conf").read_text(encoding="utf-8")).items()
+                  if k.startswith("autovacuum") and k not in {"autovacuum", "autovacuum_max_workers",
+                                                             "autovacuum_work_mem"}}
+    embedded = {k: v for k, v in conf_settings_text(tuning(8 * 2**30)).items() if k.startswith("autovacuum")}
+    assert production and embedded == production
 
 
 def conf_settings_text(text: str) -> dict[str, str]:
