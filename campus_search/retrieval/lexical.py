@@ -175,15 +175,15 @@ class BM25:
         :func:`document_mask`. ``depth``: a narrow read's allowed postings for the query's most weighted
         common term, the others in proportion to their weight (module docstring; default: :attr:`depth`
         for every common term; see :meth:`depth_for`); the pool rescored exactly shrinks in proportion to
-        ``depth`` (never below 2k). The pool
-        only narrows the candidates: the caller cuts it with the exact rule (:func:`allowed_top_sql`)."""
+        ``depth`` (never below 2k). The pool only narrows the candidates: the caller cuts it with the exact
+        rule (:func:`allowed_top_sql`)."""
         if access not in ACCESS_MODES:
             raise ValueError(f"access must be one of {ACCESS_MODES}, not {access!r}")
         _, _, k1, b = self._consts()
-        reads = f"greatest({int(self.depth if depth is None else depth)}, {k})"  # one list fills a page
-        if depth is not None:
-            # a narrow read: the most weighted common term reads depth, the others in proportion to weight
-            # (lex_weights w: the term's row; the uncorrelated maximum is computed once)
+        # allowed postings read of common term w (lex_weights w), never fewer than one page
+        if depth is None:
+            reads = f"greatest({int(self.depth)}, {k})"
+        else:  # a narrow read: the most weighted common term reads depth, the others in proportion to weight
             reads = (f"greatest(ceil({int(depth)} * w.w / (SELECT max(m.w) FROM lex_weights m "
                      f"WHERE m.df > {int(self.cut_df)}))::int, {k})")
         # a lowered depth (depth_for) reads fewer candidates: the pool rescored shrinks with it
