@@ -120,8 +120,8 @@ def derive(source: Path, target: Path, *, keep_layers: int = KEEP_LAYERS, fuse: 
         # in the graph's (topological) order, so layer by layer from the first
         downs = [node.name for node in graph.graph.node
                  if node.op_type == "MatMul" and any(shapes.get(name) == KEEP_FLOAT for name in node.input)]
-        if len(downs) != 6:  # one per layer: anything else is not the graph this recipe was measured on
-            raise ConfigError(f"query graph: expected 6 feed-forward down projections, found {len(downs)}")
+        if len(downs) != LAYERS:  # one per layer: anything else is not the graph this recipe was measured on
+            raise ConfigError(f"query graph: expected {LAYERS} feed-forward down projections, found {len(downs)}")
         # (the fused operator is of onnxruntime's domain, which ONNX shape inference does not type: its
         # outputs are float32, as DefaultTensorType says)
         quantize_dynamic(str(fused), str(target), weight_type=QuantType.QInt8,
