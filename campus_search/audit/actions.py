@@ -114,6 +114,16 @@ def record_admin_action(services: Any, action: str, *, target: str | None = None
     return record
 
 
+def record_change_in(services: Any, conn: Any, action: str, *, target: str | None = None,
+                     details: Mapping[str, Any] | None = None, principal: Any = None) -> bool:
+    """Audit a change made by ``conn``'s open transaction, inside it (call it last: the chain head's lock
+    is held until the commit), so the change and its record commit together. Returns whether the record
+    was stored: with AUDIT_FAILURE_MODE=refuse an unwritable record raises AuditUnavailable instead,
+    which must roll the change back; with ``log`` it goes to the error log and False is returned."""
+    record = _admin_record(services, action, target, details, True, 200, principal, None)
+    return auditor_of(services).append_in(conn, record)
+
+
 @contextmanager
 def admin_action(services: Any, action: str, *, target: str | None = None, details: Mapping[str, Any] | None = None,
                  context: RequestContext | None = None) -> Iterator[dict[str, Any]]:

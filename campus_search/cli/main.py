@@ -44,10 +44,11 @@ def demo_corpus_path() -> Path:
 
 
 def ingest_paths(services: Any, paths: Sequence[Path], defaults: Any, *, prune: bool = False,
-                 quiet: bool = False, allow_loosening: bool = False, guard: Any = None) -> Any:
+                 quiet: bool = False, allow_loosening: bool = False, guard: Any = None, audit: Any = None) -> Any:
     """Sync files, folders and .jsonl corpora (see :mod:`campus_search.ingest.sync`); returns the report.
     Unless ``quiet``, a progress bar with rate and ETA goes to stderr. ``DATA_DIR`` and the
-    configuration file are never read (``guard``, by default from ``services.settings``)."""
+    configuration file are never read (``guard``, by default from ``services.settings``). ``audit``: the
+    hook each write transaction calls last (:class:`LooseningAudit`)."""
     from campus_search.ingest.fileguard import Guard
     from campus_search.ingest.progress import ProgressBar
     from campus_search.ingest.sync import sync_paths
@@ -56,7 +57,7 @@ def ingest_paths(services: Any, paths: Sequence[Path], defaults: Any, *, prune: 
     bar = None if quiet else ProgressBar()
     try:
         return sync_paths(services.ingester, list(paths), defaults, prune=prune, allow_loosening=allow_loosening,
-                          guard=guard, progress=bar.update if bar else None,
+                          guard=guard, audit=audit, progress=bar.update if bar else None,
                           on_total=bar.set_total if bar else None)
     finally:
         if bar:
@@ -128,17 +129,41 @@ def _cli_user() -> str:
         return f"uid {os.getuid()}"
 
 
-def audit_loosenings(services: Any, report: Any) -> None:
-    """One audit record per document whose access this run loosened (``--allow-loosening``), with
-    before and after. The actor is the operating-system user running the command, as ``cli:<user>``.
-    Raises AuditUnavailable if a record cannot be stored (AUDIT_FAILURE_MODE=refuse)."""
-    from campus_search.audit.actions import record_admin_action
-    from campus_search.security.roles import superuser
+class LooseningAudit:
+    """The ingest run's audit hook (``Ingester.ingest(audit=...)``): one record per document whose access
+    the run loosens (``--allow-loosening``), with before and after, written inside the transaction that
+    loosens it -- the loosening and its record commit together or not at all, as an API change does. The
+    actor is the operating-system user running the command, as ``cli:<user>``.
 
-    actor = superuser(f"cli:{_cli_user()}")  # whoever can run the CLI against the database acts as admin
-    for change in report.access_changes:
-        record_admin_action(services, "ingest.loosen", target=change["document_id"],
-                            details={**change, "writer": "campus-search ingest --allow-loosening"}, principal=actor)
+    With AUDIT_FAILURE_MODE=refuse (the default) a record that cannot be stored raises AuditUnavailable:
+    that batch is rolled back and the run stops. With ``log`` the record goes to the error log, the
+    loosening is applied, and ``unstored`` counts it (the command says so and exits 3)."""
+
+    def __init__(self, services: Any) -> None:
+        from campus_search.security.roles import superuser
+
+        self.services = services
+        self.actor = superuser(f"cli:{_cli_user()}")  # whoever can run the CLI against the database acts as admin
+        self.recorded = 0  # report.access_changes already recorded (earlier transactions)
+        self.unstored = 0
+
+    def __call__(self, conn: Any, report: Any) -> None:
+        from campus_search.audit.actions import record_change_in
+        from campus_search.audit.records import AuditUnavailable
+
+        for change in report.access_changes[self.recorded:]:
+            try:
+                stored = record_change_in(self.services, conn, "ingest.loosen", target=change["document_id"],
+                                          details={**change, "writer": "campus-search ingest --allow-loosening"},
+                                          principal=self.actor)
+            except AuditUnavailable as exc:
+                raise AuditUnavailable(
+                    f"the audit log is unavailable, so the access of {change['document_id']!r} was not loosened: "
+                    "the batch holding it was rolled back and the run stopped (documents written before it "
+                    "stay, their loosenings audited); run again when the audit log is back") from exc
+            if not stored:
+                self.unstored += 1
+        self.recorded = len(report.access_changes)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -166,12 +191,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 Path(args.vectors), model=services.embedder.model_name, dimension=services.embedder.dimension)
             print(f"vectors: {len(services.ingester.given_vectors)} precomputed embeddings from {args.vectors}",
                   file=sys.stderr)
+        audit = LooseningAudit(services)
         report = ingest_paths(services, paths, defaults, prune=args.prune, quiet=args.quiet,
-                              allow_loosening=args.allow_loosening, guard=Guard.for_settings(settings))
-        try:
-            audit_loosenings(services, report)
-        except CampusSearchError as exc:
-            audit_problem = exc.message
+                              allow_loosening=args.allow_loosening, guard=Guard.for_settings(settings), audit=audit)
+        if audit.unstored:
+            audit_problem = (f"{audit.unstored} of them could not be stored in the audit log "
+                             "(AUDIT_FAILURE_MODE=log): their records are in the error log above")
     finally:
         services.close()
     summary = report.as_dict()
@@ -186,8 +211,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     print(human_summary(report), file=sys.stderr)
     if audit_problem:
-        print(f"campus-search: the loosening(s) above were applied but could not be audited: {audit_problem}",
-              file=sys.stderr)
+        print(f"campus-search: the loosening(s) above were applied; {audit_problem}", file=sys.stderr)
     print(json.dumps(summary))
     return 0 if report.failed == 0 and not audit_problem else 3
 
@@ -400,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-loosening", action="store_true",
                    help="let this run loosen stored access where the sources say so (visibility department or "
                         "group -> public, department <-> group, another department, more groups, lower "
-                        "clearance); each loosening is reported and audited. "
+                        "clearance); each loosening is reported and audited in its own transaction (no audit "
+                        "record, no loosening). "
                         "Fields an admin pinned through the API stay pinned")
     p.add_argument("--department", help="department for every document (files' own metadata wins)")
     p.add_argument("--visibility", choices=VISIBILITIES,

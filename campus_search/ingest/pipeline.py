@@ -116,6 +116,8 @@ class _Pending:
     chunks: list[Chunk] = field(default_factory=list)
     chunk_hashes: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)  # what the model reads per chunk
+    loosening: dict[str, Any] | None = None  # the access this write loosens (before/after), if any
+    loosening_note: str = ""
 
 
 @dataclass
@@ -329,14 +331,24 @@ class Ingester:
             report.notes.append(f"{where}: held back, access not loosened: "
                                 + ", ".join(f"{c.field} stays {c.before!r} (source says {c.after!r})"
                                             for c in res.held_back) + "; re-run with --allow-loosening to apply")
-        if res.loosened and res.before is not None:
-            report.loosened += 1
-            report.access_changes.append({
-                "document_id": p.doc.external_id, "source": p.doc.source,
-                "before": res.before.as_json(), "after": res.meta.as_json(),
-                "loosened": [c.as_json() for c in res.loosened]})
-            report.notes.append(f"{where}: access loosened (--allow-loosening): "
+        if res.loosened and res.before is not None:  # reported once written (_written), in its transaction
+            p.loosening = {"document_id": p.doc.external_id, "source": p.doc.source,
+                           "before": res.before.as_json(), "after": res.meta.as_json(),
+                           "loosened": [c.as_json() for c in res.loosened]}
+            p.loosening_note = (f"{where}: access loosened (--allow-loosening): "
                                 + ", ".join(str(c) for c in res.loosened))
+
+    @staticmethod
+    def _written(report: IngestReport, written: Iterable[_Pending]) -> None:
+        """Inside the write transaction, before its audit hook: the loosenings these written documents
+        carry join ``report.access_changes`` (with a note), so the hook records exactly the ones that
+        commit with it -- none that another writer's change kept from being written."""
+        for p in written:
+            if p.loosening is None:
+                continue
+            report.loosened += 1
+            report.access_changes.append(p.loosening)
+            report.notes.append(p.loosening_note)
 
     def _flush(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool = False,
                respect_pins: bool = True, audit: AuditHook | None = None,
@@ -373,6 +385,7 @@ class Ingester:
             meta_only = [p for p in meta_only if id(p) in current]
             self._write_metadata(conn, [(p.existing[1], p.meta, p.doc.source) for p in meta_only if p.existing])
             written = False
+            done = list(meta_only)
             for p in changed:
                 if id(p) not in current:
                     continue  # reported by _still_current
@@ -382,6 +395,7 @@ class Ingester:
                                        f"run again")
                     continue
                 written = True
+                done.append(p)
                 if p.existing is None:
                     report.added += 1
                 else:
@@ -390,6 +404,7 @@ class Ingester:
             report.metadata_updated += len(meta_only)
             if meta_only or written:
                 self.db.bump_generation(conn)
+            self._written(report, done)
             if audit is not None:
                 audit(conn, report)
         if written:
@@ -544,6 +559,7 @@ class Ingester:
             report.metadata_updated += len(todo)
             if todo:
                 self.db.bump_generation(conn)
+            self._written(report, todo)
             if audit is not None:
                 audit(conn, report)
 

@@ -30,7 +30,7 @@ from campus_search.errors import CampusSearchError, IngestError
 from campus_search.ingest.fileguard import Guard, Reader
 from campus_search.ingest.formats import DEFAULT_LIMITS, ParseLimits
 from campus_search.ingest.metadata import AccessMetadata
-from campus_search.ingest.pipeline import Ingester, IngestReport, Progress
+from campus_search.ingest.pipeline import AuditHook, Ingester, IngestReport, Progress
 from campus_search.ingest.sources import ParsedDocument, list_documents, parse_file, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -166,14 +166,16 @@ def _source_of(file: Path) -> str:
 def sync_paths(ingester: Ingester, paths: Sequence[Path],
                defaults: Mapping[str, Any] | AccessMetadata | None = None, *, prune: bool = False,
                allow_loosening: bool = False, guard: Guard | None = None, progress: Progress | None = None,
-               on_total: Progress | None = None) -> IngestReport:
+               on_total: Progress | None = None, audit: AuditHook | None = None) -> IngestReport:
     """Ingest ``paths`` (files, folders, ``.jsonl`` corpora); with ``prune``, delete what is gone.
 
     ``defaults`` are the fields stated for every document (CLI flags); ``allow_loosening`` is the
     explicit act that lets this run loosen stored access (:func:`campus_search.ingest.metadata.resolve`);
     ``guard`` names what must never be read (``Guard.for_settings``: DATA_DIR, the config file).
     ``on_total(total, report)`` is called once before ingesting with the number of documents ahead
-    (for a progress bar). Returns the report; ``report.deleted`` counts pruned documents."""
+    (for a progress bar). ``audit(conn, report)`` is called last in each write transaction (the CLI's
+    ``LooseningAudit`` records the loosenings written in it). Returns the report; ``report.deleted``
+    counts pruned documents."""
     guard = guard or Guard()
     scopes = [_scope(p) for p in paths]
     limits = ingester.limits
@@ -186,7 +188,7 @@ def sync_paths(ingester: Ingester, paths: Sequence[Path],
 
     report = ingester.ingest((i if not isinstance(i, CampusSearchError) or isinstance(i, IngestError)
                               else IngestError(i.message) for i in items()), defaults,
-                             allow_loosening=allow_loosening, progress=progress)
+                             allow_loosening=allow_loosening, progress=progress, audit=audit)
     for scope in scopes:
         report.notes.extend(scope.notes)
     if prune:
