@@ -118,6 +118,10 @@ def ingest(data_dir: Path, docs: int, env: dict[str, str]) -> None:
     say(f"  ingestion done in {time.perf_counter() - started:.0f} s")
 
 
+#: How the PostgreSQL server ran its shared memory (read_chunks), reported with the figures.
+SERVER_MEMORY: dict[str, Any] = {}
+
+
 def read_chunks(data_dir: Path) -> tuple[list[str], list[str], np.ndarray, int]:
     """Every chunk's id, text and embedding, as Campus Search stores them; and the document count."""
     import psycopg
@@ -130,6 +134,11 @@ def read_chunks(data_dir: Path) -> tuple[list[str], list[str], np.ndarray, int]:
         register_vector(conn)
         rows = conn.execute("SELECT id, text, embedding FROM chunks ORDER BY id").fetchall()
         (documents,) = conn.execute("SELECT count(*) FROM documents").fetchone() or (0,)
+        from campus_search.storage.server_memory import server_memory
+
+        status, size_mb, _ = server_memory(conn)
+        say(f"PostgreSQL: huge pages {status}, {size_mb} MB of shared memory (docs/operations.md, \"Huge pages\")")
+        SERVER_MEMORY.update(huge_pages=status, shared_memory_mb=size_mb)
     matrix = np.asarray([np.asarray(getattr(r[2], "to_numpy", lambda v=r[2]: v)(), dtype=np.float32)
                           for r in rows], dtype=np.float32)
     return [str(r[0]) for r in rows], [r[1] for r in rows], matrix, int(documents)
@@ -394,7 +403,8 @@ def main() -> int:
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "documents": documents,
                               "chunks": len(ids), "fusion": args.fusion, "result_cache": "off",
                               "queries": "SciFact train, each request unique", "workers": args.workers,
-                              "threads": args.threads, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
+                              "threads": args.threads, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
+                              "postgres": dict(SERVER_MEMORY)}
     try:
         port = free_port()
         with (logs / "ours.log").open("wb") as log:

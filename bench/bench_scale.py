@@ -612,6 +612,11 @@ def main() -> int:
 
     result["rss_mb"] = {"postgres_all_processes": round(postgres_rss_mb(data_dir)),
                         "this_process": round(rss_mb(os.getpid()))}
+    from campus_search.storage.server_memory import server_memory
+
+    with db.connection() as conn:  # how PostgreSQL ran its buffer pool (docs/operations.md, "Huge pages")
+        status, size_mb, _ = server_memory(conn)
+    result["postgres"] = {"huge_pages": status, "shared_memory_mb": size_mb}
     services.close()
 
     print(f"\n{total:,} chunks, {postings:,} postings, database {result['database_gb']} GB")

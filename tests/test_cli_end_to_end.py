@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from campus_search.storage.server_memory import HUGE_PAGES_WORTH_MB
 from tests.conftest import TEST_SECRET
 
 CLI = [sys.executable, "-m", "campus_search.cli.main"]
@@ -33,11 +35,21 @@ def folder(tmp_path: Path) -> Path:
     return d
 
 
+def tuning_mb() -> int:
+    """The embedded cluster's shared_buffers on this machine, in MB."""
+    from campus_search.storage.embedded_pg import tuning
+
+    return int(re.search(r"shared_buffers = '(\d+)MB'", tuning()).group(1))  # type: ignore[union-attr]
+
+
 def test_embedded_database_keeps_data_across_restarts(tmp_path: Path, folder: Path) -> None:
     env = {"DATA_DIR": str(tmp_path / "state"), "DATABASE_URL": "", "DB_HOST": ""}
     # parking.txt states no department: public must be said (DEFAULT_VISIBILITY is department)
     first = run(["ingest", str(folder), "--quiet", "--visibility", "public"], env)
     assert first.returncode == 0, first.stderr
+    # the process that started the cluster says so when it runs a large buffer pool without huge pages
+    if int(Path("/proc/sys/vm/nr_hugepages").read_text()) == 0 and tuning_mb() >= HUGE_PAGES_WORTH_MB:
+        assert "PostgreSQL runs without huge pages" in first.stderr and "sysctl -w vm.nr_hugepages=" in first.stderr
     assert json.loads(first.stdout.strip().splitlines()[-1])["added"] == 2
     # each CLI process started the embedded cluster and stopped it on exit; a new process finds the data
     again = run(["ingest", str(folder), "--quiet"], env)  # no flags: the stored access stays

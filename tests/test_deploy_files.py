@@ -682,6 +682,20 @@ def test_embedded_cluster_vacuums_as_production_does() -> None:
     assert production and embedded == production
 
 
+def test_a_large_buffer_pool_without_huge_pages_is_said_out_loud() -> None:
+    """The process that starts the embedded cluster tells the operator how many huge pages its shared memory
+    needs when it runs in 4 kB pages and is large (storage/embedded_pg.py); nothing otherwise."""
+    from campus_search.storage.server_memory import HUGE_PAGES_WORTH_MB, huge_pages_hint
+
+    hint = huge_pages_hint("off", 4392, 2196)
+    assert hint is not None and "sysctl -w vm.nr_hugepages=2196" in hint and "4392 MB" in hint
+    assert huge_pages_hint("on", 4392, 2196) is None  # it has them
+    assert huge_pages_hint("unknown", 4392, 2196) is None  # huge_pages=try before the server decided
+    assert huge_pages_hint("off", HUGE_PAGES_WORTH_MB - 1, 500) is None  # small: the TLB covers it
+    assert huge_pages_hint(None, None, None) is None  # a server too old to say
+    assert "vm.nr_hugepages`" in (huge_pages_hint("off", 4392, None) or "")  # no count reported: the setting
+
+
 def conf_settings_text(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():

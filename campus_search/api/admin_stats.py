@@ -19,6 +19,7 @@ from campus_search.audit.reports import search_summary
 from campus_search.errors import BadRequest
 from campus_search.security.auth import require_admin
 from campus_search.storage.index_state import index_summary
+from campus_search.storage.server_memory import server_memory
 
 bp = Blueprint("admin_stats", __name__)
 
@@ -40,6 +41,14 @@ def _by(rows: list[tuple[dict[str, str], float]], label: str) -> dict[str, int]:
         if value:
             out[labels[label]] = out.get(labels[label], 0) + int(value)
     return dict(sorted(out.items()))
+
+
+def _server(services: Any) -> dict[str, Any]:
+    """How the database server that answers searches runs its shared memory: ``huge_pages`` is PostgreSQL's
+    ``huge_pages_status`` (on, off; null before PostgreSQL 17), ``shared_memory_mb`` its size."""
+    with services.db.connection(read=True) as conn:
+        status, size_mb, _ = server_memory(conn)
+    return {"huge_pages": status, "shared_memory_mb": size_mb}
 
 
 def _index(services: Any) -> dict[str, Any]:
@@ -71,7 +80,7 @@ def collect(services: Any, sampler: Any, *, days: int = 30) -> dict[str, Any]:
     count = _total(s["vector_search_request_duration_seconds_count"])
     seconds = _total(s["vector_search_request_duration_seconds_sum"])
     return {
-        "database": {key: int(_total(s[name])) for name, key in _GAUGES.items()},
+        "database": {**{key: int(_total(s[name])) for name, key in _GAUGES.items()}, **_server(services)},
         "cache": _cache(services, s["vector_search_cache_operations_total"]),
         "system": {"uptime": round(time.time() - services.started_at, 2), "requests_total": int(requests),
                    "avg_response_time": round(seconds / count, 4) if count else 0.0,

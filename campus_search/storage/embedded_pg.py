@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psycopg
 
+from campus_search.storage.server_memory import huge_pages_hint, server_memory
+
 log = logging.getLogger(__name__)
 
 DATABASE = "campus_search"
@@ -78,6 +80,8 @@ def ensure_embedded_database(data_dir: str) -> str:
             text = main_conf.read_text()
             if "include_if_exists = 'campus_search.conf'" not in text:
                 main_conf.write_text(text + "\ninclude_if_exists = 'campus_search.conf'\n")
+    starting = not (pgdata / "postmaster.pid").exists()
+    hint = None
     server.start()
     admin_uri = server.get_uri()
     with psycopg.connect(admin_uri, autocommit=True) as conn:
@@ -85,5 +89,9 @@ def ensure_embedded_database(data_dir: str) -> str:
         if not exists:
             with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # another process won the race
                 conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        if starting:
+            hint = huge_pages_hint(*server_memory(conn))
     log.info("embedded PostgreSQL ready in %s (pid %s)", pgdata, os.getpid())
+    if hint:  # once, by the process that started the cluster (the server's master, or a lone CLI command)
+        log.info("%s", hint)
     return server.get_uri(database=DATABASE)
