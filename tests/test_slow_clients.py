@@ -13,10 +13,12 @@ reads besides the command line).
 from __future__ import annotations
 
 import json
+import selectors
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import Any
 
 import pytest
 from test_gunicorn import Server, served_dsn  # noqa: F401  (a fixture, used by name)
@@ -183,3 +185,70 @@ def test_the_workers_status_names_are_the_apps():
 
     for status in range(400, 600):
         assert status_name(status) == HTTP_STATUS_CODES.get(status, "Error"), status
+
+
+# ---- accepting: a burst of new connections goes to the workers with a thread free
+
+
+def _policy_worker(threads: int = 2) -> tuple[Any, socket.socket]:
+    """A BufferingThreadWorker as far as its accept policy needs one: its settings, a poller and a real
+    listening socket (no process, no threads)."""
+    from gunicorn.config import Config
+
+    from campus_search.ops.gunicorn_worker import BufferingThreadWorker
+
+    worker = BufferingThreadWorker.__new__(BufferingThreadWorker)
+    worker.cfg = Config()
+    worker.cfg.set("threads", threads)
+    listener = socket.create_server(("127.0.0.1", 0))
+    worker.sockets = [listener]
+    worker.poller = selectors.DefaultSelector()
+    worker._accepting = False
+    worker.configure(read_timeout=READ_TIMEOUT, body_limit=64 * 1024)
+    return worker, listener
+
+
+def _listening(worker: Any, listener: socket.socket) -> bool:
+    try:
+        worker.poller.get_key(listener)
+        return True
+    except KeyError:
+        return False
+
+
+def test_a_busy_worker_leaves_new_connections_to_free_ones_for_a_moment() -> None:
+    """gthread's workers accept whatever they can (gunicorn issue #3433): 32 connections opened at once
+    landed 32/0/0/0 or 13/19/0/0 on four workers, and one worker's two threads served them all while the
+    others idled. A worker whose threads are all taken -- by requests, or by connections it accepted a
+    moment ago whose requests are still arriving -- now waits ACCEPT_DEFER before accepting another."""
+    from campus_search.ops.gunicorn_worker import ACCEPT_DEFER, _Reading
+
+    worker, listener = _policy_worker(threads=2)
+    with listener:
+        worker.set_accept_enabled(True)
+        assert _listening(worker, listener)  # both threads free
+
+        worker.in_threads = 2  # both threads taken
+        worker._gate()
+        assert not _listening(worker, listener)
+        worker._busy_since = time.monotonic() - ACCEPT_DEFER  # ... for ACCEPT_DEFER now: one more may come
+        worker._gate()
+        assert _listening(worker, listener)
+
+        worker.in_threads = 1  # a thread free again: listening, and the deferral forgotten
+        worker._gate()
+        assert _listening(worker, listener) and worker._busy_since is None
+
+        # two connections accepted just now, their requests still arriving, count as taken threads
+        now = time.monotonic()
+        worker.in_threads = 0
+        worker.reading = {object(): _Reading(b"", now + READ_TIMEOUT), object(): _Reading(b"", now + READ_TIMEOUT)}
+        worker._gate()
+        assert not _listening(worker, listener)
+        # ... but only for ACCEPT_DEFER: a silent connection cannot keep a worker from accepting
+        worker.reading = {object(): _Reading(b"", now - ACCEPT_DEFER + READ_TIMEOUT - 0.001) for _ in range(50)}
+        worker._gate()
+        assert _listening(worker, listener)
+
+        worker.set_accept_enabled(False)  # gthread's own limit (worker_connections) still wins
+        assert not _listening(worker, listener)

@@ -15,6 +15,12 @@ request that has fully arrived:
   sent nothing) and disconnected. A head larger than gunicorn's own limits is answered ``431``.
 - Larger or chunked bodies, and ``Expect: 100-continue`` requests, are read by the thread, as are
   responses written: each socket read or write waits at most ``REQUEST_READ_TIMEOUT``.
+- A worker whose threads are all taken (by requests, or by connections it accepted a moment ago whose
+  requests are still arriving) accepts another connection only ``ACCEPT_DEFER`` (20 ms) after it became
+  busy or last accepted. gthread's workers otherwise accept whatever they can (gunicorn issue #3433): 32
+  keep-alive clients connecting at once landed 32/0/0/0 or 13/19/0/0 on four workers, one worker's two
+  threads served them all while the others idled, and the machine ran 74 % busy. With the deferral they
+  land 8/8/8/8 (docs/performance.md). Never more than the deferral: a busy worker still accepts.
 - When a worker holds ``worker_connections`` connections (gunicorn's setting, default 1000), the
   connection that has waited longest without a complete request is closed to make room for the new
   one, so idle sockets cannot keep new clients (or the probes) out.
@@ -111,6 +117,11 @@ class _Reading:
         self.deadline = deadline
 
 
+#: Seconds a busy worker (every thread taken) waits before it accepts another connection, so that a burst
+#: of new connections goes to the workers with a thread free instead of to whichever woke first.
+ACCEPT_DEFER = 0.02
+
+
 class BufferingThreadWorker(ThreadWorker):
     """gthread with requests read by the event loop; see the module docstring."""
 
@@ -134,6 +145,53 @@ class BufferingThreadWorker(ThreadWorker):
         # TLS, HTTP/2 and the PROXY protocol need gunicorn's own first read: those stay as they were.
         self.buffering = not cfg.is_ssl and cfg.proxy_protocol in ("off", None, False) \
             and getattr(cfg, "http2_cleartext", "off") in ("off", None, False)
+        #: requests handed to the thread pool and not finished (queued or running)
+        self.in_threads = 0
+        self._want_accept = False  # what gthread's loop asks (fewer than worker_connections)
+        self._busy_since: float | None = None  # since when (or the last accept) this worker has been busy
+
+    # ---- accepting: with a thread free, else at most one connection per ACCEPT_DEFER
+
+    def _pending(self, now: float) -> int:
+        """Requests this worker has taken on: those in its threads (running or queued) and the connections
+        it accepted within ACCEPT_DEFER whose request is still arriving (most clients send at once)."""
+        fresh, since = 0, now - ACCEPT_DEFER + self.read_timeout  # a _Reading's deadline is its start + timeout
+        for state in reversed(self.reading.values()):  # newest first; older ones no longer count
+            if state.deadline < since:
+                break
+            fresh += 1
+        return self.in_threads + fresh
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        self._want_accept = enabled
+        self._gate()
+
+    def _gate(self) -> None:
+        """Listen while gthread's loop wants to (worker_connections) and a thread is free, or while busy
+        once ACCEPT_DEFER has passed since the worker became busy or last accepted."""
+        now = time.monotonic()
+        if self._pending(now) < self.cfg.threads:
+            self._busy_since = None
+            free = True
+        else:
+            if self._busy_since is None:
+                self._busy_since = now
+            free = now - self._busy_since >= ACCEPT_DEFER
+        super().set_accept_enabled(self._want_accept and free)
+
+    def accept(self, listener: Any) -> None:
+        super().accept(listener)
+        now = time.monotonic()
+        if self._pending(now) >= self.cfg.threads:  # accepted while busy: the next one waits ACCEPT_DEFER
+            self._busy_since = now
+            self._gate()
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self._busy_since is not None and self._want_accept and not self._accepting:
+            # wake when the deferral ends, to listen again even if nothing else happens meanwhile
+            timeout = max(0.0, min(timeout, self._busy_since + ACCEPT_DEFER - time.monotonic()))
+        super().wait_for_and_dispatch_events(timeout)
+        self._gate()
 
     # ---- the one way into the thread pool
 
@@ -143,7 +201,9 @@ class BufferingThreadWorker(ThreadWorker):
         # Everything here runs on the event loop's thread (accept, poller and finish callbacks).
         if getattr(conn, "request_arrived", False) or not self._buffers(conn):
             conn.request_arrived = False
+            self.in_threads += 1
             super().enqueue_req(conn)
+            self._gate()
             return
         ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
         state = _Reading(ahead, time.monotonic() + self.read_timeout)
@@ -153,6 +213,8 @@ class BufferingThreadWorker(ThreadWorker):
         self.reading[conn] = state
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
         self._make_room()
+        if conn in self.reading and not state.buffer:
+            self._read_some(conn)  # a new client has usually sent its request already
 
     def _buffers(self, conn: Any) -> bool:
         return self.buffering and not conn.is_http2
@@ -287,6 +349,8 @@ class BufferingThreadWorker(ThreadWorker):
     def finish_request(self, conn: Any, fs: Any) -> None:
         """gthread's, except that a connection not kept alive is closed by lingering in the event loop
         (RFC 9112 section 9.6, like ``util.close_graceful``) instead of a blocking drain of up to 2 s."""
+        self.in_threads -= 1
+        self._gate()
         result = None
         try:
             result = fs.result() if not fs.cancelled() else False
