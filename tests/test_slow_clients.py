@@ -235,13 +235,30 @@ def test_a_busy_worker_leaves_new_connections_to_free_ones_for_a_moment() -> Non
         worker._gate()
         assert _listening(worker, listener)
 
-        worker.in_threads = 1  # a thread free again: listening, and the deferral forgotten
+        worker.in_threads = 1  # a thread free again: listening; the busy spell ends once the loop waits so
         worker._gate()
-        assert _listening(worker, listener) and worker._busy_since is None
+        assert _listening(worker, listener)
+        worker.wait_for_and_dispatch_events(0)
+        assert worker._busy_since is None
 
+        # busy, a thread free for a moment, busy again before the loop waits (a pipelined request): the
+        # deferral is not restarted, and the loop wakes when it ends to listen again
+        worker.in_threads = 2
+        worker._gate()
+        began = worker._busy_since
+        worker.in_threads = 1
+        worker._gate()
+        worker.in_threads = 2
+        worker._gate()
+        assert not _listening(worker, listener) and worker._busy_since == began
+        waited = time.monotonic()
+        worker.wait_for_and_dispatch_events(5.0)  # gthread's loop waits up to 1 s; this one ACCEPT_DEFER
+        assert time.monotonic() - waited < 1.0 and _listening(worker, listener)
+
+        worker.in_threads = 0
+        worker.wait_for_and_dispatch_events(0)  # free and listening: that busy spell is over
         # two connections accepted just now, their requests still arriving, count as taken threads
         now = time.monotonic()
-        worker.in_threads = 0
         worker.reading = {object(): _Reading(b"", now + READ_TIMEOUT), object(): _Reading(b"", now + READ_TIMEOUT)}
         worker._gate()
         assert not _listening(worker, listener)

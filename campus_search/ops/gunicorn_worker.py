@@ -20,7 +20,7 @@ request that has fully arrived:
   busy or last accepted. gthread's workers otherwise accept whatever they can (gunicorn issue #3433): 32
   keep-alive clients connecting at once landed 32/0/0/0 or 13/19/0/0 on four workers, one worker's two
   threads served them all while the others idled, and the machine ran 74 % busy. With the deferral they
-  land 8/8/8/8 (docs/performance.md). Never more than the deferral: a busy worker still accepts.
+  land 8/8/8/8 (docs/performance.md). A busy worker still accepts, one connection per ``ACCEPT_DEFER``.
 - When a worker holds ``worker_connections`` connections (gunicorn's setting, default 1000), the
   connection that has waited longest without a complete request is closed to make room for the new
   one, so idle sockets cannot keep new clients (or the probes) out.
@@ -150,7 +150,7 @@ class BufferingThreadWorker(ThreadWorker):
         self._want_accept = False  # what gthread's loop asks (fewer than worker_connections)
         self._busy_since: float | None = None  # since when (or the last accept) this worker has been busy
 
-    # ---- accepting: with a thread free, else at most one connection per ACCEPT_DEFER
+    # ---- accepting: with a thread free, else one connection per ACCEPT_DEFER
 
     def _pending(self, now: float) -> int:
         """Requests this worker has taken on: those in its threads (running or queued) and the connections
@@ -168,10 +168,12 @@ class BufferingThreadWorker(ThreadWorker):
 
     def _gate(self) -> None:
         """Listen while gthread's loop wants to (worker_connections) and a thread is free, or while busy
-        once ACCEPT_DEFER has passed since the worker became busy or last accepted."""
+        once ACCEPT_DEFER has passed since the worker became busy or last accepted. The busy spell ends
+        only when the loop waits with the listener registered and a thread free
+        (:meth:`wait_for_and_dispatch_events`): a count that dips and rises again between two waits (a
+        request finishing as a pipelined one is dispatched) does not restart the deferral."""
         now = time.monotonic()
         if self._pending(now) < self.cfg.threads:
-            self._busy_since = None
             free = True
         else:
             if self._busy_since is None:
@@ -187,7 +189,9 @@ class BufferingThreadWorker(ThreadWorker):
             self._gate()
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
-        if self._busy_since is not None and self._want_accept and not self._accepting:
+        if self._accepting and self._pending(time.monotonic()) < self.cfg.threads:
+            self._busy_since = None  # listening with a thread free: the busy spell is over
+        elif self._busy_since is not None and self._want_accept and not self._accepting:
             # wake when the deferral ends, to listen again even if nothing else happens meanwhile
             timeout = max(0.0, min(timeout, self._busy_since + ACCEPT_DEFER - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
@@ -214,7 +218,7 @@ class BufferingThreadWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
         self._make_room()
         if conn in self.reading and not state.buffer:
-            self._read_some(conn)  # a new client has usually sent its request already
+            self._on_readable(conn, conn.sock)  # a new client has usually sent its request already
 
     def _buffers(self, conn: Any) -> bool:
         return self.buffering and not conn.is_http2
