@@ -135,9 +135,9 @@ def test_admin_stats_shape_and_values(client: Any, token: Any, demo_services: An
                                     ).fetchone()
     assert body["index"]["documents"] == docs and body["index"]["chunks"] == chunks
     with demo_services.db.connection(read=True) as conn:  # the searching server's shared memory, as it says
-        size, status = conn.execute("SELECT current_setting('shared_memory_size'), "
+        size, status = conn.execute("SELECT pg_size_bytes(current_setting('shared_memory_size')), "
                                     "current_setting('huge_pages_status')").fetchone()
-    assert body["database"]["shared_memory_mb"] == int(size.removesuffix("MB")) > 0
+    assert body["database"]["shared_memory_mb"] == size // 2**20 > 0
     assert body["database"]["huge_pages"] == status and status in {"on", "off", "unknown"}
 
     def delta(path: tuple[str, ...], key: str) -> Any:

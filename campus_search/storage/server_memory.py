@@ -10,15 +10,17 @@ from typing import Any
 
 def server_memory(conn: Any) -> tuple[str | None, int | None, int | None]:
     """(``huge_pages_status``: on/off/unknown, the server's shared memory in MB, and in huge pages) of the
-    server ``conn`` is connected to; None for what it does not report (before PostgreSQL 17/15)."""
-    row = conn.execute("SELECT current_setting('huge_pages_status', true), "
-                       "current_setting('shared_memory_size', true), "
-                       "current_setting('shared_memory_size_in_huge_pages', true)").fetchone()
+    server ``conn`` is connected to; None for what it does not report (before PostgreSQL 17/15). Read from
+    ``pg_settings`` in the settings' own units (MB, pages): ``SHOW`` would print 4096 MB as ``4GB``."""
+    row = conn.execute("SELECT max(setting) FILTER (WHERE name = 'huge_pages_status'), "
+                       "max(setting) FILTER (WHERE name = 'shared_memory_size' AND unit = 'MB'), "
+                       "max(setting) FILTER (WHERE name = 'shared_memory_size_in_huge_pages') "
+                       "FROM pg_settings WHERE name IN ('huge_pages_status', 'shared_memory_size', "
+                       "'shared_memory_size_in_huge_pages')").fetchone()
     status, size, pages = row if row else (None, None, None)
 
     def number(text: str | None) -> int | None:
-        digits = (text or "").removesuffix("MB").strip()
-        return int(digits) if digits.isdigit() else None
+        return int(text) if text is not None and text.isdigit() else None
 
     return status, number(size), number(pages)
 
