@@ -224,9 +224,11 @@ def test_a_loosening_that_cannot_be_audited_is_not_applied(env: Settings, servic
     docs = tmp_path / "docs"
     body = "# Rota\n\nThe night shift rota for porters.\n"
     md(docs / "rota.md", "department: Estates\nvisibility: department", body)
-    md(docs / "keys.md", "department: Estates\nvisibility: department", "# Keys\n\nWhere the porters keep keys.\n")
+    keys = "# Keys\n\nWhere the porters keep keys.\n"
+    md(docs / "keys.md", "department: Estates\nvisibility: department", keys)
     assert run(capsys, str(docs))[1]["added"] == 2
     md(docs / "rota.md", "department: Estates\nvisibility: public", body)
+    md(docs / "keys.md", "department: Estates\nvisibility: department\nclearance_level: 4", keys)  # tighter
     _refuse_audit_inserts(services)
     capsys.readouterr()
     code = cli.main(["ingest", "--quiet", str(docs), "--allow-loosening"])
@@ -235,6 +237,32 @@ def test_a_loosening_that_cannot_be_audited_is_not_applied(env: Settings, servic
     assert "the audit log is unavailable, so the access of 'rota.md' was not loosened" in err
     assert stored(services, "rota.md")["visibility"] == "department"  # type: ignore[index]
     assert hits(services, "night shift rota porters", STUDENT) == []
+    # the same run's tightening is written before the loosening, in a transaction of its own
+    assert stored(services, "keys.md")["clearance_level"] == 4  # type: ignore[index]
+
+
+def test_the_loosenings_of_one_transaction_are_recorded_together(env: Settings, services: Any, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """One record per loosened document, written by one INSERT at the end of the transaction that loosens
+    them (consecutive in the chain, which still verifies)."""
+    from campus_search.audit.verify import verify
+
+    docs = tmp_path / "docs"
+    names = [f"notice-{i}.md" for i in range(5)]
+    for name in names:
+        md(docs / name, "department: Estates\nvisibility: department", f"# {name}\n\nEstates notice {name}.\n")
+    assert run(capsys, str(docs))[1]["added"] == 5
+    for name in names:
+        md(docs / name, "department: Estates\nvisibility: public", f"# {name}\n\nEstates notice {name}.\n")
+    code, summary, _ = run(capsys, str(docs), "--allow-loosening")
+    assert code == 0 and summary["loosened"] == 5
+    with services.db.connection(read=False) as conn:
+        rows = conn.execute("SELECT seq, target, xmin::text FROM audit_log WHERE action = 'ingest.loosen' "
+                            "ORDER BY seq").fetchall()
+        assert verify(conn, services.settings.audit_hmac_key).ok
+    assert sorted(r[1] for r in rows) == names
+    assert [r[0] for r in rows] == list(range(rows[0][0], rows[0][0] + 5))
+    assert len({r[2] for r in rows}) == 1  # one INSERT (a savepoint per record would give each its own xid)
 
 
 def test_a_loosening_audited_to_the_error_log_only_is_said_out_loud(

@@ -7,7 +7,7 @@ The chain and the writer are :mod:`campus_search.audit.records`'.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -114,14 +114,20 @@ def record_admin_action(services: Any, action: str, *, target: str | None = None
     return record
 
 
-def record_change_in(services: Any, conn: Any, action: str, *, target: str | None = None,
-                     details: Mapping[str, Any] | None = None, principal: Any = None) -> bool:
-    """Audit a change made by ``conn``'s open transaction, inside it (call it last: the chain head's lock
-    is held until the commit), so the change and its record commit together. Returns whether the record
-    was stored: with AUDIT_FAILURE_MODE=refuse an unwritable record raises AuditUnavailable instead,
-    which must roll the change back; with ``log`` it goes to the error log and False is returned."""
-    record = _admin_record(services, action, target, details, True, 200, principal, None)
-    return auditor_of(services).append_in(conn, record)
+def change_records(services: Any, action: str, changes: Sequence[tuple[str | None, Mapping[str, Any]]], *,
+                   principal: Any = None) -> list[AuditRecord]:
+    """Success records of admin changes, one per ``(target, details)``, for :func:`record_changes_in`."""
+    return [_admin_record(services, action, target, details, True, 200, principal, None) for target, details in changes]
+
+
+def record_changes_in(services: Any, conn: Any, records: list[AuditRecord]) -> bool:
+    """Audit changes made by ``conn``'s open transaction, inside it, all ``records`` (:func:`change_records`)
+    written together (call it last: the chain head's lock is held until the commit), so the changes and
+    their records commit together. Returns whether the records were stored: with AUDIT_FAILURE_MODE=refuse
+    unwritable records raise AuditUnavailable instead, which must roll the change back; with ``log`` they
+    go to the error log and False is returned. A database error that ends the connection
+    (``psycopg.OperationalError``) is raised as it is: the change cannot commit then either."""
+    return auditor_of(services).append_all_in(conn, records)
 
 
 @contextmanager

@@ -307,18 +307,28 @@ class Auditor:
         With AUDIT_FAILURE_MODE=refuse a failure raises AuditUnavailable (the caller's transaction must
         then roll back: the change does not happen). With ``log`` the record goes to the error log, the
         transaction goes on (the failed insert is undone by a savepoint) and False is returned."""
-        record.key_id = self.key_id
-        if record.response_time_ms is not None:
-            record.response_time_ms = round(float(record.response_time_ms), 3)
+        return self.append_all_in(conn, [record])
+
+    def append_all_in(self, conn: Any, records: list[AuditRecord]) -> bool:
+        """:meth:`append_in` for several records at once: one lock of the chain head and one INSERT, so a
+        change that many records describe holds the head no longer than one would. A database error
+        that ends the connection (``psycopg.OperationalError``) is raised as it is."""
+        if not records:
+            return True
+        for record in records:
+            record.key_id = self.key_id
+            if record.response_time_ms is not None:
+                record.response_time_ms = round(float(record.response_time_ms), 3)
         try:
             with conn.transaction():  # a savepoint: a failed insert leaves the caller's change intact
-                self._insert(conn, [record])
+                self._insert(conn, records)
             return True
         except psycopg.OperationalError:
             raise  # the connection itself is gone: the change cannot commit either
         except psycopg.Error as exc:
-            record.seq = record.prev_hash = record.hash = None
-            self._log_unstored(record, exc)
+            for record in records:
+                record.seq = record.prev_hash = record.hash = None
+                self.log_unstored(record, exc)
             if self.refuse_on_failure:
                 raise AuditUnavailable("the audit log is unavailable; nothing was changed",
                                        headers={"Retry-After": "5"}) from exc
@@ -330,11 +340,11 @@ class Auditor:
             self.append(record)
             return True
         except Exception as exc:  # whatever failed, the record goes to the log and the failure is counted
-            self._log_unstored(record, exc)
+            self.log_unstored(record, exc)
             return False
 
     @staticmethod
-    def _log_unstored(record: AuditRecord, exc: BaseException) -> None:
+    def log_unstored(record: AuditRecord, exc: BaseException) -> None:
         from campus_search import metrics
 
         metrics.audit_failure()

@@ -148,21 +148,32 @@ class LooseningAudit:
         self.unstored = 0
 
     def __call__(self, conn: Any, report: Any) -> None:
-        from campus_search.audit.actions import record_change_in
+        import psycopg
+
+        from campus_search.audit.actions import change_records, record_changes_in
         from campus_search.audit.records import AuditUnavailable
 
-        for change in report.access_changes[self.recorded:]:
-            try:
-                stored = record_change_in(self.services, conn, "ingest.loosen", target=change["document_id"],
-                                          details={**change, "writer": "campus-search ingest --allow-loosening"},
-                                          principal=self.actor)
-            except AuditUnavailable as exc:
-                raise AuditUnavailable(
-                    f"the audit log is unavailable, so the access of {change['document_id']!r} was not loosened: "
-                    "the batch holding it was rolled back and the run stopped (documents written before it "
-                    "stay, their loosenings audited); run again when the audit log is back") from exc
-            if not stored:
-                self.unstored += 1
+        changes = report.access_changes[self.recorded:]
+        if not changes:
+            return
+        writer = "campus-search ingest --allow-loosening"
+        records = change_records(self.services, "ingest.loosen",
+                                 [(c["document_id"], {**c, "writer": writer}) for c in changes], principal=self.actor)
+        try:
+            stored = record_changes_in(self.services, conn, records)
+        except (AuditUnavailable, psycopg.OperationalError) as exc:
+            if isinstance(exc, psycopg.OperationalError):  # (AuditUnavailable: logged on its way up already)
+                for record in records:
+                    self.services.auditor.log_unstored(record, exc)
+            others = f" and {len(changes) - 1} other document(s)" if len(changes) > 1 else ""
+            raise AuditUnavailable(
+                f"the audit log is unavailable, so the access of {changes[0]['document_id']!r}{others} was not "
+                "loosened: that transaction was rolled back and the run stopped. What earlier transactions "
+                "wrote stays (their loosenings audited); the rest of the run, including its metadata-only "
+                "changes, which are written at its end, was not written. Run again when the audit log is "
+                "back") from exc
+        if not stored:
+            self.unstored += len(changes)
         self.recorded = len(report.access_changes)
 
 

@@ -548,10 +548,19 @@ class Ingester:
                                 [(*self._meta_params(meta), source, doc_id) for doc_id, meta, source in rows])
 
     def _apply_metadata(self, pending: list[_Pending], report: IngestReport, audit: AuditHook | None) -> None:
-        """The run's metadata-only changes, in one transaction: a department-wide change (a folder's
-        ``.campus-search.yaml``, ``--visibility`` over a tree) becomes visible to searches all at once,
-        never half-applied batch by batch. Rows another writer changed since they were read fail loudly
-        (:meth:`_still_current`), as in a batch."""
+        """The run's metadata-only changes: a department-wide change (a folder's ``.campus-search.yaml``,
+        ``--visibility`` over a tree) becomes visible to searches all at once, never half-applied batch by
+        batch. Two transactions at most: first every change that loosens nothing, then the loosenings (with
+        their audit records, ``audit``), so a loosening that cannot be audited rolls back alone and never
+        takes a tightening with it; between the two, what searches see is only ever tighter. Rows another
+        writer changed since they were read fail loudly (:meth:`_still_current`), as in a batch."""
+        tighter = [p for p in pending if p.loosening is None]
+        looser = [p for p in pending if p.loosening is not None]
+        for group in (tighter, looser):
+            if group:
+                self._apply_metadata_group(group, report, audit)
+
+    def _apply_metadata_group(self, pending: list[_Pending], report: IngestReport, audit: AuditHook | None) -> None:
         with self.db.connection() as conn:
             current = self._still_current(conn, pending, report)
             todo = [p for p in pending if id(p) in current and p.existing is not None]
