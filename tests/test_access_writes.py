@@ -527,6 +527,26 @@ def test_prune_spares_a_folder_that_cannot_be_listed(env: Settings, services: An
     assert code == 0 and summary["deleted"] == 1 and doc_ids(services) == {"sub/inner.md"}
 
 
+def test_an_id_a_run_repeats_in_a_later_batch_fails_there_too(env: Settings, services: Any) -> None:
+    """Ids are unique within a run across its batches, not only within one: a corpus that repeats an id
+    DOC_BATCH documents later has that second document fail, so it neither overwrites the first nor
+    loosens (and records) the same access twice."""
+    from campus_search.ingest import pipeline
+    from campus_search.ingest.sources import Block, ParsedDocument
+
+    def doc(i: int, doc_id: str) -> ParsedDocument:
+        return ParsedDocument(external_id=doc_id, title=f"Note {i}", source=f"corpus.jsonl:{i}",
+                              blocks=[Block(f"Estates note number {i} for the porters.")])
+
+    dept = {"department": "Estates", "visibility": "department"}
+    assert services.ingester.ingest([doc(0, "memo")], dept).added == 1
+    run_docs = [doc(0, "memo")] + [doc(i, f"filler-{i}") for i in range(1, pipeline.DOC_BATCH + 1)] + [doc(99, "memo")]
+    report = services.ingester.ingest(run_docs, {**dept, "visibility": "public"}, allow_loosening=True)
+    assert report.failed == 1 and any("refused: id 'memo' is also the id of" in e for e in report.errors)
+    assert [c["document_id"] for c in report.access_changes].count("memo") == 1
+    assert stored(services, "memo")["title"] == "Note 0"  # type: ignore[index]
+
+
 # --- 8. ids do not collide across folders ----------------------------------------------------------------
 
 def test_same_relative_path_under_two_roots_is_refused_not_overwritten(env: Settings, services: Any,

@@ -211,6 +211,7 @@ class Ingester:
         base = stated(defaults)
         batch: list[_Pending] = []
         deferred: list[_Pending] = []  # metadata-only changes: all applied at the end, in one transaction
+        claimed: dict[str, _Pending] = {}  # ids taken by this run's documents so far, in any batch
         seen = 0
         for item in items:
             seen += 1
@@ -233,12 +234,12 @@ class Ingester:
                 continue
             batch.append(pending)
             if len(batch) >= DOC_BATCH:
-                self._flush(batch, report, allow_loosening, respect_pins, audit, deferred)
+                self._flush(batch, report, allow_loosening, respect_pins, audit, deferred, claimed)
                 batch = []
                 if progress:
                     progress(seen, report)
         if batch:
-            self._flush(batch, report, allow_loosening, respect_pins, audit, deferred)
+            self._flush(batch, report, allow_loosening, respect_pins, audit, deferred, claimed)
         if deferred:
             self._apply_metadata(deferred, report, audit)
         if progress:
@@ -280,15 +281,16 @@ class Ingester:
         log.debug("skipped: %s", message)  # the caller reports IngestReport.errors
 
     def _resolve(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool,
-                 respect_pins: bool) -> list[_Pending]:
-        """Identity and access checks against the stored rows; returns the documents to write."""
+                 respect_pins: bool, claimed: dict[str, _Pending] | None = None) -> list[_Pending]:
+        """Identity and access checks against the stored rows; returns the documents to write. ``claimed``:
+        the ids this run has taken so far (in earlier batches too); a second document with one fails."""
         with self.db.connection() as conn:
             rows = conn.execute(
                 f"SELECT external_id, id, content_hash, {_META}, source, pinned FROM documents "
                 "WHERE external_id = ANY(%s)",
                 (list({p.doc.external_id for p in batch}),)).fetchall()
         stored = {row[0]: row for row in rows}
-        claimed: dict[str, _Pending] = {}
+        claimed = {} if claimed is None else claimed
         out: list[_Pending] = []
         for p in batch:
             doc_id, where = p.doc.external_id, p.doc.source or p.doc.external_id
@@ -352,11 +354,11 @@ class Ingester:
 
     def _flush(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool = False,
                respect_pins: bool = True, audit: AuditHook | None = None,
-               deferred: list[_Pending] | None = None) -> None:
+               deferred: list[_Pending] | None = None, claimed: dict[str, _Pending] | None = None) -> None:
         """Write one batch: new and changed documents (embedded here) in one transaction. Metadata-only
         changes go to ``deferred`` (:meth:`_apply_metadata` writes them all at the end of the run), or are
         written with the batch when there is no such list."""
-        batch = self._resolve(batch, report, allow_loosening, respect_pins)
+        batch = self._resolve(batch, report, allow_loosening, respect_pins, claimed)
         unchanged: list[_Pending] = []
         meta_only: list[_Pending] = []
         changed: list[_Pending] = []
