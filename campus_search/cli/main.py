@@ -135,9 +135,10 @@ class LooseningAudit:
     loosens it -- the loosening and its record commit together or not at all, as an API change does. The
     actor is the operating-system user running the command, as ``cli:<user>``.
 
-    With AUDIT_FAILURE_MODE=refuse (the default) a record that cannot be stored raises AuditUnavailable:
-    that batch is rolled back and the run stops. With ``log`` the record goes to the error log, the
-    loosening is applied, and ``unstored`` counts it (the command says so and exits 3)."""
+    A transaction's records are written together, last in it. With AUDIT_FAILURE_MODE=refuse (the default)
+    records that cannot be stored raise AuditUnavailable: that transaction is rolled back and the run
+    stops. With ``log`` they go to the error log, the loosenings are applied, and ``unstored`` counts them
+    (the command says so and exits 3). A lost database connection stops the run in either mode."""
 
     def __init__(self, services: Any) -> None:
         from campus_search.security.roles import superuser
