@@ -118,12 +118,9 @@ def ingest(data_dir: Path, docs: int, env: dict[str, str]) -> None:
     say(f"  ingestion done in {time.perf_counter() - started:.0f} s")
 
 
-#: How the PostgreSQL server ran its shared memory (read_chunks), reported with the figures.
-SERVER_MEMORY: dict[str, Any] = {}
-
-
-def read_chunks(data_dir: Path) -> tuple[list[str], list[str], np.ndarray, int]:
-    """Every chunk's id, text and embedding, as Campus Search stores them; and the document count."""
+def read_chunks(data_dir: Path) -> tuple[list[str], list[str], np.ndarray, int, dict[str, Any]]:
+    """Every chunk's id, text and embedding, as Campus Search stores them; the document count; and how the
+    PostgreSQL server runs its shared memory (reported with the figures)."""
     import psycopg
     from pgvector.psycopg import register_vector
 
@@ -138,10 +135,10 @@ def read_chunks(data_dir: Path) -> tuple[list[str], list[str], np.ndarray, int]:
 
         status, size_mb, _ = server_memory(conn)
         say(f"PostgreSQL: huge pages {status}, {size_mb} MB of shared memory (docs/operations.md, \"Huge pages\")")
-        SERVER_MEMORY.update(huge_pages=status, shared_memory_mb=size_mb)
     matrix = np.asarray([np.asarray(getattr(r[2], "to_numpy", lambda v=r[2]: v)(), dtype=np.float32)
                           for r in rows], dtype=np.float32)
-    return [str(r[0]) for r in rows], [r[1] for r in rows], matrix, int(documents)
+    return ([str(r[0]) for r in rows], [r[1] for r in rows], matrix, int(documents),
+            {"huge_pages": status, "shared_memory_mb": size_mb})
 
 
 # ---------------------------------------------------------------- Chroma
@@ -391,7 +388,7 @@ def main() -> int:
         env.pop(name, None)
 
     ingest(data_dir, args.docs, env)
-    ids, texts, matrix, documents = read_chunks(data_dir / "data")
+    ids, texts, matrix, documents, memory = read_chunks(data_dir / "data")
     say(f"corpus: {documents} documents, {len(ids)} chunks, dimension {matrix.shape[1]}")
     if documents != args.docs:
         say(f"NOTE: the database holds {documents} documents, not --docs {args.docs} (a data dir from another run)")
@@ -404,7 +401,7 @@ def main() -> int:
                               "chunks": len(ids), "fusion": args.fusion, "result_cache": "off",
                               "queries": "SciFact train, each request unique", "workers": args.workers,
                               "threads": args.threads, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
-                              "postgres": dict(SERVER_MEMORY)}
+                              "postgres": memory}
     try:
         port = free_port()
         with (logs / "ours.log").open("wb") as log:
