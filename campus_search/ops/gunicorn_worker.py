@@ -152,15 +152,15 @@ class BufferingThreadWorker(ThreadWorker):
 
     # ---- accepting: with a thread free, else one connection per ACCEPT_DEFER
 
-    def _pending(self, now: float) -> int:
-        """Requests this worker has taken on: those in its threads (running or queued) and the connections
+    def _busy(self, now: float) -> bool:
+        """Every thread taken, counting the requests in its threads (running or queued) and the connections
         it accepted within ACCEPT_DEFER whose request is still arriving (most clients send at once)."""
         fresh, since = 0, now - ACCEPT_DEFER + self.read_timeout  # a _Reading's deadline is its start + timeout
         for state in reversed(self.reading.values()):  # newest first; older ones no longer count
             if state.deadline < since:
                 break
             fresh += 1
-        return self.in_threads + fresh
+        return self.in_threads + fresh >= self.cfg.threads
 
     def set_accept_enabled(self, enabled: bool) -> None:
         self._want_accept = enabled
@@ -173,7 +173,7 @@ class BufferingThreadWorker(ThreadWorker):
         (:meth:`wait_for_and_dispatch_events`): a count that dips and rises again between two waits (a
         request finishing as a pipelined one is dispatched) does not restart the deferral."""
         now = time.monotonic()
-        if self._pending(now) < self.cfg.threads:
+        if not self._busy(now):
             free = True
         else:
             if self._busy_since is None:
@@ -184,12 +184,12 @@ class BufferingThreadWorker(ThreadWorker):
     def accept(self, listener: Any) -> None:
         super().accept(listener)
         now = time.monotonic()
-        if self._pending(now) >= self.cfg.threads:  # accepted while busy: the next one waits ACCEPT_DEFER
+        if self._busy(now):  # accepted while busy: the next one waits ACCEPT_DEFER
             self._busy_since = now
             self._gate()
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
-        if self._accepting and self._pending(time.monotonic()) < self.cfg.threads:
+        if self._accepting and not self._busy(time.monotonic()):
             self._busy_since = None  # listening with a thread free: the busy spell is over
         elif self._busy_since is not None and self._want_accept and not self._accepting:
             # wake when the deferral ends, to listen again even if nothing else happens meanwhile
