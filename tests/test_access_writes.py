@@ -84,6 +84,11 @@ def hits(services: Any, query: str, user: Principal = ADMIN) -> list[Any]:
     return services.searcher.search(user, SearchParams(query=query, max_results=50, similarity_threshold=-1.0))
 
 
+def audit_count(services: Any) -> int:
+    with services.db.connection(read=False) as conn:
+        return int(conn.execute("SELECT count(*) FROM audit_log").fetchone()[0])
+
+
 def md(path: Path, front: str, body: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text((f"---\n{front}\n---\n" if front else "") + body, encoding="utf-8")
@@ -309,6 +314,31 @@ def test_a_loosening_another_writer_kept_out_is_neither_reported_nor_audited(
     assert report.failed == 1 and report.loosened == 0 and report.access_changes == []
     assert recorded and all(changes == [] for changes in recorded)
     assert not any("access loosened" in n for n in report.notes)
+
+
+def test_a_loosening_asked_for_without_an_audit_hook_is_refused_before_anything_is_written(
+        env: Settings, services: Any) -> None:
+    """The library entry points too: ``allow_loosening`` without the hook that records it raises, so no
+    caller can loosen access with no audit record; the stored access and the audit log are untouched."""
+    from campus_search.ingest.sources import Block, ParsedDocument
+
+    memo = ParsedDocument(external_id="memo", title="Memo", source="memo.md",
+                          blocks=[Block("Estates memo about the porters' rota.")])
+    dept = {"department": "Estates", "visibility": "department"}
+    assert services.ingester.ingest([memo], dept).added == 1
+    before = audit_count(services)
+    with pytest.raises(ValueError, match="needs an audit hook"):
+        services.ingester.ingest([memo], {**dept, "visibility": "public"}, allow_loosening=True)
+    with pytest.raises(ValueError, match="needs an audit hook"):
+        services.ingester.update_metadata("memo", {"visibility": "public"}, allow_loosening=True)
+    assert stored(services, "memo")["visibility"] == "department"  # type: ignore[index]
+    assert audit_count(services) == before
+    assert hits(services, "porters rota memo", STUDENT) == []
+    # with the hook the same act loosens, and is recorded with before and after
+    report = services.ingester.ingest([memo], {**dept, "visibility": "public"}, allow_loosening=True,
+                                      audit=cli.LooseningAudit(services))
+    assert report.loosened == 1 and stored(services, "memo")["visibility"] == "public"  # type: ignore[index]
+    assert audit_count(services) == before + 1
 
 
 def test_new_document_without_visibility_gets_the_safe_default(env: Settings, services: Any, tmp_path: Path,
@@ -541,7 +571,8 @@ def test_an_id_a_run_repeats_in_a_later_batch_fails_there_too(env: Settings, ser
     dept = {"department": "Estates", "visibility": "department"}
     assert services.ingester.ingest([doc(0, "memo")], dept).added == 1
     run_docs = [doc(0, "memo")] + [doc(i, f"filler-{i}") for i in range(1, pipeline.DOC_BATCH + 1)] + [doc(99, "memo")]
-    report = services.ingester.ingest(run_docs, {**dept, "visibility": "public"}, allow_loosening=True)
+    report = services.ingester.ingest(run_docs, {**dept, "visibility": "public"}, allow_loosening=True,
+                                      audit=cli.LooseningAudit(services))
     assert report.failed == 1 and any("refused: id 'memo' is also the id of" in e for e in report.errors)
     assert [c["document_id"] for c in report.access_changes].count("memo") == 1
     assert stored(services, "memo")["title"] == "Note 0"  # type: ignore[index]
@@ -747,7 +778,8 @@ def test_a_department_wide_change_is_applied_in_one_transaction(services: Any) -
 
     seen: list[int] = []
     report = services.ingester.ingest(docs, {**dept, "visibility": "public"}, allow_loosening=True,
-                                      progress=lambda *_: seen.append(visible_to_a_student()))
+                                      progress=lambda *_: seen.append(visible_to_a_student()),
+                                      audit=cli.LooseningAudit(services))
     assert report.failed == 0 and report.metadata_updated == n and report.loosened == n
     assert seen == [0, 0, n]  # after each full batch nothing, after the run (the last batch) all of it
     hits = services.searcher.search(STUDENT, SearchParams(query="expense claim rule finance office", max_results=5,

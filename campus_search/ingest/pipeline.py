@@ -183,6 +183,15 @@ Progress = Callable[[int, IngestReport], None]
 AuditHook = Callable[[Any, Any], None]
 
 
+def _loosening_is_audited(allow_loosening: bool, audit: AuditHook | None) -> None:
+    """The explicit act that lets a write loosen access comes with the hook that records it: without one a
+    loosening would be applied with no audit record, which no writer may do (SPEC §2). The CLI and the
+    admin API always pass one (cli.main.LooseningAudit, api.documents)."""
+    if allow_loosening and audit is None:
+        raise ValueError("allow_loosening=True needs an audit hook: a loosening is recorded with before and after "
+                         "in the transaction that applies it (e.g. campus_search.cli.main.LooseningAudit)")
+
+
 class Ingester:
     def __init__(self, db: Database, embedder: Embedder, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                  overlap: int = DEFAULT_OVERLAP, default_visibility: str = "department",
@@ -204,8 +213,11 @@ class Ingester:
         """Ingest documents. ``defaults`` are fields stated for every document (the CLI flags); a
         document's own metadata wins over them, and both are resolved against what is stored
         (:func:`~campus_search.ingest.metadata.resolve`). ``allow_loosening`` is the explicit act that lets
-        a write loosen access; ``respect_pins=False`` only for the API, which owns the pins.
+        a write loosen access, and needs ``audit``: a loosening is audited with before and after, in the
+        transaction that applies it (SPEC §2), so asking for one without a hook raises ValueError before
+        anything is written. ``respect_pins=False`` only for the API, which owns the pins.
         ``audit(conn, report)`` is called last in each batch's write transaction."""
+        _loosening_is_audited(allow_loosening, audit)
         report = IngestReport()
         started = time.perf_counter()
         base = stated(defaults)
@@ -606,7 +618,9 @@ class Ingester:
         :class:`LooseningRefused` unless ``allow_loosening``. The fields given become *pinned*: file
         writers (sync) change them afterwards only to tighten, until ``unpin`` names them. Returns
         what happened, or None if there is no such document. Takes effect for the next search.
-        ``audit(conn, update)`` is called last in the transaction when the document exists."""
+        ``audit(conn, update)`` is called last in the transaction when the document exists; with
+        ``allow_loosening`` it is required (ValueError without it, as :meth:`ingest`)."""
+        _loosening_is_audited(allow_loosening, audit)
         with self.db.connection() as conn:
             row = conn.execute(
                 f"SELECT id, {_META}, source, pinned FROM documents WHERE external_id = %s FOR UPDATE",
