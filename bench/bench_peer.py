@@ -22,7 +22,12 @@ no cache of either side can answer):
 1. concurrency 1: one keep-alive connection per server, ``--sequential`` requests each, the two
    servers taking turns request by request -> median / p95;
 2. concurrency ``--concurrency``: ``wrk`` (closed loop, 2 threads), ``--rounds`` rounds of
-   ``--duration`` s per server in the order ours, peer, peer, ours, ... -> requests/s, p50 / p90 / p99.
+   ``--duration`` s per server in the order ours, peer, peer, ours, ... -> requests/s, p50 / p90 / p99,
+   and for each round the share of the cores busy and the stalls of the disk under the data directory
+   (``bench_disk.py``'s probe, 20 flushes a second beside the round): our answers wait for their audit
+   record's flush (``AUDIT_WAIT_FOR_FLUSH``, default true), the peer's write nothing, so a round in which
+   the disk stalled idles our cores and not the peer's. ``--ours-env NAME=VALUE`` runs ours with a setting
+   changed (e.g. ``AUDIT_WAIT_FOR_FLUSH=false``).
 
 Chroma lives in its own virtualenv (``--chroma-venv``; created with ``pip install chromadb`` when
 missing), never in the project's. If chromadb cannot be installed or started the peer is skipped
@@ -49,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import requests
+from bench_disk import DiskProbe
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = next((p for p in (Path(os.environ.get("SCIFACT_DIR", "")), ROOT.parent / "shared/data/scifact")
@@ -347,9 +353,12 @@ def run_wrk(url: str, token: str, qfile: str, connections: int, seconds: int, ta
 
 
 def gunicorn_command(port: int, app: str, workers: int, threads: int) -> list[str]:
+    # the workers' heartbeat files on /dev/shm for both: ours sets that in its own gunicorn configuration
+    # (ops/gunicorn_hooks.py); gunicorn's default, a file on the disk, blocks a worker when the disk stalls
+    tmp = ["--worker-tmp-dir", "/dev/shm"] if os.path.isdir("/dev/shm") else []
     return [str(Path(sys.executable).parent / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
             "--worker-class", "gthread", "--threads", str(threads), "--timeout", "60", "--keepalive", "10",
-            "--preload", app]
+            *tmp, "--preload", app]
 
 
 def main() -> int:
@@ -370,6 +379,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true", help="measure Campus Search alone")
+    ap.add_argument("--ours-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment setting for Campus Search only, e.g. AUDIT_WAIT_FOR_FLUSH=false (repeatable; "
+                         "recorded with the figures)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy (installed into --chroma-venv when missing) samples each server's workers during "
                          "its first concurrent round; the share of Python time per part is reported")
@@ -386,6 +398,9 @@ def main() -> int:
            "ANONYMIZED_TELEMETRY": "False"}
     for name in ("REDIS_URL", "DATABASE_URL", "CAMPUS_SEARCH_CONFIG"):
         env.pop(name, None)
+    ours_env = dict(item.split("=", 1) for item in args.ours_env if "=" in item)
+    if len(ours_env) != len(args.ours_env):
+        raise SystemExit("--ours-env takes NAME=VALUE")
 
     ingest(data_dir, args.docs, env)
     ids, texts, matrix, documents, memory = read_chunks(data_dir / "data")
@@ -401,13 +416,13 @@ def main() -> int:
                               "chunks": len(ids), "fusion": args.fusion, "result_cache": "off",
                               "queries": "SciFact train, each request unique", "workers": args.workers,
                               "threads": args.threads, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0],
-                              "postgres": memory}
+                              "postgres": memory, "ours_env": ours_env}
     try:
         port = free_port()
         with (logs / "ours.log").open("wb") as log:
             procs.append(subprocess.Popen(gunicorn_command(port, "production_system:create_production_app",
                                                            args.workers, args.threads),
-                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          cwd=ROOT, env={**env, **ours_env}, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
         servers["ours"] = f"http://127.0.0.1:{port}"
         wait_http(servers["ours"] + "/health/ready", procs[-1], logs / "ours.log")
@@ -484,9 +499,16 @@ def main() -> int:
                                         "-o", str(profiles[name])],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before = cpu_snapshot(roots)
-            figures = run_wrk(servers[name], token, qfile.name, args.concurrency, args.duration,
-                              f"r{i}{name[0]}")
-            figures["cpu_ms_per_request"] = cpu_per_request(before, cpu_snapshot(roots),  # type: ignore[assignment]
+            # the disk under the WAL, probed beside the round: a stall there holds every answer whose audit
+            # record waits for its flush (bench_disk.py)
+            with DiskProbe(data_dir / "data", rate=20) as probe:
+                figures = run_wrk(servers[name], token, qfile.name, args.concurrency, args.duration,
+                                  f"r{i}{name[0]}")
+            after = cpu_snapshot(roots)
+            figures["busy_percent"] = round(100 * (after["machine"] - before["machine"])
+                                            / ((os.cpu_count() or 1) * args.duration), 1)
+            figures["disk"] = probe.summary()  # type: ignore[assignment]
+            figures["cpu_ms_per_request"] = cpu_per_request(before, after,  # type: ignore[assignment]
                                                             figures.get("requests", 0))
             rounds[name].append(figures)
             if spy is not None:
@@ -527,6 +549,12 @@ def main() -> int:
         r = result[name]
         print(f"{name:<8}{r['c1_median_ms']:>11}{r['c1_p95_ms']:>11}{r[f'c{c}_requests_per_s']:>12}"
               f"{r[f'c{c}_p50_ms']:>12}{r[f'c{c}_p90_ms']:>12}{r[f'c{c}_p99_ms']:>12}{r[f'c{c}_errors']:>8}")
+    print(f"\nrounds at concurrency {c} (in the order run): requests/s, machine busy, "
+          "the disk's stalls (flushes >= 100 ms)")
+    for name in servers:
+        print(f"{name:<8}" + "; ".join(f"{r.get('requests_per_s')} req/s, {r['busy_percent']} % busy, "
+                                       f"{r['disk'].get('stalls', 0)} stalls {r['disk'].get('stall_s', 0)} s"
+                                       for r in result[name]["rounds"]))
     print(f"\nCPU ms per request at concurrency {c} (mean of rounds; 'other processes' = the rest of the machine)")
     groups = sorted({k for name in servers for k in result[name]["cpu_ms_per_request"]})
     print(f"{'':<8}" + "".join(f"{g[:22]:>24}" for g in groups))
