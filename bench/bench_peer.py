@@ -54,7 +54,9 @@ from typing import Any
 
 import numpy as np
 import requests
-from bench_disk import DiskProbe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_disk.py, beside this script
+from bench_disk import DiskProbe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = next((p for p in (Path(os.environ.get("SCIFACT_DIR", "")), ROOT.parent / "shared/data/scifact")

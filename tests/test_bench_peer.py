@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,20 @@ def test_profile_buckets_take_the_first_matching_part(tmp_path: Path) -> None:
         "run (gunicorn/workers/gthread.py:1);accept (gunicorn/workers/gthread.py:5) 1\n")
     assert bench_peer.summarise_profile(raw) == {"embedding (ONNX, tokenizer)": 60.0, "audit": 30.0,
                                                  "gunicorn / socket I/O": 10.0}
+
+
+def test_the_disk_probe_counts_stalls_and_the_seconds_they_cover(tmp_path: Path) -> None:
+    """bench_disk.py (run beside every peer round): a flush of 100 ms or more is a stall, and the stall
+    seconds are the sum of those flushes, not a count of samples; a real probe flushes and cleans up."""
+    import bench_disk
+
+    summary = bench_disk.summarise([0.0004, 0.0005, 0.25, 0.0006, 0.1, 0.0999, 0.0003])
+    assert (summary["flushes"], summary["stalls"], summary["stall_s"]) == (7, 2, 0.35)  # 99.9 ms is no stall
+    assert summary["p50_ms"] == 0.6 and summary["max_ms"] == 250.0
+    assert bench_disk.summarise([]) == {"flushes": 0}
+    with bench_disk.DiskProbe(tmp_path, rate=50) as probe:
+        deadline = time.monotonic() + 5
+        while len(probe.latencies) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert probe.summary()["flushes"] >= 3
+    assert list(tmp_path.iterdir()) == []  # the scratch file is gone
