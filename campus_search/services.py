@@ -42,7 +42,7 @@ def fusion_config(settings: Settings) -> FusionConfig:
 
 def bm25_config(settings: Settings) -> BM25:
     return BM25(settings.bm25_k1, settings.bm25_b, depth=settings.bm25_depth, cut_df=settings.bm25_cut_df,
-                scan=settings.bm25_scan)
+                scan=settings.bm25_scan, whole_chunks=settings.bm25_whole_chunks)
 
 
 @dataclass(frozen=True)

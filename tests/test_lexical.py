@@ -680,7 +680,7 @@ def test_a_search_statement_runs_its_generic_plan_unless_its_dense_half_is_exact
         with services.db.connection() as conn:  # the pool's only connection, the one the searches used
             return {str(s): (int(g), int(c)) for s, g, c in conn.execute(
                 "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
-                "WHERE statement LIKE %s", ("%lex_read%",)).fetchall()}
+                "WHERE statement LIKE %s", ("%lex_ranked%",)).fetchall()}
 
     assert searcher.dense_plan(admin, {}) == "hnsw"
     hnsw = list(plans("hnsw").values())

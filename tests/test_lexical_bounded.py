@@ -12,6 +12,7 @@ cut; rare terms read whole. Checked against exhaustive BM25 over the same postin
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -59,7 +60,10 @@ def corpus(settings_factory: Any, services_factory: Any) -> Any:
     return services
 
 
-def _searcher(services: Any, bm25: BM25) -> Searcher:
+def _searcher(services: Any, bm25: BM25, whole: bool = False) -> Searcher:
+    """A searcher with ``bm25``: its bounded read (whole_chunks 0; this corpus is small enough for the whole
+    read otherwise), or with ``whole`` the small index's read of every posting (BM25.whole_cte)."""
+    bm25 = dataclasses.replace(bm25, whole_chunks=10_000 if whole else 0)
     return Searcher(services.db, services.embedder, bm25=bm25,
                     lexical_narrow_fraction=search_module.LEXICAL_NARROW_FRACTION)
 
@@ -150,10 +154,11 @@ def test_access_mode_follows_the_rule(corpus: Any, access_mode: str) -> None:
                 ("docs", document_mask(ids)) if access_mode == "docs" else ("probe", None))
 
 
-def test_below_the_cut_it_is_exhaustive_bm25(corpus: Any, access_mode: str) -> None:
+@pytest.mark.parametrize("whole", [False, True], ids=["bounded", "whole"])
+def test_below_the_cut_it_is_exhaustive_bm25(corpus: Any, access_mode: str, whole: bool) -> None:
     """Every term under cut_df: the top k is exhaustive BM25's over the allowed chunks, whatever the access
     test; a pool barely larger than the page makes a hidden chunk in it cost a place on the page."""
-    searcher = _searcher(corpus, BM25(pool=10))
+    searcher = _searcher(corpus, BM25(pool=10), whole)
     for user in USERS:
         for qtext in _queries(random.Random(3), 15):
             assert _check(corpus, searcher, user, qtext, 5) == (False, True)
@@ -176,8 +181,10 @@ def test_above_the_cut_scores_are_exact_and_the_bound_holds(corpus: Any, access_
             _check(corpus, other, ADMIN, qtext, 5)
 
 
-def test_hybrid_lexical_half_is_full_allowed_and_exactly_scored(corpus: Any, access_mode: str) -> None:
-    searcher = _searcher(corpus, BM25(depth=4, pool=10, cut_df=20))
+@pytest.mark.parametrize("whole", [False, True], ids=["bounded", "whole"])
+def test_hybrid_lexical_half_is_full_allowed_and_exactly_scored(corpus: Any, access_mode: str,
+                                                                whole: bool) -> None:
+    searcher = _searcher(corpus, BM25(depth=4, pool=10, cut_df=20), whole)
     vector = np.full(corpus.embedder.dimension, 0.05, dtype=np.float32)
     for user in (STAFF, STUDENT):
         allowed = _allowed(corpus, user)
@@ -190,11 +197,12 @@ def test_hybrid_lexical_half_is_full_allowed_and_exactly_scored(corpus: Any, acc
                 assert h.bm25 == pytest.approx(full.get(h.chunk_id, 0.0), rel=1e-9, abs=1e-12)
 
 
-def test_a_stale_allowed_set_never_admits_a_document_that_became_hidden(corpus: Any) -> None:
+@pytest.mark.parametrize("whole", [False, True], ids=["bounded", "whole"])
+def test_a_stale_allowed_set_never_admits_a_document_that_became_hidden(corpus: Any, whole: bool) -> None:
     """A student's allowed-document set is cached; then documents the student could see become hidden
     (no generation bump, the cache still holds them). The lexical half stays allowed-only and full; the
     set only narrowed the read. A document that became visible is missed until the entry expires."""
-    searcher = _searcher(corpus, BM25(pool=10))
+    searcher = _searcher(corpus, BM25(pool=10), whole)
     qtext = "ledger audit invoice"
     before, _, _, _ = _bounded(searcher, STUDENT, qtext, 5)
     mode, docs = searcher.lexical_access(STUDENT, {})
@@ -375,13 +383,14 @@ def test_a_query_of_more_than_63_terms_scores_each_pooled_chunk_exactly_once(cor
         assert cut  # the common VOCAB terms were cut: their bits are beyond the 63 tracked
 
 
-def test_a_dense_candidate_outside_every_read_list_is_scored_exactly(corpus: Any,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("whole", [False, True], ids=["bounded", "whole"])
+def test_a_dense_candidate_outside_every_read_list_is_scored_exactly(corpus: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                      whole: bool) -> None:
     """When no query term's list was cut, the hybrid statement takes a dense candidate's BM25 score from
     the read lists, and one no list held contains no query term (0, not probed) -- unless the read was
     narrowed to a cached allowed set (``docs``), which may not hold a document allowed since: that
     candidate is probed, so its score stays exact."""
-    searcher = _searcher(corpus, BM25(pool=10))  # cut_df 1000: no list of this corpus is cut
+    searcher = _searcher(corpus, BM25(pool=10), whole)  # cut_df 1000: no list of this corpus is cut
     qtext = "zymurgy"  # only the late document holds it
     assert searcher.lexical_access(STUDENT, {})[0] == "docs"  # cached now
     monkeypatch.setattr(search_module, "LEXICAL_DOCS_MIN", 0)  # no other rule is narrow
@@ -408,3 +417,21 @@ def test_a_dense_candidate_outside_every_read_list_is_scored_exactly(corpus: Any
         assert any(full.get(h.chunk_id, 0.0) == 0.0 for h in hits), user.user_id  # some hold no query term
         for h in hits:
             assert h.bm25 == pytest.approx(full.get(h.chunk_id, 0.0), rel=1e-9, abs=1e-12), (user.user_id, h.chunk_id)
+
+
+def test_a_small_index_reads_every_posting_and_a_larger_one_the_bounded_way(corpus: Any) -> None:
+    """BM25_WHOLE_CHUNKS: up to that many chunks (this corpus: 240) the BM25 half reads every posting of
+    every query term (no impact-ordered read, bounds or rescoring: ``lex_read``), above it the bounded read;
+    both give exhaustive BM25's top k over the allowed chunks here (nothing is cut at cut_df 1000)."""
+    qtext = "ledger audit invoice"
+    tops = {}
+    for whole_chunks, reads_whole in ((20_000, True), (240, True), (239, False), (0, False)):
+        searcher = Searcher(corpus.db, corpus.embedder, bm25=BM25(pool=10, whole_chunks=whole_chunks),
+                            lexical_narrow_fraction=search_module.LEXICAL_NARROW_FRACTION)
+        for user in USERS:
+            ctes, _ = searcher.lexical_sql(user, {})
+            assert ("lex_read" not in ctes) == reads_whole, (whole_chunks, user.user_id)
+            tops[whole_chunks, user.user_id] = _check(corpus, searcher, user, qtext, 5)
+    assert all(v == (False, True) for v in tops.values()), tops
+    # before the corpus was ever counted (0 chunks known) the bounded read is the one used
+    assert not BM25().reads_whole(0) and BM25().reads_whole(1) and not BM25(whole_chunks=0).reads_whole(1)

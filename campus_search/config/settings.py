@@ -256,6 +256,10 @@ class Settings:
         "term is read in impact order, the principal's allowed postings only, and cut after BM25_DEPTH of "
         "them, with exact rescoring of the best candidates (docs/performance.md). 0 cuts every term; a "
         "value above the corpus's chunk count turns the cut off.", int)
+    bm25_whole_chunks: int = setting(("BM25_WHOLE_CHUNKS",), 15000,
+        "On an index of at most this many chunks BM25 reads every posting of every query term and sums them "
+        "(exhaustive BM25), without BM25_CUT_DF's bounded read: on a small index its bookkeeping costs more "
+        "than the postings it saves (docs/performance.md). 0 always uses the bounded read.", int)
     bm25_depth: int = setting(("BM25_DEPTH",), 500,
         "Allowed postings read per common query term (BM25_CUT_DF), at least the candidate depth; for a "
         "narrow rule, the query's most weighted common term's (BM25_SCAN).", int)

@@ -37,9 +37,9 @@ def validate(s: Settings) -> list[str]:
         problems.append("SEARCH_FUSION must be convex, rrf, dense or lexical")
     if not 0.0 <= s.fusion_alpha <= 1.0 or not 0.0 <= s.bm25_b <= 1.0:
         problems.append("FUSION_ALPHA and BM25_B must be between 0 and 1")
-    if s.bm25_cut_df < 0 or s.bm25_depth < 1 or s.bm25_scan < 1:
-        problems.append(f"BM25_CUT_DF must be >= 0, BM25_DEPTH and BM25_SCAN >= 1 "
-                        f"(got {s.bm25_cut_df}, {s.bm25_depth}, {s.bm25_scan})")
+    if s.bm25_cut_df < 0 or s.bm25_whole_chunks < 0 or s.bm25_depth < 1 or s.bm25_scan < 1:
+        problems.append(f"BM25_CUT_DF and BM25_WHOLE_CHUNKS must be >= 0, BM25_DEPTH and BM25_SCAN >= 1 "
+                        f"(got {s.bm25_cut_df}, {s.bm25_whole_chunks}, {s.bm25_depth}, {s.bm25_scan})")
     if not 0.0 <= s.dense_exact_fraction <= 1.0:
         problems.append(f"DENSE_EXACT_FRACTION must be between 0 and 1 (got {s.dense_exact_fraction})")
     if s.bm25_k1 < 0 or s.rrf_k < 1:

@@ -53,6 +53,15 @@ top k is exactly exhaustive BM25's. When every query term has at most ``cut_df``
 and the top k *is* exhaustive BM25's top k over the allowed chunks; then (``lex_whole``) every read chunk's
 partial score is its exact score, the pool is the page itself (k, nothing rescored) and the hybrid
 statement takes a dense candidate's BM25 score from ``lex_ranked`` instead of probing its postings.
+
+**Small indexes** (:meth:`BM25.whole_cte`). On an index of at most ``whole_chunks`` chunks
+(``BM25_WHOLE_CHUNKS``) no posting list is long, and the bounded read's bookkeeping -- the common terms'
+bounds, the bit set of the terms each chunk was read for, the pool and its rescoring -- costs more than the
+postings it saves. PostgreSQL CPU a search, in-process, 200 SciFact questions (docs/performance.md): on 4,369
+chunks 4.4 against 5.1 ms, on SciFact's 11,404 10.9 against 12.7 (admin; a student 9.5 against 12.0); on
+100,000 synthetic chunks 51.9 against 13.1 -- so the default, 15,000 chunks, is about where the two cross.
+Below it every posting of every query term is read and summed, which is exhaustive BM25 (never less exact
+than the bounded read), and the page is walked best first under the exact rule.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ DEFAULT_DEPTH = 500  # allowed postings read per common query term, in impact or
 DEFAULT_POOL = 300  # allowed candidates rescored exactly (at least 2k), the best by their exact partial score
 DEFAULT_CUT_DF = 1000  # a term with more postings than this is read in impact order and cut
 DEFAULT_SCAN = 20_000  # postings a narrow rule's read of its most weighted common term scans, about (depth_for)
+DEFAULT_WHOLE_CHUNKS = 15_000  # an index of at most this many chunks reads every posting whole (whole_cte)
 
 # The impact order of migration 018's index. The expression must stay textually equivalent to the index's
 # (PostgreSQL matches index expressions structurally): C1 = k1 (1 - b), C2 = k1 b / 100 at k1 0.9, b 0.4.
@@ -107,6 +117,14 @@ class BM25:
     pool: int = DEFAULT_POOL
     cut_df: int = DEFAULT_CUT_DF
     scan: int = DEFAULT_SCAN
+    whole_chunks: int = DEFAULT_WHOLE_CHUNKS
+
+    def reads_whole(self, chunks: int) -> bool:
+        """Whether an index of ``chunks`` chunks is read by :meth:`whole_cte` rather than :meth:`bounded_cte`:
+        when it is known (> 0) and at most :attr:`whole_chunks`. No posting list is then longer than
+        ``chunks``, and reading every one costs less than the bounded read's bookkeeping (module
+        docstring, "Small indexes")."""
+        return 0 < chunks <= self.whole_chunks
 
     def depth_for(self, share: float) -> int:
         """The read depth for a rule that admits ``share`` of the documents: :attr:`depth`, lowered so that
@@ -165,6 +183,34 @@ class BM25:
             CROSS JOIN LATERAL (SELECT p.chunk_id, p.document_id, p.tf, p.dl FROM lexical_postings p
                                 WHERE p.term = w.term) p
             GROUP BY p.chunk_id)"""
+
+    def whole_cte(self, access: str, where: str, k: str = "%(k)s") -> str:
+        """:meth:`bounded_cte`'s CTEs for a small index: every posting of every query term read and summed,
+        the allowed ones only when the rule's allowed documents are given (``access`` ``docs``, the
+        ``lex_docs`` mask), and the page walked best first with the exact rule probed per candidate.
+        ``lex_scores`` is then the best ``k`` allowed chunks with their exhaustive BM25 scores, ``lex_ranked``
+        every read chunk's exact score (``lb``), ``lex_whole`` true and ``lex_cut`` the best score left off
+        the page (nothing cut): what :meth:`bounded_cte` gives when it cuts nothing, without its bounds, bit
+        sets and rescoring."""
+        if access not in ACCESS_MODES:
+            raise ValueError(f"access must be one of {ACCESS_MODES}, not {access!r}")
+        in_docs = (" WHERE CASE WHEN p.document_id < 8 * octet_length(%(lex_docs)s::bytea) "
+                   "THEN get_bit(%(lex_docs)s::bytea, p.document_id) = 1 ELSE false END") if access == "docs" else ""
+        return f"""{self.weights_cte()},
+        lex_ranked AS MATERIALIZED (  -- every posting of every query term: each read chunk's exact score
+            SELECT p.chunk_id, min(p.document_id) AS document_id, sum(w.w * {self._saturation('p.tf', 'p.dl')}) AS lb
+            FROM lex_weights w JOIN lexical_postings p ON p.term = w.term{in_docs}
+            GROUP BY p.chunk_id),
+        lex_whole AS MATERIALIZED (SELECT true AS whole),
+        lex_scores AS MATERIALIZED (  -- the page: best first, allowed by the exact rule now
+            SELECT x.chunk_id, x.document_id, x.lb AS score
+            FROM (SELECT * FROM lex_ranked ORDER BY lb DESC, chunk_id OFFSET 0) x
+            WHERE {_probe(where, 'x.document_id')}
+            LIMIT {k}),
+        lex_cut AS (  -- tests and benchmarks: no allowed chunk outside the page scores above this
+            SELECT (SELECT coalesce(max(x.lb), 0) FROM lex_ranked x
+                    WHERE NOT EXISTS (SELECT 1 FROM lex_scores l WHERE l.chunk_id = x.chunk_id)
+                      AND {_probe(where, 'x.document_id')}) AS bound, false AS cut)"""
 
     def bounded_cte(self, access: str, where: str, k: str = "%(k)s", depth: int | None = None) -> str:
         """CTEs ending in ``lex_scores`` (chunk_id, document_id, score): exact BM25 scores of a pool of

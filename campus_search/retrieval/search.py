@@ -205,7 +205,8 @@ class Searcher:
                                **self.fusion.describe()}
         if self.fusion.method != "dense":
             out.update({"bm25_k1": self.bm25.k1, "bm25_b": self.bm25.b, "bm25_cut_df": self.bm25.cut_df,
-                        "bm25_depth": self.bm25.depth, "bm25_scan": self.bm25.scan})
+                        "bm25_depth": self.bm25.depth, "bm25_scan": self.bm25.scan,
+                        "bm25_whole_chunks": self.bm25.whole_chunks})
         out.update({"ef_search": self.ef_search, "iterative_scan": self.iterative_scan,
                     "dense_exact_fraction": self.exact_max_fraction,
                     "priority_weight": PRIORITY_WEIGHT, "freshness_weight": FRESHNESS_WEIGHT})
@@ -388,6 +389,7 @@ class Searcher:
             conn.execute(self.db.search_settings())
             total = _estimated_rows(conn, "documents")
             self._corpus_documents = total
+            self._corpus_chunks = _estimated_rows(conn, "chunks")  # how BM25 reads (lexical_sql)
             cap = min(LEXICAL_DOCS_MAX, max(LEXICAL_DOCS_MIN, int(total * self.lexical_narrow_fraction)))
             ids = [int(r[0]) for r in conn.execute(f"SELECT d.id FROM documents d WHERE {where} LIMIT %(cap)s",
                                                    {"cap": cap + 1, **params}).fetchall()]
@@ -408,13 +410,17 @@ class Searcher:
         ``access``: :meth:`lexical_access`'s answer, when the caller has it already."""
         where, params = _where(user, filters)
         mode, docs = access or self.lexical_access(user, filters)
-        depth = None
         if docs is not None:
             params = {**params, "lex_docs": docs}
-            # a narrow rule reads fewer allowed postings per common term, about BM25.scan scanned (depth_for)
-            depth = self.bm25.depth_for(int.from_bytes(docs, "little").bit_count() / max(1, self._corpus_documents))
-        return (f"{self.bm25.bounded_cte(mode, where, depth=depth)}, "
-                f"lex_top AS MATERIALIZED ({allowed_top_sql('lex_scores', where)})"), params
+        if self.bm25.reads_whole(self._corpus_chunks):  # a small index: every posting, summed (whole_cte)
+            ctes = self.bm25.whole_cte(mode, where)
+        else:
+            depth = None
+            if docs is not None:
+                # a narrow rule reads fewer allowed postings per common term, about BM25.scan scanned (depth_for)
+                depth = self.bm25.depth_for(int.from_bytes(docs, "little").bit_count() / max(1, self._corpus_documents))
+            ctes = self.bm25.bounded_cte(mode, where, depth=depth)
+        return f"{ctes}, lex_top AS MATERIALIZED ({allowed_top_sql('lex_scores', where)})", params
 
     def _allowed_at_least(self, user: Principal, filters: Mapping[str, Any], k: int,
                           conn: psycopg.Connection | None = None) -> bool:
@@ -583,10 +589,11 @@ def _rule_key(where: str, params: Mapping[str, Any]) -> str:
 
 def _estimated_rows(conn: Any, table: str) -> int:
     """The planner's row estimate of ``table`` (``chunks`` or ``documents``), or an exact count when the
-    table was never analysed (a new table; the callers cache what they derive from it)."""
+    table was never analysed (a new table: -1; or 0, which an index built on the empty table leaves until
+    the first analyse; the callers cache what they derive from it)."""
     row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
     total = int(row[0]) if row else -1
-    if total < 0:
+    if total <= 0:
         counted = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
         total = int(counted[0]) if counted else 0
     return total
