@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/bench_disk.py [--dir DIR] [--seconds 60] [--rate 50]
 
-Every ``1/rate`` seconds one 8 kB block is written to a scratch file under ``--dir`` and flushed with
-``fdatasync`` -- what a PostgreSQL commit asks of the disk holding its WAL (``wal_sync_method =
-fdatasync``). Reports the latency's median, p99 and maximum, and the **stalls**: flushes that took 100 ms
+Every ``1/rate`` seconds one 8 kB block of a 2 MB scratch file under ``--dir`` (written out and flushed
+first, so every sample overwrites allocated blocks) is rewritten and flushed with ``fdatasync`` -- what a
+PostgreSQL commit asks of the disk holding its WAL (``wal_sync_method = fdatasync``, segments zero-filled
+when created). Reports the latency's median, p99 and maximum, and the **stalls**: flushes that took 100 ms
 or more, with the seconds they covered. No server needs to run: a stall here is the disk's (or the
 virtual machine's host's), not the application's. ``bench_peer.py`` runs the same probe beside each of its
 load rounds, so a round whose cores went idle can be matched with the disk stalling in the same seconds.
@@ -55,10 +56,18 @@ class DiskProbe:
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".disk-probe-", dir=self.directory)
         self._path = Path(name)
-        os.ftruncate(fd, BLOCK * BLOCKS)
-        os.fsync(fd)
-        self._thread = threading.Thread(target=self._run, args=(fd,), name="disk-probe", daemon=True)
-        self._thread.start()
+        try:
+            # written out (not a hole, not fallocate's unwritten extents) and flushed before the first sample:
+            # every probe write then overwrites allocated blocks, as PostgreSQL's WAL writes do into segments
+            # it filled with zeros (wal_init_zero), so no flush also commits a block allocation
+            os.write(fd, bytes(BLOCK * BLOCKS))
+            os.fsync(fd)
+            self._thread = threading.Thread(target=self._run, args=(fd,), name="disk-probe", daemon=True)
+            self._thread.start()
+        except BaseException:
+            os.close(fd)
+            self._path.unlink(missing_ok=True)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

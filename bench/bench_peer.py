@@ -400,9 +400,11 @@ def main() -> int:
            "ANONYMIZED_TELEMETRY": "False"}
     for name in ("REDIS_URL", "DATABASE_URL", "CAMPUS_SEARCH_CONFIG"):
         env.pop(name, None)
-    ours_env = dict(item.split("=", 1) for item in args.ours_env if "=" in item)
-    if len(ours_env) != len(args.ours_env):
+    if any("=" not in item or not item.split("=", 1)[0] for item in args.ours_env):
         raise SystemExit("--ours-env takes NAME=VALUE")
+    ours_env = dict(item.split("=", 1) for item in args.ours_env)
+    if len(ours_env) != len(args.ours_env):
+        raise SystemExit("--ours-env names a setting twice")
 
     ingest(data_dir, args.docs, env)
     ids, texts, matrix, documents, memory = read_chunks(data_dir / "data")
@@ -500,15 +502,16 @@ def main() -> int:
                                         "--rate", "200", "--duration", str(args.duration), "--format", "raw",
                                         "-o", str(profiles[name])],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            before = cpu_snapshot(roots)
+            before, started = cpu_snapshot(roots), time.monotonic()
             # the disk under the WAL, probed beside the round: a stall there holds every answer whose audit
             # record waits for its flush (bench_disk.py)
             with DiskProbe(data_dir / "data", rate=20) as probe:
                 figures = run_wrk(servers[name], token, qfile.name, args.concurrency, args.duration,
                                   f"r{i}{name[0]}")
-            after = cpu_snapshot(roots)
+            after, elapsed = cpu_snapshot(roots), time.monotonic() - started
+            # over the window the CPU was read in (the probe's start and end and wrk's included)
             figures["busy_percent"] = round(100 * (after["machine"] - before["machine"])
-                                            / ((os.cpu_count() or 1) * args.duration), 1)
+                                            / ((os.cpu_count() or 1) * elapsed), 1)
             figures["disk"] = probe.summary()  # type: ignore[assignment]
             figures["cpu_ms_per_request"] = cpu_per_request(before, after,  # type: ignore[assignment]
                                                             figures.get("requests", 0))

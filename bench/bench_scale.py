@@ -252,7 +252,8 @@ def quality_at_scale(n: int, queries: list[str], qvecs: np.ndarray, user: Any,
     out: dict[str, Any] = {"queries": len(judged)}
     for fusion, cut in (("dense", "bounded"), ("lexical", "bounded"), ("lexical", "exhaustive"),
                         ("convex", "bounded"), ("convex", "exhaustive")):
-        s = searcher(fusion, BM25() if cut == "bounded" else BM25(cut_df=2**62))
+        # bounded: the bounded read at any --chunks (below BM25_WHOLE_CHUNKS production reads every posting)
+        s = searcher(fusion, BM25(whole_chunks=0) if cut == "bounded" else BM25(cut_df=2**62, whole_chunks=0))
         scores, times = [], []
         for qid, text, v in judged:
             s.query_vectors.put(normalise_query(text), np.asarray(v, dtype=np.float32))
@@ -476,7 +477,8 @@ def main() -> int:
     # migration 018 for lexical; the hybrid searcher with BM25_CUT_DF above the corpus size for hybrid)
     exhaustive = Searcher(db, services.embedder, ef_search=ef, exact_max_fraction=fraction,
                           fusion=FusionConfig(method="convex"),
-                          bm25=BM25(searchers["hybrid"].bm25.k1, searchers["hybrid"].bm25.b, cut_df=2**62))
+                          bm25=BM25(searchers["hybrid"].bm25.k1, searchers["hybrid"].bm25.b, cut_df=2**62,
+                                    whole_chunks=0))
     exhaustive.query_vectors = searchers["hybrid"].query_vectors
 
     def lexical_exhaustive(user: Any, q: str) -> int:

@@ -81,7 +81,7 @@ def main() -> None:
             user = principal_from_claims(CLAIMS[who], settings)
             for scan in (int(x) for x in args.scan.split(",")):
                 bm25 = BM25(settings.bm25_k1, settings.bm25_b, depth=settings.bm25_depth,
-                            cut_df=settings.bm25_cut_df, scan=scan)
+                            cut_df=settings.bm25_cut_df, scan=scan, whole_chunks=settings.bm25_whole_chunks)
                 searcher = search_module.Searcher(services.db, services.embedder, ef_search=settings.hnsw_ef_search,
                                                   exact_max_fraction=settings.dense_exact_fraction,
                                                   fusion=FusionConfig(method="convex"), bm25=bm25)

@@ -155,7 +155,7 @@ def test_lexical_path_obeys_visibility(small: Any) -> None:
     assert small.searcher.search(staff_it, params)[0].document_id == "secret"
 
 
-def test_lying_posting_never_surfaces_a_hidden_chunk(small: Any, token: Any) -> None:
+def test_lying_posting_never_surfaces_a_hidden_chunk(small: Any, token: Any, bm25_read: str) -> None:
     """Defence in depth: the restricted playbook's postings are made to lie about their document (as a
     hand edit could leave them), naming a public document, so the BM25 cut admits them. The chunk row
     still belongs to the IT Services document at clearance 3, so nobody else may see it -- by either
@@ -187,7 +187,7 @@ def test_lying_posting_never_surfaces_a_hidden_chunk(small: Any, token: Any) -> 
     assert small.searcher.search(staff_it, params)[0].document_id == "secret"
 
 
-def test_a_bm25_pool_read_before_a_change_never_surfaces_a_now_hidden_chunk(small: Any) -> None:
+def test_a_bm25_pool_read_before_a_change_never_surfaces_a_now_hidden_chunk(small: Any, bm25_read: str) -> None:
     """The statement that returns chunks (Searcher.hybrid_candidates) can be handed a BM25 pool read by
     another statement. A pool read for the restricted playbook's rightful reader, handed to a student's
     search as if the student's own read had seen it, still cannot surface the playbook: the statement that
@@ -206,10 +206,26 @@ def test_a_bm25_pool_read_before_a_change_never_surfaces_a_now_hidden_chunk(smal
     assert {h.chunk_id for h in small.searcher.hybrid_candidates(staff_it, vector, query, {}, 40, pool=pool)} & secret
 
 
-def _as_large_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+def _as_large_corpus(monkeypatch: pytest.MonkeyPatch, searcher: Any) -> None:
+    """As on a large corpus: hybrid searches split (LEXICAL_BESIDE_MIN_CHUNKS) and BM25 is read the bounded
+    way (BM25_WHOLE_CHUNKS 0), as both are at 100,000 chunks and more."""
+    import dataclasses
+
     from campus_search.retrieval import search as search_module
 
     monkeypatch.setattr(search_module, "LEXICAL_BESIDE_MIN_CHUNKS", 0)
+    monkeypatch.setattr(searcher, "bm25", dataclasses.replace(searcher.bm25, whole_chunks=0))
+
+
+@pytest.fixture(params=["bounded", "whole"])
+def bm25_read(request: pytest.FixtureRequest, small: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The BM25 read of ``small``'s searcher: the bounded one (BM25_WHOLE_CHUNKS 0, as on a large index) or
+    every posting (a small index's, the default here)."""
+    import dataclasses
+
+    whole_chunks = 0 if request.param == "bounded" else 1_000_000
+    monkeypatch.setattr(small.searcher, "bm25", dataclasses.replace(small.searcher.bm25, whole_chunks=whole_chunks))
+    return str(request.param)
 
 
 def test_bm25_runs_while_the_query_is_embedded(small: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,7 +242,7 @@ def test_bm25_runs_while_the_query_is_embedded(small: Any, monkeypatch: pytest.M
     monkeypatch.setattr(searcher, "start_lexical", lambda *a, **kw: started.append(1) or original_start(*a, **kw))
     searcher.search(Principal("s1", DEFAULT_ROLES["student"]), SearchParams(query="library", max_results=5))
     assert not started  # 5 chunks: BM25 in line, no hand-over
-    _as_large_corpus(monkeypatch)
+    _as_large_corpus(monkeypatch, searcher)
     finished, embedded = threading.Event(), threading.Event()
     original_pool, original_embed = searcher.lexical_pool, searcher.embedder.embed_query
 
@@ -271,7 +287,7 @@ def test_both_halves_of_a_split_hybrid_search_read_one_snapshot(small: Any, monk
     from campus_search.retrieval import search as search_module
 
     searcher = small.searcher
-    _as_large_corpus(monkeypatch)
+    _as_large_corpus(monkeypatch, searcher)
     query = "XQ-7731 replacement EASE token"
     params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
     before = searcher.search(superuser(), params)
@@ -320,7 +336,7 @@ def test_a_split_search_without_a_second_connection_runs_bm25_itself(small: Any,
     student = Principal("s1", DEFAULT_ROLES["student"])
     params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
     inline = searcher.search(student, params)
-    _as_large_corpus(monkeypatch)
+    _as_large_corpus(monkeypatch, searcher)
     original = small.db.connection
 
     def connection(**kw: Any) -> Any:
@@ -338,7 +354,7 @@ def test_a_split_search_leaves_the_second_core_to_its_bm25_half(small: Any, monk
     """A split search's own transaction (the dense half, the final statement) runs without parallel workers,
     which would compete with its BM25 half for the other core; the setting ends with the transaction."""
     searcher = small.searcher
-    _as_large_corpus(monkeypatch)
+    _as_large_corpus(monkeypatch, searcher)
     seen: list[str] = []
     original = searcher.hybrid_candidates
 
@@ -606,7 +622,7 @@ def test_a_split_search_never_waits_for_a_bm25_half_that_has_not_started(small: 
     student = Principal("s1", DEFAULT_ROLES["student"])
     params = SearchParams(query=query, max_results=5, similarity_threshold=-1)
     inline = [(h.chunk_id, h.combined_score, h.in_lexical) for h in searcher.search(student, params)]
-    _as_large_corpus(monkeypatch)
+    _as_large_corpus(monkeypatch, searcher)
     release = threading.Event()
     ran: list[Any] = []
     original_pool, original_claim = searcher.lexical_pool, search_module.SharedSnapshot.claim

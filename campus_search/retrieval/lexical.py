@@ -167,7 +167,8 @@ class BM25:
 
     def exact_score_sql(self, chunk: str) -> str:
         """A scalar subquery: the exact BM25 score of chunk id ``chunk`` (0 when no query term occurs in it),
-        by one primary-key probe per query term. Needs the CTEs of :meth:`scored_cte` or :meth:`bounded_cte`."""
+        by one primary-key probe per query term. Needs the CTEs of :meth:`scored_cte`, :meth:`bounded_cte` or
+        :meth:`whole_cte`."""
         return (f"(SELECT coalesce(sum(lw.w * {self._saturation('lp.tf', 'lp.dl')}), 0) FROM lex_weights lw "
                 f"CROSS JOIN LATERAL (SELECT p.tf, p.dl FROM lexical_postings p "
                 f"WHERE p.term = lw.term AND p.chunk_id = {chunk}) lp)")

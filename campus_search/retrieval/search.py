@@ -94,7 +94,8 @@ MAX_SCAN_TUPLES = 20_000
 #: HNSW_EF_SEARCH is the floor (100 by default: below 250,000 chunks it decides).
 EF_CHUNKS_PER_CANDIDATE = 2500
 EF_SEARCH_MAX = 1000
-#: The bounded BM25 read (lexical.py) filters by the allowed documents' ids when a rule admits at most
+#: The BM25 read (lexical.py: bounded_cte, or whole_cte on a small index) filters by the allowed documents' ids
+#: when a rule admits at most
 #: this share of the documents (at least LEXICAL_DOCS_MIN, at most LEXICAL_DOCS_MAX of them); the ids are
 #: cached per rule for LEXICAL_ACCESS_TTL seconds (Searcher.lexical_access).
 LEXICAL_NARROW_FRACTION = 0.1
@@ -188,6 +189,7 @@ class Searcher:
         self._fractions: ExpiringLRU[str, float] = ExpiringLRU(4096)  # visible share per rule
         self._corpus_chunks = 0  # the chunks table's size when a visible share was last counted
         self._corpus_documents = 0  # the documents table's size when an allowed set was last read
+        self._lexical_chunks = 0  # the chunks BM25 counts (lexical_corpus) when an access answer was last read
         self.lexical_narrow_fraction = float(lexical_narrow_fraction)
         #: per rule: how the BM25 read tests access, and a narrow rule's allowed documents (lexical_access)
         # 64 rules: an entry is a bitmap of one bit per document id (125 KB at a million documents)
@@ -316,7 +318,8 @@ class Searcher:
     def lexical_pool(self, user: Principal, query: str, filters: Mapping[str, Any], k: int,
                      snapshot: SharedSnapshot | None = None) -> list[tuple[int, float, bool]]:
         """The BM25 half of a hybrid search, one statement: ``(chunk_id, exact BM25 score, in the top k)``
-        for the pool of candidates (lexical.py, ``BM25.bounded_cte``) whose document satisfied the rule
+        for the pool of candidates (lexical.py, ``BM25.bounded_cte``; ``whole_cte`` on a small index) whose
+        document satisfied the rule
         and filters when it ran. Ids and scores only: the statement that returns chunks
         (:meth:`hybrid_candidates`) applies the rule again, so a document hidden since cannot surface.
 
@@ -366,8 +369,9 @@ class Searcher:
         return max(self.ef_search, by_size, k)
 
     def lexical_access(self, user: Principal, filters: Mapping[str, Any]) -> tuple[str, bytes | None]:
-        """How the bounded BM25 read (lexical.py, ``BM25.bounded_cte``) tests access for this rule and these
-        filters, cached per rule for ``LEXICAL_ACCESS_TTL`` seconds:
+        """How the BM25 read (lexical.py, ``BM25.bounded_cte`` or ``whole_cte``) tests access for this rule and
+        these filters, cached per rule for ``LEXICAL_ACCESS_TTL`` seconds (the chunk count that chooses between
+        the two reads, ``lexical_corpus``, is read with it):
 
         - ``("docs", mask)``: at most ``lexical_narrow_fraction`` of the documents (and never more than
           ``LEXICAL_DOCS_MAX``; at least ``LEXICAL_DOCS_MIN`` on a small corpus) are allowed: their ids as a
@@ -389,7 +393,9 @@ class Searcher:
             conn.execute(self.db.search_settings())
             total = _estimated_rows(conn, "documents")
             self._corpus_documents = total
-            self._corpus_chunks = _estimated_rows(conn, "chunks")  # how BM25 reads (lexical_sql)
+            # how BM25 reads (lexical_sql): the exact count BM25's statistics keep (N), not an estimate
+            row = conn.execute("SELECT chunks FROM lexical_corpus").fetchone()
+            self._lexical_chunks = int(row[0]) if row and row[0] is not None else 0
             cap = min(LEXICAL_DOCS_MAX, max(LEXICAL_DOCS_MIN, int(total * self.lexical_narrow_fraction)))
             ids = [int(r[0]) for r in conn.execute(f"SELECT d.id FROM documents d WHERE {where} LIMIT %(cap)s",
                                                    {"cap": cap + 1, **params}).fetchall()]
@@ -412,7 +418,7 @@ class Searcher:
         mode, docs = access or self.lexical_access(user, filters)
         if docs is not None:
             params = {**params, "lex_docs": docs}
-        if self.bm25.reads_whole(self._corpus_chunks):  # a small index: every posting, summed (whole_cte)
+        if self.bm25.reads_whole(self._lexical_chunks):  # a small index: every posting, summed (whole_cte)
             ctes = self.bm25.whole_cte(mode, where)
         else:
             depth = None
@@ -589,8 +595,8 @@ def _rule_key(where: str, params: Mapping[str, Any]) -> str:
 
 def _estimated_rows(conn: Any, table: str) -> int:
     """The planner's row estimate of ``table`` (``chunks`` or ``documents``), or an exact count when the
-    table was never analysed (a new table: -1; or 0, which an index built on the empty table leaves until
-    the first analyse; the callers cache what they derive from it)."""
+    table was never analysed (-1) or was last analysed empty (0: the migrations analyse their new tables;
+    rows loaded since count from the next analyse on); the callers cache what they derive from it."""
     row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
     total = int(row[0]) if row else -1
     if total <= 0:
