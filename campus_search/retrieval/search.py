@@ -94,10 +94,10 @@ MAX_SCAN_TUPLES = 20_000
 #: HNSW_EF_SEARCH is the floor (100 by default: below 250,000 chunks it decides).
 EF_CHUNKS_PER_CANDIDATE = 2500
 EF_SEARCH_MAX = 1000
-#: The BM25 read (lexical.py: bounded_cte, or whole_cte on a small index) filters by the allowed documents' ids
-#: when a rule admits at most
-#: this share of the documents (at least LEXICAL_DOCS_MIN, at most LEXICAL_DOCS_MAX of them); the ids are
-#: cached per rule for LEXICAL_ACCESS_TTL seconds (Searcher.lexical_access).
+#: The BM25 read (lexical.py: bounded_cte, or whole_cte on a small index) filters by the allowed documents'
+#: ids when a rule admits at most this share of the documents (at least LEXICAL_DOCS_MIN, at most
+#: LEXICAL_DOCS_MAX of them); the ids are cached per rule for LEXICAL_ACCESS_TTL seconds
+#: (Searcher.lexical_access).
 LEXICAL_NARROW_FRACTION = 0.1
 LEXICAL_DOCS_MIN = 1000
 LEXICAL_DOCS_MAX = 50_000
@@ -319,9 +319,8 @@ class Searcher:
                      snapshot: SharedSnapshot | None = None) -> list[tuple[int, float, bool]]:
         """The BM25 half of a hybrid search, one statement: ``(chunk_id, exact BM25 score, in the top k)``
         for the pool of candidates (lexical.py, ``BM25.bounded_cte``; ``whole_cte`` on a small index) whose
-        document satisfied the rule
-        and filters when it ran. Ids and scores only: the statement that returns chunks
-        (:meth:`hybrid_candidates`) applies the rule again, so a document hidden since cannot surface.
+        document satisfied the rule and filters when it ran. Ids and scores only: the statement that returns
+        chunks (:meth:`hybrid_candidates`) applies the rule again, so a document hidden since cannot surface.
 
         ``snapshot``: an exported snapshot (:meth:`search_beside`) the statement reads, on a connection
         had within ``LEXICAL_CONNECTION_WAIT`` seconds or not at all (ServiceUnavailable); no rows, and no
