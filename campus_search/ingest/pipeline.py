@@ -293,7 +293,7 @@ class Ingester:
         log.debug("skipped: %s", message)  # the caller reports IngestReport.errors
 
     def _resolve(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool,
-                 respect_pins: bool, claimed: dict[str, _Pending] | None = None) -> list[_Pending]:
+                 respect_pins: bool, claimed: dict[str, _Pending]) -> list[_Pending]:
         """Identity and access checks against the stored rows; returns the documents to write. ``claimed``:
         the ids this run has taken so far (in earlier batches too); a second document with one fails."""
         with self.db.connection() as conn:
@@ -302,7 +302,6 @@ class Ingester:
                 "WHERE external_id = ANY(%s)",
                 (list({p.doc.external_id for p in batch}),)).fetchall()
         stored = {row[0]: row for row in rows}
-        claimed = {} if claimed is None else claimed
         out: list[_Pending] = []
         for p in batch:
             doc_id, where = p.doc.external_id, p.doc.source or p.doc.external_id
@@ -364,12 +363,10 @@ class Ingester:
             report.access_changes.append(p.loosening)
             report.notes.append(p.loosening_note)
 
-    def _flush(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool = False,
-               respect_pins: bool = True, audit: AuditHook | None = None,
-               deferred: list[_Pending] | None = None, claimed: dict[str, _Pending] | None = None) -> None:
+    def _flush(self, batch: list[_Pending], report: IngestReport, allow_loosening: bool, respect_pins: bool,
+               audit: AuditHook | None, deferred: list[_Pending], claimed: dict[str, _Pending]) -> None:
         """Write one batch: new and changed documents (embedded here) in one transaction. Metadata-only
-        changes go to ``deferred`` (:meth:`_apply_metadata` writes them all at the end of the run), or are
-        written with the batch when there is no such list."""
+        changes go to ``deferred`` (:meth:`_apply_metadata` writes them all at the end of the run)."""
         batch = self._resolve(batch, report, allow_loosening, respect_pins, claimed)
         unchanged: list[_Pending] = []
         meta_only: list[_Pending] = []
@@ -382,24 +379,19 @@ class Ingester:
             (unchanged if stored == p.meta else meta_only).append(p)
         report.unchanged += len(unchanged)
         moved = [p for p in unchanged if p.doc.source and p.existing and p.existing[_SOURCE] != p.doc.source]
-        if deferred is not None:
-            for p in meta_only:
-                p.doc = dataclasses.replace(p.doc, blocks=[])  # only its id, source and metadata are needed
-            deferred.extend(meta_only)
-            meta_only = []
+        for p in meta_only:
+            p.doc = dataclasses.replace(p.doc, blocks=[])  # only its id, source and metadata are needed
+        deferred.extend(meta_only)
         if changed:
             changed = self._prepare_chunks(changed, report)
             vectors = self._vectors_for(changed, report)
         with self.db.connection() as conn:
-            current = self._still_current(conn, [*moved, *meta_only, *changed], report)
+            current = self._still_current(conn, [*moved, *changed], report)
             for p in moved:  # same content from another path (or an old relative path): keep prune exact
                 if id(p) in current:
                     assert p.existing is not None
                     conn.execute("UPDATE documents SET source = %s WHERE id = %s", (p.doc.source, p.existing[1]))
-            meta_only = [p for p in meta_only if id(p) in current]
-            self._write_metadata(conn, [(p.existing[1], p.meta, p.doc.source) for p in meta_only if p.existing])
-            written = False
-            done = list(meta_only)
+            done: list[_Pending] = []  # written in this transaction
             for p in changed:
                 if id(p) not in current:
                     continue  # reported by _still_current
@@ -408,20 +400,18 @@ class Ingester:
                                        f"{p.doc.external_id!r} while this run was writing it; nothing written, "
                                        f"run again")
                     continue
-                written = True
                 done.append(p)
                 if p.existing is None:
                     report.added += 1
                 else:
                     report.updated += 1
                 report.chunks_written += len(p.chunks)
-            report.metadata_updated += len(meta_only)
-            if meta_only or written:
+            if done:
                 self.db.bump_generation(conn)
             self._written(report, done)
             if audit is not None:
                 audit(conn, report)
-        if written:
+        if done:
             self.compact()
 
     def compact(self) -> None:
