@@ -109,10 +109,11 @@ class Settings:
     pg_bin_dir: str | None = setting(("PG_BIN_DIR",), None,
         "Folder with pg_dump/pg_restore/psql for `campus-search backup`/`restore`. Default: the embedded "
         "PostgreSQL's in embedded mode, else PATH when new enough for the server, else those bundled.")
-    hnsw_ef_search: int = setting(("HNSW_EF_SEARCH",), 100,
-        "Floor of pgvector's `hnsw.ef_search` for dense candidate search: the searcher raises it with the "
-        "corpus, one candidate per 2,500 chunks (400 at 1M chunks, where 100 loses dense recall), at most "
-        "1000.", int)
+    hnsw_ef_search: int = setting(("HNSW_EF_SEARCH",), 40,
+        "Floor of pgvector's `hnsw.ef_search` for dense candidate search: the searcher raises it to the "
+        "candidates a search takes (40 for a page of 10) and with the corpus, one candidate per 2,500 chunks "
+        "(400 at 1M chunks, where 100 loses dense recall), at most 1000. At 40, dense recall@10 against an "
+        "exact search is 0.98-0.99 from 4,000 to 100,000 chunks (docs/performance.md).", int)
     dense_exact_fraction: float = setting(("DENSE_EXACT_FRACTION",), 0.03,
         "Dense plan by selectivity: a principal whose rule and filters admit at most this share of the chunks "
         "gets an exact scan of the allowed rows (through the access index) instead of the HNSW index; above "

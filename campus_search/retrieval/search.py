@@ -91,7 +91,9 @@ FRACTION_TTL = 60.0
 MAX_SCAN_TUPLES = 20_000
 #: hnsw.ef_search grows with the corpus: at least one per EF_CHUNKS_PER_CANDIDATE chunks (400 at 1M, where
 #: it gives dense recall@10 0.975 against 0.938 at 200: docs/performance.md), at most pgvector's 1000.
-#: HNSW_EF_SEARCH is the floor (100 by default: below 250,000 chunks it decides).
+#: HNSW_EF_SEARCH is the floor (40 by default, the candidates of a 10-result page: below 100,000 chunks the
+#: page's k decides; 100 there cost 0.5 ms of PostgreSQL CPU a search for 0.993 against 0.992 dense
+#: recall@10 on SciFact, docs/performance.md).
 EF_CHUNKS_PER_CANDIDATE = 2500
 EF_SEARCH_MAX = 1000
 #: The BM25 read (lexical.py: bounded_cte, or whole_cte on a small index) filters by the allowed documents'
@@ -173,7 +175,7 @@ GENERIC_PLAN, AUTO_PLAN = "force_generic_plan", "auto"
 
 
 class Searcher:
-    def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 100,
+    def __init__(self, db: Database, embedder: Embedder, *, ef_search: int = 40,
                  fusion: FusionConfig | None = None, bm25: BM25 | None = None,
                  query_vectors: QueryVectors | None = None, exact_max_fraction: float = 0.03,
                  lexical_narrow_fraction: float = LEXICAL_NARROW_FRACTION) -> None:
