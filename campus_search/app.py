@@ -23,6 +23,7 @@ from campus_search.api.extension import CampusSearch
 from campus_search.api.ratelimit import init_rate_limits
 from campus_search.config import load_settings
 from campus_search.ops import logs
+from campus_search.ops.held import HoldAnswers
 from campus_search.security.auth import init_auth
 from campus_search.services import Services
 
@@ -77,4 +78,7 @@ def create_app(services: Services | None = None) -> Flask:
 
     CampusSearch(services=services, auth=auth, metrics=request_metrics, health=health,
                  limiter=limiter).register(app)
+    # 9. a search's answer held without a thread until its audit record is committed, where the server
+    #    can hold it (ops/held.py: the gunicorn worker); other servers wait in the thread, as before
+    app.wsgi_app = HoldAnswers(app.wsgi_app)  # type: ignore[method-assign]
     return app

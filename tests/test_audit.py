@@ -268,15 +268,30 @@ def test_verify_with_another_key_says_so(settings_factory: Any, services_factory
 
 # --- when the audit write fails ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("held", [False, True], ids=["waited-in-thread", "held-by-server"])
 def test_search_fails_closed_when_audit_cannot_be_written(audited: Any, token: Any,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                          caplog: pytest.LogCaptureFixture, held: bool) -> None:
+    """Both ways a server can wait for the record: in the request's thread, or holding the answer without
+    one (ops/held.py: the app returns a held answer, iterated here by the test client as by any server):
+    the 503 withholds the results, with the app's headers, and is what the request metrics count."""
+    from campus_search import metrics
+    from campus_search.ops.held import HOLD_KEY
+
     client, services = audited()
     auth = token("professional_services", departments=["IT Services"])
     body = {"query": "password reset procedures", "config": {"similarity_threshold": -1}}
+    environ = {HOLD_KEY: True} if held else {}
+
+    def counted(status: str) -> float:
+        return metrics.REQUESTS.labels("POST", metrics.endpoint_label("search.search_documents"), status)._value.get()
+
+    before = {s: counted(s) for s in ("200", "503")}
     break_audit_writes(services)
     with caplog.at_level(logging.ERROR, logger="campus_search.audit.records"):
-        r = client.post("/api/search", json=body, headers={"Authorization": auth})
+        r = client.post("/api/search", json=body, headers={"Authorization": auth}, environ_overrides=environ)
     assert r.status_code == 503 and r.headers["Retry-After"]
+    assert r.headers["Content-Length"] == str(len(r.get_data())) and r.headers["Cache-Control"] == "no-store"
+    assert {s: counted(s) - before[s] for s in before} == {"200": 0, "503": 1}
     assert r.get_json() == {"error": {"code": "audit_unavailable", "request_id": r.headers["X-Request-ID"],
                                       "message": "the audit log is unavailable; results are withheld"}}
     assert "No space left" not in r.get_data(as_text=True)
@@ -288,7 +303,9 @@ def test_search_fails_closed_when_audit_cannot_be_written(audited: Any, token: A
     with pytest.raises(AuditUnavailable):
         record_admin_action(services, "cache.clear")
     break_audit_writes(services, broken=False)
-    assert client.post("/api/search", json=body, headers={"Authorization": auth}).status_code == 200
+    r = client.post("/api/search", json=body, headers={"Authorization": auth}, environ_overrides=environ)
+    assert r.status_code == 200 and r.get_json()["count"] > 0
+    assert {s: counted(s) - before[s] for s in before} == {"200": 1, "503": 1}
     with psycopg.connect(services.dsn) as conn:
         report = verify(conn, services.settings.audit_hmac_key)
     assert report.ok and report.records == 1  # failed writes left no hole in the chain

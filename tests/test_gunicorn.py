@@ -243,6 +243,17 @@ def admin_search_any(srv: Server, query: str) -> requests.Response:
     return srv.request("POST", "/api/search", json={"query": query}, headers={"Authorization": auth})
 
 
+def wait_for_a_locked_append(dsn: str) -> None:
+    """Until an audit append waits for the chain head's lock (which the caller holds)."""
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        deadline = time.monotonic() + 60
+        while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                  "AND wait_event_type = 'Lock' AND query LIKE %s",
+                                  ("%audit_chain_head%",)).fetchone()[0]:
+            assert time.monotonic() < deadline, "no audit append reached the database"
+            time.sleep(0.05)
+
+
 def test_no_answered_search_loses_its_record_when_workers_are_killed(served_dsn: str, tmp_path: Path) -> None:
     """SPEC 3 under the audit's commit without a waited-for flush (docs/security.md, "Durability"): a search
     is answered only once its record is committed, so killing the workers (SIGKILL, no exit handler) while
@@ -259,13 +270,7 @@ def test_no_answered_search_loses_its_record_when_workers_are_killed(served_dsn:
         with psycopg.connect(served_dsn) as lock_conn, ThreadPoolExecutor(len(queries)) as pool:
             lock_conn.execute("SELECT seq FROM audit_chain_head FOR UPDATE")  # audit appends now wait on us
             in_flight = [pool.submit(_search_outcome, srv, q) for q in queries]
-            with psycopg.connect(served_dsn, autocommit=True) as watcher:
-                deadline = time.monotonic() + 60
-                while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                          "AND wait_event_type = 'Lock' AND query LIKE %s",
-                                          ("%audit_chain_head%",)).fetchone()[0]:
-                    assert time.monotonic() < deadline, "no audit append reached the database"
-                    time.sleep(0.1)
+            wait_for_a_locked_append(served_dsn)
             time.sleep(1.0)  # the other searches finish their retrieval and queue their records
             workers = srv.workers()
             for pid in workers:

@@ -14,6 +14,7 @@ from flask import Flask, g, has_request_context, request
 
 from campus_search import metrics
 from campus_search.ops import logs
+from campus_search.ops.held import HELD_KEY
 from campus_search.storage.index_state import indexed_departments
 
 #: the loggers these hooks used before they moved here, kept so log filters and tests still match
@@ -64,15 +65,22 @@ def init_metrics(app: Flask, services: Any) -> RequestMetrics:
     def _record(response: Any) -> Any:
         try:
             started = g.get("start_time")
-            seconds = time.perf_counter() - started if started else 0.0
-            metrics.observe_request(request.method, request.endpoint, response.status_code, seconds)
+            method, endpoint = request.method, request.endpoint
             opened = services.opened  # None until this process opened its pools
             db = opened.db if opened is not None else None
             principal = g.get("principal")
-            if request.endpoint == SEARCH_ENDPOINT and response.status_code == 200 and principal is not None:
+            answered = None
+            if endpoint == SEARCH_ENDPOINT and principal is not None:
                 count = _result_count(response)
-                metrics.search_answered(principal.role.name, departments.label(principal.primary_department, db),
-                                        count if count is not None else -1)
+                answered = (principal.role.name, departments.label(principal.primary_department, db),
+                            count if count is not None else -1)
+
+            def observe(status: int) -> None:
+                metrics.observe_request(method, endpoint, status, time.perf_counter() - started if started else 0.0)
+                if answered is not None and status == 200:
+                    metrics.search_answered(*answered)
+
+            when_sent(response, observe)
             if db is not None and sampler.due():
                 sampler.sample(db)  # at most once a second per process; /metrics samples on every scrape
         except Exception:  # metrics must never turn a good response into an error
@@ -91,16 +99,31 @@ def init_access_log(app: Flask) -> None:
     def _access(response: Any) -> Any:
         try:
             started = g.get("start_time")
-            latency_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
             principal = g.get("principal")
-            status = response.status_code
-            level = logging.DEBUG if request.endpoint in logs.QUIET_ENDPOINTS and status < 400 else logging.INFO
-            if logs.access_log.isEnabledFor(level):
-                path = request.path[:200]
-                logs.access_log.log(level, "%s %s %s %sms", request.method[:16], path, status, latency_ms, extra={
-                    "method": request.method[:16], "path": path, "endpoint": request.endpoint, "status": status,
-                    "latency_ms": latency_ms, "user_id": getattr(principal, "user_id", None),
-                    "role": getattr(getattr(principal, "role", None), "name", None)})
+            method, path, endpoint = request.method[:16], request.path[:200], request.endpoint
+            request_id = g.get("request_id")
+
+            def log_line(status: int) -> None:
+                latency_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
+                level = logging.DEBUG if endpoint in logs.QUIET_ENDPOINTS and status < 400 else logging.INFO
+                if logs.access_log.isEnabledFor(level):
+                    logs.access_log.log(level, "%s %s %s %sms", method, path, status, latency_ms, extra={
+                        "method": method, "path": path, "endpoint": endpoint, "status": status,
+                        "latency_ms": latency_ms, "user_id": getattr(principal, "user_id", None),
+                        "role": getattr(getattr(principal, "role", None), "name", None),
+                        "request_id": request_id})
+
+            when_sent(response, log_line)
         except Exception:  # logging must never turn a good response into an error
             _logs_log.debug("access log failed", exc_info=True)
         return response
+
+
+def when_sent(response: Any, callback: Any) -> None:
+    """``callback(status)`` with the status the client gets: now, or -- for an answer held until its audit
+    record's outcome is known (``ops/held.py``), whose status may still become a 503 -- once it is sent."""
+    hold = request.environ.get(HELD_KEY)
+    if hold is None:
+        callback(response.status_code)
+    else:
+        hold.after(callback)

@@ -51,6 +51,8 @@ import logging
 import os
 import queue
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -78,14 +80,37 @@ class _Pending:
     gives up first (``WRITE_TIMEOUT``) and the writer drops it. So a request never answers 503 for a
     record that is then written after all."""
 
-    __slots__ = ("record", "done", "error", "_state", "_lock")
+    __slots__ = ("record", "done", "error", "submitted", "_state", "_lock", "_callbacks")
 
     def __init__(self, record: AuditRecord) -> None:
         self.record = record
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.submitted = time.monotonic()
         self._state = "queued"
         self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the outcome is known: at once if it is, else from the writer thread
+        (:meth:`finish`). A callback must not block: it runs on the thread that writes every record."""
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def finish(self) -> None:
+        """The writer's last word on the record (written, or ``error`` set): wake the waiter and run the
+        callbacks."""
+        with self._lock:
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one callback's failure must not stop the writer or the others
+                log.exception("audit completion callback failed")
 
     def claim(self) -> bool:
         """The writer takes the record; False if the requester gave up on it already."""
@@ -147,13 +172,27 @@ class Auditor:
     def append(self, record: AuditRecord) -> AuditRecord:
         """Write ``record`` at the end of the chain; returns once it is committed. Raises psycopg.Error or
         ServiceUnavailable (also when the writer does not confirm within WRITE_TIMEOUT)."""
+        self.settle(self.submit(record))
+        return record
+
+    def submit(self, record: AuditRecord) -> _Pending:
+        """Hand ``record`` to this process's writer thread and return at once; :meth:`settle` waits for the
+        outcome (``append`` is the two together). A server that holds the answer without a thread until
+        then (``api/auditing.py``, ``ops/held.py``) waits with ``_Pending.when_done`` instead."""
         record.key_id = self.key_id
         if record.response_time_ms is not None:
             record.response_time_ms = round(float(record.response_time_ms), 3)
         pending = _Pending(record)
         self._ensure_writer()
         self._queue.put(pending)
-        if not pending.done.wait(WRITE_TIMEOUT):
+        return pending
+
+    def settle(self, pending: _Pending) -> None:
+        """Wait for a submitted record's outcome: returns once it is committed; raises as :meth:`append`.
+        The writer has until WRITE_TIMEOUT after the submission to take it (a record it has not taken by
+        then is given up: never written later), then its transaction decides."""
+        record = pending.record
+        if not pending.done.wait(max(0.0, pending.submitted + WRITE_TIMEOUT - time.monotonic())):
             if pending.abandon():  # never written now: the writer drops it
                 raise AuditUnavailable("audit write timed out")
             # the writer is writing it: its outcome decides (the transaction is bounded by the pool's
@@ -165,7 +204,6 @@ class Auditor:
         if pending.error is not None:
             # a fresh exception per request: one shared object would collect every waiter's traceback
             raise AuditUnavailable("audit record could not be written") from pending.error
-        return record
 
     def _ensure_writer(self) -> None:
         """One daemon writer thread per process (a forked child starts its own, with a fresh queue)."""
@@ -224,17 +262,17 @@ class Auditor:
             if not retry:
                 for p in batch:
                     p.error = exc
-                    p.done.set()
+                    p.finish()
                 return
             for p in batch:
                 try:
                     self._append_batch([p.record])
                 except BaseException as one:  # noqa: BLE001 - this record's own failure
                     p.error = one
-                p.done.set()
+                p.finish()
             return
         for p in batch:
-            p.done.set()
+            p.finish()
 
     def _append_batch(self, records: list[AuditRecord]) -> None:
         # Pipelined on a direct connection (the head lock is held for less time); behind pgbouncer's
@@ -337,10 +375,19 @@ class Auditor:
     def write(self, record: AuditRecord) -> bool:
         """Append, or log the record as an error when that fails. Returns whether it was stored."""
         try:
-            self.append(record)
-            return True
+            pending = self.submit(record)
         except Exception as exc:  # whatever failed, the record goes to the log and the failure is counted
             self.log_unstored(record, exc)
+            return False
+        return self.outcome(pending)
+
+    def outcome(self, pending: _Pending) -> bool:
+        """:meth:`settle`, the record logged as an error when it was not stored. Whether it was stored."""
+        try:
+            self.settle(pending)
+            return True
+        except Exception as exc:  # whatever failed, the record goes to the log and the failure is counted
+            self.log_unstored(pending.record, exc)
             return False
 
     @staticmethod

@@ -28,6 +28,11 @@ request that has fully arrived:
   never blocks the event loop.
 - gunicorn's own error answers (414 request line too long, 431 header too large, 400 malformed) use
   the API's JSON error shape instead of an HTML page.
+- An answer that waits for something outside the worker -- a search's audit record being committed
+  and flushed -- waits without a thread (:mod:`campus_search.ops.held`): the app is told it may hand
+  such an answer back unfinished, the thread goes on to the next request, and the answer is written
+  from a thread again once its record's outcome is known (or its deadline, the audit's 10 s, has
+  passed). A stalled disk no longer takes every thread, and ``/health/live`` with them.
 
 The brief's command names ``--worker-class gthread`` on the command line, which overrides any
 configuration file, so the ``post_fork`` hook (:mod:`campus_search.ops.gunicorn_hooks`) adopts the freshly
@@ -43,14 +48,18 @@ import logging
 import re
 import selectors
 import socket
+import threading
 import time
+from datetime import datetime
 from functools import partial
 from http import HTTPStatus
 from typing import Any
 
 from gunicorn import http, util
+from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
+from campus_search.ops.held import HOLD_KEY
 from campus_search.ops.logs import new_request_id
 
 log = logging.getLogger("campus_search.ops.server")
@@ -117,6 +126,18 @@ class _Reading:
         self.deadline = deadline
 
 
+class _Held:
+    """A request whose answer waits, without a thread, for its hold (ops/held.py)."""
+
+    __slots__ = ("req", "conn", "resp", "environ", "respiter", "started", "released")
+
+    def __init__(self, req: Any, conn: Any, resp: Any, environ: dict[str, Any], respiter: Any,
+                 started: datetime) -> None:
+        self.req, self.conn, self.resp, self.environ = req, conn, resp, environ
+        self.respiter, self.started = respiter, started
+        self.released = False  # handed to a thread to be sent (BufferingThreadWorker._release)
+
+
 #: Seconds a busy worker (every thread taken) waits before it accepts another connection, so that a burst
 #: of new connections goes to the workers with a thread free instead of to whichever woke first.
 ACCEPT_DEFER = 0.02
@@ -127,6 +148,7 @@ class BufferingThreadWorker(ThreadWorker):
 
     read_timeout = 10.0
     body_limit = 64 * 1024
+    alive: bool  # gunicorn's Worker sets it
 
     def configure(self, read_timeout: float, body_limit: int) -> None:
         self.read_timeout = float(read_timeout)
@@ -147,6 +169,9 @@ class BufferingThreadWorker(ThreadWorker):
             and getattr(cfg, "http2_cleartext", "off") in ("off", None, False)
         #: requests handed to the thread pool and not finished (queued or running)
         self.in_threads = 0
+        #: connections whose answer is held until its audit record's outcome is known (ops/held.py)
+        self.held: dict[Any, _Held] = {}
+        self._held_lock = threading.Lock()
         self._want_accept = False  # what gthread's loop asks (fewer than worker_connections)
         self._busy_since: float | None = None  # since when (or the last accept) this worker has been busy
 
@@ -328,6 +353,7 @@ class BufferingThreadWorker(ThreadWorker):
 
     def murder_pending(self) -> None:
         super().murder_pending()
+        self._expire_held()
         now = time.monotonic()
         while self.reading:
             conn, state = next(iter(self.reading.items()))
@@ -360,6 +386,9 @@ class BufferingThreadWorker(ThreadWorker):
             result = fs.result() if not fs.cancelled() else False
         except Exception:
             result = False
+        if isinstance(result, _Held):
+            self._hold(result)
+            return
         if result is False:
             self.nr_conns -= 1
             self._linger(conn)
@@ -399,13 +428,21 @@ class BufferingThreadWorker(ThreadWorker):
             return self._handle_buffered(conn)
         return super().handle(conn)
 
-    def _handle_buffered(self, conn: Any) -> Any:
-        req = None
+    def _handle_buffered(self, conn: Any, held: _Held | None = None) -> Any:
+        """A complete request, in a thread; or, with ``held``, a held answer now to be sent
+        (:meth:`_release`): its hold's outcome is known, or is settled here (the deadline passed)."""
+        req = held.req if held is not None else None
         try:
+            if held is not None:
+                return self._keepalive_after(conn, self._respond(req, conn, held.resp, held.environ,
+                                                                 held.respiter, held.started))
             req = next(conn.parser)
             if not req:
                 return False
-            return self._keepalive_after(conn, self.handle_request(req, conn))
+            answer = self._serve(req, conn)
+            if isinstance(answer, _Held):
+                return answer  # the thread is free; finish_request waits for the answer's hold
+            return self._keepalive_after(conn, answer)
         except (http.errors.NoMoreData, StopIteration):
             return False
         except TimeoutError:
@@ -418,6 +455,105 @@ class BufferingThreadWorker(ThreadWorker):
         except Exception as e:
             self.handle_error(req, conn.sock, conn.client, e)
             return False
+
+    # ---- answers held without a thread (ops/held.py)
+
+    def _serve(self, req: Any, conn: Any) -> bool | _Held:
+        """gthread's ``handle_request`` (gunicorn 27) in two halves: the app is called with HOLD_KEY set;
+        an answer it hands back not ready yet (ops/held.py, a search waiting for its audit record) is
+        returned as a :class:`_Held` and sent later by :meth:`_handle_buffered`, in a thread again."""
+        environ: dict[str, Any] = {}
+        resp = None
+        try:
+            self.cfg.pre_request(self, req)
+            started = datetime.now()
+            resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
+            environ["wsgi.multithread"] = True
+            environ[HOLD_KEY] = True
+            self.nr += 1
+            if self.nr >= self.max_requests:
+                if self.alive:
+                    self.log.info("Autorestarting worker after current request.")
+                    self.alive = False
+                resp.force_close()
+            if not self.alive or not self.cfg.keepalive or len(self.keepalived_conns) >= self.max_keepalived:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            if callable(getattr(respiter, "when_ready", None)) and not respiter.ready():
+                return _Held(req, conn, resp, environ, respiter, started)  # post_request: once it is sent
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.cfg.post_request(self, req, environ, resp)
+            raise
+        return self._respond(req, conn, resp, environ, respiter, started)
+
+    def _respond(self, req: Any, conn: Any, resp: Any, environ: dict[str, Any], respiter: Any,
+                 started: datetime) -> bool:
+        """The second half of gthread's ``handle_request``: write the answer, log it, keep-alive or not."""
+        try:
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - started)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            if resp.should_close():
+                self.log.debug("Closing connection.")
+                return False
+        except OSError:
+            raise
+        except (Exception, SystemExit):
+            if resp and resp.headers_sent:
+                self.log.exception("Error handling request")
+                util.close_graceful(conn.sock)
+                raise StopIteration() from None
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        return True
+
+    def _hold(self, held: _Held) -> None:
+        """On the event loop: the connection waits, without a thread, for its answer's hold (or deadline)."""
+        self.held[held.conn] = held
+        held.respiter.when_ready(partial(self._release, held))
+
+    def _release(self, held: _Held) -> None:
+        """The hold is settled (called from the audit writer thread) or its deadline passed (the event loop):
+        a thread sends the answer -- submitted from here, not through the event loop, one hand-over fewer.
+        Once only, whichever comes first. The short send is not counted as a busy thread (``_busy``)."""
+        with self._held_lock:
+            if held.released:
+                return
+            held.released = True
+        try:
+            fs = self.tpool.submit(self._handle_buffered, held.conn, held)
+        except RuntimeError:  # the pool is shut down: the worker is gone past its graceful timeout
+            self.method_queue.defer(self._held_dropped, held)
+            return
+        fs.add_done_callback(lambda fut: self.method_queue.defer(self._held_sent, held, fut))
+
+    def _held_sent(self, held: _Held, fs: Any) -> None:
+        """On the event loop: a held answer was sent; the connection goes on as any other's."""
+        self.held.pop(held.conn, None)
+        self.in_threads += 1  # finish_request counts the thread that sent it as finished
+        self.finish_request(held.conn, fs)
+
+    def _held_dropped(self, held: _Held) -> None:
+        if self.held.pop(held.conn, None) is not None:
+            self._close(held.conn)
+
+    def _expire_held(self) -> None:
+        now = time.monotonic()
+        for held in [h for h in self.held.values() if h.respiter.deadline <= now and not h.released]:
+            self._release(held)
 
     def run(self) -> None:
         try:
