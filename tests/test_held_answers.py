@@ -79,6 +79,36 @@ def test_searches_waiting_for_their_audit_records_leave_the_threads_free(
     assert recorded == set(answered)
 
 
+def test_a_record_the_writer_never_took_is_given_up_at_its_deadline_and_answered_503(
+        server: Server, served_dsn: str) -> None:  # noqa: F811
+    """The chain head locked past WRITE_TIMEOUT: each worker's writer is stuck on the batch it took, the
+    records queued behind it are given up at their deadline and answered 503 (the lock still held, no
+    thread waiting for them meanwhile); the records being written are answered once the lock goes. No
+    answer is a 200 without its record, and none that is a 503 has one."""
+    from campus_search.audit.records import WRITE_TIMEOUT
+
+    queries = [f"eduroam wifi setup, deadline {i}" for i in range(6)]
+    with psycopg.connect(served_dsn) as lock_conn, ThreadPoolExecutor(len(queries)) as pool:
+        lock_conn.execute("SELECT seq FROM audit_chain_head FOR UPDATE")
+        started = time.monotonic()
+        in_flight = [pool.submit(search, server, q) for q in queries]
+        wait_for_a_locked_append(served_dsn)
+        given_up = []
+        while time.monotonic() - started < WRITE_TIMEOUT + 5 and not given_up:
+            given_up = [f.result() for f in in_flight if f.done()]
+            time.sleep(0.1)
+        assert given_up and {a.status_code for a in given_up} == {503}  # answered while the lock is held
+        assert probe(server) == 200
+        lock_conn.rollback()
+        answers = [f.result(timeout=60) for f in in_flight]
+    assert {a.status_code for a in answers} <= {200, 503} and 503 in {a.status_code for a in answers}
+    ids = {a.headers["X-Request-ID"]: a.status_code for a in answers}
+    with psycopg.connect(served_dsn) as conn:
+        recorded = {r[0] for r in conn.execute("SELECT request_id FROM audit_log WHERE request_id = ANY(%s)",
+                                               (list(ids),))}
+    assert recorded == {rid for rid, status in ids.items() if status == 200}
+
+
 def test_a_held_answer_whose_record_is_refused_is_a_503_and_counted_as_one(
         server: Server, served_dsn: str) -> None:  # noqa: F811
     """Only this user's records are refused (a constraint added for the test), so the held answer's
@@ -109,20 +139,25 @@ def test_a_held_answer_whose_record_is_refused_is_a_503_and_counted_as_one(
 
 def test_a_held_answer_is_sent_once_when_its_record_settles_or_its_deadline_passes() -> None:
     """The worker's side, without a process: an answer goes to a thread when its hold says it is ready
-    (from the audit writer thread) or when the loop finds its deadline (the audit's WRITE_TIMEOUT) passed,
-    whichever comes first, and only once."""
+    (from the audit writer thread) or when the loop finds its deadline passed and the hold agrees it can be
+    sent without a wait (a record the writer is writing keeps it held), whichever comes first, and only
+    once. A send counts as a busy thread until it is done, and so do held answers beyond HELD_PER_THREAD
+    a thread."""
     from concurrent.futures import Future
 
     from test_slow_clients import _policy_worker
 
-    from campus_search.ops.gunicorn_worker import _Held
+    from campus_search.ops.gunicorn_worker import HELD_PER_THREAD, _Held
 
     class Answer:
-        def __init__(self, deadline: float) -> None:
-            self.deadline, self.ready_callback = deadline, None
+        def __init__(self, deadline: float, expires: bool = True) -> None:
+            self.deadline, self.expires, self.ready_callback = deadline, expires, None
 
         def ready(self) -> bool:
             return False
+
+        def expire(self) -> bool:
+            return self.expires
 
         def when_ready(self, callback: Any) -> None:
             self.ready_callback = callback
@@ -135,17 +170,33 @@ def test_a_held_answer_is_sent_once_when_its_record_settles_or_its_deadline_pass
             sent.append(held)
             return Future()
 
-    worker, listener = _policy_worker()
+    def held(answer: Answer) -> Any:
+        return _Held(None, object(), None, {}, answer, None)  # type: ignore[arg-type]
+
+    worker, listener = _policy_worker(threads=2)
     with listener:
         worker.tpool, worker.pending_conns = Pool(), []
         now = time.monotonic()
-        waiting = _Held(None, object(), None, {}, Answer(now + 60), None)  # type: ignore[arg-type]
-        overdue = _Held(None, object(), None, {}, Answer(now - 1), None)  # type: ignore[arg-type]
-        for held in (waiting, overdue):
-            worker._hold(held)
+        waiting, overdue, writing = held(Answer(now + 60)), held(Answer(now - 1)), held(Answer(now - 1, False))
+        for h in (waiting, overdue, writing):
+            worker._hold(h)
+        assert not worker._busy(time.monotonic())  # held answers hold no thread
         worker.murder_pending()  # once per turn of the worker's event loop
-        assert sent == [overdue]  # past its deadline: sent, whatever its record's fate (settled in the thread)
+        assert sent == [overdue]  # past its deadline and given up: sent (its 503), whatever happens now
+        assert worker.sending == 1 and not worker._busy(time.monotonic())
         waiting.respiter.ready_callback()  # its record's outcome arrives
         overdue.respiter.ready_callback()  # ... and the overdue one's, late: not sent twice
         worker.murder_pending()
-        assert sent == [overdue, waiting]
+        assert sent == [overdue, waiting]  # the one being written stays held
+        assert worker.sending == 2 and worker._busy(time.monotonic())  # two sends: both threads taken
+        writing.respiter.expires = True  # its last deadline
+        worker.murder_pending()
+        assert sent == [overdue, waiting, writing]
+
+        worker.sending, worker.held = 0, {}  # (this pool never finishes a send)
+        for _ in range(HELD_PER_THREAD * 2):
+            worker._hold(held(Answer(now + 60)))
+        assert not worker._busy(time.monotonic())
+        worker._hold(held(Answer(now + 60)))
+        worker._hold(held(Answer(now + 60)))
+        assert worker._busy(time.monotonic())  # held answers beyond 4 a thread slow the intake

@@ -196,8 +196,8 @@ class Auditor:
             if pending.abandon():  # never written now: the writer drops it
                 raise AuditUnavailable("audit write timed out")
             # the writer is writing it: its outcome decides (the transaction is bounded by the pool's
-            # and the database's timeouts)
-            if not pending.done.wait(CLAIMED_WAIT):
+            # and the database's timeouts), until CLAIMED_WAIT after that
+            if not pending.done.wait(max(0.0, pending.submitted + WRITE_TIMEOUT + CLAIMED_WAIT - time.monotonic())):
                 log.error("audit record %s: the write did not finish within %ss; it may still be stored",
                           record.request_id, WRITE_TIMEOUT + CLAIMED_WAIT)
                 raise AuditUnavailable("audit write timed out")
@@ -397,7 +397,8 @@ class Auditor:
         metrics.audit_failure()
         cause = exc.__cause__ or exc
         log.error("audit record NOT stored (%s: %s); record follows: %s", exc.__class__.__name__,
-                  cause.__class__.__name__, json.dumps(record.as_dict(), default=str, ensure_ascii=False))
+                  cause.__class__.__name__, json.dumps(record.as_dict(), default=str, ensure_ascii=False),
+                  extra={"request_id": record.request_id})  # also when logged outside the request (a held answer)
 
     @property
     def refuse_on_failure(self) -> bool:

@@ -138,6 +138,10 @@ class _Held:
         self.released = False  # handed to a thread to be sent (BufferingThreadWorker._release)
 
 
+#: Answers a worker holds for their audit records (ops/held.py) per thread before the surplus counts as busy
+#: threads (``_busy``): 8 for two threads, the connections one of four workers serves at 32.
+HELD_PER_THREAD = 4
+
 #: Seconds a busy worker (every thread taken) waits before it accepts another connection, so that a burst
 #: of new connections goes to the workers with a thread free instead of to whichever woke first.
 ACCEPT_DEFER = 0.02
@@ -169,8 +173,10 @@ class BufferingThreadWorker(ThreadWorker):
             and getattr(cfg, "http2_cleartext", "off") in ("off", None, False)
         #: requests handed to the thread pool and not finished (queued or running)
         self.in_threads = 0
-        #: connections whose answer is held until its audit record's outcome is known (ops/held.py)
+        #: connections whose answer is held until its audit record's outcome is known (ops/held.py), and the
+        #: held answers being sent by a thread (counted by _busy; changed under _held_lock)
         self.held: dict[Any, _Held] = {}
+        self.sending = 0
         self._held_lock = threading.Lock()
         self._want_accept = False  # what gthread's loop asks (fewer than worker_connections)
         self._busy_since: float | None = None  # since when (or the last accept) this worker has been busy
@@ -185,7 +191,10 @@ class BufferingThreadWorker(ThreadWorker):
             if state.deadline < since:
                 break
             fresh += 1
-        return self.in_threads + fresh >= self.cfg.threads
+        # answers held for their audit records hold no thread, but beyond HELD_PER_THREAD a thread each
+        # they count as busy: a stalled audit log slows the intake of new connections
+        held = max(0, len(self.held) - HELD_PER_THREAD * self.cfg.threads)
+        return self.in_threads + self.sending + fresh + held >= self.cfg.threads
 
     def set_accept_enabled(self, enabled: bool) -> None:
         self._want_accept = enabled
@@ -526,16 +535,19 @@ class BufferingThreadWorker(ThreadWorker):
         held.respiter.when_ready(partial(self._release, held))
 
     def _release(self, held: _Held) -> None:
-        """The hold is settled (called from the audit writer thread) or its deadline passed (the event loop):
-        a thread sends the answer -- submitted from here, not through the event loop, one hand-over fewer.
-        Once only, whichever comes first. The short send is not counted as a busy thread (``_busy``)."""
+        """The hold is settled (called from the audit writer thread) or expired (the event loop): a thread
+        sends the answer -- submitted from here, not through the event loop, one hand-over fewer. Once
+        only, whichever comes first; the send counts as a busy thread (``sending``) until it is done."""
         with self._held_lock:
             if held.released:
                 return
             held.released = True
+            self.sending += 1
         try:
             fs = self.tpool.submit(self._handle_buffered, held.conn, held)
-        except RuntimeError:  # the pool is shut down: the worker is gone past its graceful timeout
+        except Exception:  # the pool is shut down (past the graceful timeout), or no thread could start
+            if not getattr(self.tpool, "_shutdown", False):
+                log.exception("a held answer could not be handed to a thread; closing its connection")
             self.method_queue.defer(self._held_dropped, held)
             return
         fs.add_done_callback(lambda fut: self.method_queue.defer(self._held_sent, held, fut))
@@ -543,17 +555,25 @@ class BufferingThreadWorker(ThreadWorker):
     def _held_sent(self, held: _Held, fs: Any) -> None:
         """On the event loop: a held answer was sent; the connection goes on as any other's."""
         self.held.pop(held.conn, None)
+        with self._held_lock:
+            self.sending -= 1
         self.in_threads += 1  # finish_request counts the thread that sent it as finished
         self.finish_request(held.conn, fs)
 
     def _held_dropped(self, held: _Held) -> None:
+        with self._held_lock:
+            self.sending -= 1
         if self.held.pop(held.conn, None) is not None:
             self._close(held.conn)
 
     def _expire_held(self) -> None:
+        """Past its deadline, an answer is sent if that needs no wait for the audit log (its record given
+        up: the 503); a record being written keeps it held, without a thread, until ops/held.py's last
+        deadline."""
         now = time.monotonic()
         for held in [h for h in self.held.values() if h.respiter.deadline <= now and not h.released]:
-            self._release(held)
+            if held.respiter.expire():
+                self._release(held)
 
     def run(self) -> None:
         try:

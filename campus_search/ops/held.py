@@ -16,19 +16,27 @@ response as built if the record was stored, else its alternative (with ``AUDIT_F
 503 that withholds the results). Nothing reaches the client before the record's outcome is known, as
 before; only the waiting moved out of the thread.
 
-Iterating a :class:`HeldAnswer` waits for the outcome in the iterating thread, so a server that does not
-know the protocol (or the worker's TLS and HTTP/2 paths, which never set :data:`HOLD_KEY`) still answers
-correctly: it just waits in the thread, as every server did before. Framework-free (plain WSGI).
+A server that does not set :data:`HOLD_KEY` (another WSGI server, the test client, or the worker's own
+TLS, HTTP/2 and PROXY-protocol paths, which run gunicorn's request handling) never sees a held answer:
+the audit hook waits for the outcome in the request's thread, as before. Iterating a :class:`HeldAnswer`
+also waits for the outcome, bounded as ``Auditor.settle`` bounds it.
+
+The deadline (:meth:`AuditHold.expire`): WRITE_TIMEOUT after the record was handed over, a record the
+writer has not taken is given up (never written later) and the answer is sent (the 503, with
+``AUDIT_FAILURE_MODE=refuse``); a record it is writing keeps the answer held -- still without a thread --
+until its transaction ends or CLAIMED_WAIT more has passed. A thread that sends an answer therefore never
+waits for the audit log. Framework-free (plain WSGI).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from campus_search.audit.records import WRITE_TIMEOUT, Auditor
+from campus_search.audit.records import CLAIMED_WAIT, WRITE_TIMEOUT, Auditor
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,18 @@ class AuditHold:
 
     def ready(self) -> bool:
         return bool(self.pending.done.is_set())
+
+    def expire(self) -> bool:
+        """Called once :attr:`deadline` has passed: True when the answer can be sent without waiting (the
+        outcome is known, the record was given up before the writer took it, or the writer has had
+        CLAIMED_WAIT more), else False with the deadline moved to that last point."""
+        if self.ready():
+            return True
+        last = self.pending.submitted + WRITE_TIMEOUT + CLAIMED_WAIT
+        if time.monotonic() >= last or self.pending.abandon():
+            return True
+        self.deadline = last
+        return False
 
     def when_ready(self, callback: Callable[[], None]) -> None:
         """``callback()`` once the outcome is known: at once, or later from the audit writer thread."""
@@ -109,6 +129,9 @@ class HeldAnswer:
 
     def ready(self) -> bool:
         return self.hold.ready()
+
+    def expire(self) -> bool:
+        return self.hold.expire()
 
     def when_ready(self, callback: Callable[[], None]) -> None:
         self.hold.when_ready(callback)
