@@ -10,6 +10,8 @@ results, counted as a 503 by the request metrics.
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +79,49 @@ def test_searches_waiting_for_their_audit_records_leave_the_threads_free(
         recorded = {r[0] for r in conn.execute("SELECT request_id FROM audit_log WHERE request_id = ANY(%s)",
                                                (answered,))}
     assert recorded == set(answered)
+
+
+def test_held_answers_on_a_kept_alive_connection_come_in_order(server: Server, served_dsn: str) -> None:  # noqa: F811
+    """Three searches pipelined on one kept-alive connection, then a fourth on it once they are answered,
+    all while the chain head is locked at first: each answer waits for its own record, they arrive in the
+    order asked, and the connection stays usable after a held answer (the worker's keep-alive path)."""
+    auth = bearer("held-admin").encode()
+
+    def request(query: str, close: bool = False) -> bytes:
+        body = json.dumps({"query": query}).encode()
+        return (b"POST /api/search HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nAuthorization: " + auth
+                + (b"\r\nConnection: close" if close else b"") + b"\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\n\r\n" + body)
+
+    queries = [f"library borrowing, pipelined {i}" for i in range(3)]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock, \
+            psycopg.connect(served_dsn) as lock_conn:
+        lock_conn.execute("SELECT seq FROM audit_chain_head FOR UPDATE")
+        sock.sendall(b"".join(request(q) for q in queries))
+        wait_for_a_locked_append(served_dsn)
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # nothing is sent while the first record waits
+        lock_conn.rollback()
+        sock.settimeout(30)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < len(queries):
+            chunk = sock.recv(65536)
+            assert chunk, data[-300:]
+            data += chunk
+        sock.sendall(request("library borrowing, after the held ones", close=True))
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answers = [json.loads(part.split(b"\r\n\r\n", 1)[1]) for part in data.split(b"HTTP/1.1 ")[1:]]
+    assert data.count(b"HTTP/1.1 200 OK") == 4
+    assert [a["query"] for a in answers] == [*queries, "library borrowing, after the held ones"]
+    with psycopg.connect(served_dsn) as conn:
+        recorded = {r[0] for r in conn.execute("SELECT request_id FROM audit_log WHERE request_id = ANY(%s)",
+                                               ([a["request_id"] for a in answers],))}
+    assert recorded == {a["request_id"] for a in answers}
 
 
 def test_a_record_the_writer_never_took_is_given_up_at_its_deadline_and_answered_503(
