@@ -8,7 +8,9 @@ chain key. The key never reaches the database: with write access alone, history 
 without :func:`verify` noticing at the first record touched.
 
 Appending is a group commit. Request threads hand their record to the process's writer thread and
-wait until it is committed; the writer takes every record queued at that moment and appends them in one
+wait until it is committed (:meth:`Auditor.append`: :meth:`~Auditor.submit`, then :meth:`~Auditor.settle`;
+under the gunicorn worker the answer waits instead, without a thread: ``ops/held.py``, with
+``_Pending.when_done``); the writer takes every record queued at that moment and appends them in one
 transaction: lock and read the single-row chain head, insert the records in order (a trigger checks
 each extends the head and moves it), commit (one WAL record, flushed without being waited for: see
 "Durability" below). The head's row lock is the serialisation
