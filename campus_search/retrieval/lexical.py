@@ -104,6 +104,12 @@ def mask_ids(mask: bytes) -> list[int]:
     return [8 * n + b for n, byte in enumerate(mask) if byte for b in range(8) if byte >> b & 1]
 
 
+#: Posting ``p``'s document is in the allowed set ``%(lex_docs)s`` (:func:`document_mask`). A document beyond
+#: the mask's last byte is not in the set (the CASE: get_bit would raise on it).
+_IN_DOCS = ("CASE WHEN p.document_id < 8 * octet_length(%(lex_docs)s::bytea) "
+            "THEN get_bit(%(lex_docs)s::bytea, p.document_id) = 1 ELSE false END")
+
+
 def _probe(where: str, document: str) -> str:
     """A scalar subquery: the predicate ``where`` (on alias ``d``) for the document ``document`` (by PK)."""
     return f"(SELECT {where} FROM documents d WHERE d.id = {document})"
@@ -195,8 +201,7 @@ class BM25:
         sets and rescoring."""
         if access not in ACCESS_MODES:
             raise ValueError(f"access must be one of {ACCESS_MODES}, not {access!r}")
-        in_docs = (" WHERE CASE WHEN p.document_id < 8 * octet_length(%(lex_docs)s::bytea) "
-                   "THEN get_bit(%(lex_docs)s::bytea, p.document_id) = 1 ELSE false END") if access == "docs" else ""
+        in_docs = f" WHERE {_IN_DOCS}" if access == "docs" else ""
         return f"""{self.weights_cte()},
         lex_ranked AS MATERIALIZED (  -- every posting of every query term: each read chunk's exact score
             SELECT p.chunk_id, min(p.document_id) AS document_id, sum(w.w * {self._saturation('p.tf', 'p.dl')}) AS lb
@@ -239,13 +244,10 @@ class BM25:
         # the best k allowed are the whole answer and nothing needs rescoring; else the pool
         pool = f"CASE WHEN (SELECT whole FROM lex_whole) THEN {k} ELSE greatest(2 * ({k}), {int(rescored)}) END"
         cut = f"w.df > {int(self.cut_df)}"
-        # a document beyond the mask's last byte is not in the set (CASE: get_bit would raise on it)
-        in_docs = ("CASE WHEN p.document_id < 8 * octet_length(%(lex_docs)s::bytea) "
-                   "THEN get_bit(%(lex_docs)s::bytea, p.document_id) = 1 ELSE false END")
         # rare terms: read whole; filtered by the allowed set when there is one (one bit a posting), else not
-        rare_filter = f" AND {in_docs}" if access == "docs" else ""
+        rare_filter = f" AND {_IN_DOCS}" if access == "docs" else ""
         # common terms: read in impact order, allowed postings only, until depth of them
-        cut_filter = {"all": "", "docs": f" AND {in_docs}",
+        cut_filter = {"all": "", "docs": f" AND {_IN_DOCS}",
                       "probe": f" AND {_probe(where, 'p.document_id')}"}[access]
         # known: the row's document was probed with the exact rule in this statement (common terms' rows in
         # probe mode); every other row is probed as the pool is walked, so a stale cached answer (all, or
