@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 from pathlib import Path
@@ -31,31 +30,15 @@ from typing import Any
 
 
 def read_queries(path: Path, limit: int) -> list[tuple[str, str]]:
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            row = json.loads(line)
-            out.append((str(row["_id"]), str(row["text"])))
-        else:
-            out.append((str(n), line.strip()))
+    """(id, text): BEIR's queries.jsonl as ``campus-search eval`` reads it, or plain text, one a line."""
+    from campus_search.retrieval.evaluation import load_queries
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if next((line for line in lines if line.strip()), "").lstrip().startswith("{"):
+        out = list(load_queries(path).items())
+    else:
+        out = [(str(n), line.strip()) for n, line in enumerate(lines) if line.strip()]
     return out[:limit] if limit else out
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 3 and int(parts[2]) > 0:
-            qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
-    return qrels
-
-
-def ndcg10(ranked: list[str], relevant: dict[str, int]) -> float:
-    dcg = sum(relevant.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:10]))
-    ideal = sum(v / math.log2(i + 2) for i, v in enumerate(sorted(relevant.values(), reverse=True)[:10]))
-    return dcg / ideal if ideal else 0.0
 
 
 def main() -> None:
@@ -72,7 +55,7 @@ def main() -> None:
     for name in ("DATABASE_URL", "REDIS_URL"):
         os.environ.pop(name, None)
     from campus_search.config import load_settings
-    from campus_search.retrieval.evaluation import ensure_scratch_database
+    from campus_search.retrieval.evaluation import ensure_scratch_database, load_qrels, ndcg_at_k
     from campus_search.retrieval.params import SearchParams
     from campus_search.retrieval.search import CANDIDATE_FLOOR, Searcher
     from campus_search.security.auth import principal_from_claims
@@ -86,7 +69,7 @@ def main() -> None:
     services = Services(settings).ensure_open()
     admin = principal_from_claims({"sub": "bench-admin", "role": "admin"}, settings)
     queries = read_queries(args.queries, args.limit)
-    qrels = read_qrels(args.qrels) if args.qrels else {}
+    qrels = load_qrels(args.qrels) if args.qrels else {}
     searcher = services.searcher
     vectors = {text: searcher.embed_query(text) for _, text in queries}  # embedded once, for every ef
     exact = Searcher(services.db, services.embedder, exact_max_fraction=0.0)
@@ -110,7 +93,7 @@ def main() -> None:
                 for h in hits:
                     if h.document_id not in documents:
                         documents.append(h.document_id)
-                scores.append(ndcg10(documents, qrels[qid]))
+                scores.append(ndcg_at_k(documents, qrels[qid], 10))
         first = first or pages
         out: dict[str, Any] = {"ef_search": ef, "queries": len(queries), "recall@10": round(statistics.mean(r10), 4),
                                "recall@40": round(statistics.mean(r40), 4),
