@@ -123,13 +123,17 @@ def server(served_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         srv.stop()
 
 
-def admin_search(srv: Server, query: str) -> requests.Response:
+def admin_bearer(sub: str = "ops-admin") -> str:
+    """An Authorization header value: an IT administrator's token for the test secret."""
     from campus_search.config import Settings
     from campus_search.security.auth import mint_token
 
-    auth = "Bearer " + mint_token(Settings(jwt_secret_key=TEST_SECRET, data_dir="/nonexistent"),
-                                  sub="ops-admin", role="it_administrator")
-    r = srv.request("POST", "/api/search", json={"query": query}, headers={"Authorization": auth})
+    return "Bearer " + mint_token(Settings(jwt_secret_key=TEST_SECRET, data_dir="/nonexistent"),
+                                  sub=sub, role="it_administrator")
+
+
+def admin_search(srv: Server, query: str) -> requests.Response:
+    r = admin_search_any(srv, query)
     assert r.status_code == 200, r.text
     return r
 
@@ -234,13 +238,8 @@ def _search_outcome(srv: Server, query: str) -> tuple[int | None, str | None]:
     return r.status_code, r.headers.get("X-Request-ID")
 
 
-def admin_search_any(srv: Server, query: str) -> requests.Response:
-    from campus_search.config import Settings
-    from campus_search.security.auth import mint_token
-
-    auth = "Bearer " + mint_token(Settings(jwt_secret_key=TEST_SECRET, data_dir="/nonexistent"),
-                                  sub="ops-admin", role="it_administrator")
-    return srv.request("POST", "/api/search", json={"query": query}, headers={"Authorization": auth})
+def admin_search_any(srv: Server, query: str, sub: str = "ops-admin") -> requests.Response:
+    return srv.request("POST", "/api/search", json={"query": query}, headers={"Authorization": admin_bearer(sub)})
 
 
 def wait_for_a_locked_append(dsn: str) -> None:

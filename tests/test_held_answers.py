@@ -13,41 +13,23 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 import pytest
-import requests
-from conftest import TEST_SECRET
 from prometheus_client.parser import text_string_to_metric_families
-from test_gunicorn import Server, served_dsn, wait_for_a_locked_append  # noqa: F401  (served_dsn: a fixture, used by name)
+from test_gunicorn import (  # noqa: F401  (served_dsn and server: fixtures, used by name)
+    Server,
+    admin_bearer,
+    admin_search_any,
+    served_dsn,
+    server,
+    wait_for_a_locked_append,
+)
 from test_slow_clients import probe
 
 THREADS = 4  # the brief's command as Server runs it: 2 workers x 2 threads
-
-
-@pytest.fixture(scope="module")
-def server(served_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:  # noqa: F811
-    srv = Server(served_dsn, tmp_path_factory.mktemp("held"))
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
-
-
-def bearer(sub: str) -> str:
-    from campus_search.config import Settings
-    from campus_search.security.auth import mint_token
-
-    return "Bearer " + mint_token(Settings(jwt_secret_key=TEST_SECRET, data_dir="/nonexistent"),
-                                  sub=sub, role="it_administrator")
-
-
-def search(srv: Server, query: str, sub: str = "held-admin") -> requests.Response:
-    return srv.request("POST", "/api/search", json={"query": query}, headers={"Authorization": bearer(sub)})
 
 
 def counted(srv: Server, status: str) -> float:
@@ -62,7 +44,7 @@ def test_searches_waiting_for_their_audit_records_leave_the_threads_free(
     queries = [f"student password reset, held answer {i}" for i in range(2 * THREADS)]
     with psycopg.connect(served_dsn) as lock_conn, ThreadPoolExecutor(len(queries)) as pool:
         lock_conn.execute("SELECT seq FROM audit_chain_head FOR UPDATE")  # audit appends now wait on us
-        in_flight = [pool.submit(search, server, q) for q in queries]
+        in_flight = [pool.submit(admin_search_any, server, q) for q in queries]
         wait_for_a_locked_append(served_dsn)
         time.sleep(1.5)  # every search finishes its retrieval and hands its record to its worker's writer
         assert not any(f.done() for f in in_flight)  # nothing answered while its record waits
@@ -85,7 +67,7 @@ def test_held_answers_on_a_kept_alive_connection_come_in_order(server: Server, s
     """Three searches pipelined on one kept-alive connection, then a fourth on it once they are answered,
     all while the chain head is locked at first: each answer waits for its own record, they arrive in the
     order asked, and the connection stays usable after a held answer (the worker's keep-alive path)."""
-    auth = bearer("held-admin").encode()
+    auth = admin_bearer().encode()
 
     def request(query: str, close: bool = False) -> bytes:
         body = json.dumps({"query": query}).encode()
@@ -136,7 +118,7 @@ def test_a_record_the_writer_never_took_is_given_up_at_its_deadline_and_answered
     with psycopg.connect(served_dsn) as lock_conn, ThreadPoolExecutor(len(queries)) as pool:
         lock_conn.execute("SELECT seq FROM audit_chain_head FOR UPDATE")
         started = time.monotonic()
-        in_flight = [pool.submit(search, server, q) for q in queries]
+        in_flight = [pool.submit(admin_search_any, server, q) for q in queries]
         wait_for_a_locked_append(served_dsn)
         given_up = []
         while time.monotonic() - started < WRITE_TIMEOUT + 5 and not given_up:
@@ -163,8 +145,8 @@ def test_a_held_answer_whose_record_is_refused_is_a_503_and_counted_as_one(
         conn.execute("ALTER TABLE audit_log ADD CONSTRAINT refuse_held_user CHECK (user_id <> 'refused-user') "
                      "NOT VALID")
     try:
-        refused = search(server, "library borrowing and renewals", sub="refused-user")
-        allowed = search(server, "library borrowing and renewals")
+        refused = admin_search_any(server, "library borrowing and renewals", sub="refused-user")
+        allowed = admin_search_any(server, "library borrowing and renewals")
     finally:
         with psycopg.connect(served_dsn, autocommit=True) as conn:
             conn.execute("ALTER TABLE audit_log DROP CONSTRAINT refuse_held_user")
