@@ -29,6 +29,12 @@ no cache of either side can answer):
    the disk stalled idles our cores and not the peer's. ``--ours-env NAME=VALUE`` runs ours with a setting
    changed (e.g. ``AUDIT_WAIT_FOR_FLUSH=false``).
 
+``--prepare-host`` first prepares this machine as docs/deployment.md prepares a database host: it reserves
+the huge pages the embedded PostgreSQL's shared memory needs (``shared_memory_size_in_huge_pages``; as root,
+``/proc/sys/vm/nr_hugepages``) before the cluster starts, and gives them back after the run. Without it the
+host is measured as it is. Either way the figures record whether PostgreSQL ran in huge pages and whether
+this run reserved them (docs/operations.md, "Huge pages": ~10 % less PostgreSQL CPU a search with them).
+
 Chroma lives in its own virtualenv (``--chroma-venv``; created with ``pip install chromadb`` when
 missing), never in the project's. If chromadb cannot be installed or started the peer is skipped
 with a message and only Campus Search is measured. Needs ``wrk`` (``apt-get install wrk``).
@@ -147,6 +153,65 @@ def read_chunks(data_dir: Path) -> tuple[list[str], list[str], np.ndarray, int, 
                           for r in rows], dtype=np.float32)
     return ([str(r[0]) for r in rows], [r[1] for r in rows], matrix, int(documents),
             {"huge_pages": status, "shared_memory_mb": size_mb})
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+MEMINFO = Path("/proc/meminfo")
+
+
+def huge_pages_to_add(needed: int, free: int) -> int:
+    """How many huge pages to add to the host's pool so that ``needed`` are free: none when enough are."""
+    return max(0, needed - free)
+
+
+def free_huge_pages() -> int:
+    """The host's free huge pages (``HugePages_Free`` in /proc/meminfo); 0 when it has none."""
+    for line in MEMINFO.read_text().splitlines():
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    return 0
+
+
+def shared_memory_pages(data_dir: Path, env: dict[str, str]) -> int | None:
+    """``shared_memory_size_in_huge_pages`` of the embedded cluster under ``data_dir``, read in a child process
+    that starts it and, exiting, stops it (so the next start maps its shared memory afresh)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[2]); import psycopg; "
+            "from campus_search.storage.embedded_pg import ensure_embedded_database; "
+            "from campus_search.storage.server_memory import server_memory; "
+            "conn = psycopg.connect(ensure_embedded_database(sys.argv[1])); "
+            "print(json.dumps(server_memory(conn)[2])); conn.close()")
+    out = subprocess.run([sys.executable, "-c", code, str(data_dir), str(ROOT)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if out.returncode != 0:
+        raise SystemExit(f"could not read the embedded PostgreSQL's shared memory size: {out.stderr.strip()[-500:]}")
+    pages = json.loads(out.stdout.strip().splitlines()[-1])
+    return int(pages) if pages else None
+
+
+def reserve_huge_pages(needed: int) -> tuple[int, int] | None:
+    """Reserve ``needed`` free huge pages on this host (root); returns (the pool's size before, pages added) to
+    give back with :func:`release_huge_pages`, or None when enough were free already."""
+    free = free_huge_pages()
+    add = huge_pages_to_add(needed, free)
+    if add == 0:
+        return None
+    if os.geteuid() != 0:
+        raise SystemExit(f"--prepare-host reserves {add} huge pages in /proc/sys/vm/nr_hugepages: run as root, or "
+                         f"reserve them first (sysctl -w vm.nr_hugepages=...)")
+    before = int(NR_HUGEPAGES.read_text())
+    NR_HUGEPAGES.write_text(str(before + add))
+    if free_huge_pages() < needed:  # memory too fragmented for the kernel to find them
+        NR_HUGEPAGES.write_text(str(before))
+        raise SystemExit(f"the kernel could not reserve {needed} free huge pages (memory fragmented?)")
+    return before, add
+
+
+def release_huge_pages(reserved: tuple[int, int] | None) -> None:
+    """Give back what :func:`reserve_huge_pages` added. Pages PostgreSQL still maps become surplus and return to
+    the kernel when it stops."""
+    if reserved is not None:
+        NR_HUGEPAGES.write_text(str(reserved[0]))
+        say(f"host: gave back the {reserved[1]} huge pages this run reserved (vm.nr_hugepages {reserved[0]})")
 
 
 # ---------------------------------------------------------------- Chroma
@@ -381,6 +446,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true", help="measure Campus Search alone")
+    ap.add_argument("--prepare-host", action="store_true",
+                    help="as docs/deployment.md prepares a database host: reserve the huge pages the embedded "
+                         "PostgreSQL needs for this run (root), give them back after")
     ap.add_argument("--ours-env", action="append", default=[], metavar="NAME=VALUE",
                     help="an environment setting for Campus Search only, e.g. AUDIT_WAIT_FOR_FLUSH=false (repeatable; "
                          "recorded with the figures)")
@@ -407,7 +475,22 @@ def main() -> int:
         raise SystemExit("--ours-env names a setting twice")
 
     ingest(data_dir, args.docs, env)
+    reserved = None
+    if args.prepare_host:
+        pages = shared_memory_pages(data_dir / "data", env)
+        reserved = reserve_huge_pages(pages) if pages else None
+        say(f"host: {pages} huge pages for PostgreSQL's shared memory; "
+            + (f"reserved {reserved[1]} for this run" if reserved else "enough were free already"))
+    try:
+        return measure(args, data_dir, env, ours_env, queries, reserved)
+    finally:
+        release_huge_pages(reserved)
+
+
+def measure(args: argparse.Namespace, data_dir: Path, env: dict[str, str], ours_env: dict[str, str],
+            queries: list[str], reserved: tuple[int, int] | None) -> int:
     ids, texts, matrix, documents, memory = read_chunks(data_dir / "data")
+    memory["huge_pages_reserved_by_this_run"] = reserved[1] if reserved else 0
     say(f"corpus: {documents} documents, {len(ids)} chunks, dimension {matrix.shape[1]}")
     if documents != args.docs:
         say(f"NOTE: the database holds {documents} documents, not --docs {args.docs} (a data dir from another run)")

@@ -9,8 +9,10 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("bench_peer", ROOT / "bench" / "bench_peer.py")
@@ -90,3 +92,54 @@ def test_the_disk_probe_counts_stalls_and_the_seconds_they_cover(tmp_path: Path)
             time.sleep(0.05)
     assert probe.summary()["flushes"] >= 3
     assert list(tmp_path.iterdir()) == []  # the scratch file is gone
+
+
+def test_huge_pages_are_added_only_to_make_up_what_is_not_free() -> None:
+    assert bench_peer.huge_pages_to_add(2196, 0) == 2196
+    assert bench_peer.huge_pages_to_add(2196, 2000) == 196
+    assert bench_peer.huge_pages_to_add(2196, 2400) == 0
+
+
+def _fake_host(tmp_path: Path, monkeypatch: Any, total: int, free: int, kernel_gives: bool = True) -> Path:
+    """/proc/sys/vm/nr_hugepages and /proc/meminfo as files; the "kernel" frees what the pool grew by, or not."""
+    nr = tmp_path / "nr_hugepages"
+    nr.write_text(str(total))
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal: 24000000 kB\nHugePages_Total: {total}\nHugePages_Free: {free}\n")
+    monkeypatch.setattr(bench_peer, "NR_HUGEPAGES", nr)
+    monkeypatch.setattr(bench_peer, "MEMINFO", meminfo)
+    monkeypatch.setattr(bench_peer.os, "geteuid", lambda: 0)
+    if kernel_gives:
+        monkeypatch.setattr(bench_peer, "free_huge_pages", lambda: free + int(nr.read_text()) - total)
+    return nr
+
+
+def test_a_run_reserves_the_missing_huge_pages_and_gives_them_back(tmp_path: Path, monkeypatch: Any) -> None:
+    nr = _fake_host(tmp_path, monkeypatch, total=100, free=40)
+    assert bench_peer.free_huge_pages() == 40
+    reserved = bench_peer.reserve_huge_pages(2196)
+    assert reserved == (100, 2156) and nr.read_text() == "2256"
+    bench_peer.release_huge_pages(reserved)
+    assert nr.read_text() == "100"
+
+
+def test_a_host_with_enough_free_huge_pages_is_left_alone(tmp_path: Path, monkeypatch: Any) -> None:
+    nr = _fake_host(tmp_path, monkeypatch, total=3000, free=2500)
+    assert bench_peer.reserve_huge_pages(2196) is None
+    bench_peer.release_huge_pages(None)
+    assert nr.read_text() == "3000"
+
+
+def test_huge_pages_the_kernel_cannot_find_are_not_left_reserved(tmp_path: Path, monkeypatch: Any) -> None:
+    nr = _fake_host(tmp_path, monkeypatch, total=0, free=0, kernel_gives=False)
+    with pytest.raises(SystemExit, match="could not reserve 2196"):
+        bench_peer.reserve_huge_pages(2196)
+    assert nr.read_text() == "0"
+
+
+def test_only_root_may_reserve_huge_pages(tmp_path: Path, monkeypatch: Any) -> None:
+    nr = _fake_host(tmp_path, monkeypatch, total=0, free=0)
+    monkeypatch.setattr(bench_peer.os, "geteuid", lambda: 1000)
+    with pytest.raises(SystemExit, match="run as root"):
+        bench_peer.reserve_huge_pages(2196)
+    assert nr.read_text() == "0"
