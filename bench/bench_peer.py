@@ -33,7 +33,7 @@ no cache of either side can answer):
 the huge pages the embedded PostgreSQL's shared memory needs (``shared_memory_size_in_huge_pages``; as root,
 ``/proc/sys/vm/nr_hugepages``) before the cluster starts, and gives them back after the run. Without it the
 host is measured as it is. Either way the figures record whether PostgreSQL ran in huge pages and whether
-this run reserved them (docs/operations.md, "Huge pages": ~10 % less PostgreSQL CPU a search with them).
+this run reserved them (docs/operations.md, "Huge pages": 3-11 % less PostgreSQL CPU a search with them).
 
 Chroma lives in its own virtualenv (``--chroma-venv``; created with ``pip install chromadb`` when
 missing), never in the project's. If chromadb cannot be installed or started the peer is skipped
@@ -478,7 +478,9 @@ def main() -> int:
     reserved = None
     if args.prepare_host:
         pages = shared_memory_pages(data_dir / "data", env)
-        reserved = reserve_huge_pages(pages) if pages else None
+        if not pages:
+            raise SystemExit("--prepare-host: the embedded PostgreSQL does not report shared_memory_size_in_huge_pages")
+        reserved = reserve_huge_pages(pages)
         say(f"host: {pages} huge pages for PostgreSQL's shared memory; "
             + (f"reserved {reserved[1]} for this run" if reserved else "enough were free already"))
     try:

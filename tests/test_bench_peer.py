@@ -1,4 +1,5 @@
-"""bench/bench_peer.py's arithmetic: wrk parsing, exact top-k, CPU per request, profile buckets.
+"""bench/bench_peer.py's arithmetic: wrk parsing, exact top-k, CPU per request, profile buckets, the
+host's huge pages (--prepare-host, on stand-in /proc files).
 
 The benchmark itself needs Chroma and minutes of load; these are the parts whose mistakes would
 silently skew its figures."""
@@ -112,6 +113,13 @@ def _fake_host(tmp_path: Path, monkeypatch: Any, total: int, free: int, kernel_g
     if kernel_gives:
         monkeypatch.setattr(bench_peer, "free_huge_pages", lambda: free + int(nr.read_text()) - total)
     return nr
+
+
+def test_free_huge_pages_are_read_from_meminfo(tmp_path: Path, monkeypatch: Any) -> None:
+    _fake_host(tmp_path, monkeypatch, total=100, free=40, kernel_gives=False)
+    assert bench_peer.free_huge_pages() == 40
+    (tmp_path / "meminfo").write_text("MemTotal: 24000000 kB\n")  # a kernel without huge pages
+    assert bench_peer.free_huge_pages() == 0
 
 
 def test_a_run_reserves_the_missing_huge_pages_and_gives_them_back(tmp_path: Path, monkeypatch: Any) -> None:
