@@ -21,8 +21,10 @@ no cache of either side can answer):
 
 1. concurrency 1: one keep-alive connection per server, ``--sequential`` requests each, the two
    servers taking turns request by request -> median / p95;
-2. concurrency ``--concurrency``: ``wrk`` (closed loop, 2 threads), ``--rounds`` rounds of
-   ``--duration`` s per server in the order ours, peer, peer, ours, ... -> requests/s, p50 / p90 / p99,
+2. concurrency ``--concurrency``: ``wrk`` (closed loop, 2 threads), ``--rounds`` rounds (default 8) of
+   ``--duration`` s (default 8) per server in the order ours, peer, peer, ours, ... (many short rounds: this
+   machine's speed drifts within a run, by a third at times, and each side must see the same phases)
+   -> requests/s over all rounds, p50 / p90 / p99,
    and for each round the share of the cores busy and the stalls of the disk under the data directory
    (``bench_disk.py``'s probe, 20 flushes a second beside the round): our answers wait for their audit
    record's flush (``AUDIT_WAIT_FOR_FLUSH``, default true), the peer's write nothing, so a round in which
@@ -441,8 +443,10 @@ def main() -> int:
                     help="Campus Search's ranking (SEARCH_FUSION; default convex, the shipped default)")
     ap.add_argument("--sequential", type=int, default=300, help="requests per server at concurrency 1")
     ap.add_argument("--concurrency", type=int, default=32, help="wrk connections (closed loop)")
-    ap.add_argument("--duration", type=int, default=15, help="seconds per wrk round")
-    ap.add_argument("--rounds", type=int, default=2, help="wrk rounds per server (ours, peer, peer, ours, ...)")
+    ap.add_argument("--duration", type=int, default=8, help="seconds per wrk round")
+    ap.add_argument("--rounds", type=int, default=8,
+                    help="wrk rounds per server (ours, peer, peer, ours, ...): many short rounds, so the machine's "
+                         "phases, which move a round's CPU a request by ±10 %% and drift within a run, fall on both")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true", help="measure Campus Search alone")
