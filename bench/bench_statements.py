@@ -34,22 +34,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # bench_page_ef.py beside this script; the package
+from bench_page_ef import read_queries  # noqa: E402
+
 SCIFACT = Path(os.environ.get("SCIFACT_DIR") or ROOT.parent / "shared/data/scifact")
 
 
 def backend_cpu_ms(pid: int) -> float:
-    """User + system CPU of process ``pid`` in ms (/proc/<pid>/stat, clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
-
-
-def read_questions(path: Path, limit: int) -> list[str]:
-    """BEIR's queries.jsonl (``text``) or plain text, one question a line."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if lines and lines[0].lstrip().startswith("{"):
-        lines = [json.loads(line)["text"] for line in lines]
-    return lines[:limit] if limit else lines
+    """User + system CPU of process ``pid`` so far, in ms."""
+    times = psutil.Process(pid).cpu_times()
+    return (times.user + times.system) * 1000.0
 
 
 def capture(data_dir: str, questions: list[str], role: str) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
@@ -58,7 +55,6 @@ def capture(data_dir: str, questions: list[str], role: str) -> list[tuple[str, s
     os.environ.update(DATA_DIR=data_dir, CACHE_ENABLED="false", RATE_LIMITS_ENABLED="false", LOG_LEVEL="WARNING")
     for name in ("DATABASE_URL", "REDIS_URL"):
         os.environ.pop(name, None)
-    sys.path.insert(0, str(ROOT))
     from campus_search.config import load_settings
     from campus_search.retrieval import search as search_module
     from campus_search.retrieval.params import SearchParams
@@ -102,7 +98,7 @@ def main() -> None:
     import psycopg
     from pgvector.psycopg import register_vector
 
-    statements = capture(args.data_dir, read_questions(args.queries, args.limit), args.role)
+    statements = capture(args.data_dir, [text for _, text in read_queries(args.queries, args.limit)], args.role)
     if not statements:
         raise SystemExit("no statement was captured (every search was split, or no question was given)")
     servers: dict[str, tuple[Any, int]] = {}
