@@ -25,6 +25,7 @@ iterative scan keeps pages full -- and a control shows that without it they come
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import random
 import re
@@ -414,6 +415,54 @@ def test_index_scan_that_stops_early_falls_back_to_exact(corpus: Corpus) -> None
         db.close()
 
 
+def _candidates(searcher: Searcher, user: Principal, q: np.ndarray, text: str, filters: dict[str, Any], k: int,
+                exact: bool) -> list[Any]:
+    """Every candidate of a search, each with its relevance fused in Python (``fuse``)."""
+    if searcher.fusion.method == "dense":
+        return searcher.dense_candidates(user, q, filters, k, exact=exact)
+    return searcher.hybrid_candidates(user, q, text, filters, k, exact=exact)
+
+
+@pytest.mark.parametrize("method", ["convex", "rrf", "lexical", "dense"])
+def test_the_page_ranked_in_the_statement_is_the_python_ranking_of_every_candidate(corpus: Corpus,
+                                                                                    method: str) -> None:
+    """A search ranks inside its statement and reads only the page's rows (Searcher.ranked_page). Its page
+    is the one the Python rules make of every candidate: the candidates (hybrid_candidates, fused in Python
+    by ``fuse``; dense_candidates), those at or above the similarity threshold, ranked by ``business_score``
+    (users on each campus and on none; documents of every priority, campus and review date), ties to the
+    higher similarity and then the lower id, cut at max_results -- the same chunks in the same order with
+    the same scores, for both dense plans, narrow rules and filters, thresholds that cut the page short."""
+    rng = random.Random(23)
+    searcher = Searcher(corpus.services.db, corpus.services.embedder, exact_max_fraction=0.03,
+                        fusion=FusionConfig(method=method))
+    pages = short = 0
+    for user, filters in principal_pool(rng)[:14]:
+        user = dataclasses.replace(user, campus=rng.choice((*CAMPUSES, None)))
+        exact = searcher.dense_plan(user, filters) == "exact"
+        for text, q in rng.sample(corpus.queries, 2):
+            searcher.query_vectors.put(" ".join(text.split()), q.copy())
+            for max_results, threshold in ((10, 0.2), (7, -1.0), (60, 0.3)):
+                got = searcher.search(user, SearchParams(text, filters, max_results, threshold))
+                k = max(max_results, 40)
+                cands = _candidates(searcher, user, q, text, filters, k, exact)
+                if not exact and sum(h.in_dense for h in cands) < k and searcher._allowed_at_least(user, filters, k):
+                    cands = _candidates(searcher, user, q, text, filters, k, True)
+                now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+                ranked = sorted((h for h in cands if h.similarity >= threshold),
+                                key=lambda h: (-business_score(h.relevance, h.raw_meta, user, now), -h.similarity,
+                                               h.chunk_id))[:max_results]
+                assert [h.chunk_id for h in got] == [h.chunk_id for h in ranked], (method, user, filters, text)
+                for g, r in zip(got, ranked, strict=True):
+                    assert (g.similarity, g.relevance, g.bm25, g.in_dense, g.in_lexical, g.text, g.raw_meta) == \
+                        (r.similarity, r.relevance, r.bm25, r.in_dense, r.in_lexical, r.text, r.raw_meta)
+                    # the same rule; only "now" moved on by the oracle's milliseconds
+                    assert g.combined_score == pytest.approx(business_score(r.relevance, r.raw_meta, user, now),
+                                                             abs=1e-9)
+                pages += 1
+                short += len(got) < max_results
+    assert pages == 14 * 2 * 3 and short >= 5  # thresholds and narrow rules really cut some pages short
+
+
 def test_dense_plan_follows_the_visible_fraction(corpus: Corpus) -> None:
     """The plan is chosen from the share of chunks the rule and filters admit: exact at or below the
     threshold, HNSW above it; the share is the true one (numpy reference) where it decides."""
@@ -435,9 +484,9 @@ def test_dense_plan_follows_the_visible_fraction(corpus: Corpus) -> None:
     calls: list[bool] = []
 
     class Recording(Searcher):
-        def _candidates(self, *args: Any, exact: bool, **kwargs: Any) -> Any:
+        def ranked_page(self, *args: Any, exact: bool = False, **kwargs: Any) -> Any:
             calls.append(exact)
-            return super()._candidates(*args, exact=exact, **kwargs)
+            return super().ranked_page(*args, exact=exact, **kwargs)
 
     recording = Recording(corpus.services.db, corpus.services.embedder, exact_max_fraction=0.03)
     text, q = corpus.queries[0]

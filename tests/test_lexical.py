@@ -356,7 +356,7 @@ def test_a_split_search_leaves_the_second_core_to_its_bm25_half(small: Any, monk
     searcher = small.searcher
     _as_large_corpus(monkeypatch, searcher)
     seen: list[str] = []
-    original = searcher.hybrid_candidates
+    original = searcher.ranked_page
 
     def final(*args: Any, **kwargs: Any) -> Any:
         conn = kwargs.get("conn")
@@ -365,7 +365,7 @@ def test_a_split_search_leaves_the_second_core_to_its_bm25_half(small: Any, monk
                                      "current_setting('plan_cache_mode')").fetchone())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(searcher, "hybrid_candidates", final)
+    monkeypatch.setattr(searcher, "ranked_page", final)
     student = Principal("s1", DEFAULT_ROLES["student"])
     for plan in ("exact", "hnsw"):  # a narrow rule's exact dense scan (the one a parallel worker would join)
         monkeypatch.setattr(searcher, "dense_plan", lambda user, filters, plan=plan: plan)

@@ -11,6 +11,11 @@ candidate). ``rrf`` (reciprocal rank fusion) is also available::
     relevance = (1/(k + rank_dense) + 1/(k + rank_lexical)) * (k + 1) / 2
 
 scaled so a candidate ranked first in both lists scores 1.
+
+A search computes this inside its statement (:func:`fusion_sql`, over every candidate row, so only the
+page leaves PostgreSQL: search.py); :func:`fuse` is the same rule in Python, the reference the SQL form is
+tested against (tests/test_fusion.py). Both do the same float8 arithmetic in the same order, so they give
+the same bits. A tie in rank (``rrf``) goes to the lower chunk id in SQL.
 """
 
 from __future__ import annotations
@@ -33,6 +38,39 @@ class FusionConfig:
         if self.method == "rrf":
             return {"fusion": "rrf", "rrf_k": self.rrf_k}
         return {"fusion": self.method}
+
+
+def _minmax_sql(column: str) -> str:
+    """:func:`_minmax` of ``column`` over every row of the query (window functions over ``()``)."""
+    lo, hi = f"min({column}) OVER ()", f"max({column}) OVER ()"
+    return (f"CASE WHEN {hi} - {lo} < 1e-12::float8 THEN CASE WHEN {hi} > 0 THEN 1::float8 ELSE 0::float8 END "
+            f"ELSE ({column} - {lo}) / ({hi} - {lo}) END")
+
+
+def _rank_sql(alias: str, column: str, member: str) -> str:
+    """A member row's rank by ``column`` (best first, ties to the lower id) among the rows where ``member``."""
+    return f"row_number() OVER (PARTITION BY {alias}.{member} ORDER BY {alias}.{column} DESC, {alias}.id)"
+
+
+def fusion_sql(config: FusionConfig, alias: str = "x") -> tuple[str, dict[str, float]]:
+    """:func:`fuse` as an SQL expression over the candidate rows ``alias`` (columns ``id``, ``similarity``,
+    ``bm25``, ``in_dense``, ``in_lex``; every candidate of the query in one row set), and its parameters."""
+    cos, bm25 = f"{alias}.similarity", f"{alias}.bm25"
+    if config.method == "dense":
+        return cos, {}
+    if config.method == "lexical":
+        return _minmax_sql(bm25), {}
+    if config.method == "rrf":
+        k = int(config.rrf_k)
+        def share(column: str, member: str) -> str:
+            return (f"CASE WHEN {alias}.{member} THEN 1::float8 / ({k} + {_rank_sql(alias, column, member)})::float8 "
+                    f"ELSE 0::float8 END")
+        return (f"(({share('similarity', 'in_dense')}) + ({share('bm25', 'in_lex')})) * {k + 1}::float8 / 2::float8",
+                {})
+    if config.method != "convex":
+        raise ValueError(f"unknown fusion method {config.method!r}")
+    return (f"%(fusion_a)s::float8 * ({_minmax_sql(cos)}) + %(fusion_b)s::float8 * ({_minmax_sql(bm25)})",
+            {"fusion_a": float(config.alpha), "fusion_b": 1 - float(config.alpha)})
 
 
 def _minmax(values: Sequence[float]) -> list[float]:

@@ -7,6 +7,12 @@
                      + 0.02 * max(0, 1 - age_days / 730)              # reviewed recently -> up to +0.02
 
 ``relevance`` is the cosine similarity for dense retrieval, the fused score (fusion.py) for hybrid.
+
+A search computes it inside its statement (:func:`business_score_sql`), so that only the page leaves
+PostgreSQL (search.py); :func:`business_score` is the same rule in Python, the reference the SQL form is
+tested against (tests/test_ranking.py). Both do the same float8 arithmetic in the same order, so they give
+the same bits: the age is the exact interval in seconds (``extract(epoch ...)`` is exact, then rounded
+once to float8, as Python's ``total_seconds()``), and a term that does not apply is not added at all.
 """
 
 from __future__ import annotations
@@ -34,3 +40,21 @@ def business_score(relevance: float, meta: Mapping[str, Any], user: Principal,
         age = max(0.0, (now - reviewed).total_seconds() / 86400)
         score += FRESHNESS_WEIGHT * max(0.0, 1.0 - age / FRESHNESS_DAYS)
     return score
+
+
+def business_score_sql(relevance: str, alias: str, user: Principal, now: dt.datetime) -> tuple[str, dict[str, Any]]:
+    """:func:`business_score` as an SQL expression: ``relevance`` (an SQL expression) and the document
+    columns ``priority``, ``campus`` and ``last_reviewed`` of ``alias``; ``now`` a naive UTC timestamp. The
+    expression and its parameters (named ``rank_*``)."""
+    score = f"({relevance}) + %(rank_priority_weight)s::float8 * ({alias}.priority - 3)::float8"
+    params: dict[str, Any] = {"rank_priority_weight": PRIORITY_WEIGHT, "rank_now": now,
+                              "rank_freshness_weight": FRESHNESS_WEIGHT, "rank_freshness_days": float(FRESHNESS_DAYS)}
+    if user.campus:  # the only campus that can match (a row that does not adds 0, which changes no float8)
+        score = (f"({score}) + CASE WHEN {alias}.campus = %(rank_campus)s THEN %(rank_campus_bonus)s::float8 "
+                 f"ELSE 0::float8 END")
+        params.update(rank_campus=user.campus, rank_campus_bonus=CAMPUS_BONUS.get(user.campus, 0.0))
+    age = (f"greatest(0::float8, extract(epoch FROM (%(rank_now)s::timestamp - {alias}.last_reviewed))::float8 "
+           f"/ 86400::float8)")
+    score = (f"CASE WHEN {alias}.last_reviewed IS NULL THEN {score} ELSE ({score}) + %(rank_freshness_weight)s::float8 "
+             f"* greatest(0::float8, 1::float8 - {age} / %(rank_freshness_days)s::float8) END")
+    return score, params

@@ -45,12 +45,12 @@ import psycopg
 from campus_search.embedding.base import Embedder
 from campus_search.errors import ServiceUnavailable
 from campus_search.expiring import ExpiringLRU
-from campus_search.retrieval.fusion import FusionConfig, fuse
+from campus_search.retrieval.fusion import FusionConfig, fuse, fusion_sql
 from campus_search.retrieval.lexical import BM25, allowed_top_sql, document_mask
 from campus_search.retrieval.params import SearchParams
 from campus_search.retrieval.query_vectors import QueryEmbeddingCache, QueryVectors
 from campus_search.retrieval.querytext import normalise_query
-from campus_search.retrieval.ranking import FRESHNESS_WEIGHT, PRIORITY_WEIGHT, business_score
+from campus_search.retrieval.ranking import FRESHNESS_WEIGHT, PRIORITY_WEIGHT, business_score_sql
 from campus_search.retrieval.results import Hit
 from campus_search.security.access import METADATA_FIELDS, columns
 from campus_search.security.roles import Principal, visible_sql
@@ -83,6 +83,10 @@ def filter_sql(filters: Mapping[str, Any], alias: str = "d") -> tuple[str, dict[
 _HEAD = ("id", "external_id", "title", "section_title", "text", "page_number")
 _COLUMNS = f"c.id, d.external_id, d.title, c.section_title, c.text, c.page_number, {columns('d')}"
 _N = len(_HEAD) + len(METADATA_FIELDS)
+#: What a page is ranked from: a candidate row without its text, which only the page's rows read
+#: (:func:`_page_sql`). A chunk's text is the widest column and stored compressed; reading and sending it
+#: for every candidate (~65 of them for a 10-result page) cost about a third of SciFact's statement.
+_RANK_COLUMNS = f"c.id, d.external_id, d.title, c.section_title, c.page_number, {columns('d')}"
 
 
 #: Seconds a principal's visible share (the dense plan's input) is reused before it is counted again.
@@ -225,34 +229,65 @@ class Searcher:
         return vector
 
     def search(self, user: Principal, params: SearchParams) -> list[Hit]:
+        """The page: ``params.max_results`` hits at most, best first by the final score (ranking.py) among
+        the candidates of at least ``params.similarity_threshold`` -- ranked inside the statement that
+        finds the candidates (:meth:`ranked_page`)."""
         k = max(params.max_results, CANDIDATE_FLOOR)
         if self.fusion.method != "dense" and self._corpus_chunks >= LEXICAL_BESIDE_MIN_CHUNKS:
-            hits = self.search_beside(user, params, k)
+            return self.search_beside(user, params, k)
+        vector = self.embed_query(params.query)
+        exact = self.dense_plan(user, params.filters) == "exact"
+        hits, in_dense = self.ranked_page(user, vector, params, k, exact=exact)
+        if not exact and in_dense < k and self._allowed_at_least(user, params.filters, k):
+            # A short dense list means either that fewer than k chunks are allowed, or that the index
+            # scan gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles
+            # it, so a page is never short because hidden chunks crowded the index's neighbourhood.
+            hits, _ = self.ranked_page(user, vector, params, k, exact=True)
+        return hits
+
+    def ranked_page(self, user: Principal, vector: np.ndarray, params: SearchParams, k: int, *,
+                    exact: bool = False, pool: list[tuple[int, float, bool]] | None = None,
+                    dense: list[int] | None = None, conn: psycopg.Connection | None = None) -> tuple[list[Hit], int]:
+        """The page of one search and how many of its candidates were in the dense top k, from one
+        statement: the candidates (:meth:`hybrid_candidates`, or :meth:`dense_candidates` for dense
+        retrieval; ``exact``, ``pool``, ``dense`` and ``conn`` as there) without their text, fused
+        (fusion.py, ``fusion_sql``) over all of them, cut at ``params.similarity_threshold``, ranked by
+        the final score (ranking.py, ``business_score_sql``; ties to the higher similarity, then the lower
+        chunk id) and cut at ``params.max_results``; only the page's rows read their text. The same page
+        as ranking every candidate in Python with ``fuse`` and ``business_score``, which tests hold it to."""
+        if self.fusion.method == "dense":
+            sql, values = self._dense_statement(user, vector, params.filters, k, exact, _RANK_COLUMNS)
         else:
-            vector = self.embed_query(params.query)
-            exact = self.dense_plan(user, params.filters) == "exact"
-            hits = self._candidates(user, vector, params, k, exact=exact)
-            if not exact and sum(h.in_dense for h in hits) < k and self._allowed_at_least(user, params.filters, k):
-                # A short dense list means either that fewer than k chunks are allowed, or that the index
-                # scan gave up early under a restrictive rule (hnsw.max_scan_tuples). An exact scan settles
-                # it, so a page is never short because hidden chunks crowded the index's neighbourhood.
-                hits = self._candidates(user, vector, params, k, exact=True)
-        hits = [h for h in hits if h.similarity >= params.similarity_threshold]
+            sql, values = self._hybrid_statement(user, vector, params.query, params.filters, k, exact=exact,
+                                                 pool=pool, dense=dense, select=_RANK_COLUMNS)
+        fusion, fusion_params = fusion_sql(self.fusion, "x")
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)  # one "now" for every candidate's freshness
-        for h in hits:
-            h.combined_score = business_score(h.relevance, h.raw_meta, user, now)
-        hits.sort(key=lambda h: (-h.combined_score, -h.similarity, h.chunk_id))
-        return hits[:params.max_results]
+        business, business_params = business_score_sql("x.relevance", "x", user, now)
+        values = {**values, **fusion_params, **business_params,
+                  "rank_min_similarity": float(params.similarity_threshold), "rank_page": int(params.max_results)}
+        sql = _page_sql(sql, fusion, business)
+        rows = conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k, exact=exact)
+        hits = []
+        for row in rows:
+            if row[0] is None:  # no candidate on the page: the one row carries the count alone
+                continue
+            hit = _hit(row, float(row[_N]))
+            hit.bm25 = None if row[_N + 1] is None else float(row[_N + 1])
+            hit.in_dense, hit.in_lexical = bool(row[_N + 2]), bool(row[_N + 3])
+            hit.relevance, hit.combined_score = float(row[_N + 4]), float(row[_N + 5])
+            hits.append(hit)
+        return hits, int(rows[0][-1]) if rows else 0
 
     def search_beside(self, user: Principal, params: SearchParams, k: int) -> list[Hit]:
-        """A hybrid search's candidates with its two halves on two connections at once, in one snapshot.
+        """A hybrid search's page with its two halves on two connections at once, in one snapshot.
 
         The search's transaction (REPEATABLE READ, read only) exports its snapshot; the BM25 pool
         (:meth:`lexical_pool`) starts on a thread of this process, on a second connection that imports
         it; meanwhile the query is embedded and the dense top k found in the search's transaction; last,
-        that transaction returns the union's chunks with both scores (:meth:`hybrid_candidates`), the
-        rule applied to every row once more. Every statement reads the same snapshot, so a document
-        rewritten or re-permissioned meanwhile is seen whole, before or after, by both halves. When the
+        that transaction returns the page ranked from the union's chunks with both scores
+        (:meth:`ranked_page`, :meth:`hybrid_candidates`), the rule applied to every row once more. Every
+        statement reads the same snapshot, so a document rewritten or re-permissioned meanwhile is seen
+        whole, before or after, by both halves. When the
         second connection cannot be had at once (every pooled connection busy), the BM25 half has not
         imported the snapshot by the time the dense half is done (queued: :class:`SharedSnapshot`) or has
         not answered within ``LEXICAL_RESULT_WAIT`` seconds, or the snapshot cannot be imported (another
@@ -291,7 +326,7 @@ class Searcher:
                 except (TimeoutError, ServiceUnavailable, psycopg.errors.InvalidParameterValue,
                         psycopg.errors.ObjectNotInPrerequisiteState):
                     pool = None  # no second connection, too slow, or not on this server: BM25 below
-            return self.hybrid_candidates(user, vector, params.query, filters, k, pool=pool, dense=dense, conn=conn)
+            return self.ranked_page(user, vector, params, k, pool=pool, dense=dense, conn=conn)[0]
 
     def _export_snapshot(self, conn: psycopg.Connection, k: int, exact: bool = False) -> str:
         """Make ``conn``'s new transaction a read-only REPEATABLE READ one with the search settings, and
@@ -299,12 +334,6 @@ class Searcher:
         row = _one_trip(conn, [(_READ_ONLY_REPEATABLE, None), (SEARCH_SETTINGS_SQL, self._settings(k, exact)),
                                (SPLIT_EXPORT_SQL, None)]).fetchone()
         return str(row[0]) if row else ""
-
-    def _candidates(self, user: Principal, vector: np.ndarray, params: SearchParams, k: int,
-                    exact: bool) -> list[Hit]:
-        if self.fusion.method == "dense":
-            return self.dense_candidates(user, vector, params.filters, k, exact=exact)
-        return self.hybrid_candidates(user, vector, params.query, params.filters, k, exact=exact)
 
     def start_lexical(self, user: Principal, query: str, filters: Mapping[str, Any], k: int,
                       snapshot: SharedSnapshot | None = None) -> Future[list[tuple[int, float, bool]]]:
@@ -490,6 +519,26 @@ class Searcher:
         its exact BM25 score by primary-key probes, and the rule is applied once more to every row
         returned, so neither list -- nor a handed-over one read in another snapshot -- can surface a hidden
         chunk."""
+        sql, values = self._hybrid_statement(user, vector, query, filters, k, exact=exact, pool=pool, dense=dense)
+        rows = conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k, exact=exact)
+        rows.sort(key=lambda r: r[0])  # by chunk id: a tie in rank (rrf) goes to the lower id, as in ranked_page
+        cos = [float(r[_N]) for r in rows]
+        bm25 = [float(r[_N + 1]) for r in rows]
+        relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)
+        hits = []
+        for row, rel, lex in zip(rows, relevance, bm25, strict=True):
+            hit = _hit(row, float(row[_N]))
+            hit.relevance = rel
+            hit.bm25 = lex
+            hit.in_dense, hit.in_lexical = bool(row[_N + 2]), bool(row[_N + 3])
+            hits.append(hit)
+        return hits
+
+    def _hybrid_statement(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
+                          k: int, *, exact: bool = False, pool: list[tuple[int, float, bool]] | None = None,
+                          dense: list[int] | None = None, select: str = _COLUMNS) -> tuple[str, dict[str, Any]]:
+        """:meth:`hybrid_candidates`' statement and its values; ``select`` the chunk and document columns
+        its rows start with (then ``similarity``, ``bm25``, ``in_dense``, ``in_lex``)."""
         where, params = _where(user, filters)
         exact_bm25 = self.bm25.exact_score_sql("c.id")
         read_join = ""
@@ -517,7 +566,7 @@ class Searcher:
             lex_params["dense_ids"] = dense
         sql = (f"WITH {dense_source}, {pool_source}, "
                f"cand AS (SELECT id FROM dense UNION SELECT chunk_id FROM ls WHERE in_lex) "
-               f"SELECT {_COLUMNS}, 1 - (c.embedding <=> %(q)s) AS similarity, "
+               f"SELECT {select}, 1 - (c.embedding <=> %(q)s) AS similarity, "
                f"  coalesce(ls.score, {exact_bm25}) AS bm25, "
                f"  c.id IN (SELECT id FROM dense) AS in_dense, coalesce(ls.in_lex, false) AS in_lex "
                f"FROM cand JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
@@ -525,30 +574,26 @@ class Searcher:
                # Defence in depth: both lists were cut under the rule; it is applied once more to the rows
                # returned, so no later change to either list's statement can surface a hidden chunk.
                f"WHERE {where}")
-        values = {"q": vector, "k": k, "qtext": query, **params, **lex_params}
-        rows = conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k, exact=exact)
-        cos = [float(r[_N]) for r in rows]
-        bm25 = [float(r[_N + 1]) for r in rows]
-        relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)
-        hits = []
-        for row, rel, lex in zip(rows, relevance, bm25, strict=True):
-            hit = _hit(row, float(row[_N]))
-            hit.relevance = rel
-            hit.bm25 = lex
-            hit.in_dense, hit.in_lexical = bool(row[_N + 2]), bool(row[_N + 3])
-            hits.append(hit)
-        return hits
+        return sql, {"q": vector, "k": k, "qtext": query, **params, **lex_params}
 
     def dense_candidates(self, user: Principal, vector: np.ndarray, filters: Mapping[str, Any],
                          k: int, *, exact: bool = False) -> list[Hit]:
+        """The dense top k under the rule and filters, nearest first, each with its cosine similarity."""
+        sql, values = self._dense_statement(user, vector, filters, k, exact)
+        return [_hit(row, float(row[_N])) for row in self._fetch(sql, values, k, exact=exact)]
+
+    def _dense_statement(self, user: Principal, vector: np.ndarray, filters: Mapping[str, Any], k: int,
+                         exact: bool, select: str = _COLUMNS) -> tuple[str, dict[str, Any]]:
+        """:meth:`dense_candidates`' statement and its values; its rows as :meth:`_hybrid_statement`'s (no BM25
+        score, every row in the dense list and none in the lexical one)."""
         where, params = _where(user, filters)
         nearest = _dense_sql(where, exact, "c.id, c.embedding <=> %(q)s AS distance")
         sql = (f"WITH candidates AS MATERIALIZED ({nearest}) "
-               f"SELECT {_COLUMNS}, 1 - cand.distance AS similarity FROM candidates cand "
+               f"SELECT {select}, 1 - cand.distance AS similarity, NULL::float8 AS bm25, true AS in_dense, "
+               f"false AS in_lex FROM candidates cand "
                f"JOIN chunks c ON c.id = cand.id JOIN documents d ON d.id = c.document_id "
                f"ORDER BY cand.distance, c.id")
-        rows = self._fetch(sql, {"q": vector, "k": k, **params}, k, exact=exact)
-        return [_hit(row, float(row[-1])) for row in rows]
+        return sql, {"q": vector, "k": k, **params}
 
 
 _READ_ONLY_REPEATABLE = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
@@ -633,6 +678,27 @@ def _where(user: Principal, filters: Mapping[str, Any], alias: str = "d") -> tup
     vis, vis_params = visible_sql(user, alias)
     flt, flt_params = filter_sql(filters, alias)
     return vis + (f" AND {flt}" if flt else ""), {**vis_params, **flt_params}
+
+
+def _page_sql(candidates: str, fusion: str, business: str) -> str:
+    """The page statement (:meth:`Searcher.ranked_page`) around a candidate statement whose rows are
+    ``_RANK_COLUMNS``, ``similarity``, ``bm25``, ``in_dense`` and ``in_lex``. ``fusion`` and ``business`` are
+    SQL expressions over alias ``x`` (fusion.py's ``fusion_sql``: window functions over every candidate;
+    ranking.py's ``business_score_sql`` of ``x.relevance``). Rows: ``_COLUMNS`` (the text read for the page's
+    rows only), ``similarity``, ``bm25``, ``in_dense``, ``in_lex``, ``relevance``, ``combined``, and last the
+    number of candidates in the dense list; always at least one row (all NULL but that count when no
+    candidate reaches the similarity threshold). The candidate statement is a materialised CTE, planned as
+    it is alone."""
+    return (f"WITH cands AS MATERIALIZED ({candidates}), "
+            f"fused AS (SELECT x.*, {fusion} AS relevance FROM cands x), "
+            f"page AS MATERIALIZED (SELECT x.*, {business} AS combined FROM fused x "
+            f"WHERE x.similarity >= %(rank_min_similarity)s::float8 "
+            f"ORDER BY combined DESC, x.similarity DESC, x.id LIMIT %(rank_page)s) "
+            f"SELECT p.id, p.external_id, p.title, p.section_title, c.text, p.page_number, {columns('p')}, "
+            f"p.similarity, p.bm25, p.in_dense, p.in_lex, p.relevance, p.combined, n.dense "
+            f"FROM (SELECT count(*) FILTER (WHERE in_dense) AS dense FROM cands) n "
+            f"LEFT JOIN (page p JOIN chunks c ON c.id = p.id) ON true "
+            f"ORDER BY p.combined DESC, p.similarity DESC, p.id")
 
 
 def _hit(row: tuple[Any, ...], similarity: float) -> Hit:
