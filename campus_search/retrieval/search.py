@@ -1,4 +1,4 @@
-"""The searcher: candidates from PostgreSQL, fused and ranked. The API, the health check and
+"""The searcher: candidates from PostgreSQL, fused and ranked there, one page returned. The API, the health check and
 ``campus-search eval`` all call :class:`Searcher`. Its parameters are params.py's, its answers
 results.py's, the final score ranking.py's, its query vectors query_vectors.py's.
 
@@ -23,7 +23,9 @@ its snapshot, the BM25 pool runs on a second connection that imports it (while t
 the dense top k found), and the search's transaction returns the union's chunks with both scores, under
 the rule once more (``hybrid_candidates``).
 
-Ranking: ranking.py (docs/ranking.md). ``relevance`` is the cosine similarity for dense retrieval;
+Ranking: ranking.py (docs/ranking.md), inside the statement that finds the candidates
+(:meth:`Searcher.ranked_page`): fusion, the similarity threshold, the final score and the cut run in SQL
+and only the page's rows read their text. ``relevance`` is the cosine similarity for dense retrieval;
 ``similarity`` in the response is always the raw cosine similarity and ``similarity_threshold`` applies
 to it.
 """
