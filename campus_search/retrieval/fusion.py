@@ -14,7 +14,7 @@ scaled so a candidate ranked first in both lists scores 1.
 
 A search computes this inside its statement (:func:`fusion_sql`, over every candidate row, so only the
 page leaves PostgreSQL: search.py); :func:`fuse` is the same rule in Python, the reference the SQL form is
-tested against (tests/test_fusion.py). Both do the same float8 arithmetic in the same order, so they give
+tested against (tests/test_ranking_sql.py). Both do the same float8 arithmetic in the same order, so they give
 the same bits. A tie in rank (``rrf``) goes to the lower chunk id in SQL.
 """
 

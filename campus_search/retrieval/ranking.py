@@ -10,7 +10,7 @@
 
 A search computes it inside its statement (:func:`business_score_sql`), so that only the page leaves
 PostgreSQL (search.py); :func:`business_score` is the same rule in Python, the reference the SQL form is
-tested against (tests/test_ranking.py). Both do the same float8 arithmetic in the same order, so they give
+tested against (tests/test_ranking_sql.py). Both do the same float8 arithmetic in the same order, so they give
 the same bits: the age is the exact interval in seconds (``extract(epoch ...)`` is exact, then rounded
 once to float8, as Python's ``total_seconds()``), and a term that does not apply is not added at all.
 """
@@ -44,8 +44,8 @@ def business_score(relevance: float, meta: Mapping[str, Any], user: Principal,
 
 def business_score_sql(relevance: str, alias: str, user: Principal, now: dt.datetime) -> tuple[str, dict[str, Any]]:
     """:func:`business_score` as an SQL expression: ``relevance`` (an SQL expression) and the document
-    columns ``priority``, ``campus`` and ``last_reviewed`` of ``alias``; ``now`` a naive UTC timestamp. The
-    expression and its parameters (named ``rank_*``)."""
+    columns ``priority`` (never NULL: 1..5, migration 001), ``campus`` and ``last_reviewed`` of ``alias``;
+    ``now`` a naive UTC timestamp. The expression and its parameters (named ``rank_*``)."""
     score = f"({relevance}) + %(rank_priority_weight)s::float8 * ({alias}.priority - 3)::float8"
     params: dict[str, Any] = {"rank_priority_weight": PRIORITY_WEIGHT, "rank_now": now,
                               "rank_freshness_weight": FRESHNESS_WEIGHT, "rank_freshness_days": float(FRESHNESS_DAYS)}

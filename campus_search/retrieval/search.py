@@ -1,6 +1,6 @@
-"""The searcher: candidates from PostgreSQL, fused and ranked there, one page returned. The API, the health check and
-``campus-search eval`` all call :class:`Searcher`. Its parameters are params.py's, its answers
-results.py's, the final score ranking.py's, its query vectors query_vectors.py's.
+"""The searcher: candidates from PostgreSQL, fused and ranked there, one page returned. The API, the
+health check and ``campus-search eval`` all call :class:`Searcher`. Its parameters are params.py's, its
+answers results.py's, the final score ranking.py's, its query vectors query_vectors.py's.
 
 Candidates come from PostgreSQL with the visibility rule (``security.roles.visible_sql``) and the
 client's filters inside the same statement as the vector search, using pgvector 0.8's iterative HNSW
@@ -289,11 +289,11 @@ class Searcher:
         that transaction returns the page ranked from the union's chunks with both scores
         (:meth:`ranked_page`, :meth:`hybrid_candidates`), the rule applied to every row once more. Every
         statement reads the same snapshot, so a document rewritten or re-permissioned meanwhile is seen
-        whole, before or after, by both halves. When the
-        second connection cannot be had at once (every pooled connection busy), the BM25 half has not
-        imported the snapshot by the time the dense half is done (queued: :class:`SharedSnapshot`) or has
-        not answered within ``LEXICAL_RESULT_WAIT`` seconds, or the snapshot cannot be imported (another
-        server), BM25 runs inside the last statement instead: the same answer."""
+        whole, before or after, by both halves. When the second connection cannot be had at once (every
+        pooled connection busy), the BM25 half has not imported the snapshot by the time the dense half is
+        done (queued: :class:`SharedSnapshot`) or has not answered within ``LEXICAL_RESULT_WAIT`` seconds, or
+        the snapshot cannot be imported (another server), BM25 runs inside the last statement instead: the
+        same answer."""
         filters = params.filters
         exact = self.dense_plan(user, filters) == "exact"  # both cached per rule: no connection held below
         self.lexical_access(user, filters)
