@@ -268,17 +268,21 @@ class Searcher:
         values = {**values, **fusion_params, **business_params,
                   "rank_min_similarity": float(params.similarity_threshold), "rank_page": int(params.max_results)}
         sql = _page_sql(sql, fusion, business)
-        rows = conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k, exact=exact)
+        rows = self._rows(sql, values, k, exact, conn)
         hits = []
         for row in rows:
             if row[0] is None:  # no candidate on the page: the one row carries the count alone
                 continue
-            hit = _hit(row, float(row[_N]))
-            hit.bm25 = None if row[_N + 1] is None else float(row[_N + 1])
-            hit.in_dense, hit.in_lexical = bool(row[_N + 2]), bool(row[_N + 3])
+            hit = _candidate_hit(row)
             hit.relevance, hit.combined_score = float(row[_N + 4]), float(row[_N + 5])
             hits.append(hit)
         return hits, int(rows[0][-1]) if rows else 0
+
+    def _rows(self, sql: str, values: Mapping[str, Any], k: int, exact: bool,
+              conn: psycopg.Connection | None) -> list[tuple[Any, ...]]:
+        """A candidate or page statement's rows: on ``conn`` (a split search's transaction) when given, else
+        on a read connection with the search settings (:meth:`_fetch`)."""
+        return conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k, exact=exact)
 
     def search_beside(self, user: Principal, params: SearchParams, k: int) -> list[Hit]:
         """A hybrid search's page with its two halves on two connections at once, in one snapshot.
@@ -522,18 +526,13 @@ class Searcher:
         returned, so neither list -- nor a handed-over one read in another snapshot -- can surface a hidden
         chunk."""
         sql, values = self._hybrid_statement(user, vector, query, filters, k, exact=exact, pool=pool, dense=dense)
-        rows = conn.execute(sql, values).fetchall() if conn is not None else self._fetch(sql, values, k, exact=exact)
+        rows = self._rows(sql, values, k, exact, conn)
         rows.sort(key=lambda r: r[0])  # by chunk id: a tie in rank (rrf) goes to the lower id, as in ranked_page
-        cos = [float(r[_N]) for r in rows]
-        bm25 = [float(r[_N + 1]) for r in rows]
-        relevance = fuse(cos, bm25, [bool(r[_N + 2]) for r in rows], [bool(r[_N + 3]) for r in rows], self.fusion)
-        hits = []
-        for row, rel, lex in zip(rows, relevance, bm25, strict=True):
-            hit = _hit(row, float(row[_N]))
+        hits = [_candidate_hit(row) for row in rows]
+        relevance = fuse([h.similarity for h in hits], [h.bm25 or 0.0 for h in hits], [h.in_dense for h in hits],
+                         [h.in_lexical for h in hits], self.fusion)
+        for hit, rel in zip(hits, relevance, strict=True):
             hit.relevance = rel
-            hit.bm25 = lex
-            hit.in_dense, hit.in_lexical = bool(row[_N + 2]), bool(row[_N + 3])
-            hits.append(hit)
         return hits
 
     def _hybrid_statement(self, user: Principal, vector: np.ndarray, query: str, filters: Mapping[str, Any],
@@ -701,6 +700,15 @@ def _page_sql(candidates: str, fusion: str, business: str) -> str:
             f"FROM (SELECT count(*) FILTER (WHERE in_dense) AS dense FROM cands) n "
             f"LEFT JOIN (page p JOIN chunks c ON c.id = p.id) ON true "
             f"ORDER BY p.combined DESC, p.similarity DESC, p.id")
+
+
+def _candidate_hit(row: tuple[Any, ...]) -> Hit:
+    """A hit from a row of :meth:`Searcher._hybrid_statement`, ``_dense_statement`` or the page statement:
+    ``_COLUMNS``, then ``similarity``, ``bm25`` (NULL for dense retrieval), ``in_dense`` and ``in_lex``."""
+    hit = _hit(row, float(row[_N]))
+    hit.bm25 = None if row[_N + 1] is None else float(row[_N + 1])
+    hit.in_dense, hit.in_lexical = bool(row[_N + 2]), bool(row[_N + 3])
+    return hit
 
 
 def _hit(row: tuple[Any, ...], similarity: float) -> Hit:
