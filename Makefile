@@ -45,12 +45,12 @@ system-tools:
 # that is not a failure of the code under test.
 test: install system-tools
 	$(VENV)/bin/ruff check campus_search tests bench deploy production_system.py
-	$(VENV)/bin/mypy campus_search production_system.py
+	$(VENV)/bin/mypy campus_search production_system.py bench
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
 lint: install
 	$(VENV)/bin/ruff check campus_search tests bench deploy production_system.py
-	$(VENV)/bin/mypy campus_search production_system.py
+	$(VENV)/bin/mypy campus_search production_system.py bench
 
 # The whole production topology on this machine (127.0.0.1, free ports, a private directory), broken on
 # purpose under load; prints one table and one JSON line (docs/deployment.md, "Rehearsal").

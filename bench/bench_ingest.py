@@ -34,7 +34,7 @@ from campus_search.config import load_settings  # noqa: E402
 from campus_search.embedding.factory import ingest_threads  # noqa: E402
 from campus_search.embedding.local import LocalMiniLM  # noqa: E402
 from campus_search.ingest.metadata import AccessMetadata  # noqa: E402
-from campus_search.ingest.pipeline import DOC_BATCH, Ingester, _content_hash, _Pending  # noqa: E402
+from campus_search.ingest.pipeline import DOC_BATCH, Ingester, IngestReport, _content_hash, _Pending  # noqa: E402
 from campus_search.ingest.sources import ParsedDocument, read_jsonl  # noqa: E402
 from campus_search.services import Services  # noqa: E402
 
@@ -53,8 +53,8 @@ def chunk_texts(ingester: Ingester, docs: list[ParsedDocument]) -> list[list[str
     for start in range(0, len(docs), DOC_BATCH):
         pending = [_Pending(d, {}, _content_hash(d, ingester.embedder.model_name))
                    for d in docs[start:start + DOC_BATCH]]
-        ingester._prepare_chunks(pending)
-        batches.append([text for p in pending for text in p.inputs])
+        kept = ingester._prepare_chunks(pending, IngestReport())  # a document over max_chunks is left out
+        batches.append([text for p in kept for text in p.inputs])
     return batches
 
 

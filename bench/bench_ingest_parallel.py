@@ -122,9 +122,9 @@ def main() -> int:
             assert summary["chunks_embedded"] == 0, summary
             chunks += summary["chunks_written"]
         with psycopg.connect(dsn) as conn:
-            stored = conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            stored = conn.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
             exact = conn.execute(
-                "SELECT (SELECT chunks FROM lexical_corpus) = (SELECT count(*) FROM chunks)").fetchone()[0]
+                "SELECT (SELECT chunks FROM lexical_corpus) = (SELECT count(*) FROM chunks)").fetchall()[0][0]
         assert stored == chunks and exact
         row = {"processes": p, "chunks": chunks, "wall_s": round(wall, 1), "chunks_per_s": round(chunks / wall),
                "database_cpu_s": round(cpu, 1)}

@@ -124,7 +124,8 @@ def main() -> int:
     app = create_app(services)
     client = app.test_client()
 
-    users, tokens = {}, {}
+    users: dict[str, Any] = {}
+    tokens: dict[str, str | None] = {}
     for label, role, depts in PRINCIPALS:
         if role is None:
             users[label], tokens[label] = anonymous_principal(settings), None
@@ -136,11 +137,12 @@ def main() -> int:
     for q in queries:
         services.searcher.embed_query(q)
     with services.db.connection(read=True) as conn:
-        total = conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        total = conn.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
         share, plans = {}, {}
         for label, user in users.items():
             clause, params = visible_sql(user, "c")
-            share[label] = conn.execute(f"SELECT count(*) FROM chunks c WHERE {clause}", params).fetchone()[0] / total
+            visible = conn.execute(f"SELECT count(*) FROM chunks c WHERE {clause}", params).fetchall()[0][0]
+            share[label] = visible / total
             where, params = _where(user, {})
             conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
             plan = " ".join(r[0] for r in conn.execute(

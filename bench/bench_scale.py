@@ -318,11 +318,11 @@ def main() -> int:
     result: dict[str, Any] = {"chunks_target": args.chunks}
 
     with db.connection() as conn:
-        have = conn.execute("SELECT count(*) FROM documents WHERE source = 'bench_scale'").fetchone()[0]
+        have = conn.execute("SELECT count(*) FROM documents WHERE source = 'bench_scale'").fetchall()[0][0]
     increment_docs = min(1000, max(100, n_docs // 100))  # the incremental batch, loaded with the index in place
     bulk_docs = n_docs - increment_docs
     with db.connection() as conn:
-        indexed = conn.execute("SELECT to_regclass('chunks_embedding_hnsw') IS NOT NULL").fetchone()[0]
+        indexed = conn.execute("SELECT to_regclass('chunks_embedding_hnsw') IS NOT NULL").fetchall()[0][0]
     if have < n_docs:
         # a fresh corpus, or the rest of an interrupted bulk load (the index is built after it)
         if have and indexed:
@@ -370,8 +370,8 @@ def main() -> int:
         return 0
 
     with db.connection() as conn:
-        total = conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
-        postings = conn.execute("SELECT count(*) FROM lexical_postings").fetchone()[0]
+        total = conn.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
+        postings = conn.execute("SELECT count(*) FROM lexical_postings").fetchall()[0][0]
         sizes = dict(conn.execute(
             "SELECT 'chunks_table', pg_table_size('chunks') UNION ALL "
             "SELECT 'hnsw', pg_relation_size('chunks_embedding_hnsw') UNION ALL "
@@ -399,7 +399,7 @@ def main() -> int:
             where, params = _where(user, {})
             share[label] = round(conn.execute(f"SELECT count(*) FROM documents d JOIN chunks c "
                                               f"ON c.document_id = d.id WHERE {where}", params)
-                                 .fetchone()[0] / total, 4)
+                                 .fetchall()[0][0] / total, 4)
     result["visible_share"] = share
     assert share["admin"] == 1.0 > share["staff:Finance"] > share["student"], share  # three distinct principals
 
@@ -573,12 +573,13 @@ def main() -> int:
             "visibility = 'department' AND clearance_level <= 2 ORDER BY id LIMIT %s",
             (change // CHUNKS_PER_DOC,)).fetchall()]
         probe_text, probe_vec = conn.execute(
-            "SELECT text, embedding FROM chunks WHERE document_id = %s AND chunk_index = 0", (doc_ids[-1],)).fetchone()
+            "SELECT text, embedding FROM chunks WHERE document_id = %s AND chunk_index = 0",
+            (doc_ids[-1],)).fetchall()[0]
     probe_vec = np.asarray(probe_vec.to_numpy() if hasattr(probe_vec, "to_numpy") else probe_vec, dtype=np.float32)
     student = principals["student"]
     target_doc = None
     with db.connection() as conn:
-        target_doc = conn.execute("SELECT external_id FROM documents WHERE id = %s", (doc_ids[-1],)).fetchone()[0]
+        target_doc = conn.execute("SELECT external_id FROM documents WHERE id = %s", (doc_ids[-1],)).fetchall()[0][0]
     assert target_doc not in {h.document_id for h in searchers["dense"].dense_candidates(student, probe_vec, {}, 10)}
     # the change goes through ingestion's own writer (Ingester._write_metadata: what a sync's metadata-only
     # changes and the admin API's PATCH run), all documents in one transaction
@@ -589,7 +590,7 @@ def main() -> int:
 
     with db.connection() as conn:
         rows = conn.execute(f"SELECT id, {columns()}, source FROM documents WHERE id = ANY(%s)", (doc_ids,)).fetchall()
-        moved = conn.execute("SELECT count(*) FROM chunks WHERE document_id = ANY(%s)", (doc_ids,)).fetchone()[0]
+        moved = conn.execute("SELECT count(*) FROM chunks WHERE document_id = ANY(%s)", (doc_ids,)).fetchall()[0][0]
     n_meta = len(METADATA_FIELDS)
     changes = [(r[0], dataclasses.replace(AccessMetadata.from_row(r[1:1 + n_meta]), visibility="public"), r[-1])
                for r in rows]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 SECRET = "bench-secret-" + "x" * 40  # bench_scale.py's
-CLAIMS = {"admin": {"sub": "admin", "role": "it_administrator"},
+CLAIMS: dict[str, dict[str, Any]] = {"admin": {"sub": "admin", "role": "it_administrator"},
           "staff": {"sub": "s", "role": "professional_services", "departments": ["Finance"]},
           "student": {"sub": "u", "role": "student"}}
 
