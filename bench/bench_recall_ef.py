@@ -10,10 +10,10 @@ ef_search.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -22,7 +22,11 @@ SECRET = "bench-secret-" + "x" * 40  # bench_scale.py's
 
 
 def main() -> None:
-    data_dir, efs = sys.argv[1], [int(x) for x in sys.argv[2].split(",")]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data_dir", help="a bench_scale.py data directory (with query-vectors-50.npy)")
+    ap.add_argument("efs", help="hnsw.ef_search values, comma-separated, e.g. 100,200,400,800")
+    args = ap.parse_args()
+    data_dir, efs = args.data_dir, [int(x) for x in args.efs.split(",")]
     os.environ.update(DATA_DIR=data_dir, JWT_SECRET_KEY=SECRET, AUDIT_HMAC_KEY=SECRET + "audit",
                       CACHE_ENABLED="false", RATE_LIMITS_ENABLED="false", DB_STATEMENT_TIMEOUT_MS="3600000")
     os.environ.pop("DATABASE_URL", None)
