@@ -5,10 +5,12 @@
 Both embed the same SciFact train questions, one at a time on one thread, taking turns query by query;
 each question twice: as asked, and with bench_peer.py's uniqueness suffix (" (r0o1-N)", ~8 more tokens).
 Prints the CPU time per query (median and mean) of each graph and the cosine of each int8 query vector to
-the shipped graph's vector of the same text (min and mean). ``--compare`` adds three variants not shipped
-(docs/performance.md, "A fused attention, rare postings summed as read"): the previous recipe (the same
-products, attention as exported and onnxruntime's fused skip layer norm: until 2026-12-01 12:00 UTC), every
-layer's feed-forward down projection float32 with it (until 10:14 UTC), and int8 everywhere (fused).
+the shipped graph's vector of the same text (min and mean). ``--compare`` adds four variants not shipped:
+the GELUs as exported (five nodes a layer: the recipe until 2026-12-02 03:30 UTC; docs/performance.md,
+"Where the last target stands"), and from "A fused attention, rare postings summed as read" the recipe
+before that (the same products, attention as exported and onnxruntime's fused skip layer norm: until
+2026-12-01 12:00 UTC), every layer's feed-forward down projection float32 with it (until 10:14 UTC), and
+int8 everywhere (fused).
 One JSON line last. The derived graphs are kept in a temporary directory.
 """
 
@@ -34,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=400)
     ap.add_argument("--compare", action="store_true",
-                    help="also three variants not shipped (the previous recipes, int8 everywhere)")
+                    help="also four variants not shipped (the previous recipes, int8 everywhere)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from campus_search.embedding import quantized
@@ -51,11 +53,12 @@ def main() -> None:
     if args.compare:
         import onnxruntime as ort
 
-        # (name, float32 down projections, attention fused and the session without SkipLayerNormFusion)
-        for name, layers, fused in (("previous recipe", 1, False), ("all down float32", 6, False),
-                                    ("int8 everywhere", 0, True)):
-            path = tmp / f"keep-{layers}-{fused}.onnx"
-            quantized.derive(model.model_path, path, keep_layers=layers, fuse=fused)
+        # (name, float32 down projections, attention fused and the session without SkipLayerNormFusion,
+        # GELUs fused)
+        for name, layers, fused, gelu in (("GELU as exported", 1, True, False), ("previous recipe", 1, False, False),
+                                          ("all down float32", 6, False, False), ("int8 everywhere", 0, True, True)):
+            path = tmp / f"keep-{layers}-{fused}-{gelu}.onnx"
+            quantized.derive(model.model_path, path, keep_layers=layers, fuse=fused, gelu=gelu)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = opts.inter_op_num_threads = 1
             graphs[name] = ort.InferenceSession(

@@ -21,7 +21,7 @@ from test_embedding import PINNED, TEXT
 
 from campus_search.config import load_settings
 from campus_search.embedding.local import LocalMiniLM
-from campus_search.embedding.quantized import cpu_has_vnni, fuse_attention, query_int8_enabled
+from campus_search.embedding.quantized import cpu_has_vnni, fuse_attention, fuse_gelu, query_int8_enabled
 from campus_search.errors import ConfigError
 
 QUERIES = ["password reset instructions for staff", "How do I renew a library book online?",
@@ -63,6 +63,7 @@ def test_queries_use_int8_products_and_documents_keep_the_shipped_graph(int8: Lo
     assert ops.count("QAttention") == 6 and ops.count("MatMulInteger") == 17
     assert ops.count("DynamicQuantizeLinear") > 0
     assert not {"Softmax", "Transpose", "Attention"} & set(ops)  # no attention left unfused or in float32
+    assert ops.count("Gelu") == 6 and "Erf" not in ops  # each layer's GELU one node
     shapes = {init.name: tuple(init.dims) for init in graph.initializer}
     float_weights = [node for node in graph.node
                      if node.op_type == "MatMul" and any(name in shapes for name in node.input)]
@@ -72,9 +73,11 @@ def test_queries_use_int8_products_and_documents_keep_the_shipped_graph(int8: Lo
     assert weighted.index(float_weights[0]) < 6  # the first layer's (its six weight products come first)
 
 
-def test_the_fused_attention_computes_what_the_exported_attention_does(int8: LocalMiniLM, tmp_path: Path) -> None:
-    # the float32 graph with fuse_attention applied (no quantization): the shipped graph's vectors, for
-    # queries alone and for a padded batch (the mask), within float rounding
+@pytest.mark.parametrize("gelu", [False, True])
+def test_the_fused_attention_and_gelu_compute_what_the_export_does(int8: LocalMiniLM, tmp_path: Path,
+                                                                    gelu: bool) -> None:
+    # the float32 graph with fuse_attention (and fuse_gelu) applied, no quantization: the shipped graph's
+    # vectors, for queries alone and for a padded batch (the mask), within float rounding
     import onnxruntime as ort
 
     folded = tmp_path / "folded.onnx"
@@ -85,12 +88,45 @@ def test_the_fused_attention_computes_what_the_exported_attention_does(int8: Loc
     model = fuse_attention(onnx.load(str(folded)))
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("Attention") == 6 and "Softmax" not in ops and len(ops) < 120  # from 261
-    fused = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    if gelu:
+        model = fuse_gelu(model)
+        before, ops = ops, [node.op_type for node in model.graph.node]
+        assert ops.count("Gelu") == 6 and not {"Erf", "Div"} & set(ops)
+        assert len(ops) == len(before) - 6 * 4  # five nodes a layer (Div, Erf, Add, Mul, Mul) became one
+    # the session as queries get it: without onnxruntime's own fusions, so the graph's nodes are what runs
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    fused = ort.InferenceSession(model.SerializeToString(), sess_options=plain, providers=["CPUExecutionProvider"])
     texts = QUERIES + ["a much longer text than any of the queries, which pads the others in its batch"]
     expected = int8.embed(texts)
     for batch in (1, 5):
         vectors = int8._embed(fused, texts, batch)
         assert np.abs(vectors - expected).max() < 1e-5, batch
+
+
+def test_a_graph_whose_gelus_do_not_fuse_is_refused(int8: LocalMiniLM, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    folded = tmp_path / "folded.onnx"
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(folded)
+    ort.InferenceSession(str(int8.model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(folded))
+    # the GELUs' constant 1 (one initializer the six layers share) changed to 2: 2 + erf(x / sqrt 2) is no
+    # GELU, so nothing fuses -- and a graph left unfused is refused, never derived half-fused
+    adds = [n for n in model.graph.node if n.op_type == "Add" and any(
+        p.op_type == "Erf" for p in model.graph.node if p.output[0] in n.input)]
+    constant = next(name for name in adds[0].input if not any(p.output[0] == name for p in model.graph.node
+                                                              if p.op_type == "Erf"))
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == constant:
+            node.attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(np.array(2.0, dtype=np.float32)))
+    for init in model.graph.initializer:
+        if init.name == constant:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array(2.0, dtype=np.float32), constant))
+    with pytest.raises(ConfigError, match=r"expected 6 fused GELUs, found 0 \(6 left unfused\)"):
+        fuse_gelu(model)
 
 
 def test_the_query_session_runs_without_the_slow_fused_layer_norm(int8: LocalMiniLM,
