@@ -209,6 +209,12 @@ def test_query_embeddings_are_shared_through_redis(cached_app: Any, redis_server
     # vectors are another computation, and the two are never mixed
     other = LocalMiniLM(threads=1, query_int8=embedder.query_graph != "int8", cache_dir=embedder.cache_dir)
     assert query_vector_cache(services.settings, services.cache.backend, other).get(QUERY["query"]) is None
+    # ...nor one whose int8 graph is another recipe (a server of another version on the same Redis)
+    newer = LocalMiniLM(threads=1, query_int8=True, cache_dir=embedder.cache_dir)
+    assert query_vector_cache(services.settings, services.cache.backend, newer).get(QUERY["query"]) is not None \
+        or embedder.query_graph != "int8"
+    newer.query_graph_id = "int8/another-recipe"
+    assert query_vector_cache(services.settings, services.cache.backend, newer).get(QUERY["query"]) is None
 
 
 def test_without_redis_the_in_process_cache_serves_repeats(client: Any, token: Any, demo_services: Any) -> None:

@@ -24,6 +24,7 @@ from campus_search.embedding.base import (
     count_tokens,
     package_file,
 )
+from campus_search.embedding.quantized import RECIPE
 from campus_search.errors import EmbeddingError
 
 __all__ = ["ONNX_FILE", "ONNX_PACKAGE", "ONNX_SHA256", "LocalMiniLM"]
@@ -50,6 +51,9 @@ class LocalMiniLM:
         self.tokenizer.no_padding()
         #: how queries are embedded: "int8" (the query graph) or "float32" (the shipped graph, as documents)
         self.query_graph = "int8" if query_int8 else "float32"
+        #: which computation a query vector is: the graph and, for the int8 one, its derivation's recipe (a
+        #: shared cache of query vectors keys them by it, so two recipes' vectors are never mixed)
+        self.query_graph_id = f"int8/{RECIPE}" if query_int8 else "float32"
         self.cache_dir = cache_dir
         self._sessions: dict[str, Any] = {}
         self._session_lock = threading.Lock()

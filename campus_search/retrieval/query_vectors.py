@@ -143,8 +143,9 @@ def query_vector_cache(settings: Settings, backend: Backend, embedder: Any) -> Q
     remote embedder learns its dimension from the server)."""
     local = QueryEmbeddingCache()
     if settings.cache_enabled and isinstance(backend, RedisBackend):
-        # the query graph is part of the model: vectors of the int8 and float32 graphs are not mixed
-        graph = getattr(embedder, "query_graph", None)
+        # the query graph is part of the model: vectors of the int8 and float32 graphs, or of two recipes of
+        # the int8 one (servers of two versions on one Redis, during an upgrade), are not mixed
+        graph = getattr(embedder, "query_graph_id", None) or getattr(embedder, "query_graph", None)
         model = embedder.model_name if graph in (None, "float32") else f"{embedder.model_name}/{graph}"
         return TieredEmbeddingCache(local, backend, model=model, dimension=embedder.dimension,
                                     ttl=settings.cache_ttl_embedding)
