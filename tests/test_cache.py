@@ -192,7 +192,7 @@ def test_cache_clear_removes_only_this_services_keys(cached_app: Any, token: Any
 
 
 def test_query_embeddings_are_shared_through_redis(cached_app: Any, redis_server: Any, redis_prefix: str,
-                                                   embedder: Any, token: Any) -> None:
+                                                   embedder: Any, token: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     services, client = cached_app()
     search(client, token("student"))
     r = redis_server.client()
@@ -213,7 +213,8 @@ def test_query_embeddings_are_shared_through_redis(cached_app: Any, redis_server
     newer = LocalMiniLM(threads=1, query_int8=True, cache_dir=embedder.cache_dir)
     assert query_vector_cache(services.settings, services.cache.backend, newer).get(QUERY["query"]) is not None \
         or embedder.query_graph != "int8"
-    newer.query_graph_id = "int8/another-recipe"
+    monkeypatch.setattr("campus_search.embedding.local.RECIPE", "another-recipe")
+    assert newer.query_graph_id == "int8/another-recipe"
     assert query_vector_cache(services.settings, services.cache.backend, newer).get(QUERY["query"]) is None
 
 

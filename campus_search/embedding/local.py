@@ -51,13 +51,16 @@ class LocalMiniLM:
         self.tokenizer.no_padding()
         #: how queries are embedded: "int8" (the query graph) or "float32" (the shipped graph, as documents)
         self.query_graph = "int8" if query_int8 else "float32"
-        #: which computation a query vector is: the graph and, for the int8 one, its derivation's recipe (a
-        #: shared cache of query vectors keys them by it, so two recipes' vectors are never mixed)
-        self.query_graph_id = f"int8/{RECIPE}" if query_int8 else "float32"
         self.cache_dir = cache_dir
         self._sessions: dict[str, Any] = {}
         self._session_lock = threading.Lock()
         self._lock = threading.Lock()  # tokenizer objects are not shared across threads safely
+
+    @property
+    def query_graph_id(self) -> str:
+        """Which computation a query vector is: the graph and, for the int8 one, its derivation's recipe (a
+        shared cache of query vectors keys them by it, so two recipes' vectors are never mixed)."""
+        return f"int8/{RECIPE}" if self.query_graph == "int8" else self.query_graph
 
     def _session(self, graph: str) -> Any:
         session = self._sessions.get(graph)

@@ -190,9 +190,18 @@ def fuse_attention(model: Any) -> Any:
         graph.replace_input_of_all_nodes(result, f"{name}_output")
         graph.add_node(helper.make_node("Attention", [inputs.pop(), f"{name}_qkv_weight", f"{name}_qkv_bias", mask],
                                         [f"{name}_output"], name=name, domain="com.microsoft", num_heads=HEADS))
-    # drop what only the old blocks used (nodes and weights; the graph's inputs stay), then order the nodes
+    return _tidy(graph)
+
+
+def _tidy(graph: Any) -> Any:
+    """The model of ``graph`` (an ``OnnxModel`` whose blocks were just replaced by onnxruntime operators),
+    without what only the old blocks used (nodes and weights; the graph's inputs stay), its nodes in order,
+    no shapes inferred for removed outputs, and onnxruntime's operator domain declared."""
+    from onnx import helper
+
     graph.prune_graph(allow_remove_graph_inputs=False)
     graph.topological_sort(is_deterministic=True)
+    model = graph.model
     del model.graph.value_info[:]  # shapes inferred for the removed nodes' outputs
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -204,21 +213,16 @@ def fuse_gelu(model: Any) -> Any:
     exported as five nodes -- replaced by one ``com.microsoft.Gelu`` node, in place; returned. The fusion is
     onnxruntime's own (``FusionGelu``, which checks the constants); a count other than one per layer raises
     ConfigError, as for :func:`fuse_attention`: the pinned file is the graph this was written for."""
-    from onnx import helper
     from onnxruntime.transformers.fusion_gelu import FusionGelu
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     graph = OnnxModel(model)
     FusionGelu(graph).apply()
-    graph.prune_graph(allow_remove_graph_inputs=False)
-    graph.topological_sort(is_deterministic=True)
+    model = _tidy(graph)
     ops = [node.op_type for node in model.graph.node]
     if ops.count("Gelu") != LAYERS or "Erf" in ops:
         raise ConfigError(f"query graph: expected {LAYERS} fused GELUs, found {ops.count('Gelu')} "
                           f"({ops.count('Erf')} left unfused)")
-    del model.graph.value_info[:]  # shapes inferred for the removed nodes' outputs
-    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
 
 
